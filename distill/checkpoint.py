@@ -79,11 +79,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     inert placeholder: nothing from the file is ever imported or called.
     """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_InertPickle)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_InertPickle)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch raises many kinds for a damaged file; all mean the same to the user
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
     return obj

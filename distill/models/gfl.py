@@ -78,7 +78,9 @@ class ConvGNReLU(nn.Module):
     def __init__(self, cin: int, cout: int, groups: int = 32):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
-        self.gn = nn.GroupNorm(min(groups, cout), cout)
+        # mmdetection's GN(32); narrow test models keep >= 2 channels per group, since a group of a single
+        # channel on a 1x1 map (P7 of a small image) has nothing to normalise.
+        self.gn = nn.GroupNorm(min(groups, cout // 2), cout)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.gn(self.conv(x)), inplace=True)

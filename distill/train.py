@@ -1,0 +1,414 @@
+"""The training loop of one job: a GFL student trained alone (``kind: train``) or distilled from a frozen
+teacher (``kind: distill``), with exact resume from checkpoints, progress reports and COCO evaluation.
+
+Run layout (``out_dir``)::
+
+    checkpoints/last.pt   model + optimiser + position + RNG states (atomic; resumed from automatically)
+    model.pt              the final detector (``distill.load_detector`` reads it)
+    metrics.json          COCO metrics (+ distillation diagnostics)
+    progress.json(l)      latest progress / its history; train.log: human-readable log
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Sampler
+
+from distill import distillation
+from distill.assigners import atss_assign
+from distill.checkpoint import atomic_save, build_detector, detector_state, load_detector, read_checkpoint
+from distill.data.annotations import MEAN, STD, CocoData, load_coco, split
+from distill.data.dataset import DetectionDataset, collate
+from distill.evaluate import coco_ap, predict_dataset
+from distill.locations import square_anchors
+from distill.losses.gfl import gfl_losses
+from distill.models.gfl import GFL
+from distill.spec import JobSpec
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+class TrainingError(RuntimeError):
+    """A job that cannot go on (diverged, bad data, bad teacher); its message is shown to the user."""
+
+
+class Stopped(RuntimeError):
+    """SIGTERM/SIGINT arrived; a checkpoint was written."""
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class EpochBatches(Sampler[list[tuple[int, bool]]]):
+    """Batches of ``(index, flip)`` for one epoch, a pure function of (seed, epoch).
+
+    Deciding the flips here rather than in the data workers makes an epoch identical however many workers
+    load it, and lets a resumed run skip the batches it already did.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, skip: int = 0, flip: bool = True):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        flips = (torch.rand(n, generator=g) < 0.5).tolist() if flip else [False] * n
+        items = list(zip(order, flips, strict=True))
+        self.batches = [items[i:i + batch_size] for i in range(0, n, batch_size)][skip:]
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def iters_per_epoch(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
+
+
+def pad_targets(targets: list[dict], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Ground truths of a batch padded to the largest count: ``boxes (B, G, 4)``, ``labels (B, G)``,
+    ``valid (B, G)``."""
+    g = max((len(t["labels"]) for t in targets), default=0)
+    b = len(targets)
+    boxes = torch.zeros((b, g, 4), device=device)
+    labels = torch.zeros((b, g), dtype=torch.long, device=device)
+    valid = torch.zeros((b, g), dtype=torch.bool, device=device)
+    for i, t in enumerate(targets):
+        k = len(t["labels"])
+        boxes[i, :k] = t["boxes"].to(device)
+        labels[i, :k] = t["labels"].to(device)
+        valid[i, :k] = True
+    return boxes, labels, valid
+
+
+def val_ground_truth(data: CocoData, image_ids: list[int]) -> dict:
+    """COCO ground truth of the validation images, with contiguous labels as category ids."""
+    wanted = set(image_ids)
+    images = [img for img in data.images if img["id"] in wanted]
+    anns = [a for a in data.annotations if a["image_id"] in wanted]
+    cats = [{"id": i, "name": n} for i, n in enumerate(data.classes)]
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+# ----------------------------------------------------------------------------------------------- step
+
+
+@dataclass
+class Step:
+    """The weighted loss terms of one batch and their sum."""
+
+    losses: dict[str, Tensor]
+    total: Tensor
+
+
+def learning_rate(spec: JobSpec, iteration: int, per_epoch: int) -> float:
+    """Linear warm-up from ``warmup_ratio`` over ``warmup_iters``, then x0.1 at each step epoch."""
+    s = spec.schedule
+    lr = s.base_lr * 0.1 ** sum(iteration >= e * per_epoch for e in s.lr_steps)
+    if iteration < s.warmup_iters:
+        lr *= 1 - (1 - s.warmup_ratio) * (1 - iteration / s.warmup_iters)
+    return lr
+
+
+class Trainer:
+    def __init__(self, spec: JobSpec, out_dir: str | os.PathLike, progress: Progress | None = None,
+                 device: str | torch.device | None = None):
+        self.spec, self.out = spec, Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.progress_cb = progress
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.amp = spec.schedule.amp and self.device.type == "cuda"
+        self.stop_requested = False
+        self._log = open(self.out / "train.log", "a", buffering=1)  # noqa: SIM115 (lives with the trainer)
+
+        self.data = load_coco(spec.dataset)
+        for problem in self.data.problems:
+            self.log(f"dataset: {problem}")
+        train_ids, val_ids = split(self.data, spec.val_split, spec.seed)
+        if not train_ids:
+            raise TrainingError("the dataset has no usable training images")
+        self.val_ids = val_ids or train_ids
+        size = spec.schedule.image_size
+        self.train_set = DetectionDataset(self.data, train_ids, size, train=True)
+        self.val_set = DetectionDataset(self.data, self.val_ids, size, train=False)
+        self.per_epoch = iters_per_epoch(len(self.train_set), spec.schedule.batch_size)
+        self.total_iters = self.per_epoch * spec.schedule.epochs
+
+        _seed_everything(spec.seed)
+        self.model = build_detector(spec.student.arch, len(self.data.classes), self.data.classes,
+                                    spec.student.pretrained).to(self.device)
+        self.teacher: GFL | None = None
+        self.adapters: nn.Module | None = None
+        if spec.kind == "distill":
+            assert spec.teacher is not None and spec.distill is not None
+            if not spec.teacher.path:
+                raise TrainingError("the teacher must be resolved to a local checkpoint path before training")
+            self.teacher = load_detector(spec.teacher.path, self.device)
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+            try:
+                distillation.check_teacher(self.teacher, self.model)
+            except distillation.TeacherMismatch as e:
+                raise TrainingError(str(e)) from e
+            self.adapters = distillation.build_adapters(self.model, self.teacher, spec.distill)
+            if self.adapters is not None:
+                self.adapters.to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.adapters is not None:
+            self.params += list(self.adapters.parameters())
+        self.optimizer = torch.optim.SGD(self.params, lr=spec.schedule.base_lr, momentum=0.9, weight_decay=1e-4)
+        self.iteration = 0
+        self.resumed_from: int | None = None
+        self._anchor_cache: dict[tuple, tuple[Tensor, Tensor, list[int], Tensor]] = {}
+
+    # -- bookkeeping
+
+    def log(self, line: str) -> None:
+        self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+    def report(self, phase: str, losses: dict[str, float] | None = None, images_per_s: float = 0.0,
+               eta_s: float | None = None) -> None:
+        state = {"phase": phase, "epoch": min(self.iteration // self.per_epoch + 1, self.spec.schedule.epochs),
+                 "epochs": self.spec.schedule.epochs, "iter": self.iteration, "total_iters": self.total_iters,
+                 "losses": losses or {}, "images_per_s": round(images_per_s, 3),
+                 "eta_s": None if eta_s is None else round(eta_s, 1), "resumed_from_iter": self.resumed_from,
+                 "time": time.time()}
+        _atomic_json(self.out / "progress.json", state)
+        with open(self.out / "progress.jsonl", "a") as f:
+            f.write(json.dumps(state) + "\n")
+        if self.progress_cb:
+            self.progress_cb(state)
+
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoints" / "last.pt"
+
+    def save_checkpoint(self) -> None:
+        ckpt = detector_state(self.model, self.meta())
+        ckpt["training"] = {
+            "iteration": self.iteration,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"kind": "warmup+step", "iteration": self.iteration},  # lr is a function of iteration
+            "adapters": None if self.adapters is None else self.adapters.state_dict(),
+            "rng": _rng_state(),
+        }
+        atomic_save(ckpt, self.checkpoint_path())
+
+    def try_resume(self) -> None:
+        path = self.checkpoint_path()
+        if not path.exists():
+            return
+        ckpt = read_checkpoint(path)
+        self.model.load_state_dict(ckpt["state_dict"])
+        training = ckpt["training"]
+        self.optimizer.load_state_dict(training["optimizer"])
+        if self.adapters is not None and training.get("adapters") is not None:
+            self.adapters.load_state_dict(training["adapters"])
+        self.iteration = self.resumed_from = int(training["iteration"])
+        _set_rng_state(training["rng"])
+        self.log(f"resumed from {path} at iteration {self.iteration}")
+
+    def meta(self) -> dict[str, Any]:
+        return {"input_size": list(self.spec.schedule.image_size), "mean": list(MEAN), "std": list(STD),
+                "classes": self.data.classes, "kind": self.spec.kind, "name": self.spec.name,
+                "seed": self.spec.seed}
+
+    # -- training
+
+    def locations(self, cls_scores: list[Tensor]) -> tuple[Tensor, Tensor, list[int], Tensor]:
+        key = tuple(tuple(c.shape[-2:]) for c in cls_scores)
+        if key not in self._anchor_cache:
+            points, strides, counts = self.model.locations(cls_scores)
+            self._anchor_cache[key] = (points, strides, counts, square_anchors(points, strides))
+        return self._anchor_cache[key]
+
+    def step(self, images: Tensor, targets: list[dict]) -> Step:
+        spec = self.spec
+        weights = (spec.distill.weights if spec.distill else None)
+        gfl_weights = ({"cls": weights.cls, "giou": weights.giou, "dfl": weights.dfl} if weights
+                       else {"cls": 1.0, "giou": 2.0, "dfl": 0.25})
+        gt_boxes, gt_labels, gt_valid = pad_targets(targets, self.device)
+        want_feats = self.teacher is not None and distillation.needs_features(spec.distill)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            feats = self.model.features(images)
+            cls_scores, bbox_preds = self.model.bbox_head(feats)
+            teacher_out = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    t_feats = self.teacher.features(images)
+                    t_cls, t_reg = self.teacher.flatten(*self.teacher.bbox_head(t_feats))
+                    teacher_out = distillation.HeadOutputs(t_cls.float(), t_reg.float(),
+                                                           t_feats if want_feats else None)
+        cls, reg = self.model.flatten(cls_scores, bbox_preds)
+        cls, reg = cls.float(), reg.float()
+        points, strides, counts, anchors = self.locations(cls_scores)
+        with torch.no_grad():
+            assignment = atss_assign(anchors, counts, gt_boxes, gt_valid)
+        losses, state = gfl_losses(cls, reg, points, strides, assignment, gt_boxes, gt_labels,
+                                   self.model.bbox_head.integral, gfl_weights)
+        if teacher_out is not None:
+            ctx = distillation.BatchContext(points, strides, counts, anchors, assignment, gt_boxes, gt_labels,
+                                            gt_valid, state)
+            student_out = distillation.HeadOutputs(cls, reg, feats if want_feats else None)
+            losses.update(distillation.distillation_losses(student_out, teacher_out, ctx, spec.distill,
+                                                           self.adapters))
+        total = sum(losses.values(), torch.zeros((), device=self.device))
+        return Step(losses, total)
+
+    def train(self) -> None:
+        s = self.spec.schedule
+        self.model.train()
+        window_start, window_images = time.monotonic(), 0
+        last_report = 0.0
+        while self.iteration < self.total_iters:
+            epoch = self.iteration // self.per_epoch
+            skip = self.iteration - epoch * self.per_epoch
+            loader = DataLoader(self.train_set, batch_sampler=EpochBatches(len(self.train_set), s.batch_size,
+                                                                           self.spec.seed, epoch, skip),
+                                collate_fn=collate, num_workers=s.num_workers,
+                                pin_memory=self.device.type == "cuda", persistent_workers=False)
+            for images, targets in loader:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = learning_rate(self.spec, self.iteration, self.per_epoch)
+                images = images.to(self.device, non_blocking=True)
+                step = self.step(images, targets)
+                if not torch.isfinite(step.total):
+                    values = {k: float(v) for k, v in step.losses.items()}
+                    raise TrainingError(f"training diverged: loss is {float(step.total)} at epoch {epoch + 1}, "
+                                        f"iteration {self.iteration + 1} ({values}); lower the learning rate")
+                self.optimizer.zero_grad(set_to_none=True)
+                step.total.backward()
+                if s.grad_clip:
+                    nn.utils.clip_grad_norm_(self.params, s.grad_clip)
+                self.optimizer.step()
+                self.iteration += 1
+                window_images += images.shape[0]
+
+                now = time.monotonic()
+                epoch_end = self.iteration % self.per_epoch == 0
+                if s.checkpoint_every and self.iteration % s.checkpoint_every == 0 or epoch_end:
+                    self.save_checkpoint()
+                if epoch_end or now - last_report > 2.0 or self.stop_requested:
+                    rate = window_images / max(now - window_start, 1e-6)
+                    eta = (self.total_iters - self.iteration) * s.batch_size / max(rate, 1e-6)
+                    losses = {k: round(float(v), 5) for k, v in step.losses.items()}
+                    losses["total"] = round(float(step.total), 5)
+                    self.report("train", losses, rate, eta)
+                    self.log(f"epoch {epoch + 1} iter {self.iteration}/{self.total_iters} "
+                             f"lr {self.optimizer.param_groups[0]['lr']:.5f} {losses} {rate:.2f} img/s")
+                    last_report, window_start, window_images = now, now, 0
+                if self.stop_requested:
+                    self.save_checkpoint()
+                    raise Stopped(f"stopped at iteration {self.iteration}")
+
+    def evaluate(self, model: GFL) -> dict[str, float]:
+        detections = predict_dataset(model, self.val_loader(), self.device)
+        return coco_ap(val_ground_truth(self.data, self.val_ids), detections)
+
+    def val_loader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=max(1, self.spec.schedule.batch_size), shuffle=False,
+                          collate_fn=collate, num_workers=self.spec.schedule.num_workers)
+
+    def run(self) -> dict[str, Any]:
+        self.try_resume()
+        diagnostics_before = None
+        if self.teacher is not None and self.resumed_from is None:
+            diagnostics_before = distillation.diagnostics(self.model, self.teacher, self.val_loader(), self.device)
+            _atomic_json(self.out / "diagnostics_before.json", diagnostics_before)
+        self.report("train")
+        started = time.monotonic()
+        self.train()
+        self.report("eval")
+        metrics: dict[str, Any] = {"bbox": self.evaluate(self.model), "iterations": self.total_iters,
+                                   "train_seconds_this_attempt": round(time.monotonic() - started, 1),
+                                   "resumed_from_iter": self.resumed_from}
+        if self.teacher is not None:
+            before = diagnostics_before
+            if before is None and (self.out / "diagnostics_before.json").exists():
+                before = json.loads((self.out / "diagnostics_before.json").read_text())
+            metrics["diagnostics"] = {
+                "before": before,
+                "after": distillation.diagnostics(self.model, self.teacher, self.val_loader(), self.device)}
+            metrics["teacher_bbox"] = self.evaluate(self.teacher)
+        atomic_save(detector_state(self.model, {**self.meta(), "metrics": metrics["bbox"]}), self.out / "model.pt")
+        _atomic_json(self.out / "metrics.json", metrics)
+        self.report("done", {k: v for k, v in metrics["bbox"].items()})
+        self.log(f"done: {metrics['bbox']}")
+        return metrics
+
+
+def run(spec: JobSpec, out_dir: str | os.PathLike, progress: Progress | None = None,
+        device: str | torch.device | None = None) -> dict[str, Any]:
+    """Trains (or distils) one job into ``out_dir``, resuming from its last checkpoint if there is one."""
+    trainer = Trainer(spec, out_dir, progress, device)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        trainer.stop_requested = True
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} \
+        if _main_thread() else {}
+    try:
+        return trainer.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": _python_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _numpy_state() -> list[Any]:
+    # Plain lists and ints so the checkpoint loads with weights_only=True.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
+def _python_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
