@@ -41,7 +41,7 @@ def coco_ap(gt: dict, detections: list[dict]) -> dict[str, float]:
 def predict_dataset(model: GFL, loader: Iterable, device: torch.device) -> list[dict]:
     """Detections over a loader in COCO result format, boxes in original image pixels.
 
-    ``category_id`` is the contiguous label; callers map it to the dataset's ids if they differ.
+    ``category_id`` is the contiguous label (0..C-1); callers map it to the dataset's category ids.
     """
     model.eval()
     results = []

@@ -93,15 +93,6 @@ def pad_targets(targets: list[dict], device: torch.device) -> tuple[Tensor, Tens
     return boxes, labels, valid
 
 
-def val_ground_truth(data: CocoData, image_ids: list[int]) -> dict:
-    """COCO ground truth of the validation images, with contiguous labels as category ids."""
-    wanted = set(image_ids)
-    images = [img for img in data.images if img["id"] in wanted]
-    anns = [a for a in data.annotations if a["image_id"] in wanted]
-    cats = [{"id": i, "name": n} for i, n in enumerate(data.classes)]
-    return {"images": images, "annotations": anns, "categories": cats}
-
-
 # ----------------------------------------------------------------------------------------------- step
 
 
@@ -314,7 +305,9 @@ class Trainer:
 
     def evaluate(self, model: GFL) -> dict[str, float]:
         detections = predict_dataset(model, self.val_loader(), self.device)
-        return coco_ap(val_ground_truth(self.data, self.val_ids), detections)
+        for d in detections:  # contiguous labels -> the dataset's own category ids
+            d["category_id"] = self.data.category_ids[d["category_id"]]
+        return coco_ap(self.data.ground_truth(self.val_ids), detections)
 
     def val_loader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=max(1, self.spec.schedule.batch_size), shuffle=False,
