@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Sampler
 from distill import distillation
 from distill.assigners import atss_assign
 from distill.checkpoint import atomic_save, build_detector, detector_state, load_detector, read_checkpoint
-from distill.data.annotations import MEAN, STD, CocoData, load_coco, split
+from distill.data.annotations import MEAN, STD, load_coco, split
 from distill.data.dataset import DetectionDataset, collate
 from distill.evaluate import coco_ap, predict_dataset
 from distill.locations import square_anchors
@@ -115,8 +115,9 @@ def learning_rate(spec: JobSpec, iteration: int, per_epoch: int) -> float:
 
 class Trainer:
     def __init__(self, spec: JobSpec, out_dir: str | os.PathLike, progress: Progress | None = None,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, report_every_s: float = 2.0):
         self.spec, self.out = spec, Path(out_dir)
+        self.report_every_s = report_every_s
         self.out.mkdir(parents=True, exist_ok=True)
         self.progress_cb = progress
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -290,7 +291,7 @@ class Trainer:
                 epoch_end = self.iteration % self.per_epoch == 0
                 if s.checkpoint_every and self.iteration % s.checkpoint_every == 0 or epoch_end:
                     self.save_checkpoint()
-                if epoch_end or now - last_report > 2.0 or self.stop_requested:
+                if epoch_end or now - last_report >= self.report_every_s or self.stop_requested:
                     rate = window_images / max(now - window_start, 1e-6)
                     eta = (self.total_iters - self.iteration) * s.batch_size / max(rate, 1e-6)
                     losses = {k: round(float(v), 5) for k, v in step.losses.items()}
@@ -342,9 +343,13 @@ class Trainer:
 
 
 def run(spec: JobSpec, out_dir: str | os.PathLike, progress: Progress | None = None,
-        device: str | torch.device | None = None) -> dict[str, Any]:
-    """Trains (or distils) one job into ``out_dir``, resuming from its last checkpoint if there is one."""
-    trainer = Trainer(spec, out_dir, progress, device)
+        device: str | torch.device | None = None, report_every_s: float = 2.0) -> dict[str, Any]:
+    """Trains (or distils) one job into ``out_dir``, resuming from its last checkpoint if there is one.
+
+    ``progress`` is called with each progress state (at least every ``report_every_s`` seconds and at each
+    epoch end); it may set nothing but can raise to abort the run.
+    """
+    trainer = Trainer(spec, out_dir, progress, device, report_every_s)
 
     def on_signal(signum: int, frame: Any) -> None:
         trainer.stop_requested = True
