@@ -132,6 +132,23 @@ def rescale_size(width: int, height: int, image_size: tuple[int, int]) -> tuple[
     return max(1, int(width * scale + 0.5)), max(1, int(height * scale + 0.5)), scale
 
 
+def resize_image(image: Image.Image, image_size: tuple[int, int]) -> tuple[Image.Image, tuple[float, float]]:
+    """Keep-ratio resize (``rescale_size``) with bilinear filtering. Returns the image and the exact
+    per-axis factors ``(new_w / w, new_h / h)``: multiply boxes by them, divide predictions by them."""
+    w, h = image.size
+    new_w, new_h, _ = rescale_size(w, h, image_size)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    return image, (new_w / w, new_h / h)
+
+
+def normalize_image(image: Image.Image) -> np.ndarray:
+    """RGB image -> ``(3, H, W)`` float32, ``(pixel - MEAN) / STD`` per channel on the 0-255 scale."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    pixels = (pixels - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
 def probe_image(path: Path, max_pixels: int | None) -> tuple[int, int]:
     """EXIF-oriented ``(width, height)`` of an image file, after decoding it cheaply (JPEGs at 1/8 scale)
     so truncated or corrupt files are caught. Raises on any failure."""
