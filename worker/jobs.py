@@ -1,0 +1,289 @@
+"""One attempt at one job: the body of the Celery task ``run_job`` (no Celery or torch in here).
+
+    claim (lease) -> resolve ids to local paths -> runs/<job>/spec.json
+      -> child: python -m distill train spec.json --out runs/<job>   (resumes from checkpoints/last.pt)
+      -> child: python -m worker.export runs/<job>/model.pt runs/<job>/export
+      -> Registry(models/).publish(export, model_id=mdl_<job hex>) -> store.add_model -> succeeded
+
+Both children run in their own process group (killable as a whole, DataLoader workers included) and
+die with this process. While a child runs, this process polls the store every second for a cancel
+or a lost lease, relays ``progress.json`` into the store every ``progress_seconds`` and renews the
+lease every ``heartbeat_seconds``. The model id is derived from the job id, so a job publishes one
+model however many attempts it takes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from worker.celery_app import die_with_parent
+from worker.resolve import JobRefused, resolve_spec
+from worker.settings import Settings
+from worker.store import Store
+
+log = logging.getLogger("ldd.worker")
+
+ROOT = Path(__file__).resolve().parents[1]
+POLL_SECONDS = 0.5
+
+_stores: dict[tuple[int, str], Store] = {}
+
+
+def get_store(settings: Settings) -> Store:
+    """One store per process (a forked process must not share its parent's connections)."""
+    key = (os.getpid(), settings.store_url)
+    if key not in _stores:
+        _stores[key] = Store(settings.store_url)
+    return _stores[key]
+
+
+def model_id_for(job_id: str) -> str:
+    return "mdl_" + job_id.removeprefix("job_")
+
+
+def run_job(job_id: str, settings: Settings, store: Store | None = None) -> str:
+    """Claim ``job_id`` and run one attempt. Returns how it ended (for the worker's log)."""
+    store = store or get_store(settings)
+    owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    job = store.claim(job_id, owner, settings.lease_seconds, max_attempts=settings.max_attempts)
+    if job is None:
+        # Finished, cancelled, held by a live worker, or out of attempts: a duplicate message.
+        log.info("job %s not claimable; message dropped", job_id)
+        return "skipped"
+    log.info("job %s: attempt %d by %s", job_id, job["attempts"], owner)
+    return Attempt(store, settings, job, owner).run()
+
+
+class Lost(Exception):
+    """This worker no longer holds the job's lease (or a cancel arrived): stop touching the job."""
+
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why
+
+
+class Attempt:
+    def __init__(self, store: Store, settings: Settings, job: dict[str, Any], owner: str):
+        self.store, self.settings, self.job, self.owner = store, settings, job, owner
+        self.job_id: str = job["id"]
+        self.run_dir = settings.run_dir(self.job_id)
+        self.progress: dict[str, Any] | None = job.get("progress")
+        self.last_ok = time.monotonic()  # last time the store confirmed our lease
+        self._beat_sent = time.monotonic()
+        self._progress_sent = 0.0
+        self._progress_mtime: float | None = None
+
+    def run(self) -> str:
+        try:
+            return self._run()
+        except Lost as e:
+            if e.why == "cancel":
+                return self._end("cancelled", error="cancelled by request")
+            log.warning("job %s: lease lost; leaving it to whoever holds it now", self.job_id)
+            return "lost"
+        except JobRefused as e:
+            return self._end("failed", error=str(e))
+        except Exception as e:
+            log.exception("job %s: internal error", self.job_id)
+            return self._end("failed", error=f"worker error: {type(e).__name__}: {e}")
+
+    def _run(self) -> str:
+        model = self.store.model_for_job(self.job_id)
+        if model is not None:  # published by an attempt that died before it could say so
+            return self._succeed(model)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        model_pt, metrics_json = self.run_dir / "model.pt", self.run_dir / "metrics.json"
+        if not (model_pt.is_file() and metrics_json.is_file()):
+            local = resolve_spec(self.job["spec"], self.store, self.settings)
+            spec_path = self.run_dir / "spec.json"
+            _atomic_write(spec_path, json.dumps(local, indent=2))
+            rc = self._child("train", ["-m", "distill", "train", str(spec_path), "--out", str(self.run_dir)])
+            if rc != 0:
+                return self._child_failed("training", rc)
+        metrics = json.loads(metrics_json.read_text())
+
+        self._heartbeat({**(self.progress or {}), "phase": "export"})
+        export_dir = self.run_dir / "export"
+        shutil.rmtree(export_dir, ignore_errors=True)
+        meta = {"job_id": self.job_id, "name": self.job["spec"].get("name"), "kind": self.job["kind"],
+                "metrics": metrics.get("bbox", metrics)}  # fmt: skip
+        meta_path = self.run_dir / "export_meta.json"
+        _atomic_write(meta_path, json.dumps(meta))
+        rc = self._child("export", ["-m", "worker.export", str(model_pt), str(export_dir), "--meta", str(meta_path)])
+        if rc != 0:
+            return self._child_failed("ONNX export", rc)
+        return self._succeed(self._publish(export_dir, meta), metrics)
+
+    # -- the children ----------------------------------------------------------------------------
+
+    def _child(self, what: str, args: list[str]) -> int:
+        """Run ``python <args>`` as a supervised child; its exit code. Raises ``Lost`` on cancel/lease loss."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
+        with open(self.run_dir / "worker_child.log", "ab") as out:
+            out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {self.job['attempts']}: {what}\n".encode())
+            out.flush()
+            proc = subprocess.Popen(
+                [sys.executable, *args], cwd=self.run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
+            )  # fmt: skip
+        log.info("job %s: %s child pid %d", self.job_id, what, proc.pid)
+        try:
+            self._supervise(proc)
+        except BaseException:
+            _stop_group(proc, self.settings.kill_grace_seconds)
+            raise
+        self._relay_progress(force=True)
+        return proc.returncode
+
+    def _supervise(self, proc: subprocess.Popen[bytes]) -> None:
+        while proc.poll() is None:
+            time.sleep(POLL_SECONDS)
+            now = time.monotonic()
+            try:
+                state = self.store.control(self.job_id, self.owner)
+            except Exception as e:  # the store may be briefly unreachable; the lease covers that
+                log.warning("job %s: store unreachable: %s", self.job_id, e)
+                state = "unknown"
+            if state in ("cancel", "lost"):
+                raise Lost(state)
+            if state == "ok":
+                self.last_ok = now
+            elif now - self.last_ok > 0.8 * self.settings.lease_seconds:
+                # We cannot renew the lease, so soon another worker may run this job: stop first.
+                raise Lost("lost")
+            self._relay_progress()
+
+    def _relay_progress(self, force: bool = False) -> None:
+        """Copy a changed ``progress.json`` into the store (at most every ``progress_seconds`` unless
+        ``force``); otherwise renew the lease every ``heartbeat_seconds``."""
+        now = time.monotonic()
+        path = self.run_dir / "progress.json"
+        try:
+            mtime: float | None = path.stat().st_mtime
+        except FileNotFoundError:
+            mtime = None
+        if mtime is not None and mtime != self._progress_mtime and (
+            force or now - self._progress_sent >= self.settings.progress_seconds
+        ):
+            try:
+                self.progress = json.loads(path.read_text())
+                self._progress_mtime = mtime
+            except (OSError, ValueError):  # replaced atomically, but a reader can still race a writer
+                pass
+            self._heartbeat(self.progress)
+            self._progress_sent = now
+        elif now - self._beat_sent >= self.settings.heartbeat_seconds:
+            self._heartbeat(None)
+
+    def _heartbeat(self, progress: dict[str, Any] | None) -> None:
+        try:
+            ok = self.store.heartbeat(self.job_id, self.owner, progress)
+        except Exception as e:
+            log.warning("job %s: heartbeat failed: %s", self.job_id, e)
+            return
+        self._beat_sent = time.monotonic()
+        if not ok:
+            raise Lost(self.store.control(self.job_id, self.owner))
+        self.last_ok = time.monotonic()
+
+    def _child_failed(self, what: str, rc: int) -> str:
+        err_file = self.run_dir / "error.json"
+        message = None
+        if err_file.is_file():
+            try:
+                message = json.loads(err_file.read_text()).get("error")
+            except (OSError, ValueError):
+                pass
+        if rc in (1, 2) and message:
+            return self._end("failed", error=message)  # the program's own verdict: retrying won't help
+        # Killed by a signal (OOM killer, someone's kill) or crashed without a verdict: maybe transient.
+        why = f"{what} process " + (f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}")
+        if message:
+            why += f": {message}"
+        tail = _tail(self.run_dir / "worker_child.log", 5)
+        if tail:
+            why += f" (log: {tail})"
+        if self.job["attempts"] < self.settings.max_attempts:
+            return self._retry(why)
+        return self._end("failed", error=f"gave up after {self.job['attempts']} attempt(s); last: {why}")
+
+    # -- publishing and ending -------------------------------------------------------------------
+
+    def _publish(self, export_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        from deploy.registry import Registry  # torch-free
+
+        self._heartbeat(None)  # fence: still ours right before the one visible side effect
+        registry = Registry(self.settings.models_dir)
+        model_id = model_id_for(self.job_id)
+        try:
+            published = registry.get(model_id)  # an earlier attempt published, then died
+        except KeyError:
+            published = registry.publish(export_dir, model_id=model_id, meta=meta)
+        return self.store.add_model(model_id, self.job_id, str(registry.path(model_id)), published)
+
+    def _succeed(self, model: dict[str, Any], metrics: dict[str, Any] | None = None) -> str:
+        if metrics is None:
+            path = self.run_dir / "metrics.json"
+            metrics = json.loads(path.read_text()) if path.is_file() else None
+        progress = {**(self.progress or {}), "phase": "done"}
+        return self._end("succeeded", model_id=model["id"], metrics=metrics, progress=progress)
+
+    def _retry(self, why: str) -> str:
+        from worker.queue import enqueue
+
+        log.warning("job %s: attempt %d ended (%s); queued again", self.job_id, self.job["attempts"], why)
+        if self.store.finish(self.job_id, self.owner, "queued", last_error=why) is None:
+            return "lost"
+        enqueue(self.job_id, self.settings)
+        return "retry"
+
+    def _end(self, state: str, **fields: Any) -> str:
+        if self.progress is not None and "progress" not in fields:
+            fields["progress"] = self.progress
+        done = self.store.finish(self.job_id, self.owner, state, **fields)
+        log.info("job %s: %s%s", self.job_id, state, f" ({fields['error']})" if fields.get("error") else "")
+        return state if done is not None else "lost"
+
+
+def _stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM the child's process group (it checkpoints and exits), SIGKILL it after ``grace``."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # also any DataLoader workers left in the group
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _tail(path: Path, n: int) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return " | ".join(lines[-n:])[-600:]

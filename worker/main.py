@@ -1,0 +1,43 @@
+"""Starting a worker: ``python -m worker`` or ``run_worker(settings)`` (what ``ldd worker``/``ldd up`` call).
+
+One Celery worker process on queue ``gpu`` with one pool process (``-c 1``: one job at a time per
+GPU), plus the recovery loop in a thread of the main process (started when the worker is ready).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+
+from worker.celery_app import QUEUE, configure, get_app
+from worker.settings import Settings
+
+
+def worker_argv(name: str | None = None, loglevel: str = "INFO") -> list[str]:
+    name = name or f"ldd-{socket.gethostname()}-{os.getpid()}"
+    return [
+        "worker", "--queues", QUEUE, "--concurrency", "1", "--prefetch-multiplier", "1",
+        "--pool", "prefork", "--hostname", f"{name}@%h", "--loglevel", loglevel,
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]  # fmt: skip
+
+
+def run_worker(settings: Settings | None = None, *, name: str | None = None, loglevel: str = "INFO") -> None:
+    """Run a worker in this process until it is stopped (SIGTERM: finish the job first; SIGQUIT: now)."""
+    settings = settings or Settings.from_env()
+    settings.make_dirs()
+    # Pool children and training children inherit these: they see the same settings.
+    os.environ.update(settings.to_env())
+    configure(settings)
+    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    get_app(settings).worker_main(worker_argv(name, loglevel))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    parser.add_argument("--name", help="worker name (default: ldd-<host>-<pid>)")
+    parser.add_argument("--loglevel", default="INFO")
+    args = parser.parse_args(argv)
+    run_worker(Settings.from_env(), name=args.name, loglevel=args.loglevel)

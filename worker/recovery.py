@@ -1,0 +1,70 @@
+"""The recovery loop: the store is the source of truth, the broker only carries wake-ups.
+
+Every worker runs it in a thread of its main process, at start and every ``recover_seconds``:
+
+1. running jobs whose lease expired (their worker died) go back to ``queued`` (or ``failed`` when
+   they have used ``max_attempts``, ``cancelled`` when a cancel was pending), and their message is
+   sent again; the next attempt resumes from ``runs/<job>/checkpoints/last.pt``;
+2. queued jobs whose message the broker lost (a broker restarted without persistence, a crash
+   between ``create_job`` and ``enqueue``) get a new one. The broker cannot tell which messages it
+   holds, so when it holds fewer than there are queued jobs, the jobs waiting longest since their
+   last message are re-sent; a duplicate costs a claim that fails, nothing more.
+
+Any number of workers may run it at once: every change is a conditional UPDATE in the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from worker.queue import enqueue, queue_depth
+from worker.settings import Settings
+from worker.store import Store
+
+log = logging.getLogger("ldd.recovery")
+
+_loop: threading.Thread | None = None
+
+
+def recover(store: Store, settings: Settings) -> dict[str, list[str]]:
+    """One pass; returns the job ids requeued (worker lost) and re-sent (message lost)."""
+    requeued = store.requeue_expired(settings.max_attempts)
+    for job_id in requeued:
+        log.warning("job %s: its worker stopped heartbeating; queued again", job_id)
+        enqueue(job_id, settings)
+    resent: list[str] = []
+    stale = store.stale_queued(settings.lease_seconds)
+    if stale:
+        depth = queue_depth(settings)
+        if depth is not None:  # broker down: nothing can be sent now; try next time
+            missing = store.count_jobs_by_state()["queued"] - depth
+            resent = [j for j in stale[: max(0, missing)] if enqueue(j, settings)]
+            store.mark_enqueued(resent)
+            if resent:
+                log.warning("re-sent lost broker messages for %s", ", ".join(resent))
+    return {"requeued": requeued, "resent": resent}
+
+
+def start_recovery_loop(settings: Settings, stop: threading.Event | None = None) -> threading.Thread:
+    """Start (once per process) a daemon thread running ``recover`` now and every ``recover_seconds``."""
+    global _loop
+    if _loop is not None and _loop.is_alive():
+        return _loop
+    stop = stop or threading.Event()
+
+    def loop() -> None:
+        store: Any = None
+        while True:
+            try:
+                store = store or Store(settings.store_url)
+                recover(store, settings)
+            except Exception as e:  # store or broker down: the loop must outlive them
+                log.warning("recovery pass failed: %s", e)
+            if stop.wait(settings.recover_seconds):
+                return
+
+    _loop = threading.Thread(target=loop, name="ldd-recovery", daemon=True)
+    _loop.start()
+    return _loop
