@@ -1,0 +1,378 @@
+"""``ldd``: run the service and talk to it.
+
+    ldd up [--host 127.0.0.1] [--port 8000] [--data-dir DIR]   API + one worker on this machine
+    ldd api | ldd worker                                        one of the two
+    ldd datasets upload PATH [--name N] | ldd datasets list
+    ldd checkpoints upload PATH
+    ldd jobs submit SPEC.json | ldd jobs submit --kind train --dataset ID [--arch A] [--epochs N] ...
+    ldd jobs status ID | watch ID | cancel ID | list
+    ldd models list | ldd models download ID OUT.onnx
+    ldd detect IMAGE [--model ID] [--score-threshold T] [--draw OUT.png]
+
+The client commands talk to the REST API like any client (``--url`` / ``LDD_URL``, ``LDD_API_KEY``).
+``up`` uses the embedded defaults (SQLite, local artifacts, filesystem broker) unless ``LDD_*``
+variables say otherwise, e.g. ``LDD_BROKER_URL=redis://...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from api.client import TERMINAL_STATES, APIClientError, Client
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+# ------------------------------------------------------------------------------------ server side
+
+
+def _service_env(args: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ)
+    if getattr(args, "data_dir", None):
+        env["LDD_DATA_DIR"] = str(Path(args.data_dir).absolute())
+    return env
+
+
+def api_command(host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", host, "--port", str(port),
+            "--no-access-log"]  # fmt: skip
+
+
+def worker_command() -> list[str]:
+    return [sys.executable, "-m", "worker"]
+
+
+def run_up(args: argparse.Namespace) -> int:
+    """Start the API and one worker; stop both on Ctrl-C (or when either of them exits)."""
+    env = _service_env(args)
+    procs = {
+        "worker": subprocess.Popen(worker_command(), env=env, start_new_session=True),
+        "api": subprocess.Popen(api_command(args.host, args.port), env=env, start_new_session=True),
+    }
+    print(f"ldd: API on http://{args.host}:{args.port} (docs at /docs), worker pid {procs['worker'].pid}; "
+          "Ctrl-C stops both", file=sys.stderr)  # fmt: skip
+    code = 0
+    stop = False
+
+    def _on_signal(signum: int, frame: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop:
+            for name, p in procs.items():
+                if p.poll() is not None:
+                    print(f"ldd: the {name} exited with code {p.returncode}; stopping", file=sys.stderr)
+                    code = p.returncode or 1
+                    stop = True
+            time.sleep(0.2)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        stop_processes(list(procs.values()))
+    return code
+
+
+def stop_processes(procs: list[subprocess.Popen], grace: float = 15.0) -> None:
+    """SIGTERM each (its whole session: the worker's training child too), SIGKILL after ``grace``."""
+    for p in procs:
+        if p.poll() is None:
+            _signal_group(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_group(p, signal.SIGKILL)
+            p.wait()
+
+
+def _signal_group(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_api(args: argparse.Namespace) -> int:
+    os.environ.update(_service_env(args))
+    import uvicorn
+
+    uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, access_log=False)
+    return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    env = _service_env(args)
+    os.execve(sys.executable, worker_command(), env)  # the worker is its own program; become it
+
+
+# ------------------------------------------------------------------------------------ client side
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.url, timeout=args.timeout)
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.action == "upload":
+            _print(c.upload_dataset(args.path, name=args.name))
+        else:
+            _print(c.list_datasets())
+    return 0
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        _print(c.upload_checkpoint(args.path, name=args.name))
+    return 0
+
+
+def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    if args.spec:
+        spec = json.loads(Path(args.spec).read_text())
+        if not isinstance(spec, dict):
+            raise SystemExit(f"{args.spec}: a job spec is a JSON object")
+    else:
+        if not args.kind or not args.dataset:
+            raise SystemExit("ldd jobs submit: give SPEC.json, or --kind and --dataset")
+        spec = {"kind": args.kind, "dataset": args.dataset}
+    # Flags override the file, so one spec file can serve several runs.
+    if args.name:
+        spec["name"] = args.name
+    if args.arch:
+        spec.setdefault("student", {})["arch"] = args.arch
+    for flag, key in (("teacher_model", "model"), ("teacher_job", "job"), ("teacher_checkpoint", "checkpoint")):
+        if getattr(args, flag):
+            spec["teacher"] = {key: getattr(args, flag)}
+    sched = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr)) if v}
+    if args.image_size:
+        sched["image_size"] = args.image_size
+    if sched:
+        spec.setdefault("schedule", {}).update(sched)
+    if args.seed is not None:
+        spec["seed"] = args.seed
+    return spec
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.action == "submit":
+            job = c.submit_job(spec_from_args(args), idempotency_key=args.idempotency_key)
+            _print(job)
+            return watch(c, job["id"]) if args.watch else 0
+        if args.action == "status":
+            _print(c.get_job(args.id))
+        elif args.action == "cancel":
+            _print(c.cancel_job(args.id))
+        elif args.action == "list":
+            for j in c.list_jobs(state=args.state):
+                print(f"{j['id']}  {j['kind']:8s} {j['state']:10s} {j.get('name') or ''}")
+        elif args.action == "watch":
+            return watch(c, args.id)
+    return 0
+
+
+def progress_line(job: dict[str, Any], width: int = 30) -> str:
+    """``[#####.....]  45% epoch 3/12 iter 120/480 loss 0.831 eta 1m20s  running``"""
+    p = job.get("progress") or {}
+    total, done = p.get("total_iters") or 0, p.get("iter") or 0
+    frac = min(1.0, done / total) if total else (1.0 if job["state"] == "succeeded" else 0.0)
+    bar = "#" * int(frac * width) + "." * (width - int(frac * width))
+    parts = [f"[{bar}] {frac * 100:3.0f}%"]
+    if p.get("epochs"):
+        parts.append(f"epoch {p.get('epoch', 0)}/{p['epochs']}")
+    if total:
+        parts.append(f"iter {done}/{total}")
+    losses = p.get("losses") or {}
+    if losses:
+        total_loss = losses.get("loss", sum(v for v in losses.values() if isinstance(v, int | float)))
+        parts.append(f"loss {total_loss:.3f}")
+    if p.get("eta_s") is not None and job["state"] == "running":
+        eta = int(p["eta_s"])
+        parts.append(f"eta {eta // 60}m{eta % 60:02d}s")
+    if p.get("phase") and p.get("phase") != "train":
+        parts.append(p["phase"])
+    parts.append(job["state"])
+    return " ".join(parts)
+
+
+def watch(c: Client, job_id: str, out: Any = None) -> int:
+    """A progress bar from the job's server-sent events; exit code 0 only if the job succeeded."""
+    out = out or sys.stderr
+    tty = out.isatty()
+    job: dict[str, Any] = c.get_job(job_id)
+    for _, job in c.events(job_id):
+        line = progress_line(job)
+        out.write(("\r" + line.ljust(110)) if tty else line + "\n")
+        out.flush()
+    if tty:
+        out.write("\n")
+    if job["state"] not in TERMINAL_STATES:  # the stream ended early (server restart): poll instead
+        job = c.wait(job_id)
+    if job["state"] == "succeeded":
+        print(json.dumps({"id": job["id"], "state": job["state"], "model_id": job.get("model_id"),
+                          "metrics": (job.get("metrics") or {}).get("bbox")}, indent=2))  # fmt: skip
+        return 0
+    print(f"job {job_id} {job['state']}: {job.get('error') or ''}", file=sys.stderr)
+    return 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.action == "list":
+            for m in c.list_models():
+                ap = ((m.get("metrics") or {}).get("bbox") or {}).get("AP")
+                ap_s = f"AP {ap:.3f}" if isinstance(ap, int | float) else ""
+                print(f"{m['id']}  {m.get('arch') or '?':10s} {ap_s:9s} job {m.get('job_id')}  {m.get('created_at')}")
+        else:
+            print(c.download_onnx(args.id, args.out))
+    return 0
+
+
+def draw_detections(image_path: str | Path, detections: list[dict[str, Any]], out: str | Path) -> Path:
+    """Write ``image_path`` with its boxes and labels drawn to ``out``."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    img = ImageOps.exif_transpose(Image.open(image_path)).convert("RGB")
+    draw = ImageDraw.Draw(img)
+    palette = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+    for d in detections:
+        color = palette[d["label"] % len(palette)]
+        x1, y1, x2, y2 = d["box"]
+        draw.rectangle([x1, y1, x2, y2], outline=color, width=max(1, round(min(img.size) / 200)))
+        text = f"{d['class_name']} {d['score']:.2f}"
+        tx, ty = x1, max(0, y1 - 12)
+        draw.rectangle(draw.textbbox((tx, ty), text), fill=color)
+        draw.text((tx, ty), text, fill=(255, 255, 255))
+    img.save(out)
+    return Path(out)
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        res = c.detect(args.image, model=args.model, score_threshold=args.score_threshold)
+    _print(res)
+    if args.draw:
+        print(f"wrote {draw_detections(args.image, res['detections'], args.draw)}", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ldd", description="LD service: distil, serve and call object detectors.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def server(name: str, help: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help)
+        s.add_argument("--data-dir", help="artifact folder (default: $LDD_DATA_DIR or ./.ldd)")
+        return s
+
+    s = server("up", "run the API and one worker on this machine (Ctrl-C stops both)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(func=run_up)
+    s = server("api", "run the API server only")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(func=run_api)
+    server("worker", "run one worker only (queue gpu, one job at a time)").set_defaults(func=run_worker)
+
+    def client(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--url", default=None, help="API address (default: $LDD_URL or http://127.0.0.1:8000)")
+        c.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+        return c
+
+    c = client("datasets", "upload or list datasets")
+    a = c.add_subparsers(dest="action", required=True)
+    u = a.add_parser("upload", help="upload a zip, or a folder (zipped for you)")
+    u.add_argument("path")
+    u.add_argument("--name")
+    a.add_parser("list")
+    c.set_defaults(func=cmd_datasets)
+
+    c = client("checkpoints", "upload a teacher checkpoint")
+    a = c.add_subparsers(dest="action", required=True)
+    u = a.add_parser("upload")
+    u.add_argument("path")
+    u.add_argument("--name")
+    c.set_defaults(func=cmd_checkpoints)
+
+    c = client("jobs", "submit and follow jobs")
+    a = c.add_subparsers(dest="action", required=True)
+    s = a.add_parser("submit", help="submit SPEC.json, or build a spec from flags")
+    s.add_argument("spec", nargs="?", help="a JSON job spec (flags below override its fields)")
+    s.add_argument("--kind", choices=["train", "distill"])
+    s.add_argument("--dataset")
+    s.add_argument("--name")
+    s.add_argument("--arch", help="student architecture, e.g. gfl_tiny, gfl_r18")
+    s.add_argument("--teacher-model")
+    s.add_argument("--teacher-job")
+    s.add_argument("--teacher-checkpoint")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--image-size", type=int, nargs=2, metavar=("LONG", "SHORT"))
+    s.add_argument("--seed", type=int)
+    s.add_argument("--idempotency-key")
+    s.add_argument("--watch", action="store_true", help="then show its progress until it ends")
+    for action in ("status", "watch", "cancel"):
+        a.add_parser(action).add_argument("id")
+    a.add_parser("list").add_argument("--state")
+    c.set_defaults(func=cmd_jobs)
+
+    c = client("models", "published models")
+    a = c.add_subparsers(dest="action", required=True)
+    a.add_parser("list")
+    d = a.add_parser("download", help="download a model's ONNX file")
+    d.add_argument("id")
+    d.add_argument("out")
+    c.set_defaults(func=cmd_models)
+
+    c = client("detect", "detect objects in an image")
+    c.add_argument("image")
+    c.add_argument("--model", help="model id (default: the newest)")
+    c.add_argument("--score-threshold", type=float)
+    c.add_argument("--draw", metavar="OUT.png", help="write the image with its boxes")
+    c.set_defaults(func=cmd_detect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except APIClientError as e:
+        print(f"ldd: {e.status} {e.code}: {e.message}", file=sys.stderr)
+        if e.details:
+            print(json.dumps(e.details, indent=2)[:4000], file=sys.stderr)
+        return 2
+    except httpx.TransportError as e:
+        print(f"ldd: cannot reach the API ({type(e).__name__}: {e}); is it running? (ldd up)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except OSError as e:
+        print(f"ldd: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Response bodies of the REST API (documentation and OpenAPI examples; requests use ``distill.spec``)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Open(BaseModel):
+    # The store may add fields over time; clients should ignore what they do not know.
+    model_config = ConfigDict(extra="allow")
+
+
+class Dataset(_Open):
+    id: str = Field(..., examples=["ds_3f2a9c1b0d4e5f67"])
+    name: str = Field(..., examples=["raccoon"])
+    classes: list[str] = Field(..., examples=[["raccoon"]])
+    num_images: int = Field(..., examples=[200])
+    num_boxes: int = Field(..., examples=[217])
+    splits: dict[str, int] = Field(..., description="images per split ({} when the dataset has none)",
+                                   examples=[{"train": 160, "val": 40}])  # fmt: skip
+    format: str | None = Field(None, description="what was uploaded: coco or voc", examples=["voc"])
+    created_at: str | None = Field(None, examples=["2026-11-01T12:00:00+00:00"])
+
+
+class Architecture(_Open):
+    name: str | None = Field(..., description="a known architecture name, or null if none matches",
+                             examples=["gfl_r18"])  # fmt: skip
+    depth: int | None = Field(..., examples=[18])
+    base_width: int = Field(..., examples=[64])
+    channels: int = Field(..., examples=[256])
+    stacked_convs: int = Field(..., examples=[4])
+    num_classes: int = Field(..., examples=[80])
+    reg_max: int = Field(..., examples=[16])
+    strides: list[int] = Field(..., examples=[[8, 16, 32, 64, 128]])
+    classes: list[str] | None = None
+    source: Literal["mmdetection", "project"] = "project"
+    num_params: int = Field(..., examples=[19_000_000])
+
+
+class Checkpoint(_Open):
+    id: str = Field(..., examples=["ckpt_0a1b2c3d4e5f6789"])
+    name: str | None = Field(None, examples=["gfl_r101_fpn_mstrain_2x_coco.pth"])
+    arch: Architecture
+    created_at: str | None = None
+
+
+class Progress(_Open):
+    phase: str | None = Field(None, examples=["train"])
+    epoch: int | None = Field(None, examples=[3])
+    epochs: int | None = Field(None, examples=[12])
+    iter: int | None = Field(None, examples=[240])
+    total_iters: int | None = Field(None, examples=[960])
+    losses: dict[str, float] | None = Field(None, examples=[{"loss_cls": 0.41, "loss_ld": 0.12}])
+    images_per_s: float | None = None
+    eta_s: float | None = Field(None, examples=[310.5])
+
+
+class Job(_Open):
+    id: str = Field(..., examples=["job_5e6f7a8b9c0d1e2f"])
+    kind: Literal["train", "distill"]
+    name: str | None = None
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    spec: dict[str, Any] = Field(..., description="the validated job spec, defaults filled in")
+    progress: Progress | None = None
+    metrics: dict[str, Any] | None = Field(None, examples=[{"bbox": {"AP": 0.412, "AP50": 0.61, "AP75": 0.44}}])
+    error: str | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+    model_id: str | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    updated_at: str | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+
+
+class DatasetList(BaseModel):
+    datasets: list[Dataset]
+
+
+class Model(_Open):
+    id: str = Field(..., examples=["mdl_job_5e6f7a8b9c0d1e2f"])
+    job_id: str | None = None
+    arch: str | None = Field(None, examples=["gfl_r18"])
+    classes: list[str] | None = Field(None, examples=[["raccoon"]])
+    input_size: Any = Field(None, examples=[[512, 320]])
+    metrics: dict[str, Any] | None = None
+    sha256: str | None = None
+    created_at: str | None = None
+
+
+class ModelList(BaseModel):
+    models: list[Model]
+
+
+class Detection(BaseModel):
+    box: list[float] = Field(..., description="x1, y1, x2, y2 in the original image's pixels",
+                             examples=[[12.5, 30.0, 210.2, 190.7]])  # fmt: skip
+    score: float = Field(..., examples=[0.87])
+    label: int = Field(..., examples=[0])
+    class_name: str = Field(..., examples=["raccoon"])
+
+
+class DetectResponse(BaseModel):
+    model: str = Field(..., description="the model that answered", examples=["mdl_job_5e6f7a8b9c0d1e2f"])
+    image_size: list[int] = Field(..., description="width, height", examples=[[650, 417]])
+    detections: list[Detection]
+    latency_ms: float = Field(..., description="time spent in the server for this request", examples=[14.2])
+
+
+class DetectJSON(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(..., description="the image file's bytes, base64", examples=["/9j/4AAQSkZJRg..."])
+    model: str | None = Field(None, description="model id; /detect uses the newest model when absent")
+    score_threshold: float | None = Field(None, ge=0, le=1, examples=[0.3])
+
+
+class Health(BaseModel):
+    status: str = Field(..., examples=["ok"])
+    checks: dict[str, Any] = Field(default_factory=dict)
