@@ -301,7 +301,9 @@ def load_coco(
 
     grouped: dict[int, list[dict[str, Any]]] = {i: [] for i in usable}
     seen_ann_ids: set[int] = set()
-    names = {im["id"]: str(im["file_name"]) for im in images}
+    names: dict[int, str] = {}
+    for im in images:
+        names.setdefault(im["id"], str(im["file_name"]))  # the first of duplicate ids is the one kept
     for a in anns:
         if not isinstance(a["image_id"], int) or not isinstance(a["category_id"], int):
             raise DatasetError(f"annotation {a['id']}: image_id and category_id must be integers")
