@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -210,3 +212,18 @@ def test_write_coco_is_atomic_and_round_trips(tmp_path: Path) -> None:
     assert path == tmp_path / "sub/annotations.json"
     assert json.loads(path.read_text(encoding="utf-8")) == coco
     assert [p.name for p in path.parent.iterdir()] == ["annotations.json"]  # no temporary left behind
+
+
+def test_readers_need_no_torch(tmp_path: Path) -> None:
+    """The API validates uploads with these modules in a process without torch."""
+    _png(tmp_path / "a.png", (8, 8))
+    _dataset(tmp_path, [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}], [_ann(1, 1, [1, 1, 4, 4])])
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any 'import torch' now fails
+        "import distill.data.annotations as a, distill.data.voc, distill.data.synthetic, distill.data.__main__\n"
+        f"d = a.load_coco({str(tmp_path)!r}); print(d.num_boxes, a.MEAN, a.STD)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "1 (123.675, 116.28, 103.53) (58.395, 57.12, 57.375)"

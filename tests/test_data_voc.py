@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,3 +145,20 @@ def test_apply_split_csv_reports_unknown_names(tmp_path: Path) -> None:
     (tmp_path / "bad.csv").write_text("name\na.jpg\n")
     with pytest.raises(DatasetError, match="filename"):
         apply_split_csv(coco, tmp_path / "bad.csv", "val")
+
+
+def test_command_line_import_and_check(tmp_path: Path) -> None:
+    root = tmp_path / "voc"
+    _image(root / "a.jpg", (40, 30))
+    (root / "a.xml").write_text(_xml("a.jpg", (40, 30), [("fox", (3, 4, 20, 25), 0)]))
+    (root / "split.csv").write_text("filename\na.jpg\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "distill.data", "import-voc", str(root), str(tmp_path / "out"),
+         "--split", f"val={root / 'split.csv'}"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert run.returncode == 0, run.stderr
+    assert "wrote 1 images, 1 boxes, 1 classes" in run.stdout and '"val": 1' in run.stdout
+    bad = subprocess.run([sys.executable, "-m", "distill.data", "check", str(tmp_path / "nothing")],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert bad.returncode == 1 and "does not exist" in bad.stderr
