@@ -17,14 +17,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from distill.assigners import atss_assign
-from distill.data.dataset import collate
 from distill.data.synthetic import make_synthetic
 from distill.losses.gfl import gfl_losses
 from distill.spec import JobSpec
-from distill.train import EpochBatches, Trainer, pad_targets
+from distill.train import Trainer, pad_targets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -46,8 +44,7 @@ def measure(arch: str, size: tuple[int, int], batch: int, iters: int, warmup: in
         trainer = Trainer(spec, Path(tmp) / "run", device=device)
         dev = trainer.device
         model = trainer.model.train()
-        loader = iter(DataLoader(trainer.train_set, batch_sampler=EpochBatches(len(trainer.train_set), batch, 0, 0),
-                                 collate_fn=collate, num_workers=workers))
+        loader = iter(trainer.train_loader)
         phases = {"data": 0.0, "forward": 0.0, "assign": 0.0, "loss": 0.0, "backward": 0.0}
         images_done = 0
         for i in range(warmup + iters):

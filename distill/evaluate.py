@@ -47,9 +47,10 @@ def predict_dataset(model: GFL, loader: Iterable, device: torch.device) -> list[
     results = []
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
-        sizes = [_resized_size(t) for t in targets]
+        sizes = [tuple(t["size"]) for t in targets]
         for det, target in zip(model.predict(images, sizes), targets, strict=True):
-            boxes: Tensor = det["boxes"].float().cpu() / float(target["scale"])
+            sx, sy = target["scale_xy"]
+            boxes: Tensor = det["boxes"].float().cpu() / torch.tensor([sx, sy, sx, sy])
             xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).numpy()
             for box, score, label in zip(xywh, det["scores"].cpu().numpy(), det["labels"].cpu().numpy(),
                                          strict=True):
@@ -57,8 +58,3 @@ def predict_dataset(model: GFL, loader: Iterable, device: torch.device) -> list[
                                 "bbox": [float(v) for v in np.round(box, 3)], "score": float(score)})
     return results
 
-
-def _resized_size(target: dict) -> tuple[int, int]:
-    h, w = (int(v) for v in target["orig_size"])
-    s = float(target["scale"])
-    return round(h * s), round(w * s)

@@ -12,12 +12,11 @@ Run layout (``out_dir``)::
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,13 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from distill import distillation
 from distill.assigners import atss_assign
 from distill.checkpoint import atomic_save, build_detector, detector_state, load_detector, read_checkpoint
-from distill.data.annotations import MEAN, STD, load_coco, split
-from distill.data.dataset import DetectionDataset, collate
+from distill.data.annotations import MEAN, STD
+from distill.data.dataset import DetectionDataset, build_loaders, collate, set_epoch
 from distill.evaluate import coco_ap, predict_dataset
 from distill.locations import square_anchors
 from distill.losses.gfl import gfl_losses
@@ -50,31 +49,6 @@ class Stopped(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------- data
-
-
-class EpochBatches(Sampler[list[tuple[int, bool]]]):
-    """Batches of ``(index, flip)`` for one epoch, a pure function of (seed, epoch).
-
-    Deciding the flips here rather than in the data workers makes an epoch identical however many workers
-    load it, and lets a resumed run skip the batches it already did.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, skip: int = 0, flip: bool = True):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(n, generator=g).tolist()
-        flips = (torch.rand(n, generator=g) < 0.5).tolist() if flip else [False] * n
-        items = list(zip(order, flips, strict=True))
-        self.batches = [items[i:i + batch_size] for i in range(0, n, batch_size)][skip:]
-
-    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def iters_per_epoch(n: int, batch_size: int) -> int:
-    return math.ceil(n / batch_size)
 
 
 def pad_targets(targets: list[dict], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -125,17 +99,16 @@ class Trainer:
         self.stop_requested = False
         self._log = open(self.out / "train.log", "a", buffering=1)  # noqa: SIM115 (lives with the trainer)
 
-        self.data = load_coco(spec.dataset)
+        s = spec.schedule
+        self.train_loader, self.val_loader, self.data = build_loaders(
+            spec.dataset, spec.val_split, spec.seed, s.image_size, s.batch_size, s.num_workers)
         for problem in self.data.problems:
             self.log(f"dataset: {problem}")
-        train_ids, val_ids = split(self.data, spec.val_split, spec.seed)
-        if not train_ids:
-            raise TrainingError("the dataset has no usable training images")
-        self.val_ids = val_ids or train_ids
-        size = spec.schedule.image_size
-        self.train_set = DetectionDataset(self.data, train_ids, size, train=True)
-        self.val_set = DetectionDataset(self.data, self.val_ids, size, train=False)
-        self.per_epoch = iters_per_epoch(len(self.train_set), spec.schedule.batch_size)
+        self.val_ids = list(self.val_loader.dataset.image_ids)
+        if not self.val_ids:  # no validation split at all: report training-set AP rather than nothing
+            self.val_loader = self.train_loader_for_eval()
+            self.val_ids = list(self.val_loader.dataset.image_ids)
+        self.per_epoch = len(self.train_loader)
         self.total_iters = self.per_epoch * spec.schedule.epochs
 
         _seed_everything(spec.seed)
@@ -265,12 +238,8 @@ class Trainer:
         last_report = 0.0
         while self.iteration < self.total_iters:
             epoch = self.iteration // self.per_epoch
-            skip = self.iteration - epoch * self.per_epoch
-            loader = DataLoader(self.train_set, batch_sampler=EpochBatches(len(self.train_set), s.batch_size,
-                                                                           self.spec.seed, epoch, skip),
-                                collate_fn=collate, num_workers=s.num_workers,
-                                pin_memory=self.device.type == "cuda", persistent_workers=False)
-            for images, targets in loader:
+            set_epoch(self.train_loader, epoch, self.iteration - epoch * self.per_epoch)
+            for images, targets in self.train_loader:
                 for group in self.optimizer.param_groups:
                     group["lr"] = learning_rate(self.spec, self.iteration, self.per_epoch)
                 images = images.to(self.device, non_blocking=True)
@@ -294,8 +263,8 @@ class Trainer:
                 if epoch_end or now - last_report >= self.report_every_s or self.stop_requested:
                     rate = window_images / max(now - window_start, 1e-6)
                     eta = (self.total_iters - self.iteration) * s.batch_size / max(rate, 1e-6)
-                    losses = {k: round(float(v), 5) for k, v in step.losses.items()}
-                    losses["total"] = round(float(step.total), 5)
+                    losses = {k: round(float(v.detach()), 5) for k, v in step.losses.items()}
+                    losses["total"] = round(float(step.total.detach()), 5)
                     self.report("train", losses, rate, eta)
                     self.log(f"epoch {epoch + 1} iter {self.iteration}/{self.total_iters} "
                              f"lr {self.optimizer.param_groups[0]['lr']:.5f} {losses} {rate:.2f} img/s")
@@ -305,20 +274,22 @@ class Trainer:
                     raise Stopped(f"stopped at iteration {self.iteration}")
 
     def evaluate(self, model: GFL) -> dict[str, float]:
-        detections = predict_dataset(model, self.val_loader(), self.device)
+        detections = predict_dataset(model, self.val_loader, self.device)
         for d in detections:  # contiguous labels -> the dataset's own category ids
             d["category_id"] = self.data.category_ids[d["category_id"]]
         return coco_ap(self.data.ground_truth(self.val_ids), detections)
 
-    def val_loader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=max(1, self.spec.schedule.batch_size), shuffle=False,
-                          collate_fn=collate, num_workers=self.spec.schedule.num_workers)
+    def train_loader_for_eval(self) -> DataLoader:
+        train = self.train_loader.dataset
+        plain = DetectionDataset(self.data, train.image_ids, image_size=train.image_size, train=False)
+        return DataLoader(plain, batch_size=self.train_loader.batch_size, collate_fn=collate,
+                          num_workers=self.train_loader.num_workers)
 
     def run(self) -> dict[str, Any]:
         self.try_resume()
         diagnostics_before = None
         if self.teacher is not None and self.resumed_from is None:
-            diagnostics_before = distillation.diagnostics(self.model, self.teacher, self.val_loader(), self.device)
+            diagnostics_before = distillation.diagnostics(self.model, self.teacher, self.val_loader, self.device)
             _atomic_json(self.out / "diagnostics_before.json", diagnostics_before)
         self.report("train")
         started = time.monotonic()
@@ -333,7 +304,7 @@ class Trainer:
                 before = json.loads((self.out / "diagnostics_before.json").read_text())
             metrics["diagnostics"] = {
                 "before": before,
-                "after": distillation.diagnostics(self.model, self.teacher, self.val_loader(), self.device)}
+                "after": distillation.diagnostics(self.model, self.teacher, self.val_loader, self.device)}
             metrics["teacher_bbox"] = self.evaluate(self.teacher)
         atomic_save(detector_state(self.model, {**self.meta(), "metrics": metrics["bbox"]}), self.out / "model.pt")
         _atomic_json(self.out / "metrics.json", metrics)
