@@ -109,10 +109,11 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
-        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        path = os.pathsep.join(p for p in (self.env.get("PYTHONPATH") or os.environ.get("PYTHONPATH"), str(ROOT)) if p)
+        env = {**os.environ, **self.env, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env, stdout=out,
+            self.proc = subprocess.Popen([sys.executable, "-m", "worker"], cwd=self.log.parent, env=env, stdout=out,
                                          stderr=subprocess.STDOUT)  # fmt: skip
         return self
 

@@ -129,8 +129,8 @@ class Attempt:
 
     def _child(self, what: str, args: list[str]) -> int:
         """Run ``python <args>`` as a supervised child; its exit code. Raises ``Lost`` on cancel/lease loss."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
+        path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
         with open(self.run_dir / "worker_child.log", "ab") as out:
             out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {self.job['attempts']}: {what}\n".encode())
             out.flush()

@@ -1,0 +1,231 @@
+"""The job lifecycle with real processes: ``python -m worker`` subprocesses (Celery, prefork ``-c 1``)
+on a private redis-server or the embedded filesystem broker, the SQLite store, and real training
+children (``python -m distill train`` on gfl_tiny and a few small synthetic images), ONNX export and
+the model registry.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.service_fixtures import RedisServer, WorkerProcess, descendants, pid_alive, wait_for
+from worker.queue import enqueue
+from worker.settings import Settings
+from worker.store import TERMINAL_STATES, Store
+
+IMAGE_SIZE = (128, 96)
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory) -> Path:
+    from distill.data.synthetic import make_synthetic
+
+    return make_synthetic(tmp_path_factory.mktemp("synthetic"), num_train=16, num_val=4, image_size=IMAGE_SIZE,
+                          num_classes=2, seed=0)  # fmt: skip
+
+
+def train_spec(dataset: str, epochs: int = 3, **schedule: Any) -> dict[str, Any]:
+    return {
+        "kind": "train", "name": "tiny", "dataset": dataset, "student": {"arch": "gfl_tiny"},
+        "schedule": {"epochs": epochs, "batch_size": 4, "image_size": list(IMAGE_SIZE), "num_workers": 0,
+                     "warmup_iters": 2, "lr": 0.01, **schedule},
+        "seed": 0,
+    }  # fmt: skip
+
+
+class Service:
+    """A data folder, a store and a broker shared by the worker processes a test starts."""
+
+    def __init__(self, tmp: Path, broker_url: str, dataset_dir: Path, **env: str):
+        self.tmp = tmp
+        self.env = {
+            "LDD_DATA_DIR": str(tmp / "ldd"), "LDD_BROKER_URL": broker_url, "LDD_LEASE_SECONDS": "3",
+            "LDD_HEARTBEAT_SECONDS": "0.5", "LDD_PROGRESS_SECONDS": "0.5", "LDD_RECOVER_SECONDS": "1",
+            "LDD_KILL_GRACE_SECONDS": "3", "LDD_MAX_ATTEMPTS": "3", **env,
+        }  # fmt: skip
+        self.settings = Settings.from_env(self.env)
+        self.settings.make_dirs()
+        self.store = Store(self.settings.store_url)
+        self.store.add_dataset("ds_syn", "synthetic", str(dataset_dir), ["0", "1"], 20, 0, {}, [])
+        self.workers: list[WorkerProcess] = []
+
+    def start_worker(self) -> WorkerProcess:
+        w = WorkerProcess(self.env, self.tmp / f"worker{len(self.workers)}.log").start()
+        self.workers.append(w)
+        return w
+
+    def submit(self, spec: dict[str, Any]) -> str:
+        job, _ = self.store.create_job(spec)
+        enqueue(job["id"], self.settings)
+        return job["id"]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        job = self.store.get_job(job_id)
+        assert job is not None
+        return job
+
+    def wait_end(self, job_id: str, timeout: float) -> dict[str, Any]:
+        try:
+            wait_for(lambda: self.job(job_id)["state"] in TERMINAL_STATES, timeout, f"job {job_id} to end", 0.2)
+        except TimeoutError:
+            raise AssertionError(f"{self.job(job_id)}\n{self.logs()}") from None
+        return self.job(job_id)
+
+    def progress_lines(self, job_id: str) -> list[dict[str, Any]]:
+        path = self.settings.run_dir(job_id) / "progress.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def wait_training(self, job_id: str, min_iter: int, timeout: float = 60) -> dict[str, Any]:
+        """Until the job's training child has reported at least ``min_iter`` iterations."""
+
+        def progressed() -> dict[str, Any] | None:
+            path = self.settings.run_dir(job_id) / "progress.json"
+            try:
+                p = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return None
+            return p if p.get("phase") == "train" and p.get("iter", 0) >= min_iter else None
+
+        try:
+            return wait_for(progressed, timeout, f"job {job_id} to train {min_iter} iterations", 0.05)
+        except TimeoutError:
+            raise AssertionError(f"{self.job(job_id)}\n{self.logs()}") from None
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {w.log.name}\n{w.log_tail()}" for w in self.workers)
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.stop()
+        self.store.close()
+
+
+@pytest.fixture(params=["redis", "embedded"])
+def service(request, tmp_path, dataset_dir) -> Iterator[Service]:
+    redis = None
+    if request.param == "redis":
+        redis = RedisServer(tmp_path / "redis")
+        redis.start()
+    svc = Service(tmp_path, redis.url if redis else "filesystem://", dataset_dir)
+    svc.redis = redis  # type: ignore[attr-defined]
+    yield svc
+    svc.close()
+    if redis:
+        redis.stop()
+
+
+def training_children(worker: WorkerProcess) -> list[int]:
+    """Pids of the ``python -m distill train`` processes under a worker."""
+    out = []
+    for pid in descendants(worker.pid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"distill" in cmd and b"train" in cmd:
+            out.append(pid)
+    return out
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_checkpoint_and_publishes_once(service: Service):
+    """SIGKILL the worker mid-training: its training child dies with it; the lease expires, the job
+    is queued again and a new worker resumes it from the epoch checkpoint; one model is published."""
+    w1 = service.start_worker()
+    job_id = service.submit(train_spec("ds_syn", epochs=3))
+    first = service.wait_training(job_id, min_iter=1)
+    per_epoch = first["total_iters"] // first["epochs"]
+    service.wait_training(job_id, min_iter=per_epoch + 1)  # epoch 1 is checkpointed
+    assert (service.settings.run_dir(job_id) / "checkpoints" / "last.pt").is_file()
+    children = training_children(w1)
+    assert len(children) == 1, service.logs()
+    running = service.job(job_id)
+    assert running["state"] == "running" and running["attempts"] == 1
+    assert running["progress"] and running["progress"]["iter"] >= 1  # progress relayed into the store
+
+    w1.kill()  # the main process only: the pool child and the training child must follow it
+    wait_for(lambda: not any(pid_alive(p) for p in children), 10, "the orphaned training child to die")
+
+    w2 = service.start_worker()
+    job = service.wait_end(job_id, timeout=120)
+    assert job["state"] == "succeeded", f"{job}\n{service.logs()}"
+    assert job["attempts"] == 2 and job["model_id"] and "stopped heartbeating" in job["last_error"]
+    assert job["metrics"]["bbox"]["AP"] >= 0 and job["progress"]["phase"] == "done"
+
+    lines = service.progress_lines(job_id)
+    resumed = [ln for ln in lines if ln.get("resumed_from_iter")]
+    assert resumed, "the second attempt did not resume from the checkpoint"
+    start = resumed[0]["resumed_from_iter"]
+    assert start >= per_epoch  # the first epoch is not trained again ...
+    after = lines[lines.index(resumed[0]) :]
+    assert all(ln["iter"] >= start for ln in after)  # ... and nothing before the checkpoint either
+
+    models = service.store.list_models()
+    assert [m["job_id"] for m in models] == [job_id] and models[0]["id"] == job["model_id"]
+    published = [p for p in service.settings.models_dir.iterdir() if not p.name.startswith(".")]
+    assert [p.name for p in published] == [job["model_id"]]
+    assert (published[0] / "model.onnx").is_file()
+    assert training_children(w2) == []
+
+
+@pytest.mark.slow
+def test_redis_restart_mid_job(tmp_path, dataset_dir):
+    """Redis (no persistence) restarts while a job trains: the running job finishes, the queued job
+    whose message died with Redis is re-sent from the store, and the worker reconnects to run it."""
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    service = Service(tmp_path, redis.url, dataset_dir)
+    try:
+        service.start_worker()
+        first = service.submit(train_spec("ds_syn", epochs=2))
+        service.wait_training(first, min_iter=2)
+        second = service.submit(train_spec("ds_syn", epochs=1))
+        redis.stop()  # the second job's message is lost with it
+        time.sleep(2)
+        redis.start()
+        a = service.wait_end(first, timeout=120)
+        b = service.wait_end(second, timeout=120)
+        assert a["state"] == "succeeded" and a["attempts"] == 1, f"{a}\n{service.logs()}"
+        assert b["state"] == "succeeded" and b["attempts"] == 1, f"{b}\n{service.logs()}"
+        assert {m["job_id"] for m in service.store.list_models()} == {first, second}
+        assert f"re-sent lost broker messages for {second}" in service.workers[0].log.read_text()
+    finally:
+        service.close()
+        redis.stop()
+
+
+@pytest.mark.parametrize("service", ["embedded"], indirect=True)
+def test_cancel_running_job(service: Service):
+    w = service.start_worker()
+    job_id = service.submit(train_spec("ds_syn", epochs=50))
+    service.wait_training(job_id, min_iter=1)
+    children = training_children(w)
+    assert len(children) == 1
+    t0 = time.monotonic()
+    assert service.store.request_cancel(job_id)["cancel_requested"]
+    job = service.wait_end(job_id, timeout=10)
+    assert job["state"] == "cancelled" and time.monotonic() - t0 < 10
+    assert not any(pid_alive(p) for p in children) and training_children(w) == []
+    assert w.proc.poll() is None  # the worker itself goes on
+    assert service.store.list_models() == []
+
+
+@pytest.mark.parametrize("service", ["embedded"], indirect=True)
+def test_max_attempts_exceeded(service: Service):
+    """With one attempt allowed, a worker lost mid-job fails the job with the reason."""
+    service.env["LDD_MAX_ATTEMPTS"] = "1"
+    w1 = service.start_worker()
+    job_id = service.submit(train_spec("ds_syn", epochs=50))
+    service.wait_training(job_id, min_iter=1)
+    w1.kill()
+    service.start_worker()
+    job = service.wait_end(job_id, timeout=30)
+    assert job["state"] == "failed" and job["attempts"] == 1
+    assert "gave up after 1 attempt" in job["error"] and "stopped heartbeating" in job["error"]
+    assert service.store.list_models() == []
