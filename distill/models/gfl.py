@@ -164,7 +164,8 @@ class GFL(nn.Module):
 
     def locations(self, cls_scores: list[Tensor]) -> tuple[Tensor, Tensor, list[int]]:
         """``points (A, 2)``, ``strides (A,)``, locations per level, for these outputs' feature sizes."""
-        sizes = [(int(c.shape[-2]), int(c.shape[-1])) for c in cls_scores]
+        # Plain shape entries, not int(): under torch.export they stay symbolic (dynamic-size ONNX export).
+        sizes = [(c.shape[-2], c.shape[-1]) for c in cls_scores]
         return grid_locations(sizes, list(self.strides), cls_scores[0].device)
 
     def decode(self, cls_scores: list[Tensor], bbox_preds: list[Tensor]) -> tuple[Tensor, Tensor, list[int]]:
