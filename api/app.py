@@ -23,13 +23,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, FastAPI, File, Form, Header, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import UploadFile as FormFile
 from starlette.formparsers import MultiPartException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -53,6 +53,8 @@ STUDENT_STRIDES = [8, 16, 32, 64, 128]
 JSON_BODY_LIMIT = 1 << 20
 DETECT_BODY_LIMIT = 50 << 20
 UPLOAD_CHUNK = 1 << 20
+# Module level: FastAPI resolves the (postponed) annotations of route functions in module globals.
+BEARER = HTTPBearer(auto_error=False, description="an API key from LDD_API_KEYS")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
@@ -201,6 +203,8 @@ class _TooLarge(Exception):
 # --------------------------------------------------------------------------------------------------
 # Helpers
 
+_EVENT_FIELDS = ("state", "progress", "metrics", "error", "model_id", "attempts", "cancel_requested")
+
 
 def public_job(job: dict[str, Any]) -> dict[str, Any]:
     """The job as clients see it (lease bookkeeping stays inside)."""
@@ -243,10 +247,8 @@ class _Services:
     """What the routes share: settings, store, caches and metrics (one per app)."""
 
     def __init__(self, settings: Settings, store: Store, max_batch: int, max_wait_s: float, cache_size: int):
-        from deploy.registry import Registry
-
         self.settings, self.store = settings, store
-        self.registry = Registry(settings.models_dir)
+        self._registry: Any = None
         self.metrics = Metrics(store.count_jobs_by_state)
         self.tmp_dir = settings.data_dir / "tmp"
         self.predictors = PredictorCache(
@@ -256,6 +258,14 @@ class _Services:
             max_wait_s=max_wait_s,
             on_batch=self.metrics.batch_size.observe,
         )
+
+    @property
+    def registry(self) -> Any:
+        if self._registry is None:
+            from deploy.registry import Registry
+
+            self._registry = Registry(self.settings.models_dir)
+        return self._registry
 
     def _load_predictor(self, model_id: str) -> Any:
         from deploy.runtime import Predictor
@@ -308,11 +318,9 @@ def create_app(
     app.state.services = svc
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
-    app.add_middleware(LatencyMiddleware, metrics=svc.metrics, root=app)
+    app.add_middleware(LatencyMiddleware, metrics=svc.metrics)
 
-    bearer = HTTPBearer(auto_error=False, description="an API key from LDD_API_KEYS")
-
-    def require_key(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    def require_key(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
         keys = settings.api_keys
         if not keys:
             return
@@ -551,7 +559,8 @@ def create_app(
                 if job is None:
                     return
                 pub = public_job(job)
-                key = (pub["state"], pub.get("updated_at"), json.dumps(pub.get("progress"), sort_keys=True))
+                # Heartbeats touch updated_at every few seconds; only what a client cares about counts.
+                key = json.dumps([pub.get(k) for k in _EVENT_FIELDS], sort_keys=True)
                 if key != last:
                     last, n, quiet_since = key, n + 1, time.monotonic()
                     yield f"id: {n}\nevent: job\ndata: {json.dumps(pub)}\n\n"
@@ -680,7 +689,7 @@ async def read_detect_body(request: Request) -> tuple[bytes, str | None, float |
         except MultiPartException as e:
             raise APIError(400, "bad_request", f"cannot parse the form: {e.message}") from e
         upload = form.get("file")
-        if not isinstance(upload, UploadFile):
+        if not isinstance(upload, FormFile):
             raise APIError(422, "invalid_request", "file: an image file is required (form field 'file')")
         data = await upload.read()
         model = form.get("model")

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("ldd.api")
@@ -63,21 +62,19 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def route_template(app: ASGIApp, scope: Scope) -> str:
-    """The matched route's path template, or ``<unmatched>`` (keeps label cardinality bounded)."""
-    router = getattr(app, "router", None)
-    for route in getattr(router, "routes", []):
-        match, _ = route.matches(scope)
-        if match == Match.FULL:
-            return getattr(route, "path", "<unmatched>")
-    return "<unmatched>"
+def route_template(scope: Scope) -> str:
+    """The matched route's path template (set in the scope by the router), or ``<unmatched>``.
+
+    Templates keep the label cardinality bounded: one series per endpoint, not one per job id.
+    """
+    return getattr(scope.get("route"), "path", None) or "<unmatched>"
 
 
 class LatencyMiddleware:
     """Pure ASGI middleware (it does not buffer streaming responses such as SSE)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, root: ASGIApp):
-        self.app, self.metrics, self.root = app, metrics, root
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -95,5 +92,5 @@ class LatencyMiddleware:
         try:
             await self.app(scope, receive, _send)
         finally:
-            route = route_template(self.root, scope)
+            route = route_template(scope)
             self.metrics.latency.labels(scope["method"], route, str(status)).observe(time.perf_counter() - start)
