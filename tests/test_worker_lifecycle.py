@@ -14,7 +14,14 @@ from typing import Any
 
 import pytest
 
-from tests.service_fixtures import RedisServer, WorkerProcess, descendants, pid_alive, wait_for
+from tests.service_fixtures import (
+    RedisServer,
+    WorkerProcess,
+    descendants,
+    pid_alive,
+    postgres_database,
+    wait_for,
+)
 from worker.queue import enqueue
 from worker.settings import Settings
 from worker.store import TERMINAL_STATES, Store
@@ -176,28 +183,32 @@ def test_killed_worker_resumes_from_checkpoint_and_publishes_once(service: Servi
 
 @pytest.mark.slow
 def test_redis_restart_mid_job(tmp_path, dataset_dir):
-    """Redis (no persistence) restarts while a job trains: the running job finishes, the queued job
-    whose message died with Redis is re-sent from the store, and the worker reconnects to run it."""
+    """Redis (no persistence) restarts while a job trains: the running job finishes, and the queued
+    job whose message died with Redis is re-sent from the store and started by the reconnected
+    worker (then cancelled, to keep the test short). The production pairing: Redis and PostgreSQL."""
     redis = RedisServer(tmp_path / "redis")
     redis.start()
-    service = Service(tmp_path, redis.url, dataset_dir)
-    try:
-        service.start_worker()
-        first = service.submit(train_spec("ds_syn", epochs=2))
-        service.wait_training(first, min_iter=2)
-        second = service.submit(train_spec("ds_syn", epochs=1))
-        redis.stop()  # the second job's message is lost with it
-        time.sleep(2)
-        redis.start()
-        a = service.wait_end(first, timeout=120)
-        b = service.wait_end(second, timeout=120)
-        assert a["state"] == "succeeded" and a["attempts"] == 1, f"{a}\n{service.logs()}"
-        assert b["state"] == "succeeded" and b["attempts"] == 1, f"{b}\n{service.logs()}"
-        assert {m["job_id"] for m in service.store.list_models()} == {first, second}
-        assert f"re-sent lost broker messages for {second}" in service.workers[0].log.read_text()
-    finally:
-        service.close()
-        redis.stop()
+    with postgres_database() as store_url:
+        service = Service(tmp_path, redis.url, dataset_dir, LDD_STORE_URL=store_url)
+        try:
+            service.start_worker()
+            first = service.submit(train_spec("ds_syn", epochs=2))
+            service.wait_training(first, min_iter=2)
+            second = service.submit(train_spec("ds_syn", epochs=50))
+            redis.stop()  # the second job's message is lost with it
+            time.sleep(2)
+            redis.start()
+            a = service.wait_end(first, timeout=180)
+            assert a["state"] == "succeeded" and a["attempts"] == 1, f"{a}\n{service.logs()}"
+            assert [m["job_id"] for m in service.store.list_models()] == [first]
+            service.wait_training(second, min_iter=1, timeout=60)
+            assert f"re-sent lost broker messages for {second}" in service.workers[0].log.read_text()
+            service.store.request_cancel(second)
+            b = service.wait_end(second, timeout=10)
+            assert b["state"] == "cancelled" and b["attempts"] == 1
+        finally:
+            service.close()
+            redis.stop()
 
 
 @pytest.mark.parametrize("service", ["embedded"], indirect=True)
@@ -229,3 +240,18 @@ def test_max_attempts_exceeded(service: Service):
     assert job["state"] == "failed" and job["attempts"] == 1
     assert "gave up after 1 attempt" in job["error"] and "stopped heartbeating" in job["error"]
     assert service.store.list_models() == []
+
+
+@pytest.mark.parametrize("service", ["embedded"], indirect=True)
+def test_training_failure_fails_with_the_childs_reason(service: Service):
+    """A job the training program refuses (here: annotations that are not COCO) fails at once with the
+    program's own message from error.json, without retries."""
+    bad = service.tmp / "bad_dataset"
+    bad.mkdir()
+    (bad / "annotations.json").write_text('{"images": "not a list"')
+    service.store.add_dataset("ds_bad", "bad", str(bad), ["a"], 1, 1, {}, [])
+    service.start_worker()
+    job = service.wait_end(service.submit(train_spec("ds_bad", epochs=1)), timeout=60)
+    assert job["state"] == "failed" and job["attempts"] == 1, job
+    error = json.loads((service.settings.run_dir(job["id"]) / "error.json").read_text())["error"]
+    assert job["error"] == error and "annotations.json" in error

@@ -137,3 +137,17 @@ def test_enqueue_with_broker_down_is_not_fatal(tmp_path):
     t0 = time.monotonic()
     assert enqueue("job_x", s) is False and queue_depth(s) is None and not broker_ok(s)
     assert time.monotonic() - t0 < 30
+
+
+def test_worker_modules_import_without_torch():
+    """The API imports the store and the queue, and the worker's main process runs the lifecycle:
+    none of them may pull in torch (training and export happen in child processes)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import worker.store, worker.queue, worker.settings, worker.jobs, worker.recovery, "
+        "worker.resolve, worker.main; bad = [m for m in ('torch', 'torchvision', 'onnx') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -230,7 +230,10 @@ class Attempt:
         try:
             published = registry.get(model_id)  # an earlier attempt published, then died
         except KeyError:
-            published = registry.publish(export_dir, model_id=model_id, meta=meta)
+            try:
+                published = registry.publish(export_dir, model_id=model_id, meta=meta)
+            except FileExistsError:  # a racing publisher won; its model is the job's model
+                published = registry.get(model_id)
         return self.store.add_model(model_id, self.job_id, str(registry.path(model_id)), published)
 
     def _succeed(self, model: dict[str, Any], metrics: dict[str, Any] | None = None) -> str:

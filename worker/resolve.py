@@ -88,10 +88,11 @@ def _existing(path: Path, what: str) -> Path:
 
 
 def _fact(info: dict[str, Any], key: str) -> Any:
-    """``key`` from the top level of architecture facts or a nested ``config``/``arch`` dict."""
+    """``key`` from the top level of architecture facts or a nested dict (model.json keeps reg_max and
+    strides under ``export``)."""
     if key in info and info[key] is not None:
         return info[key]
-    for nested in ("config", "arch", "architecture"):
+    for nested in ("config", "arch", "architecture", "export"):
         sub = info.get(nested)
         if isinstance(sub, dict) and sub.get(key) is not None:
             return sub[key]
