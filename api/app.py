@@ -270,7 +270,7 @@ class _Services:
     def _load_predictor(self, model_id: str) -> Any:
         from deploy.runtime import Predictor
 
-        self.registry.verify(model_id)  # a tampered model.onnx is refused here
+        # Predictor checks model.onnx against the sha256 in model.json (a tampered model is refused).
         return Predictor(self.registry.path(model_id), max_pixels=self.settings.max_image_pixels)
 
     def work_dir(self) -> Path:

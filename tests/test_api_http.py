@@ -163,7 +163,7 @@ def png_bytes(size: tuple[int, int] = (200, 150)) -> bytes:
 
 def publish_test_model(data_dir: Path, store_url: str, classes: list[str], model_id: str) -> dict[str, Any]:
     """Export an untrained gfl_tiny to ONNX and publish it exactly as the worker does (registry + store)."""
-    pytest.importorskip("torch")
+    torch = pytest.importorskip("torch")
     from deploy.export import export_model
     from deploy.registry import Registry
     from distill.checkpoint import atomic_save, build_detector, detector_state
@@ -171,6 +171,8 @@ def publish_test_model(data_dir: Path, store_url: str, classes: list[str], model
 
     work = data_dir / "tmp_export" / model_id
     model = build_detector("gfl_tiny", len(classes), classes=classes)
+    with torch.no_grad():  # confident everywhere, so every image gets (up to 100) detections to check
+        model.bbox_head.gfl_cls.bias.fill_(2.0)
     atomic_save(detector_state(model, meta={"input_size": [128, 96]}), work / "model.pt")
     export_model(work / "model.pt", work / "export")
     registry = Registry(data_dir / "models")
@@ -463,7 +465,9 @@ def test_models_list_get_and_onnx(http: httpx.Client, model: dict[str, Any]) -> 
     assert error_of(http.get("/v1/models/mdl_nope"))["code"] == "not_found"
 
 
-def test_detect_multipart_and_json_agree_in_original_pixels(http: httpx.Client, model: dict[str, Any]) -> None:
+def test_detect_multipart_and_json_agree_in_original_pixels(
+    server: ApiServer, http: httpx.Client, model: dict[str, Any]
+) -> None:
     img = png_bytes((300, 170))
     a = http.post("/detect", files={"file": ("x.png", img, "image/png")})
     assert a.status_code == 200, a.text
@@ -471,11 +475,16 @@ def test_detect_multipart_and_json_agree_in_original_pixels(http: httpx.Client, 
     assert b.status_code == 200, b.text
     a, b = a.json(), b.json()
     assert a["model"] == b["model"] == "mdl_test" and a["image_size"] == [300, 170]
-    assert a["detections"] == b["detections"]
+    assert a["detections"] == b["detections"] and len(a["detections"]) >= 5
     for d in a["detections"]:
         x1, y1, x2, y2 = d["box"]
         assert -1 <= x1 <= x2 <= 301 and -1 <= y1 <= y2 <= 171
         assert d["class_name"] in ("a", "b") and 0 <= d["score"] <= 1
+    # Exactly what the bare predictor says for the same bytes: the API adds no transformation of its own.
+    from deploy.runtime import Predictor
+
+    bare = Predictor(server.data_dir / "models" / "mdl_test").predict([img])[0]  # type: ignore[attr-defined]
+    assert a["detections"] == bare
     high = http.post("/detect?score_threshold=0.9", files={"file": ("x.png", img, "image/png")}).json()
     assert all(d["score"] >= 0.9 for d in high["detections"])
 
