@@ -20,6 +20,7 @@ the image size, the same labels, scores within 1e-4.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tempfile
@@ -120,7 +121,13 @@ class DetectorWithPostprocess(nn.Module):
 
     def __init__(self, model: GFL, fp16: bool = False):
         super().__init__()
-        self.model = model.half() if fp16 else model
+        if fp16:
+            model = copy.deepcopy(model)
+            # Backbone, FPN and head in half precision; the integral's bin values stay float32 since
+            # decoding runs in float32 (as predict does).
+            model = model.half()
+            model.bbox_head.integral.float()
+        self.model = model
         self.fp16 = fp16
         cfg = model.cfg
         self.num_classes, self.score_thr, self.nms_pre = cfg.num_classes, cfg.score_thr, cfg.nms_pre
@@ -186,7 +193,7 @@ def export_onnx(model: GFL, path: str | os.PathLike, *, fp16: bool = False, opse
     proto = onnx.load(str(path))
     try:
         onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as e:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"onnx.checker rejected the exported graph: {e}") from e
     return proto
 
