@@ -148,7 +148,7 @@ class Registry:
         """
         src = Path(src_dir)
         info = verify_folder(src)
-        model_id = model_id or f"mdl_{secrets.token_hex(8)}"
+        model_id = f"mdl_{secrets.token_hex(8)}" if model_id is None else model_id
         self._check_id(model_id)
         final = self.root / model_id
         if final.exists():
