@@ -41,15 +41,12 @@ from api.errors import APIError, ErrorResponse, error_response, install_error_ha
 from api.metrics import CONTENT_TYPE, LatencyMiddleware, Metrics
 from distill.spec import JobSpec
 from worker.queue import broker_ok, enqueue
+from worker.resolve import JobRefused, teacher_checkpoint, teacher_mismatch
 from worker.settings import Settings
 from worker.store import JOB_STATES, TERMINAL_STATES, IdempotencyConflict, Store, new_id
 
 log = logging.getLogger("ldd.api")
 
-# The student's regression range and strides are fixed by the architecture family (DESIGN section 2):
-# every name in distill.spec.ARCHITECTURES is a GFL with reg_max 16 on P3-P7.
-STUDENT_REG_MAX = 16
-STUDENT_STRIDES = [8, 16, 32, 64, 128]
 JSON_BODY_LIMIT = 1 << 20
 DETECT_BODY_LIMIT = 50 << 20
 UPLOAD_CHUNK = 1 << 20
@@ -487,7 +484,7 @@ def create_app(
         response: Response,
         idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
     ) -> dict[str, Any]:
-        check_job(spec, store)
+        check_job(spec, store, settings)
         body = spec.model_dump(mode="json")
         try:
             job, created = store.create_job(body, idempotency_key=idempotency_key)
@@ -736,63 +733,23 @@ def _invalid(e: ValidationError) -> APIError:
 # Job checks that need the store (the spec itself is validated by pydantic before we get here)
 
 
-def check_job(spec: JobSpec, store: Store) -> None:
+def check_job(spec: JobSpec, store: Store, settings: Settings) -> None:
+    """Refuse (422) a job the worker could not run: unknown dataset, teacher unknown or unfinished,
+    teacher/student mismatch. The same checks as the worker's (``worker.resolve``), before queueing."""
     ds = store.get_dataset(spec.dataset)
     if ds is None:
         raise APIError(422, "unknown_dataset", f"dataset: no dataset {spec.dataset!r} (upload one to /v1/datasets)")
     if spec.teacher is None:
         return
-    t = spec.teacher
-    if t.path:
+    if spec.teacher.path:
         raise APIError(
             422,
             "invalid_request",
             "teacher.path is for local runs only; give teacher.model, teacher.job or teacher.checkpoint",
         )
-    teacher = resolve_teacher(t.model, t.job, t.checkpoint, store)
-    problems = []
-    n_classes = len(ds["classes"])
-    if teacher.get("num_classes") is not None and teacher["num_classes"] != n_classes:
-        problems.append(
-            f"classes: the teacher predicts {teacher['num_classes']} classes, dataset {ds['id']} has {n_classes}"
-        )
-    if teacher.get("reg_max") is not None and teacher["reg_max"] != STUDENT_REG_MAX:
-        problems.append(f"reg_max: the teacher's is {teacher['reg_max']}, the student's {STUDENT_REG_MAX}")
-    if teacher.get("strides") and list(teacher["strides"]) != STUDENT_STRIDES:
-        problems.append(f"strides: the teacher's are {list(teacher['strides'])}, the student's {STUDENT_STRIDES}")
-    if problems:
-        raise APIError(
-            422, "teacher_mismatch", "the teacher does not match the student: " + "; ".join(problems), problems
-        )
-
-
-def resolve_teacher(model: str | None, job: str | None, checkpoint: str | None, store: Store) -> dict[str, Any]:
-    """What the store knows of the teacher: ``num_classes``, ``reg_max``, ``strides`` (any may be None)."""
-    if checkpoint:
-        ck = store.get_checkpoint(checkpoint)
-        if ck is None:
-            raise APIError(422, "unknown_teacher", f"teacher.checkpoint: no checkpoint {checkpoint!r}")
-        return dict(ck["arch"])
-    if job:
-        j = store.get_job(job)
-        if j is None:
-            raise APIError(422, "unknown_teacher", f"teacher.job: no job {job!r}")
-        if j["state"] != "succeeded":
-            raise APIError(422, "teacher_not_ready", f"teacher.job: job {job} is {j['state']}; it must have succeeded")
-        m = store.model_for_job(job)
-        if m is not None:
-            return _model_facts(m)
-        ds = store.get_dataset(j["spec"].get("dataset", ""))
-        return {"num_classes": len(ds["classes"]) if ds else None}
-    assert model is not None
-    m = store.get_model(model)
-    if m is None:
-        raise APIError(422, "unknown_teacher", f"teacher.model: no model {model!r}")
-    return _model_facts(m)
-
-
-def _model_facts(m: dict[str, Any]) -> dict[str, Any]:
-    meta = m.get("meta") or {}
-    classes = meta.get("classes")
-    num_classes = meta.get("num_classes", len(classes) if isinstance(classes, list) else None)
-    return {"num_classes": num_classes, "reg_max": meta.get("reg_max"), "strides": meta.get("strides")}
+    try:
+        _, facts = teacher_checkpoint(spec.teacher.model_dump(), store, settings)
+    except JobRefused as e:
+        raise APIError(422, "invalid_teacher", f"teacher: {e}") from e
+    if problem := teacher_mismatch(facts, ds["classes"]):
+        raise APIError(422, "teacher_mismatch", problem)

@@ -152,6 +152,10 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit("ldd jobs submit: give SPEC.json, or --kind and --dataset")
         spec = {"kind": args.kind, "dataset": args.dataset}
     # Flags override the file, so one spec file can serve several runs.
+    if args.kind:
+        spec["kind"] = args.kind
+    if args.dataset:
+        spec["dataset"] = args.dataset
     if args.name:
         spec["name"] = args.name
     if args.arch:

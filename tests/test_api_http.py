@@ -385,6 +385,9 @@ def test_bad_jobs_refused_and_nothing_stored(
 ) -> None:
     ds = dataset["id"]
     distill = {"kind": "distill", "teacher": {"checkpoint": mmdet_checkpoint["id"]}}
+    queued = http.post("/v1/jobs", json=_job(ds, name="stays queued"))
+    assert queued.status_code == 202
+    queued_id = queued.json()["id"]
     cases: list[tuple[str, Any, int, str, str]] = [
         ("malformed JSON", b'{"kind": "train", "dataset": ', 400, "malformed_json", "not valid JSON"),
         ("not an object", b"[1, 2]", 422, "invalid_request", "valid dictionary"),
@@ -401,11 +404,13 @@ def test_bad_jobs_refused_and_nothing_stored(
         ("unknown dataset", _job("ds_missing"), 422, "unknown_dataset", "ds_missing"),
         ("teacher path", _job(ds, kind="distill", teacher={"path": "/etc/passwd"}), 422, "invalid_request",
          "teacher.path"),
-        ("unknown teacher model", _job(ds, kind="distill", teacher={"model": "mdl_nope"}), 422, "unknown_teacher",
+        ("unknown teacher model", _job(ds, kind="distill", teacher={"model": "mdl_nope"}), 422, "invalid_teacher",
          "mdl_nope"),
-        ("unknown teacher job", _job(ds, kind="distill", teacher={"job": "job_nope"}), 422, "unknown_teacher",
+        ("unknown teacher job", _job(ds, kind="distill", teacher={"job": "job_nope"}), 422, "invalid_teacher",
          "job_nope"),
-        ("teacher mismatch", _job(ds, **distill), 422, "teacher_mismatch", "3 classes"),
+        ("unfinished teacher job", _job(ds, kind="distill", teacher={"job": queued_id}), 422, "invalid_teacher",
+         "not succeeded"),
+        ("teacher mismatch", _job(ds, **distill), 422, "teacher_mismatch", "classes"),
     ]  # fmt: skip
     before = stored_state(server, http)
     for what, body, status, code, text in cases:
