@@ -1,0 +1,317 @@
+"""Inference latency of the exported student against PyTorch eager and the teacher, and the distilled
+student against an undistilled one of the same architecture.
+
+    python bench/latency.py [--student CKPT] [--distilled CKPT] [--teacher CKPT]
+                            [--student-arch gfl_r18] [--teacher-arch gfl_r50] [--input-size 640 384]
+                            [--batches 1 8] [--rounds 12] [--device cpu|cuda] [--threads N]
+
+Every checkpoint is exported with ``deploy.export.export_model`` (verified against PyTorch). Rows:
+(a) the student in ONNX Runtime, (b) the same student in PyTorch eager (``GFL.predict``), (c) the teacher in
+ONNX Runtime, each on the same prepared batch (keep-ratio resize, normalise, pad) so that only the model and
+its post-processing are timed; plus the student through ``Predictor.predict`` from JPEG bytes (decode,
+preprocessing and mapping back included), and the distilled student (d) in ONNX Runtime.
+
+Timing: after warm-up, ``--rounds`` rounds each make one call of every row in turn, so load from other
+processes hits all rows alike. Per-image latency = call time / batch size (median and p90 over rounds);
+throughput = batch size / median call time. Distilled vs undistilled: node, parameter and op counts of the
+two graphs, and the ratio of their median call times with a bootstrap 90% interval (within noise when the
+interval holds 1.0 or the ratio is within 3%).
+
+Without checkpoints, untrained ones are built (the student twice, with different seeds, standing in for a
+distilled and an undistilled one until real distillation jobs exist); their head biases are shifted so that
+a few hundred candidates per image pass the score threshold, as with a trained model, so NMS does real
+work. Writes ``bench/results/latency.md|json|png`` (``latency_cuda.*`` with ``--device cuda``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from PIL import Image
+
+from deploy.export import export_model
+from deploy.runtime import Predictor, prepare_batch
+from distill.checkpoint import atomic_save, build_detector, detector_state, load_detector
+from distill.data.annotations import load_coco
+from distill.data.synthetic import make_synthetic
+from distill.models.gfl import GFL
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NUM_CLASSES = 10  # the synthetic digits
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def give_detections(model: GFL, batch: torch.Tensor, per_image: int = 300, score: float = 0.1) -> None:
+    """Shift the classification bias so that about ``per_image`` (location, class) pairs per image score
+    above ``score``: an untrained head scores everything ~0.01, below the threshold, and would leave the
+    post-processing idle."""
+    with torch.no_grad():
+        cls, _ = model.flatten(*model.raw_outputs(batch))
+        kth = cls.reshape(cls.shape[0], -1).topk(per_image, dim=1).values[:, -1].mean()
+        model.bbox_head.gfl_cls.bias.add_(math.log(score / (1 - score)) - kth)
+
+
+def build_checkpoint(arch: str, seed: int, path: Path, input_size: tuple[int, int], batch: torch.Tensor) -> Path:
+    torch.manual_seed(seed)
+    model = build_detector(arch, NUM_CLASSES, [str(i) for i in range(NUM_CLASSES)]).eval()
+    give_detections(model, batch)
+    atomic_save(detector_state(model, {"input_size": list(input_size), "kind": f"untrained seed {seed}"}), path)
+    return path
+
+
+def graph_signature(path: Path) -> tuple[list[str], list[tuple[int, ...]]]:
+    """The op sequence and the initializer shapes: equal for two graphs of the same structure."""
+    proto = onnx.load(str(path))
+    return [n.op_type for n in proto.graph.node], sorted(tuple(t.dims) for t in proto.graph.initializer)
+
+
+def bootstrap_ratio(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """median(b) / median(a) and its 90% bootstrap interval."""
+    rng = np.random.default_rng(seed)
+    a_arr, b_arr = np.array(a), np.array(b)
+    ratios = [np.median(rng.choice(b_arr, b_arr.size)) / np.median(rng.choice(a_arr, a_arr.size)) for _ in range(n)]
+    return float(np.median(b_arr) / np.median(a_arr)), float(np.percentile(ratios, 5)), float(np.percentile(ratios, 95))
+
+
+def summarise(times: list[float], batch: int) -> dict[str, float]:
+    per_image = np.array(times) / batch
+    return {"median_ms": float(np.median(per_image) * 1e3), "p90_ms": float(np.percentile(per_image, 90) * 1e3),
+            "throughput_ips": float(batch / np.median(times)), "calls": len(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--student", type=Path, help="undistilled student checkpoint")
+    parser.add_argument("--distilled", type=Path, help="distilled student checkpoint (same architecture)")
+    parser.add_argument("--teacher", type=Path)
+    parser.add_argument("--student-arch", default="gfl_r18")
+    parser.add_argument("--teacher-arch", default="gfl_r50")
+    parser.add_argument("--input-size", type=int, nargs=2, default=(640, 384), metavar=("LONG", "SHORT"))
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime intra-op threads")
+    parser.add_argument("--fp16", action="store_true", help="also the student exported with --fp16 (GPU)")
+    parser.add_argument("--out", default=None, help="results name (default latency / latency_cuda)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    input_size = (max(args.input_size), min(args.input_size))
+    out_name = args.out or ("latency" if device.type == "cpu" else f"latency_{device.type}")
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            print("note: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu); "
+                  "ONNX Runtime rows run on the CPU")
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        # Real pictures: the synthetic set's validation images (digits on textured backgrounds).
+        data_dir = make_synthetic(tmp / "data", num_train=1, num_val=max(args.batches), image_size=(640, 480), seed=0)
+        coco = load_coco(data_dir / "annotations.json")
+        pictures = [Image.open(im["path"]).convert("RGB") for im in coco.images if im.get("split") == "val"]
+        pictures = (pictures * max(args.batches))[: max(args.batches)]
+        jpegs = []
+        for im in pictures:
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=90)
+            jpegs.append(buf.getvalue())
+        calib = torch.from_numpy(prepare_batch(pictures[:2], input_size)[0])
+
+        given = {"student": args.student, "distilled": args.distilled, "teacher": args.teacher}
+        ckpts = {
+            "student": args.student or build_checkpoint(args.student_arch, 0, tmp / "student.pt", input_size, calib),
+            "distilled": args.distilled or build_checkpoint(args.student_arch, 1, tmp / "distilled.pt", input_size,
+                                                            calib),
+            "teacher": args.teacher or build_checkpoint(args.teacher_arch, 2, tmp / "teacher.pt", input_size, calib),
+        }
+        exports, predictors = {}, {}
+        for name, ckpt in ckpts.items():
+            t0 = time.perf_counter()
+            exports[name] = export_model(ckpt, tmp / name)
+            print(f"exported {name} ({exports[name]['arch']}) in {time.perf_counter() - t0:.0f} s, verified on "
+                  f"{exports[name]['export']['verification']['detections']} detections")
+            predictors[name] = Predictor(tmp / name, providers=providers, intra_op_threads=args.threads)
+        if args.fp16:
+            exports["student_fp16"] = export_model(ckpts["student"], tmp / "student_fp16", fp16=True)
+            predictors["student_fp16"] = Predictor(tmp / "student_fp16", providers=providers,
+                                                   intra_op_threads=args.threads)
+        student = load_detector(ckpts["student"], device)
+
+        rows: dict[str, Callable[[int], Callable[[], Any]]] = {}
+        batches = {b: prepare_batch(pictures[:b], input_size) for b in args.batches}
+        torch_batches = {b: (torch.from_numpy(x).to(device), [(int(h), int(w)) for h, w in s])
+                         for b, (x, s, _) in batches.items()}
+
+        def ort_row(name: str) -> Callable[[int], Callable[[], Any]]:
+            return lambda b: (lambda: predictors[name].run(batches[b][0], batches[b][1]))
+
+        def torch_row(b: int) -> Callable[[], Any]:
+            def call() -> Any:
+                with torch.inference_mode():
+                    out = student.predict(*torch_batches[b])
+                _sync(device)
+                return out
+            return call
+
+        ort_label = "onnxruntime-" + ("cuda" if providers[0].startswith("CUDA") else "cpu")
+        rows[f"(a) student, {ort_label}"] = ort_row("student")
+        rows[f"(b) student, pytorch eager {device.type}"] = torch_row
+        rows[f"(c) teacher, {ort_label}"] = ort_row("teacher")
+        rows[f"(d) distilled student, {ort_label}"] = ort_row("distilled")
+        rows[f"student end-to-end (JPEG bytes -> detections), {ort_label}"] = (
+            lambda b: (lambda: predictors["student"].predict(jpegs[:b])))
+        if args.fp16:
+            rows[f"student fp16, {ort_label}"] = ort_row("student_fp16")
+
+        times: dict[str, dict[int, list[float]]] = {r: {b: [] for b in args.batches} for r in rows}
+        for b in args.batches:
+            calls = {r: make(b) for r, make in rows.items()}
+            for _ in range(args.warmup):
+                for call in calls.values():
+                    call()
+            for i in range(args.rounds):
+                # Alternate the order so that neither of a pair always runs first.
+                order = list(calls) if i % 2 == 0 else list(reversed(calls))
+                for r in order:
+                    t0 = time.perf_counter()
+                    calls[r]()
+                    times[r][b].append(time.perf_counter() - t0)
+            print(f"batch {b}: done")
+
+        results: dict[str, Any] = {
+            "device": args.device, "machine": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "threads": args.threads or torch.get_num_threads(),
+            "torch": torch.__version__, "onnxruntime": ort.__version__, "providers": providers,
+            "input_size": list(input_size), "image_size": [640, 480], "rounds": args.rounds,
+            "checkpoints": {k: str(given[k]) if given[k] else f"untrained {exports[k]['arch']}" for k in ckpts},
+            "rows": {r: {str(b): summarise(ts, b) for b, ts in per_b.items()} for r, per_b in times.items()},
+        }
+        if device.type == "cuda":
+            results["gpu"] = torch.cuda.get_device_name(device)
+        sig_s = graph_signature(tmp / "student" / "model.onnx")
+        sig_d = graph_signature(tmp / "distilled" / "model.onnx")
+        comparison: dict[str, Any] = {
+            "student_graph": {k: v for k, v in exports["student"]["graph"].items() if k != "ops"},
+            "distilled_graph": {k: v for k, v in exports["distilled"]["graph"].items() if k != "ops"},
+            "same_ops": exports["student"]["graph"]["ops"] == exports["distilled"]["graph"]["ops"],
+            "identical_structure": sig_s == sig_d,
+            "teacher_graph": {k: v for k, v in exports["teacher"]["graph"].items() if k != "ops"},
+            "latency_ratio": {},
+        }
+        a_row, d_row = f"(a) student, {ort_label}", f"(d) distilled student, {ort_label}"
+        for b in args.batches:
+            ratio, lo, hi = bootstrap_ratio(times[a_row][b], times[d_row][b])
+            comparison["latency_ratio"][str(b)] = {"ratio": ratio, "ci90": [lo, hi],
+                                                  "within_noise": bool(lo <= 1.0 <= hi or abs(ratio - 1) <= 0.03)}
+        a_med = {b: results["rows"][a_row][str(b)]["median_ms"] for b in args.batches}
+        results["distilled_vs_undistilled"] = comparison
+        results["speedups"] = {
+            str(b): {"ort_vs_eager": results["rows"][f"(b) student, pytorch eager {device.type}"][str(b)]["median_ms"]
+                     / a_med[b],
+                     "teacher_vs_student": results["rows"][f"(c) teacher, {ort_label}"][str(b)]["median_ms"] / a_med[b]}
+            for b in args.batches}
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{out_name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    md = markdown(results)
+    (RESULTS / f"{out_name}.md").write_text(md)
+    chart(results, RESULTS / f"{out_name}.png")
+    print(md)
+
+
+def markdown(res: dict[str, Any]) -> str:
+    batches = list(next(iter(res["rows"].values())))
+    lines = [
+        f"# Inference latency ({res['device']})",
+        "",
+        f"`python bench/latency.py{' --device cuda' if res['device'] == 'cuda' else ''}`: "
+        f"{res['cpu_count']} CPU cores, {res['threads']} threads, torch {res['torch']}, "
+        f"onnxruntime {res['onnxruntime']} ({', '.join(res['providers'])})"
+        + (f", GPU {res['gpu']}" if res.get("gpu") else "") + ".",
+        f"Synthetic-set pictures of 640x480 resized to fit {res['input_size'][0]}x{res['input_size'][1]} (keep ratio, "
+        f"padded to 32); post-processing (top-k, NMS) included in every row; {res['rounds']} interleaved rounds "
+        "after warm-up. Checkpoints: " + ", ".join(f"{k} = {v}" for k, v in res["checkpoints"].items()) + ".",
+        "",
+        "| row | batch | per-image median (ms) | per-image p90 (ms) | throughput (images/s) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row, per_b in res["rows"].items():
+        for b in batches:
+            s = per_b[b]
+            lines.append(f"| {row} | {b} | {s['median_ms']:.1f} | {s['p90_ms']:.1f} | {s['throughput_ips']:.1f} |")
+    lines += ["",
+              "| batch | ONNX Runtime speed-up over PyTorch eager (student) | teacher / student latency (ORT) |",
+              "| ---: | ---: | ---: |"]
+    for b in batches:
+        sp = res["speedups"][b]
+        lines.append(f"| {b} | {sp['ort_vs_eager']:.2f}x | {sp['teacher_vs_student']:.2f}x |")
+    c = res["distilled_vs_undistilled"]
+    lines += [
+        "",
+        "## Distilled vs undistilled student (same architecture)",
+        "",
+        f"- graphs: undistilled {c['student_graph']['nodes']} nodes / {c['student_graph']['parameters']:,} parameters, "
+        f"distilled {c['distilled_graph']['nodes']} nodes / {c['distilled_graph']['parameters']:,} parameters; "
+        f"same op counts: {c['same_ops']}; identical op sequence and initializer shapes: {c['identical_structure']}",
+        f"- teacher graph for reference: {c['teacher_graph']['nodes']} nodes / {c['teacher_graph']['parameters']:,} "
+        "parameters",
+    ]
+    for b, r in c["latency_ratio"].items():
+        lines.append(f"- batch {b}: latency ratio distilled / undistilled = {r['ratio']:.3f} "
+                     f"(90% bootstrap interval {r['ci90'][0]:.3f}-{r['ci90'][1]:.3f}): "
+                     + ("within noise" if r["within_noise"] else "NOT within noise"))
+    return "\n".join(lines) + "\n"
+
+
+def chart(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(res["rows"])
+    batches = list(next(iter(res["rows"].values())))
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(rows) * len(batches) + 1.5))
+    height = 0.8 / len(batches)
+    for j, b in enumerate(batches):
+        y = np.arange(len(rows)) + j * height
+        med = [res["rows"][r][b]["median_ms"] for r in rows]
+        p90 = [res["rows"][r][b]["p90_ms"] for r in rows]
+        ax.barh(y, med, height, xerr=[np.zeros(len(rows)), np.array(p90) - np.array(med)], label=f"batch {b}",
+                capsize=3)
+    ax.set_yticks(np.arange(len(rows)) + height * (len(batches) - 1) / 2, [r.replace(", ", "\n") for r in rows],
+                  fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("per-image latency, ms (bar: median, whisker: p90)")
+    ax.set_title(f"GFL inference latency ({res['device']}, input {res['input_size'][0]}x{res['input_size'][1]})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
