@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi import Path as PathParam
@@ -112,7 +112,7 @@ _DETECT_BODY = {
             },
             "application/json": {
                 "schema": schemas.DetectJSON.model_json_schema(),
-                "example": {"image": "<base64 of a JPEG or PNG file>", "score_threshold": 0.3},
+                "example": {"image": schemas.TINY_PNG_B64, "score_threshold": 0.3},
             },
         },
     }
@@ -200,6 +200,8 @@ class _TooLarge(Exception):
 # --------------------------------------------------------------------------------------------------
 # Helpers
 
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+assert set(JobState.__args__) == set(JOB_STATES)  # the store's states, spelled out for OpenAPI
 _EVENT_FIELDS = ("state", "progress", "metrics", "error", "model_id", "attempts", "cancel_requested")
 
 
@@ -499,11 +501,9 @@ def create_app(
 
     @v1.get("/jobs", response_model=schemas.JobList, tags=["jobs"], summary="List jobs, newest first")
     def list_jobs(
-        state: Annotated[str | None, Query(description=f"one of {', '.join(JOB_STATES)}")] = None,
+        state: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> dict[str, Any]:
-        if state is not None and state not in JOB_STATES:
-            raise APIError(422, "invalid_request", f"state must be one of {', '.join(JOB_STATES)}")
         return {"jobs": [public_job(j) for j in store.list_jobs(state=state, limit=limit)]}
 
     def _job_or_404(job_id: str) -> dict[str, Any]:

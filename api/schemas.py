@@ -113,9 +113,13 @@ class DetectResponse(BaseModel):
     latency_ms: float = Field(..., description="time spent in the server for this request", examples=[14.2])
 
 
+# A 1x1 PNG: the documented example is a request that works.
+TINY_PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg=="
+
+
 class DetectJSON(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    image: str = Field(..., description="the image file's bytes, base64", examples=["/9j/4AAQSkZJRg..."])
+    image: str = Field(..., description="the image file's bytes, base64", examples=[TINY_PNG_B64])
     model: str | None = Field(None, description="model id; /detect uses the newest model when absent")
     score_threshold: float | None = Field(None, ge=0, le=1, examples=[0.3])
 

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -616,3 +617,22 @@ def test_api_imports_and_builds_without_torch(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Schemathesis: generated requests from the OpenAPI spec never get a 5xx
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_errors(
+    server: ApiServer, http: httpx.Client, dataset: dict[str, Any], model: dict[str, Any]
+) -> None:
+    st = Path(sys.executable).with_name("schemathesis")
+    if not st.exists():
+        pytest.skip("schemathesis is not installed")
+    cmd = [str(st), "run", f"{server.url}/openapi.json", "--checks", "not_a_server_error", "--max-examples", "5",
+           "--seed", "1", "--workers", "1", "--max-time", "40", "--request-timeout", "30"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=server.work, capture_output=True, text=True, timeout=300)  # type: ignore[attr-defined]
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+    assert re.search(r"(\d+) generated, \1 passed", out.stdout), out.stdout[-3000:]
+    assert_healthy(http)
