@@ -129,7 +129,7 @@ class Predictor:
     def __init__(
         self, model_dir: str | os.PathLike, *, providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_pixels: int = DEFAULT_MAX_PIXELS, session_config: dict[str, str] | None = None,
     ):
         self.model_dir = Path(model_dir)
         # The verified bytes are the ones the session is built from: no window for the file to change
@@ -144,6 +144,8 @@ class Predictor:
             options.intra_op_num_threads = intra_op_threads
         if inter_op_threads:
             options.inter_op_num_threads = inter_op_threads
+        for key, value in (session_config or {}).items():  # e.g. {"session.intra_op.allow_spinning": "0"}
+            options.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(data, sess_options=options, providers=list(providers or best_providers()))
         self.providers: list[str] = self.session.get_providers()
 
