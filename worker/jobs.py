@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,7 @@ class Attempt:
         try:
             self._supervise(proc)
         except BaseException:
-            _stop_group(proc, self.settings.kill_grace_seconds)
+            _stop_group(proc, self.settings.kill_grace_seconds, self._extend_lease)
             raise
         self._relay_progress(force=True)
         return proc.returncode
@@ -197,6 +198,12 @@ class Attempt:
         if not ok:
             raise Lost(self.store.control(self.job_id, self.owner))
         self.last_ok = time.monotonic()
+
+    def _extend_lease(self) -> None:
+        """Renew the lease without caring why the job stops (used while stopping a child)."""
+        if time.monotonic() - self._beat_sent >= self.settings.heartbeat_seconds:
+            self.store.heartbeat(self.job_id, self.owner)
+            self._beat_sent = time.monotonic()
 
     def _child_failed(self, what: str, rc: int) -> str:
         err_file = self.run_dir / "error.json"
@@ -260,17 +267,25 @@ class Attempt:
         return state if done is not None else "lost"
 
 
-def _stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM the child's process group (it checkpoints and exits), SIGKILL it after ``grace``."""
+def _stop_group(proc: subprocess.Popen[bytes], grace: float, keep_lease: Callable[[], None]) -> None:
+    """SIGTERM the child's process group (it checkpoints and exits), SIGKILL it after ``grace``.
+
+    ``keep_lease`` runs every poll meanwhile: the lease must outlive the grace period, or the recovery
+    loop would take the job while its child is still running.
+    """
     if proc.poll() is not None:
         return
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        pass
     except ProcessLookupError:
         return
+    deadline = time.monotonic() + grace
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            keep_lease()
+        except Exception:
+            pass
+        time.sleep(min(POLL_SECONDS, 0.1))
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # also any DataLoader workers left in the group
     except ProcessLookupError:
