@@ -203,8 +203,10 @@ def progress_line(job: dict[str, Any], width: int = 30) -> str:
     if total:
         parts.append(f"iter {done}/{total}")
     losses = p.get("losses") or {}
-    if losses:
-        total_loss = losses.get("loss", sum(v for v in losses.values() if isinstance(v, int | float)))
+    if losses and p.get("phase", "train") == "train":
+        total_loss = losses.get("total", losses.get("loss"))
+        if total_loss is None:
+            total_loss = sum(v for v in losses.values() if isinstance(v, int | float))
         parts.append(f"loss {total_loss:.3f}")
     if p.get("eta_s") is not None and job["state"] == "running":
         eta = int(p["eta_s"])
