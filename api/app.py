@@ -235,6 +235,20 @@ async def save_upload(upload: UploadFile, dest: Path) -> int:
     return size
 
 
+def remove_stale_uploads(tmp_dir: Path, older_than_s: float = 3600.0) -> None:
+    """Delete upload folders left by a crashed API. Only old ones: another API process sharing the data
+    folder may be receiving an upload right now."""
+    if not tmp_dir.is_dir():
+        return
+    now = time.time()
+    for entry in tmp_dir.iterdir():
+        try:
+            if now - entry.stat().st_mtime > older_than_s:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def decode_image(data: bytes, max_pixels: int) -> Any:
     """The decoded RGB image (EXIF orientation applied) or ``deploy.runtime.ImageError``."""
     from deploy.runtime import load_image
@@ -294,7 +308,7 @@ def create_app(
     settings.make_dirs()
     store = store or Store(settings.store_url)
     svc = _Services(settings, store, max_batch, max_wait_ms / 1000, cache_size)
-    shutil.rmtree(svc.tmp_dir, ignore_errors=True)  # uploads interrupted by a previous crash
+    remove_stale_uploads(svc.tmp_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -1,0 +1,288 @@
+"""``/detect`` against the bare ONNX Runtime predictor on the same images, in one run.
+
+    python bench/serve.py [--model-dir DIR] [--arch gfl_tiny] [--size 320 256] [--images 16]
+                          [--requests 48] [--clients 1 4 16]
+
+Rows, all on the same PNG images of the benchmark size:
+- ``session``: the bare session call (``Predictor.run``) on an already prepared batch of one image;
+- ``predict``: ``Predictor.predict([png bytes])``: decoding, preprocessing, the session, mapping back;
+- ``predict xN``: ``Predictor.predict`` on N images at once (the batching ceiling: one call for N);
+- ``/detect cC``: C concurrent HTTP clients (threads with keep-alive connections) posting the PNG as
+  multipart to a real uvicorn server (``uvicorn --factory api.app:create_app``) serving the same model,
+  whose micro-batcher merges concurrent requests into one session call.
+
+Latency = per request (median, p90, p99); throughput = requests / wall time. The HTTP overhead is
+``/detect c1`` minus ``session`` as a share of ``/detect c1`` (DESIGN section 7: under 20% at the
+benchmark's image size). Without ``--model-dir`` an untrained model is exported whose classification
+bias is shifted so that hundreds of candidates pass the score threshold, as with a trained one, so NMS
+does real work. The server and the clients share this machine's cores: the numbers include that contention.
+Writes ``bench/results/serve.md`` and ``serve.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from api.cli import api_command
+from deploy.runtime import Predictor, prepare_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def summarize(name: str, latencies_ms: list[float], wall_s: float, n: int, note: str = "") -> dict[str, Any]:
+    return {
+        "row": name,
+        "requests": n,
+        "median_ms": round(statistics.median(latencies_ms), 2),
+        "p90_ms": round(percentile(latencies_ms, 90), 2),
+        "p99_ms": round(percentile(latencies_ms, 99), 2),
+        "throughput_per_s": round(n / wall_s, 1),
+        "note": note,
+    }
+
+
+def build_model(work: Path, arch: str, size: tuple[int, int]) -> Path:
+    """Export an untrained detector (bias shifted to pass ~hundreds of candidates) and publish it."""
+    import torch
+
+    from deploy.export import export_model
+    from deploy.registry import Registry
+    from distill.checkpoint import atomic_save, build_detector, detector_state
+
+    model = build_detector(arch, 10, classes=[str(i) for i in range(10)])
+    with torch.no_grad():
+        model.bbox_head.gfl_cls.bias.fill_(-2.5)  # sigmoid ~0.08: just over the 0.05 threshold
+    atomic_save(detector_state(model, meta={"input_size": list(size)}), work / "model.pt")
+    export_model(work / "model.pt", work / "export")
+    Registry(work / "data" / "models").publish(work / "export", model_id="mdl_bench")
+    return work / "data" / "models" / "mdl_bench"
+
+
+def make_images(n: int, size: tuple[int, int], work: Path) -> list[bytes]:
+    from distill.data.synthetic import make_synthetic
+
+    folder = make_synthetic(work / "images", num_train=0, num_val=n, image_size=size, seed=0)
+    return [p.read_bytes() for p in sorted((folder / "images").glob("*.png"))][:n]
+
+
+def time_calls(fn: Any, items: list[Any], rounds: int) -> tuple[list[float], float]:
+    lat = []
+    start = time.perf_counter()
+    for r in range(rounds):
+        item = items[r % len(items)]
+        t = time.perf_counter()
+        fn(item)
+        lat.append((time.perf_counter() - t) * 1000)
+    return lat, time.perf_counter() - start
+
+
+def http_clients(url: str, images: list[bytes], clients: int, requests: int) -> tuple[list[float], float, int]:
+    """``clients`` threads, each with its own keep-alive connection, ``requests`` in all."""
+    per = max(1, requests // clients)
+    lat: list[float] = []
+    lock = threading.Lock()
+    detections = [0]
+    barrier = threading.Barrier(clients)
+
+    def run(k: int) -> None:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            c.post("/detect", files={"file": ("w.png", images[k % len(images)], "image/png")})  # warm connection
+            barrier.wait()
+            for i in range(per):
+                img = images[(k * per + i) % len(images)]
+                t = time.perf_counter()
+                r = c.post("/detect", files={"file": ("i.png", img, "image/png")})
+                dt = (time.perf_counter() - t) * 1000
+                r.raise_for_status()
+                with lock:
+                    lat.append(dt)
+                    detections[0] += len(r.json()["detections"])
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return lat, time.perf_counter() - start, detections[0]
+
+
+def batch_sizes(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's ``ldd_detect_batch_size`` histogram."""
+    text = httpx.get(url + "/metrics").text
+    vals = {}
+    for line in text.splitlines():
+        for key in ("ldd_detect_batch_size_sum", "ldd_detect_batch_size_count"):
+            if line.startswith(key + " "):
+                vals[key] = float(line.split()[1])
+    return vals.get("ldd_detect_batch_size_sum", 0.0), vals.get("ldd_detect_batch_size_count", 0.0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", help="a published model folder (model.onnx + model.json)")
+    p.add_argument("--arch", default="gfl_tiny")
+    p.add_argument("--size", type=int, nargs=2, default=[320, 256], metavar=("W", "H"))
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--requests", type=int, default=48, help="HTTP requests per concurrency level")
+    p.add_argument("--rounds", type=int, default=48, help="calls per bare row")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    args = p.parse_args()
+    size = (args.size[0], args.size[1])
+
+    with tempfile.TemporaryDirectory(prefix="ldd-bench-serve-") as tmp:
+        work = Path(tmp)
+        if args.model_dir:
+            data = work / "data"
+            (data / "models").mkdir(parents=True)
+            os.symlink(Path(args.model_dir).absolute(), data / "models" / "mdl_bench")
+            model_dir = data / "models" / "mdl_bench"
+        else:
+            model_dir = build_model(work, args.arch, size)
+        images = make_images(args.images, size, work)
+        predictor = Predictor(model_dir)
+        meta = predictor.meta
+
+        rows = []
+        # Bare rows first (the server is not started yet: nothing else competes for the cores).
+        prepared = [prepare_batch(predictor.load([im]), predictor.input_size)[:2] for im in images]
+        for im in images[:2]:
+            predictor.predict([im])
+        lat, wall = time_calls(lambda b: predictor.run(*b), prepared, args.rounds)
+        rows.append(summarize("session (bare ORT call, prepared batch of 1)", lat, wall, args.rounds))
+        lat, wall = time_calls(lambda im: predictor.predict([im]), images, args.rounds)
+        rows.append(summarize("Predictor.predict (decode + preprocess + session + map back)", lat, wall,
+                              args.rounds))  # fmt: skip
+        for n in sorted({c for c in args.clients if c > 1}):
+            groups = [[images[(i + k) % len(images)] for k in range(n)] for i in range(len(images))]
+            calls = max(3, args.rounds // n)
+            lat, wall = time_calls(lambda g: predictor.predict(g), groups, calls)
+            r = summarize(f"Predictor.predict x{n} (one call for {n} images)", [x / n for x in lat], wall, calls * n,
+                          note="latency per image = call / batch")  # fmt: skip
+            rows.append(r)
+
+        # The same model behind the real server.
+        port = _free_port()
+        env = {**os.environ, "LDD_DATA_DIR": str(work / "data"), "PYTHONPATH": str(ROOT)}
+        env.pop("LDD_BROKER_URL", None)
+        env.pop("LDD_STORE_URL", None)
+        env.pop("LDD_API_KEYS", None)
+        with open(work / "api.log", "wb") as log:
+            server = subprocess.Popen(api_command("127.0.0.1", port), cwd=ROOT, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT)  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait(url)
+            _register(work / "data", model_dir, meta)
+            for c in args.clients:
+                s0, n0 = batch_sizes(url)
+                lat, wall, dets = http_clients(url, images, c, args.requests)
+                s1, n1 = batch_sizes(url)
+                mean_batch = (s1 - s0) / max(1.0, n1 - n0)
+                rows.append(summarize(f"/detect, {c} concurrent client(s)", lat, wall, len(lat),
+                                      note=f"mean images per session call {mean_batch:.1f}"))  # fmt: skip
+        finally:
+            server.terminate()
+            server.wait(20)
+
+    session_ms = rows[0]["median_ms"]
+    detect1 = next(r for r in rows if r["row"].startswith("/detect, 1 "))
+    overhead = (detect1["median_ms"] - session_ms) / detect1["median_ms"]
+    thr = {r["row"]: r["throughput_per_s"] for r in rows if r["row"].startswith("/detect")}
+    result = {
+        "model": {"arch": meta.get("arch"), "input_size": meta.get("input_size"), "image_size": list(size),
+                  "untrained": not args.model_dir},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "providers": predictor.providers},
+        "rows": rows,
+        "detect_overhead_share": round(overhead, 3),
+        "throughput_detect": thr,
+    }  # fmt: skip
+    md = render(result)
+    print(md)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "serve.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / "serve.md").write_text(md)
+    print(f"wrote {RESULTS / 'serve.md'} and serve.json")
+
+
+def render(result: dict[str, Any]) -> str:
+    m = result["model"]
+    lines = [
+        f"# /detect against the bare ONNX Runtime predictor: {m['arch']}, input {m['input_size']}, "
+        f"PNG images {m['image_size'][0]}x{m['image_size'][1]}",
+        "",
+        f"machine: {result['machine']['cpus']} CPUs, {result['machine']['platform']}, "
+        f"providers {result['machine']['providers']}; server and clients share the cores."
+        + (" Untrained model with shifted classification bias (hundreds of NMS candidates)." if m["untrained"] else ""),
+        "",
+        "| row | requests | median (ms) | p90 (ms) | p99 (ms) | throughput (img/s) | note |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['row']} | {r['requests']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | "
+                     f"{r['throughput_per_s']:.1f} | {r['note']} |")  # fmt: skip
+    share = result["detect_overhead_share"]
+    thr = list(result["throughput_detect"].items())
+    lines += [
+        "",
+        f"- `/detect` with one client spends {share * 100:.0f}% of its round trip outside the session call "
+        f"(HTTP, multipart, decoding, preprocessing, mapping back; target < 20%): "
+        f"**{'met' if share < 0.2 else 'NOT met'}**.",
+        "- throughput by concurrency: " + ", ".join(f"{k.split(', ')[1]}: {v:.1f}/s" for k, v in thr)
+        + (" (rises with concurrency)" if all(thr[i][1] < thr[i + 1][1] for i in range(len(thr) - 1))
+           else " (does NOT rise monotonically with concurrency)"),
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("the API did not start")
+
+
+def _register(data_dir: Path, model_dir: Path, meta: dict[str, Any]) -> None:
+    """Record the model in the server's store (as the worker does after publishing)."""
+    from worker.store import Store
+
+    store = Store(f"sqlite:///{data_dir / 'ldd.db'}")
+    try:
+        store.add_model("mdl_bench", None, str(model_dir), meta)
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    main()
