@@ -83,6 +83,15 @@ class RedisServer:
         except OSError:
             return False
 
+    def kill_all(self) -> None:
+        """SIGKILL the worker and wait until its pool and training children are gone too (they die
+        with their parent); quicker than a warm shutdown, for test teardown."""
+        if self.proc is None:
+            return
+        family = descendants(self.proc.pid)
+        self.kill()
+        wait_for(lambda: not any(pid_alive(p) for p in family), 15, "the worker's children to exit")
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
@@ -127,6 +136,15 @@ class WorkerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+
+    def kill_all(self) -> None:
+        """SIGKILL the worker and wait until its pool and training children are gone too (they die
+        with their parent); quicker than a warm shutdown, for test teardown."""
+        if self.proc is None:
+            return
+        family = descendants(self.proc.pid)
+        self.kill()
+        wait_for(lambda: not any(pid_alive(p) for p in family), 15, "the worker's children to exit")
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

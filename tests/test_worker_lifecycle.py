@@ -7,6 +7,7 @@ the model registry.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,7 +110,7 @@ class Service:
 
     def close(self) -> None:
         for w in self.workers:
-            w.stop()
+            w.kill_all()
         self.store.close()
 
 
@@ -264,3 +265,20 @@ def test_training_failure_fails_with_the_childs_reason(service: Service):
     assert job["state"] == "failed" and job["attempts"] == 1, job
     error = json.loads((service.settings.run_dir(job["id"]) / "error.json").read_text())["error"]
     assert job["error"] == error and "annotations.json" in error
+
+
+def test_worker_stop_gives_the_job_back(service: Service):
+    """SIGTERM to the worker's main process (``docker stop``): the training child checkpoints and
+    exits, the job is queued again at once without using up an attempt, and the worker exits."""
+    w = service.start_worker()
+    job_id = service.submit(train_spec("ds_syn", epochs=50))
+    service.wait_training(job_id, min_iter=1)
+    children = training_children(w)
+    assert len(children) == 1
+    w.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: service.job(job_id)["state"] == "queued", 15, "the job to be given back")
+    job = service.job(job_id)
+    assert job["attempts"] == 0 and job["lease_owner"] is None and "shut down" in job["last_error"]
+    assert w.proc.wait(20) == 0 and not any(pid_alive(p) for p in children)
+    assert (service.settings.run_dir(job_id) / "checkpoints" / "last.pt").is_file()  # written on SIGTERM
+    assert service.store.request_cancel(job_id)["state"] == "cancelled"

@@ -15,6 +15,7 @@ import ctypes
 import logging
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, signals
@@ -125,9 +126,9 @@ _PR_SET_PDEATHSIG = 1
 def die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when its parent dies.
 
-    Used in the Celery pool child (dies with the worker's main process) and in the training child
-    (dies with the pool child): a SIGKILLed worker leaves no orphan training on in the background,
-    where it would write into the run folder that the next attempt resumes from.
+    Used in the training and export children, so they die with the Celery pool process that runs
+    the job (which Celery itself makes die with the worker's main process): a SIGKILLed worker leaves
+    no orphan training on in the background, writing into the run folder the next attempt resumes from.
     """
     parent = os.getppid()
     try:
@@ -139,9 +140,24 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-@signals.worker_process_init.connect(weak=False)
-def _pool_child_init(**_: Any) -> None:
-    die_with_parent()
+@signals.worker_shutting_down.connect(weak=False)
+def _forward_warm_shutdown(how: str = "", **_: Any) -> None:
+    """On a warm shutdown (SIGTERM to the main process, e.g. ``docker stop``) Celery would wait for
+    the running job to finish, however long it trains. Pass the SIGTERM on to the pool process: the
+    job it runs checkpoints its training child and goes back to the queue (``worker.jobs``)."""
+    if how != "Warm":
+        return
+    me = str(os.getpid())
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:  # a direct child: a pool process
+            try:
+                os.kill(int(stat.parent.name), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
 
 @signals.worker_ready.connect(weak=False)

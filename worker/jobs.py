@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -84,13 +85,31 @@ class Attempt:
         self._beat_sent = time.monotonic()
         self._progress_sent = 0.0
         self._progress_mtime: float | None = None
+        self.shutting_down = False
 
     def run(self) -> str:
+        # Celery resets SIGTERM to "die" in its pool process; a worker being stopped (``ldd up``
+        # Ctrl-C, ``docker stop``) should instead checkpoint the child and give the job back at once.
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            return self._run_guarded()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.shutting_down = True
+
+    def _run_guarded(self) -> str:
         try:
             return self._run()
         except Lost as e:
             if e.why == "cancel":
                 return self._end("cancelled", error="cancelled by request")
+            if e.why == "shutdown":
+                return self._release()
             log.warning("job %s: lease lost; leaving it to whoever holds it now", self.job_id)
             return "lost"
         except JobRefused as e:
@@ -159,6 +178,8 @@ class Attempt:
                 state = "unknown"
             if state in ("cancel", "lost"):
                 raise Lost(state)
+            if self.shutting_down:
+                raise Lost("shutdown")
             if state == "ok":
                 self.last_ok = now
             elif now - self.last_ok > 0.8 * self.settings.lease_seconds:
@@ -249,6 +270,15 @@ class Attempt:
             metrics = json.loads(path.read_text()) if path.is_file() else None
         progress = {**(self.progress or {}), "phase": "done"}
         return self._end("succeeded", model_id=model["id"], metrics=metrics, progress=progress)
+
+    def _release(self) -> str:
+        from worker.queue import enqueue
+
+        log.warning("job %s: worker shutting down; job queued again (resumes from its checkpoint)", self.job_id)
+        if self.store.release(self.job_id, self.owner, "the worker running it was shut down") is None:
+            return "lost"
+        enqueue(self.job_id, self.settings)
+        return "released"
 
     def _retry(self, why: str) -> str:
         from worker.queue import enqueue

@@ -490,6 +490,19 @@ class Store:
             ).rowcount
         return self.get_job(job_id) if n == 1 else None
 
+    def release(self, job_id: str, owner: str, reason: str) -> dict[str, Any] | None:
+        """Give a running job back to the queue without counting the attempt (its worker is shutting
+        down cleanly, not failing). None when ``owner`` no longer holds it."""
+        now = _now()
+        with self._tx() as conn:
+            n = conn.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.lease_owner == owner, JobRow.state == "running")
+                .values(state="queued", lease_owner=None, lease_expires_at=None, last_error=reason,
+                        attempts=JobRow.attempts - 1, enqueued_at=now, updated_at=now)
+            ).rowcount  # fmt: skip
+        return self.get_job(job_id) if n == 1 else None
+
     def requeue_expired(self, max_attempts: int | None = None) -> list[str]:
         """Running jobs whose lease expired (their worker died) go back to ``queued``; returns their ids.
 
