@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student-arch", default="gfl_tiny")
     p.add_argument("--teacher-arch", default="gfl_small" if "gfl_small" in ARCHITECTURES else "gfl_tiny",
                    help="a wider network than the student where one is defined")  # fmt: skip
-    p.add_argument("--teacher-epochs", type=int, default=8)
-    p.add_argument("--student-epochs", type=int, default=4)
+    p.add_argument("--teacher-epochs", type=int, default=24)
+    p.add_argument("--student-epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--warmup-iters", type=int, default=50)
@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"image with boxes: {drawn}")
         print(f"total time: {(time.monotonic() - t0) / 60:.1f} min; service logs in {data_dir / 'logs'}")
         return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping the service", file=sys.stderr)
+        return 130
     finally:
         stop_processes(procs)
 
