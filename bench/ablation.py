@@ -1,0 +1,336 @@
+"""The paper's table 2 at our scale: which distillation terms help a small GFL student.
+
+    python bench/ablation.py                      # synthetic set, rows a-f, 3 seeds (~35 min, 2-core CPU)
+    python bench/ablation.py --dataset raccoon    # shared/data/raccoon-voc, rows a and e
+    python bench/ablation.py --quick              # a 2-minute smoke run of the whole pipeline
+
+One teacher (a wider and deeper model, ``--teacher-arch``) is trained once; then the student
+(``gfl_tiny``) is trained with each configuration below and each seed, every run through
+``distill.train.run`` (the same code path as ``python -m distill train`` and the service's jobs):
+
+    a  student alone                  d  Main LD + VLR LD
+    b  Main KD                        e  Main KD + Main LD + VLR LD (the defaults of DistillSpec)
+    c  Main LD                        f  TBR (teacher-bounded pseudo box regression, paper eq. 6)
+
+Rows b-f take ``DistillSpec()``'s default weights and switch the other terms off, so row e checks the
+defaults a job gets. The seed changes the student's initialisation and the data order, not the data or
+the teacher. Runs go to ``--jobs`` worker processes, each with ``--threads`` torch threads: on a small
+shared CPU, one thread per process avoids OpenMP's spin-waiting under load, which was measured to make a
+step up to 10x slower.
+
+Writes ``bench/results/ablation[_raccoon].md|json|png``: AP, AP50, AP75 mean and standard deviation over
+the seeds, the difference to row a paired by seed, and a verdict on whether (d) and (e) beat (a) by more
+than the spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RACCOON = Path(os.environ.get("LDD_RACCOON", Path(__file__).resolve().parents[1].parent / "shared/data/raccoon-voc"))
+# A teacher between gfl_tiny and gfl_r18: ResNet-18 layout at half width, 64-channel FPN/head, 4 stacked
+# convs (4x the student's parameters). gfl_r18's forward pass alone costs 5x a tiny student step on this
+# CPU, which would leave no time to train students. (depth, base width, channels, stacked convs)
+TEACHER_ARCH = ("gfl_small", (18, 32, 64, 4))
+
+ROWS: dict[str, tuple[str, dict[str, Any] | None]] = {
+    # row: (name, changes to the default DistillSpec; None = trained alone)
+    "a": ("student alone", None),
+    "b": ("Main KD", {"weights": {"main_ld": 0, "vlr_ld": 0, "vlr_kd": 0}}),
+    "c": ("Main LD", {"weights": {"vlr_ld": 0, "main_kd": 0, "vlr_kd": 0}}),
+    "d": ("Main LD + VLR LD", {"weights": {"main_kd": 0, "vlr_kd": 0}}),
+    "e": ("Main KD + Main LD + VLR LD", {}),
+    "f": ("TBR", {"method": "tbr", "weights": {"main_kd": 0, "vlr_kd": 0}}),
+}
+METRICS = ("AP", "AP50", "AP75")
+
+
+@dataclass
+class Plan:
+    dataset: str = "synthetic"  # or "raccoon"
+    rows: str = "abcdef"
+    seeds: int = 3
+    student_arch: str = "gfl_tiny"
+    teacher_arch: str = TEACHER_ARCH[0]
+    image_size: tuple[int, int] = (160, 128)
+    num_train: int = 480
+    num_val: int = 96
+    batch: int = 8
+    epochs: int = 2
+    lr: float = 0.02
+    warmup_iters: int = 30
+    teacher_epochs: int = 8
+    teacher_lr: float = 0.02
+    distill: dict[str, Any] = field(default_factory=dict)  # job-level changes to DistillSpec (tuning)
+    jobs: int = 1
+    threads: int = 1
+    device: str = "cpu"
+
+
+def _register_teacher_arch() -> None:
+    from distill.spec import ARCHITECTURES
+
+    ARCHITECTURES.setdefault(*TEACHER_ARCH)
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _register_teacher_arch()
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in changes.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def job_spec(plan: Plan, data_dir: Path, row: str | None, seed: int, teacher: Path | None) -> dict[str, Any]:
+    """The JSON body of one job: the student for a row, or the teacher (``row=None``)."""
+    is_teacher = row is None
+    schedule = {"epochs": plan.teacher_epochs if is_teacher else plan.epochs, "batch_size": plan.batch,
+                "lr": plan.teacher_lr if is_teacher else plan.lr, "image_size": list(plan.image_size),
+                "warmup_iters": plan.warmup_iters, "num_workers": 0}
+    spec: dict[str, Any] = {"kind": "train", "name": "teacher" if is_teacher else f"{row}-seed{seed}",
+                            "dataset": str(data_dir), "schedule": schedule, "seed": seed,
+                            "student": {"arch": plan.teacher_arch if is_teacher else plan.student_arch}}
+    changes = None if is_teacher else ROWS[row][1]
+    if changes is not None:
+        spec.update(kind="distill", teacher={"path": str(teacher)}, distill=_merge(plan.distill, changes))
+    return spec
+
+
+def run_job(spec: dict[str, Any], out_dir: str, device: str) -> dict[str, Any]:
+    """One run through the training loop, in a worker process."""
+    from distill.spec import JobSpec
+    from distill.train import run
+
+    started = time.monotonic()
+    metrics = run(JobSpec.model_validate(spec), out_dir, device=device)
+    metrics["wall_s"] = round(time.monotonic() - started, 1)
+    metrics["spec"] = spec
+    return metrics
+
+
+def prepare_data(plan: Plan, work: Path) -> Path:
+    if plan.dataset == "raccoon":
+        from distill.data.voc import import_voc
+
+        out = work / "raccoon"
+        if not (out / "annotations.json").exists():
+            import_voc(RACCOON, out, splits={"train": RACCOON / "data/train_labels.csv",
+                                             "val": RACCOON / "data/test_labels.csv"})
+        return out
+    from distill.data.synthetic import make_synthetic
+
+    w, h = plan.image_size
+    scale = min(w, h) / 256  # the generator's default digit sizes are for 320x256 images
+    return make_synthetic(work / "synthetic", num_train=plan.num_train, num_val=plan.num_val, image_size=(w, h),
+                          min_size=max(8, round(16 * scale)), max_size=round(120 * scale), seed=0)
+
+
+def summarise(plan: Plan, runs: dict[str, list[dict]], teacher: dict, wall_s: float) -> dict[str, Any]:
+    from distill.spec import DistillSpec
+
+    rows = {}
+    for row, results in runs.items():
+        by_seed = sorted(results, key=lambda r: r["spec"]["seed"])
+        stats = {}
+        for m in METRICS:
+            values = [r["bbox"][m] for r in by_seed]
+            stats[m] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                        "values": values}
+        distill_spec = by_seed[0]["spec"].get("distill")
+        terms = {}
+        if distill_spec is not None:
+            d = DistillSpec.model_validate(distill_spec)
+            ld = d.method == "ld"
+            terms = {"main_kd": d.weights.main_kd, "main_ld": d.weights.main_ld if ld else 0.0,
+                     "vlr_ld": d.weights.vlr_ld if ld else 0.0, "vlr_kd": d.weights.vlr_kd,
+                     "tbr": d.weights.tbr if d.method == "tbr" else 0.0}
+        diag = [r["diagnostics"]["after"] for r in by_seed if r.get("diagnostics")]
+        rows[row] = {"name": ROWS[row][0], "terms": terms, **stats,
+                     "box_l1_after": statistics.mean(x["box_l1_mean"] for x in diag) if diag else None,
+                     "cls_l1_after": statistics.mean(x["cls_l1_mean"] for x in diag) if diag else None,
+                     "wall_s": [r["wall_s"] for r in by_seed]}
+    if "a" in rows:
+        base = statistics.mean(rows["a"]["AP"]["values"])
+        for row, r in rows.items():
+            if row == "a":
+                continue
+            diffs = {m: [x - y for x, y in zip(r[m]["values"], rows["a"][m]["values"], strict=True)] for m in METRICS}
+            r["paired_diff"] = {m: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
+                                for m, v in diffs.items()}
+            spread = max(rows["a"]["AP"]["std"], r["AP"]["std"])
+            r["beats_a"] = {"AP_gain": r["AP"]["mean"] - base, "spread": spread,
+                            "by_more_than_spread": r["AP"]["mean"] - base > spread}
+    return {"plan": asdict(plan), "defaults": DistillSpec().model_dump(), "teacher": teacher, "rows": rows,
+            "wall_s": round(wall_s, 1)}
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    plan, rows, teacher = summary["plan"], summary["rows"], summary["teacher"]
+    d = summary["defaults"]
+    name = "raccoon-voc (train split; evaluated on the test split)" if plan["dataset"] == "raccoon" \
+        else f"synthetic digits ({plan['num_train']} train / {plan['num_val']} val images)"
+    lines = [
+        f"# LD ablation on {name}",
+        "",
+        f"Student `{plan['student_arch']}`, teacher `{plan['teacher_arch']}` (AP {teacher['bbox']['AP']:.3f}, "
+        f"AP50 {teacher['bbox']['AP50']:.3f}, AP75 {teacher['bbox']['AP75']:.3f}; trained once, "
+        f"{plan['teacher_epochs']} epochs). Images {plan['image_size'][0]}x{plan['image_size'][1]}, batch "
+        f"{plan['batch']}, student {plan['epochs']} epochs at lr {plan['lr']}; {plan['seeds']} seeds; "
+        f"tau {d['tau']}, gamma {d['gamma']}, kd_tau {d['kd_tau']}; weights main_ld {d['weights']['main_ld']}, "
+        f"vlr_ld {d['weights']['vlr_ld']}, main_kd {d['weights']['main_kd']}, tbr {d['weights']['tbr']}"
+        + (f"; job changes {json.dumps(plan['distill'])}" if plan["distill"] else "") + ".",
+        f"Whole run: {summary['wall_s'] / 60:.1f} min on {plan['device']} ({plan['jobs']} process(es) x "
+        f"{plan['threads']} thread(s)).",
+        "",
+        "| row | Main KD | Main LD | VLR LD | TBR | AP | AP50 | AP75 | AP - AP(a), paired by seed "
+        "| box L1 to teacher |",
+        "|---|:-:|:-:|:-:|:-:|---:|---:|---:|---:|---:|",
+    ]
+    for row, r in rows.items():
+        t = r["terms"]
+        marks = ["✓" if t.get(k, 0) > 0 else "" for k in ("main_kd", "main_ld", "vlr_ld", "tbr")]
+        cells = [f"{100 * r[m]['mean']:.1f} ± {100 * r[m]['std']:.1f}" for m in METRICS]
+        diff = r.get("paired_diff", {}).get("AP")
+        diff_cell = f"{100 * diff['mean']:+.1f} ± {100 * diff['std']:.1f}" if diff else ""
+        box = f"{r['box_l1_after']:.3f}" if r["box_l1_after"] is not None else ""
+        lines.append(f"| ({row}) {r['name']} | " + " | ".join(marks) + " | " + " | ".join(cells)
+                     + f" | {diff_cell} | {box} |")
+    lines += ["", "AP in percent, mean ± standard deviation over seeds. Box L1: mean L1 distance between the "
+              "student's and the teacher's edge distributions on the validation images after training "
+              "(paper fig. 4; in [0, 2]).", ""]
+    lines.append("## Verdict")
+    lines.append("")
+    for row in ("d", "e"):
+        if row in rows and "beats_a" in rows[row]:
+            b = rows[row]["beats_a"]
+            ok = "yes" if b["by_more_than_spread"] else "NO"
+            lines.append(f"- ({row}) {rows[row]['name']} vs (a): AP gain {100 * b['AP_gain']:+.1f} points, spread "
+                         f"(larger std of the two rows) {100 * b['spread']:.1f}: above (a) by more than the spread: "
+                         f"**{ok}**.")
+    order = [r for r in ("a", "c", "d", "e") if r in rows]
+    if len(order) > 1:
+        means = [rows[r]["AP"]["mean"] for r in order]
+        in_order = all(x <= y for x, y in zip(means, means[1:], strict=False))
+        lines.append(f"- Paper's order {' < '.join(f'({r})' for r in order)}: "
+                     f"{'holds' if in_order else 'does not hold'} on the means "
+                     f"({', '.join(f'{100 * m:.1f}' for m in means)}).")
+    return "\n".join(lines) + "\n"
+
+
+def chart(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    labels = [f"({k}) {v['name']}" for k, v in rows.items()]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.27
+    for i, m in enumerate(METRICS):
+        xs = [j + (i - 1) * width for j in range(len(rows))]
+        ax.bar(xs, [100 * r[m]["mean"] for r in rows.values()], width,
+               yerr=[100 * r[m]["std"] for r in rows.values()], capsize=3, label=m)
+    ax.axhline(100 * summary["teacher"]["bbox"]["AP"], color="k", ls="--", lw=1, label="teacher AP")
+    ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("percent")
+    ax.set_title(f"LD ablation ({summary['plan']['dataset']}, {summary['plan']['seeds']} seeds, mean ± std)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=("synthetic", "raccoon"), default="synthetic")
+    parser.add_argument("--rows", default=None, help="which rows (default: abcdef; raccoon: ae)")
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("W", "H"))
+    parser.add_argument("--train", type=int, default=None, help="synthetic training images")
+    parser.add_argument("--val", type=int, default=None, help="synthetic validation images")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--teacher-epochs", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--distill", default=None, help="JSON changes to DistillSpec for every distilled row")
+    parser.add_argument("--teacher", type=Path, default=None, help="reuse this teacher checkpoint")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
+    parser.add_argument("--out", default=None, help="results name (default: ablation[_raccoon])")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run of the whole pipeline")
+    args = parser.parse_args(argv)
+
+    plan = Plan(dataset=args.dataset, jobs=args.jobs, threads=args.threads, device=args.device)
+    if args.dataset == "raccoon":
+        plan.rows, plan.image_size, plan.epochs, plan.teacher_epochs = "ae", (224, 160), 12, 40
+    if args.quick:
+        plan.seeds, plan.num_train, plan.num_val, plan.epochs, plan.teacher_epochs = 2, 32, 16, 1, 1
+    for name, value in (("rows", args.rows), ("seeds", args.seeds), ("num_train", args.train),
+                        ("num_val", args.val), ("epochs", args.epochs), ("teacher_epochs", args.teacher_epochs),
+                        ("lr", args.lr)):
+        if value is not None:
+            setattr(plan, name, value)
+    if args.size:
+        plan.image_size = tuple(args.size)
+    if args.distill:
+        plan.distill = json.loads(args.distill)
+    out_name = args.out or ("ablation_raccoon" if args.dataset == "raccoon" else "ablation")
+
+    started = time.monotonic()
+    work = args.work or Path(tempfile.mkdtemp(prefix="ld-ablation-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data_dir = prepare_data(plan, work)
+    print(f"data: {data_dir}; work: {work}", flush=True)
+
+    ctx = get_context("spawn")  # fresh interpreters: no torch thread pools or OpenMP state copied by fork
+    with ProcessPoolExecutor(plan.jobs, mp_context=ctx, initializer=_worker_init, initargs=(plan.threads,)) as pool:
+        if args.teacher:
+            teacher_path = args.teacher
+            teacher = json.loads((teacher_path.parent / "metrics.json").read_text())
+        else:
+            teacher = pool.submit(run_job, job_spec(plan, data_dir, None, 0, None), str(work / "teacher"),
+                                  plan.device).result()
+            teacher_path = work / "teacher" / "model.pt"
+        print(f"teacher: {teacher['bbox']} ({teacher.get('wall_s', '?')} s)", flush=True)
+        futures = {(row, seed): pool.submit(run_job, job_spec(plan, data_dir, row, seed, teacher_path),
+                                            str(work / f"{row}-seed{seed}"), plan.device)
+                   for seed in range(plan.seeds) for row in plan.rows}
+        runs: dict[str, list[dict]] = {row: [] for row in plan.rows}
+        for (row, seed), fut in futures.items():
+            result = fut.result()
+            runs[row].append(result)
+            print(f"({row}) seed {seed}: AP {result['bbox']['AP']:.4f} AP50 {result['bbox']['AP50']:.4f} "
+                  f"AP75 {result['bbox']['AP75']:.4f} ({result['wall_s']} s)", flush=True)
+
+    summary = summarise(plan, runs, teacher, time.monotonic() - started)
+    text = markdown(summary)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{out_name}.json").write_text(json.dumps(summary, indent=1))
+    (RESULTS / f"{out_name}.md").write_text(text)
+    chart(summary, RESULTS / f"{out_name}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

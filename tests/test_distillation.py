@@ -1,0 +1,288 @@
+"""Distillation terms on real tiny-model outputs, the teacher check, the job fields, the diagnostics, and a
+distillation run through the training loop."""
+
+import copy
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from distill.assigners import atss_assign
+from distill.checkpoint import atomic_save, detector_state
+from distill.data.synthetic import make_synthetic
+from distill.distillation import (
+    BatchContext,
+    HeadOutputs,
+    TeacherMismatch,
+    build_adapters,
+    check_teacher,
+    diagnostics,
+    distillation_losses,
+    needs_features,
+)
+from distill.locations import square_anchors
+from distill.losses import ld_loss
+from distill.losses.gfl import gfl_losses, giou_loss
+from distill.models.gfl import GFL, DetectorConfig
+from distill.regions import find_regions
+from distill.spec import DistillSpec, JobSpec
+from distill.train import Trainer
+
+GT_BOXES = torch.tensor([[[10.0, 12, 60, 70], [70, 20, 120, 90]], [[30, 8, 100, 60], [0, 0, 0, 0]]])
+GT_LABELS = torch.tensor([[1, 2], [0, 0]])
+GT_VALID = torch.tensor([[True, True], [True, False]])
+
+
+def _tiny(seed: int, **cfg) -> GFL:
+    torch.manual_seed(seed)
+    return GFL(DetectorConfig(depth=18, base_width=16, channels=32, stacked_convs=2, num_classes=3, **cfg))
+
+
+def _perturb(model: GFL, seed: int) -> GFL:
+    """Random head weights big enough that the outputs are far from uniform (an untrained head is ~flat)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for conv in (model.bbox_head.gfl_reg, model.bbox_head.gfl_cls):
+            conv.weight.add_(torch.randn(conv.weight.shape, generator=g) * 0.2)
+    return model
+
+
+def _outputs(model: GFL, images: torch.Tensor, feats: bool = False) -> tuple[HeadOutputs, list]:
+    f = model.features(images)
+    cls_maps, reg_maps = model.bbox_head(f)
+    cls, reg = model.flatten(cls_maps, reg_maps)
+    return HeadOutputs(cls, reg, f if feats else None), cls_maps
+
+
+def _context(student: GFL, cls_maps: list, out: HeadOutputs, b: int = 2) -> BatchContext:
+    n = b // 2
+    gt_boxes, gt_labels, gt_valid = GT_BOXES.repeat(n, 1, 1), GT_LABELS.repeat(n, 1), GT_VALID.repeat(n, 1)
+    points, strides, counts = student.locations(cls_maps)
+    anchors = square_anchors(points, strides)
+    assignment = atss_assign(anchors, counts, gt_boxes, gt_valid)
+    _, state = gfl_losses(out.cls, out.reg, points, strides, assignment, gt_boxes, gt_labels,
+                          student.bbox_head.integral, {"cls": 1.0, "giou": 2.0, "dfl": 0.25})
+    return BatchContext(points, strides, counts, anchors, assignment, gt_boxes, gt_labels, gt_valid, state)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    student, teacher = _tiny(0), _perturb(_tiny(1), 2).eval()
+    images = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(3))
+    return student, teacher, images
+
+
+def _spec(**kw) -> DistillSpec:
+    return DistillSpec.model_validate(kw)
+
+
+# ----------------------------------------------------------------------------------------------- job fields
+
+
+def test_defaults_are_the_papers_best_row():
+    d = DistillSpec()
+    assert (d.method, d.tau, d.gamma) == ("ld", 10.0, 0.25)
+    assert d.weights.main_kd > 0 and d.weights.main_ld > 0 and d.weights.vlr_ld > 0 and d.weights.vlr_kd == 0
+
+
+@pytest.mark.parametrize("bad", [{"tau": 0}, {"tau": -1}, {"gamma": 1.5}, {"gamma": -0.1}, {"kd_tau": 0},
+                                 {"weights": {"main_ld": -1}}, {"weights": {"vlr_kd": -0.5}}, {"method": "feat"},
+                                 {"weights": {"ld": 1}}, {"tbr_margin": -1}])
+def test_out_of_range_fields_are_refused(bad):
+    with pytest.raises(ValidationError):
+        DistillSpec.model_validate(bad)
+
+
+# ----------------------------------------------------------------------------------------------- teacher check
+
+
+def test_check_teacher_names_every_mismatch():
+    student = _tiny(0)
+    check_teacher(_tiny(1), student)  # same family and layout: fine
+    check_teacher(GFL(DetectorConfig(depth=18, base_width=32, channels=64, num_classes=3)), student)  # bigger: fine
+    with pytest.raises(TeacherMismatch, match="reg_max differs.*teacher 8, student 16"):
+        check_teacher(_tiny(1, reg_max=8), student)
+    with pytest.raises(TeacherMismatch, match="strides differ"):
+        check_teacher(_tiny(1, strides=(8, 16, 32, 64)), student)
+    with pytest.raises(TeacherMismatch, match="number of classes differs.*teacher 4, student 3"):
+        check_teacher(GFL(DetectorConfig(depth=18, base_width=16, channels=32, stacked_convs=2, num_classes=4)),
+                      student)
+    named = _tiny(0, classes=["cat", "dog", "fox"])
+    with pytest.raises(TeacherMismatch, match="class names differ"):
+        check_teacher(_tiny(1, classes=["dog", "cat", "fox"]), named)
+    with pytest.raises(TeacherMismatch, match="reg_max.*; strides"):
+        check_teacher(_tiny(1, reg_max=8, strides=(8, 16, 32, 64)), student)
+
+
+# ----------------------------------------------------------------------------------------------- losses
+
+
+def test_default_terms_zero_weights_skip_and_gradient_only_to_the_student(pair):
+    student, teacher, images = pair
+    s_out, cls_maps = _outputs(student, images)
+    with torch.no_grad():
+        t_out, _ = _outputs(teacher, images)
+    t_out.cls.requires_grad_()  # even a teacher output that tracks gradients gets none
+    ctx = _context(student, cls_maps, s_out)
+    losses = distillation_losses(s_out, t_out, ctx, DistillSpec(), None)
+    assert set(losses) == {"main_ld", "vlr_ld", "main_kd"}
+    assert all(v.ndim == 0 and v > 0 for v in losses.values())
+    sum(losses.values()).backward()
+    assert t_out.cls.grad is None
+    assert student.bbox_head.gfl_reg.weight.grad.abs().sum() > 0
+
+    # Weight 0 skips the work: with every VLR term off, the regions are never looked for (no anchors needed).
+    no_vlr = copy.copy(ctx)
+    no_vlr.anchors = None
+    only_main = distillation_losses(s_out, t_out, no_vlr, _spec(weights={"vlr_ld": 0}), None)
+    assert set(only_main) == {"main_ld", "main_kd"}
+    assert distillation_losses(s_out, t_out, ctx, _spec(weights={"main_ld": 0, "vlr_ld": 0, "main_kd": 0}),
+                               None) == {}
+    all_four = distillation_losses(s_out, t_out, ctx, _spec(weights={"vlr_kd": 0.5}), None)
+    assert set(all_four) == {"main_ld", "vlr_ld", "main_kd", "vlr_kd"}
+    torch.testing.assert_close(all_four["main_ld"], losses["main_ld"])
+
+
+def test_terms_vanish_when_the_student_matches_the_teacher(pair):
+    student, _, images = pair
+    s_out, cls_maps = _outputs(student, images)
+    twin = HeadOutputs(s_out.cls.detach().clone(), s_out.reg.detach().clone())
+    ctx = _context(student, cls_maps, s_out)
+    for spec in (_spec(weights={"vlr_kd": 1}), _spec(method="tbr")):
+        for name, value in distillation_losses(s_out, twin, ctx, spec, None).items():
+            assert value.item() == pytest.approx(0, abs=1e-6), name
+
+
+def test_vlr_ld_is_the_iou_weighted_mean_over_the_regions_edges(pair):
+    student, teacher, images = pair
+    with torch.no_grad():
+        s_out, cls_maps = _outputs(student, images)
+        t_out, _ = _outputs(teacher, images)
+    ctx = _context(student, cls_maps, s_out)
+    got = distillation_losses(s_out, t_out, ctx, _spec(weights={"main_ld": 0, "main_kd": 0, "vlr_ld": 2.0}), None)
+    r = find_regions(ctx.anchors, ctx.gt_boxes, ctx.gt_valid, ctx.assignment.positive, ctx.assignment.threshold, 0.25)
+    assert r.vlr.sum() > 10
+    per_edge = ld_loss(s_out.reg[r.vlr].reshape(-1, 17), t_out.reg[r.vlr].reshape(-1, 17), 10.0).reshape(-1, 4)
+    w = r.vlr_weight[r.vlr]
+    torch.testing.assert_close(got["vlr_ld"], 2.0 * (per_edge.mean(1) * w).sum() / w.sum())
+
+
+def test_terms_do_not_change_with_batch_size(pair):
+    """The same images twice in one batch: twice the positives, VLR and objects; the same loss values."""
+    student, teacher, images = pair
+    spec = _spec(weights={"vlr_kd": 1.0})
+    with torch.no_grad():
+        values = []
+        for b in (2, 4):
+            batch = images.repeat(b // 2, 1, 1, 1)
+            s_out, cls_maps = _outputs(student, batch)
+            t_out, _ = _outputs(teacher, batch)
+            values.append(distillation_losses(s_out, t_out, _context(student, cls_maps, s_out, b), spec, None))
+    for name in values[0]:
+        torch.testing.assert_close(values[1][name], values[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_tbr_bounded_by_the_teachers_error(pair):
+    student, teacher, images = pair
+    s_out, cls_maps = _outputs(student, images)
+    with torch.no_grad():
+        t_out, _ = _outputs(teacher, images)
+    ctx = _context(student, cls_maps, s_out)
+    # With a huge margin every positive is active: the mean GIoU loss between student and teacher boxes.
+    always = distillation_losses(s_out, t_out, ctx, _spec(method="tbr", tbr_margin=1e6, weights={"main_kd": 0}),
+                                 None)
+    assert set(always) == {"tbr"} and always["tbr"] > 0
+    pos_b, pos_a = ctx.gfl_state["pos_b"], ctx.gfl_state["pos_a"]
+    centre = ctx.gfl_state["centre"]
+    t_box = torch.cat([centre - student.bbox_head.integral(t_out.reg[pos_b, pos_a])[:, :2],
+                       centre + student.bbox_head.integral(t_out.reg[pos_b, pos_a])[:, 2:]], 1)
+    torch.testing.assert_close(always["tbr"], giou_loss(ctx.gfl_state["pos_pred"], t_box).mean())
+    # ... and one whose boxes are worse than any student box never teaches.
+    far = t_out.reg.clone()
+    far[pos_b, pos_a] = torch.full((len(pos_b), 4, 17), -1e4).index_fill_(2, torch.tensor([16]), 0.0)
+    never = distillation_losses(s_out, HeadOutputs(t_out.cls, far), ctx, _spec(method="tbr"), None)
+    student_err = (ctx.gfl_state["pos_pred"] - ctx.gfl_state["pos_target"]).pow(2).sum(1)
+    far_box = torch.cat([centre - 16, centre + 16], 1)
+    far_err = (far_box - ctx.gfl_state["pos_target"]).pow(2).sum(1)
+    assert (student_err < far_err).all()
+    assert never["tbr"].item() == 0
+
+
+def test_fitnets_adapters_and_loss(pair):
+    student, _, images = pair
+    teacher = GFL(DetectorConfig(depth=18, base_width=16, channels=48, stacked_convs=2, num_classes=3)).eval()
+    spec = _spec(method="fitnets", weights={"main_kd": 0})
+    assert needs_features(spec) and not needs_features(DistillSpec())
+    assert build_adapters(student, teacher, DistillSpec()) is None
+    adapters = build_adapters(student, teacher, spec)
+    assert len(adapters) == 5 and adapters[0].weight.shape == (48, 32, 1, 1)
+    s_out, cls_maps = _outputs(student, images, feats=True)
+    with torch.no_grad():
+        t_out, _ = _outputs(teacher, images, feats=True)
+    losses = distillation_losses(s_out, t_out, _context(student, cls_maps, s_out), spec, adapters)
+    assert set(losses) == {"fitnets"} and losses["fitnets"] > 0
+    losses["fitnets"].backward()
+    assert adapters[0].weight.grad.abs().sum() > 0 and student.neck.fpn_convs[0].conv.weight.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------- diagnostics
+
+
+def _loader(images: torch.Tensor):
+    return [(images, [{"size": (96, 128)}, {"size": (64, 128)}])]
+
+
+def test_diagnostics_per_level(pair):
+    student, teacher, images = pair
+    student.train()
+    same = diagnostics(student, copy.deepcopy(student), _loader(images), "cpu")
+    assert same["strides"] == [8, 16, 32, 64, 128] and same["images"] == 2
+    assert same["cls_l1"] == [0.0] * 5 and same["box_l1"] == [0.0] * 5
+    assert student.training  # mode restored
+    diff = diagnostics(student, teacher, _loader(images), "cpu")
+    assert all(v > 0 for v in diff["cls_l1"] + diff["box_l1"]) and 0 < diff["box_l1_mean"] <= 2
+    json.dumps(diff)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+@pytest.mark.slow
+def test_distillation_run_reduces_ld_and_leaves_the_teacher_untouched(tmp_path):
+    data = make_synthetic(tmp_path / "data", num_train=8, num_val=4, image_size=(128, 96), seed=5, max_objects=3)
+    sched = {"epochs": 6, "batch_size": 4, "image_size": [128, 96], "warmup_iters": 4, "num_workers": 0,
+             "lr": 0.02}
+    teacher_spec = JobSpec.model_validate({"kind": "train", "dataset": str(data), "student": {"arch": "gfl_tiny"},
+                                           "schedule": {**sched, "epochs": 15}, "seed": 9})
+    teacher_trainer = Trainer(teacher_spec, tmp_path / "teacher")
+    teacher_trainer.train()
+    teacher_path = tmp_path / "teacher.pt"
+    atomic_save(detector_state(teacher_trainer.model, {}), teacher_path)
+
+    spec = JobSpec.model_validate({"kind": "distill", "dataset": str(data), "student": {"arch": "gfl_tiny"},
+                                   "teacher": {"path": str(teacher_path)}, "schedule": sched, "seed": 1})
+    trainer = Trainer(spec, tmp_path / "student", report_every_s=0)
+    before_state = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    assert not any(p.requires_grad for p in trainer.teacher.parameters())
+    teacher_ids = {id(p) for p in trainer.teacher.parameters()}
+    assert not any(id(p) in teacher_ids for g in trainer.optimizer.param_groups for p in g["params"])
+
+    images, targets = next(iter(trainer.val_loader))
+
+    def ld_on_fixed_batch() -> float:
+        trainer.model.train()
+        with torch.no_grad():
+            return float(trainer.step(images, targets).losses["main_ld"])
+
+    ld_before = ld_on_fixed_batch()
+    metrics = trainer.run()
+    ld_after = ld_on_fixed_batch()
+    assert ld_after < 0.7 * ld_before, (ld_before, ld_after)
+    after_state = trainer.teacher.state_dict()
+    assert all(torch.equal(before_state[k], after_state[k]) for k in before_state)
+    assert not trainer.teacher.training
+    assert set(metrics["diagnostics"]) == {"before", "after"}
+    assert metrics["diagnostics"]["after"]["box_l1_mean"] < metrics["diagnostics"]["before"]["box_l1_mean"]
+    progress = [json.loads(line) for line in (tmp_path / "student" / "progress.jsonl").read_text().splitlines()]
+    assert any({"main_ld", "vlr_ld", "main_kd"} <= set(p["losses"]) for p in progress)
