@@ -270,15 +270,16 @@ def test_training_failure_fails_with_the_childs_reason(service: Service):
 def test_worker_stop_gives_the_job_back(service: Service):
     """SIGTERM to the worker's main process (``docker stop``): the training child checkpoints and
     exits, the job is queued again at once without using up an attempt, and the worker exits."""
+    service.env["LDD_KILL_GRACE_SECONDS"] = "30"  # time to finish the iteration and checkpoint, on a busy CPU
     w = service.start_worker()
     job_id = service.submit(train_spec("ds_syn", epochs=50))
     service.wait_training(job_id, min_iter=1)
     children = training_children(w)
     assert len(children) == 1
     w.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: service.job(job_id)["state"] == "queued", 15, "the job to be given back")
+    wait_for(lambda: service.job(job_id)["state"] == "queued", 40, "the job to be given back")
     job = service.job(job_id)
     assert job["attempts"] == 0 and job["lease_owner"] is None and "shut down" in job["last_error"]
-    assert w.proc.wait(20) == 0 and not any(pid_alive(p) for p in children)
+    assert w.proc.wait(30) == 0 and not any(pid_alive(p) for p in children)
     assert (service.settings.run_dir(job_id) / "checkpoints" / "last.pt").is_file()  # written on SIGTERM
     assert service.store.request_cancel(job_id)["state"] == "cancelled"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, signals
+from celery.exceptions import Reject
 from kombu import Queue
 
 from worker.settings import Settings
@@ -84,7 +85,10 @@ def make_app(settings: Settings) -> Celery:
     def run_job(job_id: str) -> str:
         from worker.jobs import run_job as run
 
-        return run(job_id, current_settings())
+        outcome = run(job_id, current_settings())
+        if outcome == "shutdown":
+            raise Reject("worker shutting down", requeue=True)
+        return outcome
 
     return app
 

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 POLL_SECONDS = 0.5
 
 _stores: dict[tuple[int, str], Store] = {}
+_shutting_down = threading.Event()  # set by SIGTERM in the pool process
 
 
 def get_store(settings: Settings) -> Store:
@@ -56,6 +57,11 @@ def model_id_for(job_id: str) -> str:
 
 def run_job(job_id: str, settings: Settings, store: Store | None = None) -> str:
     """Claim ``job_id`` and run one attempt. Returns how it ended (for the worker's log)."""
+    if _shutting_down.is_set():
+        # This pool process was told to stop while running a job; Celery may still hand it a message
+        # before it exits. The task gives that message back to the broker for another worker.
+        log.info("job %s: worker shutting down; not starting it", job_id)
+        return "shutdown"
     store = store or get_store(settings)
     owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
     job = store.claim(job_id, owner, settings.lease_seconds, max_attempts=settings.max_attempts)
@@ -85,7 +91,6 @@ class Attempt:
         self._beat_sent = time.monotonic()
         self._progress_sent = 0.0
         self._progress_mtime: float | None = None
-        self.shutting_down = False
 
     def run(self) -> str:
         # Celery resets SIGTERM to "die" in its pool process; a worker being stopped (``ldd up``
@@ -100,7 +105,7 @@ class Attempt:
                 signal.signal(signal.SIGTERM, previous)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self.shutting_down = True
+        _shutting_down.set()
 
     def _run_guarded(self) -> str:
         try:
@@ -178,7 +183,7 @@ class Attempt:
                 state = "unknown"
             if state in ("cancel", "lost"):
                 raise Lost(state)
-            if self.shutting_down:
+            if _shutting_down.is_set():
                 raise Lost("shutdown")
             if state == "ok":
                 self.last_ok = now
