@@ -7,6 +7,7 @@ it needs from them.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -21,6 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from worker.queue import enqueue
+from worker.settings import Settings
+from worker.store import TERMINAL_STATES, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get("LDD_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -189,3 +194,97 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+# -- the worker service as the lifecycle tests use it -------------------------------------------------
+
+IMAGE_SIZE = (128, 96)
+
+
+def train_spec(dataset: str, epochs: int = 3, **schedule: Any) -> dict[str, Any]:
+    return {
+        "kind": "train", "name": "tiny", "dataset": dataset, "student": {"arch": "gfl_tiny"},
+        "schedule": {"epochs": epochs, "batch_size": 4, "image_size": list(IMAGE_SIZE), "num_workers": 0,
+                     "warmup_iters": 2, "lr": 0.01, **schedule},
+        "seed": 0,
+    }  # fmt: skip
+
+
+class Service:
+    """A data folder, a store and a broker shared by the worker processes a test starts."""
+
+    def __init__(self, tmp: Path, broker_url: str, dataset_dir: Path, **env: str):
+        self.tmp = tmp
+        self.env = {
+            "LDD_DATA_DIR": str(tmp / "ldd"), "LDD_BROKER_URL": broker_url, "LDD_LEASE_SECONDS": "3",
+            "LDD_HEARTBEAT_SECONDS": "0.5", "LDD_PROGRESS_SECONDS": "0.5", "LDD_RECOVER_SECONDS": "1",
+            "LDD_KILL_GRACE_SECONDS": "3", "LDD_MAX_ATTEMPTS": "3", **env,
+        }  # fmt: skip
+        self.settings = Settings.from_env(self.env)
+        self.settings.make_dirs()
+        self.store = Store(self.settings.store_url)
+        self.store.add_dataset("ds_syn", "synthetic", str(dataset_dir), ["0", "1"], 20, 0, {}, [])
+        self.workers: list[WorkerProcess] = []
+
+    def start_worker(self) -> WorkerProcess:
+        w = WorkerProcess(self.env, self.tmp / f"worker{len(self.workers)}.log").start()
+        self.workers.append(w)
+        return w
+
+    def submit(self, spec: dict[str, Any]) -> str:
+        job, _ = self.store.create_job(spec)
+        enqueue(job["id"], self.settings)
+        return job["id"]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        job = self.store.get_job(job_id)
+        assert job is not None
+        return job
+
+    def wait_end(self, job_id: str, timeout: float) -> dict[str, Any]:
+        try:
+            wait_for(lambda: self.job(job_id)["state"] in TERMINAL_STATES, timeout, f"job {job_id} to end", 0.2)
+        except TimeoutError:
+            raise AssertionError(f"{self.job(job_id)}\n{self.logs()}") from None
+        return self.job(job_id)
+
+    def progress_lines(self, job_id: str) -> list[dict[str, Any]]:
+        path = self.settings.run_dir(job_id) / "progress.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def wait_training(self, job_id: str, min_iter: int, timeout: float = 60) -> dict[str, Any]:
+        """Until the job's training child has reported at least ``min_iter`` iterations."""
+
+        def progressed() -> dict[str, Any] | None:
+            path = self.settings.run_dir(job_id) / "progress.json"
+            try:
+                p = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return None
+            return p if p.get("phase") == "train" and p.get("iter", 0) >= min_iter else None
+
+        try:
+            return wait_for(progressed, timeout, f"job {job_id} to train {min_iter} iterations", 0.05)
+        except TimeoutError:
+            raise AssertionError(f"{self.job(job_id)}\n{self.logs()}") from None
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {w.log.name}\n{w.log_tail()}" for w in self.workers)
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.kill_all()
+        self.store.close()
+
+
+def training_children(worker: WorkerProcess) -> list[int]:
+    """Pids of the ``python -m distill train`` processes under a worker."""
+    out = []
+    for pid in descendants(worker.pid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"distill" in cmd and b"train" in cmd:
+            out.append(pid)
+    return out
