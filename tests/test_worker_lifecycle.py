@@ -164,18 +164,29 @@ def test_max_attempts_exceeded(service: Service):
     assert service.store.list_models() == []
 
 
-def test_training_failure_fails_with_the_childs_reason(service: Service):
-    """A job the training program refuses (here: annotations that are not COCO) fails at once with the
-    program's own message from error.json, without retries."""
-    bad = service.tmp / "bad_dataset"
-    bad.mkdir()
-    (bad / "annotations.json").write_text('{"images": "not a list"')
-    service.store.add_dataset("ds_bad", "bad", str(bad), ["a"], 1, 1, {}, [])
+def test_training_failure_fails_with_the_childs_reason(service: Service, tmp_path):
+    """A job the training program refuses (a teacher with other classes than the student) fails at once
+    with the program's own message from error.json, without retries. A teacher whose facts the store
+    knows is refused by the worker itself, before any child starts."""
+    from distill.checkpoint import atomic_save, build_detector, detector_state
+
+    teacher = tmp_path / "teacher.pt"
+    atomic_save(detector_state(build_detector("gfl_tiny", 3, ["0", "1", "2"])), teacher)
+    service.store.add_checkpoint("ck_unknown", str(teacher), {}, "facts unknown to the store")
+    service.store.add_checkpoint("ck_known", str(teacher), {"num_classes": 3, "reg_max": 16}, "facts known")
+    distill = {**train_spec("ds_syn", epochs=1), "kind": "distill"}
+
     service.start_worker()
-    job = service.wait_end(service.submit(train_spec("ds_bad", epochs=1)), timeout=60)
+    refused = service.submit({**distill, "teacher": {"checkpoint": "ck_known"}})
+    failed = service.submit({**distill, "teacher": {"checkpoint": "ck_unknown"}})
+    job = service.wait_end(refused, timeout=30)
+    assert job["state"] == "failed" and job["error"].startswith("teacher does not match the student: 3 classes")
+    assert not (service.settings.run_dir(refused) / "train.log").exists()  # no training child ran
+
+    job = service.wait_end(failed, timeout=90)
     assert job["state"] == "failed" and job["attempts"] == 1, job
-    error = json.loads((service.settings.run_dir(job["id"]) / "error.json").read_text())["error"]
-    assert job["error"] == error and "annotations.json" in error
+    error = json.loads((service.settings.run_dir(failed) / "error.json").read_text())["error"]
+    assert job["error"] == error and "classes" in error
 
 
 def test_worker_stop_gives_the_job_back(service: Service):
