@@ -11,7 +11,8 @@ Rows, all on the same PNG images of the benchmark size:
   multipart to a real uvicorn server (``uvicorn --factory api.app:create_app``) serving the same model,
   whose micro-batcher merges concurrent requests into one session call.
 
-Latency = per request (median, p90, p99); throughput = requests / wall time. The HTTP overhead is
+Latency = per request (median, p90, p99); throughput = requests / wall time. The rows are measured in
+``--repeat`` interleaved rounds so that load from other processes falls on all of them alike. The HTTP overhead is
 ``/detect c1`` minus ``session`` as a share of ``/detect c1`` (DESIGN section 7: under 20% at the
 benchmark's image size). Without ``--model-dir`` an untrained model is exported whose classification
 bias is shifted so that hundreds of candidates pass the score threshold, as with a trained one, so NMS
@@ -144,6 +145,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--requests", type=int, default=48, help="HTTP requests per concurrency level")
     p.add_argument("--rounds", type=int, default=48, help="calls per bare row")
+    p.add_argument("--repeat", type=int, default=3, help="interleaved rounds over all rows")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     args = p.parse_args()
     size = (args.size[0], args.size[1])
@@ -161,47 +163,59 @@ def main() -> None:
         predictor = Predictor(model_dir)
         meta = predictor.meta
 
-        rows = []
-        # Bare rows first (the server is not started yet: nothing else competes for the cores).
         prepared = [prepare_batch(predictor.load([im]), predictor.input_size)[:2] for im in images]
         for im in images[:2]:
             predictor.predict([im])
-        lat, wall = time_calls(lambda b: predictor.run(*b), prepared, args.rounds)
-        rows.append(summarize("session (bare ORT call, prepared batch of 1)", lat, wall, args.rounds))
-        lat, wall = time_calls(lambda im: predictor.predict([im]), images, args.rounds)
-        rows.append(summarize("Predictor.predict (decode + preprocess + session + map back)", lat, wall,
-                              args.rounds))  # fmt: skip
-        for n in sorted({c for c in args.clients if c > 1}):
-            groups = [[images[(i + k) % len(images)] for k in range(n)] for i in range(len(images))]
-            calls = max(3, args.rounds // n)
-            lat, wall = time_calls(lambda g: predictor.predict(g), groups, calls)
-            r = summarize(f"Predictor.predict x{n} (one call for {n} images)", [x / n for x in lat], wall, calls * n,
-                          note="latency per image = call / batch")  # fmt: skip
-            rows.append(r)
+        batches = sorted({c for c in args.clients if c > 1})
+        groups = {n: [[images[(i + k) % len(images)] for k in range(n)] for i in range(len(images))] for n in batches}
 
-        # The same model behind the real server.
         port = _free_port()
-        env = {**os.environ, "LDD_DATA_DIR": str(work / "data"), "PYTHONPATH": str(ROOT)}
-        env.pop("LDD_BROKER_URL", None)
-        env.pop("LDD_STORE_URL", None)
-        env.pop("LDD_API_KEYS", None)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LDD_")}
+        env.update({"LDD_DATA_DIR": str(work / "data"), "PYTHONPATH": str(ROOT)})
         with open(work / "api.log", "wb") as log:
             server = subprocess.Popen(api_command("127.0.0.1", port), cwd=ROOT, env=env, stdout=log,
                                       stderr=subprocess.STDOUT)  # fmt: skip
         url = f"http://127.0.0.1:{port}"
+        # Every row gets a share of every round, so load from other processes (this machine is shared)
+        # drifts over all rows alike instead of favouring whichever ran first.
+        acc: dict[str, dict[str, Any]] = {}
+
+        def add(name: str, lat: list[float], wall: float, n: int, note: str = "", batch: tuple = (0, 0)) -> None:
+            a = acc.setdefault(name, {"lat": [], "wall": 0.0, "n": 0, "note": note, "batch": [0.0, 0.0]})
+            a["lat"] += lat
+            a["wall"] += wall
+            a["n"] += n
+            a["batch"][0] += batch[0]
+            a["batch"][1] += batch[1]
+
         try:
             _wait(url)
             _register(work / "data", model_dir, meta)
-            for c in args.clients:
-                s0, n0 = batch_sizes(url)
-                lat, wall, dets = http_clients(url, images, c, args.requests)
-                s1, n1 = batch_sizes(url)
-                mean_batch = (s1 - s0) / max(1.0, n1 - n0)
-                rows.append(summarize(f"/detect, {c} concurrent client(s)", lat, wall, len(lat),
-                                      note=f"mean images per session call {mean_batch:.1f}"))  # fmt: skip
+            per_round = max(1, args.rounds // args.repeat)
+            for _ in range(args.repeat):
+                lat, wall = time_calls(lambda b: predictor.run(*b), prepared, per_round)
+                add("session (bare ORT call, prepared batch of 1)", lat, wall, per_round)
+                lat, wall = time_calls(lambda im: predictor.predict([im]), images, per_round)
+                add("Predictor.predict (decode + preprocess + session + map back)", lat, wall, per_round)
+                for n in batches:
+                    calls = max(1, per_round // n)
+                    lat, wall = time_calls(lambda g: predictor.predict(g), groups[n], calls)
+                    add(f"Predictor.predict x{n} (one call for {n} images)", [x / n for x in lat], wall, calls * n,
+                        note="latency per image = call / batch")  # fmt: skip
+                for c in args.clients:
+                    s0, n0 = batch_sizes(url)
+                    lat, wall, _ = http_clients(url, images, c, max(c, args.requests // args.repeat))
+                    s1, n1 = batch_sizes(url)
+                    add(f"/detect, {c} concurrent client(s)", lat, wall, len(lat), batch=(s1 - s0, n1 - n0))
         finally:
             server.terminate()
             server.wait(20)
+        rows = []
+        for name, a in acc.items():
+            note = a["note"]
+            if a["batch"][1]:
+                note = f"mean images per session call {a['batch'][0] / a['batch'][1]:.1f}"
+            rows.append(summarize(name, a["lat"], a["wall"], a["n"], note=note))
 
     session_ms = rows[0]["median_ms"]
     detect1 = next(r for r in rows if r["row"].startswith("/detect, 1 "))
