@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+import onnxscript.optimizer
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch import Tensor, nn
@@ -183,14 +184,24 @@ def export_onnx(model: GFL, path: str | os.PathLike, *, fp16: bool = False, opse
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            wrapper, (images, sizes), dynamo=True, opset_version=opset, external_data=False,
+            wrapper, (images, sizes), dynamo=True, opset_version=opset,
             input_names=["images", "image_sizes"], output_names=["boxes", "scores", "labels", "num_detections"],
             dynamic_shapes=({0: batch, 2: height, 3: width}, {0: batch}),
             custom_translation_table={torch.ops.ldd.class_nms_keep.default: _class_nms_keep_onnx},
             verbose=False,
+            # The exporter's optimiser de-duplicates initializers that happen to be equal and drops ops
+            # such as a multiplication by 1, so the graph's structure would depend on the weights' values
+            # (a fresh model, all of whose level scales are 1, came out with fewer nodes). Only constant
+            # folding and dead-node removal are applied, which look at what is constant, not its value:
+            # two checkpoints of one architecture give graphs identical in structure.
+            optimize=False,
         )
-    program.save(str(path))
-    proto = onnx.load(str(path))
+    proto = program.model_proto
+    onnxscript.optimizer.fold_constants(proto)
+    onnxscript.optimizer.remove_unused_nodes(proto)
+    for node in proto.graph.node:  # the exporter's debug notes (FX node text, module stacks): unused
+        del node.metadata_props[:]
+    onnx.save(proto, str(path))
     try:
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:

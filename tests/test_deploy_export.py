@@ -20,7 +20,15 @@ import pytest
 import torch
 from PIL import Image
 
-from deploy.export import ExportError, compare_detections, export_model, sample_images, verify_onnx
+from deploy.export import (
+    ExportError,
+    compare_detections,
+    export_model,
+    export_onnx,
+    graph_stats,
+    sample_images,
+    verify_onnx,
+)
 from deploy.registry import ModelIntegrityError, Registry
 from deploy.runtime import ImageError, Predictor, prepare_batch
 from distill.checkpoint import build_detector, detector_state, load_detector
@@ -49,8 +57,15 @@ def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deploy")
     ckpt = tmp / "tiny.pt"
     torch.save(detector_state(tiny_detector(), {"input_size": list(INPUT_SIZE), "metrics": {"AP": 0.123}}), ckpt)
+    (tmp / "meta.json").write_text(json.dumps({"source_job": "job_test"}))
     out = tmp / "model"
-    info = export_model(ckpt, out, extra_meta={"source_job": "job_test"})
+    # Through the command line, as a user (or the worker) runs it.
+    run = subprocess.run([sys.executable, "-m", "deploy", "export", str(ckpt), str(out), "--meta",
+                          str(tmp / "meta.json")], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout)
+    info = json.loads((out / "model.json").read_text())
+    assert summary["sha256"] == info["sha256"] and summary["verified_detections"] > 0
     return {"ckpt": ckpt, "dir": out, "info": info, "model": load_detector(ckpt)}
 
 
@@ -63,7 +78,6 @@ def _torch_dets(model, batch, sizes):
 def test_export_writes_a_checked_described_model(exported):
     info, folder = exported["info"], exported["dir"]
     assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx"]  # no temporary left over
-    assert json.loads((folder / "model.json").read_text()) == info
     proto = onnx.load(str(folder / "model.onnx"))
     onnx.checker.check_model(proto, full_check=True)
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
@@ -201,6 +215,18 @@ def test_cli_predict_and_draw_without_torch(exported, tmp_path):
 
 
 @pytest.mark.slow
+def test_graph_structure_does_not_depend_on_the_weights(exported, tmp_path):
+    """A distilled student must export to the same graph as an undistilled one: a fresh model (every level
+    scale 1, every norm weight 1, every bias 0, so many equal initializers) against the perturbed one."""
+    fresh = build_detector("gfl_tiny", num_classes=3, classes=CLASSES).eval()
+    fresh_proto = export_onnx(fresh, tmp_path / "fresh.onnx")
+    ours = onnx.load(str(exported["dir"] / "model.onnx"))
+    assert graph_stats(fresh_proto) == graph_stats(ours) == exported["info"]["graph"]
+    assert [n.op_type for n in fresh_proto.graph.node] == [n.op_type for n in ours.graph.node]
+    assert [tuple(t.dims) for t in fresh_proto.graph.initializer] == [tuple(t.dims) for t in ours.graph.initializer]
+
+
+@pytest.mark.slow
 def test_fp16_export_runs_and_agrees(exported, tmp_path):
     info = export_model(exported["ckpt"], tmp_path / "fp16", fp16=True)
     proto = onnx.load(str(tmp_path / "fp16" / "model.onnx"))
@@ -210,20 +236,3 @@ def test_fp16_export_runs_and_agrees(exported, tmp_path):
     assert info["export"]["verification"]["detections"] > 50
     dets = Predictor(tmp_path / "fp16").predict(sample_images()[:1])[0]
     assert len(dets) > 0
-
-
-@pytest.mark.slow
-def test_cli_exports_an_mmdetection_checkpoint(tmp_path):
-    fixtures = Path("/work/shared/fixtures")
-    if not fixtures.exists():
-        fixtures = ROOT.parent / "shared" / "fixtures"
-    ckpt = fixtures / "mmdet_gfl_r18_c64.pth"
-    if not ckpt.exists():
-        pytest.skip("mmdetection fixture not present")
-    out = subprocess.run([sys.executable, "-m", "deploy", "export", str(ckpt), str(tmp_path / "mm")],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    summary = json.loads(out.stdout)
-    info = json.loads((tmp_path / "mm" / "model.json").read_text())
-    assert summary["sha256"] == info["sha256"] and info["num_classes"] == 3
-    assert info["input_size"] == [1333, 800]  # an mmdetection checkpoint carries none: the default
