@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -636,3 +637,32 @@ def test_schemathesis_finds_no_server_errors(
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert re.search(r"(\d+) generated, \1 passed", out.stdout), out.stdout[-3000:]
     assert_healthy(http)
+
+
+# --------------------------------------------------------------------------------------------------
+# Last in this module: it publishes a damaged model, which is then the newest one (readyz says so).
+
+
+def test_tampered_model_is_refused(server: ApiServer, http: httpx.Client, model: dict[str, Any]) -> None:
+    from worker.store import Store
+
+    models: Path = server.data_dir / "models"  # type: ignore[attr-defined]
+    shutil.copytree(models / "mdl_test", models / "mdl_tampered")
+    onnx = models / "mdl_tampered" / "model.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    store = Store(server.store_url)  # type: ignore[attr-defined]
+    try:
+        meta = json.loads((models / "mdl_tampered" / "model.json").read_text())
+        store.add_model("mdl_tampered", None, str(models / "mdl_tampered"), {**meta, "id": "mdl_tampered"})
+    finally:
+        store.close()
+    r = http.post("/v1/models/mdl_tampered/detect", files={"file": ("a.png", png_bytes(), "image/png")})
+    assert r.status_code == 503, r.text
+    assert error_of(r)["code"] == "model_unavailable" and "sha256" in error_of(r)["message"]
+    ready = http.get("/readyz")
+    assert ready.status_code == 503 and "mdl_tampered" in ready.json()["checks"]["model"]
+    # The intact model still answers.
+    ok = http.post("/v1/models/mdl_test/detect", files={"file": ("a.png", png_bytes(), "image/png")})
+    assert ok.status_code == 200
