@@ -11,10 +11,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # name -> (backbone depth, backbone base width, FPN/head channels, stacked convs).
-# ``gfl_tiny`` is a narrow ResNet-18 layout for tests and CPU demos; the rest are torchvision ResNets
-# with the paper's 256-channel FPN and 4 stacked convs.
+# ``gfl_tiny`` is a narrow ResNet-18 layout for tests and CPU demos, ``gfl_small`` (4x its parameters) a CPU
+# teacher for it; the rest are torchvision ResNets with the paper's 256-channel FPN and 4 stacked convs.
 ARCHITECTURES: dict[str, tuple[int, int, int, int]] = {
     "gfl_tiny": (18, 16, 32, 2),
+    "gfl_small": (18, 32, 64, 4),
     "gfl_r18": (18, 64, 256, 4),
     "gfl_r34": (34, 64, 256, 4),
     "gfl_r50": (50, 64, 256, 4),
