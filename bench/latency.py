@@ -196,6 +196,7 @@ def main() -> None:
         if args.fp16:
             rows[f"student fp16, {ort_label}"] = ort_row("student_fp16")
 
+        load_before = os.getloadavg()
         times: dict[str, dict[int, list[float]]] = {r: {b: [] for b in args.batches} for r in rows}
         for b in args.batches:
             calls = {r: make(b) for r, make in rows.items()}
@@ -214,6 +215,8 @@ def main() -> None:
         results: dict[str, Any] = {
             "device": args.device, "machine": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "threads": args.threads or torch.get_num_threads(),
+            # Other processes' load (1-minute average) before and after timing: read the numbers with it.
+            "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
             "torch": torch.__version__, "onnxruntime": ort.__version__, "providers": providers,
             "input_size": list(input_size), "image_size": [640, 480], "rounds": args.rounds,
             "checkpoints": {k: str(given[k]) if given[k] else f"untrained {exports[k]['arch']}" for k in ckpts},
@@ -261,7 +264,9 @@ def markdown(res: dict[str, Any]) -> str:
         f"`python bench/latency.py{' --device cuda' if res['device'] == 'cuda' else ''}`: "
         f"{res['cpu_count']} CPU cores, {res['threads']} threads, torch {res['torch']}, "
         f"onnxruntime {res['onnxruntime']} ({', '.join(res['providers'])})"
-        + (f", GPU {res['gpu']}" if res.get("gpu") else "") + ".",
+        + (f", GPU {res['gpu']}" if res.get("gpu") else "")
+        + (f"; 1-minute load average {res['load_average'][0]} before timing, {res['load_average'][1]} after"
+           if res.get("load_average") else "") + ".",
         f"Synthetic-set pictures of 640x480 resized to fit {res['input_size'][0]}x{res['input_size'][1]} (keep ratio, "
         f"padded to 32); post-processing (top-k, NMS) included in every row; {res['rounds']} interleaved rounds "
         "after warm-up. Checkpoints: " + ", ".join(f"{k} = {v}" for k, v in res["checkpoints"].items()) + ".",

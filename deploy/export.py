@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from deploy.registry import build_model_json, write_model_json
-from deploy.runtime import prepare_batch
+from deploy.runtime import load_image, prepare_batch
 from distill.checkpoint import checkpoint_meta, load_detector
 from distill.data.annotations import MEAN, STD
 from distill.models.gfl import GFL
@@ -86,14 +86,17 @@ def class_nms_keep(
 
 
 @class_nms_keep.register_fake
-def _(boxes, scores, labels, num_classes, iou_threshold, score_threshold, max_per_class):  # noqa: ANN001
+def _(boxes: Tensor, scores: Tensor, labels: Tensor, num_classes: int, iou_threshold: float,
+      score_threshold: float, max_per_class: int) -> Tensor:
     return torch.empty_like(scores)
 
 
-def _class_nms_keep_onnx(boxes, scores, labels, num_classes: int, iou_threshold: float,  # noqa: ANN001
+def _class_nms_keep_onnx(boxes, scores, labels, num_classes: int, iou_threshold: float,  # onnxscript values
                          score_threshold: float, max_per_class: int):
     """The ONNX translation: per-class score planes ``(N, C, M)`` (a candidate scores only in its own
-    class), ``NonMaxSuppression`` -> ``(S, 3)`` [batch, class, candidate], scattered into a keep mask."""
+    class), ``NonMaxSuppression`` -> ``(S, 3)`` [batch, class, candidate], scattered into a keep mask.
+    NonMaxSuppression reads boxes as [y1, x1, y2, x2]; IoU is the same with x and y swapped, so x1y1x2y2
+    goes in unchanged."""
     from onnxscript import opset18 as op
 
     classes = op.Constant(value=onnx.numpy_helper.from_array(np.arange(num_classes, dtype=np.int64)[None, :, None]))
@@ -345,7 +348,8 @@ def export_model(
 
     The graph is checked with ``onnx.checker`` and then verified in ONNX Runtime against the PyTorch
     detector on ``samples`` (default: ``sample_images()``); any mismatch raises ``ExportError`` and leaves
-    ``out_dir`` without a model. ``extra_meta`` (source job, metrics, name, ...) is merged into model.json.
+    ``out_dir`` as it was (the graph is built in a hidden folder inside it and moved in once verified).
+    ``extra_meta`` (source job, metrics, name, ...) is merged into model.json.
     Returns the model.json dict.
     """
     start = time.perf_counter()
@@ -357,14 +361,15 @@ def export_model(
     for key, ours in (("mean", MEAN), ("std", STD)):
         if key in meta and not np.allclose(meta[key], ours):
             raise ExportError(f"checkpoint was trained with {key} {meta[key]}, the runtime normalises with {ours}")
-    images = [im if isinstance(im, Image.Image) else Image.open(im) for im in (samples or sample_images())]
+    images = [load_image(im if isinstance(im, Image.Image) else Path(im).read_bytes(), name=str(im))
+              for im in (samples or sample_images())]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # Build in a private folder beside out_dir and move the files in only once verified.
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
         tmp_onnx = Path(tmp) / "model.onnx"
         proto = export_onnx(model, tmp_onnx, fp16=fp16, opset=opset)
-        verification = verify_onnx(tmp_onnx, load_detector(checkpoint_path), images, input_size, fp16=fp16)
+        verification = verify_onnx(tmp_onnx, model, images, input_size, fp16=fp16)  # fp16 export copied it
         info = build_model_json(
             tmp_onnx,
             arch=model.arch or "custom",
@@ -386,12 +391,5 @@ def export_model(
     return info
 
 
-def onnx_bytes(model: GFL, **kwargs: Any) -> bytes:
-    """The exported graph as bytes (for benchmarks that want no files)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        export_onnx(model, Path(tmp) / "m.onnx", **kwargs)
-        return (Path(tmp) / "m.onnx").read_bytes()
-
-
 __all__ = ["DetectorWithPostprocess", "ExportError", "class_nms_keep", "compare_detections", "export_model",
-           "export_onnx", "graph_stats", "onnx_bytes", "sample_images", "verify_onnx"]
+           "export_onnx", "graph_stats", "sample_images", "verify_onnx"]
