@@ -12,4 +12,4 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   for _ in $(seq 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 ruff check .
-exec python -m pytest -q --timeout 600 "$@"
+exec python -m pytest -q --timeout 600 --durations=15 "$@"
