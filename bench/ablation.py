@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -40,11 +41,6 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RACCOON = Path(os.environ.get("LDD_RACCOON", Path(__file__).resolve().parents[1].parent / "shared/data/raccoon-voc"))
-# A teacher between gfl_tiny and gfl_r18: ResNet-18 layout at half width, 64-channel FPN/head, 4 stacked
-# convs (4x the student's parameters). gfl_r18's forward pass alone costs 5x a tiny student step on this
-# CPU, which would leave no time to train students. (depth, base width, channels, stacked convs)
-TEACHER_ARCH = ("gfl_small", (18, 32, 64, 4))
-
 ROWS: dict[str, tuple[str, dict[str, Any] | None]] = {
     # row: (name, changes to the default DistillSpec; None = trained alone)
     "a": ("student alone", None),
@@ -63,15 +59,24 @@ class Plan:
     rows: str = "abcdef"
     seeds: int = 3
     student_arch: str = "gfl_tiny"
-    teacher_arch: str = TEACHER_ARCH[0]
+    # ResNet-18 layout at half width, 64-channel FPN/head, 4 stacked convs: 4x the student's parameters.
+    # gfl_r18's forward pass alone costs 5x a tiny student step on this CPU: no time would be left for students.
+    teacher_arch: str = "gfl_small"
+    # The synthetic set's regime: single-class digit detection with objects of 20-64 px, where a 4x bigger
+    # teacher trained for 12 epochs reaches about AP 0.5 and the student after 3 epochs about AP 0.15 (a
+    # gap for distillation to close) within the CPU budget. With 10 classes neither learns enough in the
+    # time (teacher AP 0.05 at this size).
     image_size: tuple[int, int] = (160, 128)
     num_train: int = 480
     num_val: int = 96
-    batch: int = 8
-    epochs: int = 2
+    num_classes: int = 1  # synthetic: digits 0..num_classes-1
+    object_size: tuple[int, int] = (20, 64)  # synthetic: digit height range in pixels
+    max_objects: int = 4
+    batch: int = 4
+    epochs: int = 3
     lr: float = 0.02
-    warmup_iters: int = 30
-    teacher_epochs: int = 8
+    warmup_iters: int = 50
+    teacher_epochs: int = 12
     teacher_lr: float = 0.02
     distill: dict[str, Any] = field(default_factory=dict)  # job-level changes to DistillSpec (tuning)
     jobs: int = 1
@@ -79,17 +84,10 @@ class Plan:
     device: str = "cpu"
 
 
-def _register_teacher_arch() -> None:
-    from distill.spec import ARCHITECTURES
-
-    ARCHITECTURES.setdefault(*TEACHER_ARCH)
-
-
 def _worker_init(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    _register_teacher_arch()
 
 
 def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -137,10 +135,12 @@ def prepare_data(plan: Plan, work: Path) -> Path:
         return out
     from distill.data.synthetic import make_synthetic
 
-    w, h = plan.image_size
-    scale = min(w, h) / 256  # the generator's default digit sizes are for 320x256 images
-    return make_synthetic(work / "synthetic", num_train=plan.num_train, num_val=plan.num_val, image_size=(w, h),
-                          min_size=max(8, round(16 * scale)), max_size=round(120 * scale), seed=0)
+    name = f"synthetic-{plan.image_size[0]}x{plan.image_size[1]}-{plan.num_train}-{plan.num_val}-c{plan.num_classes}" \
+        f"-s{plan.object_size[0]}-{plan.object_size[1]}-o{plan.max_objects}"
+    return make_synthetic(work / name, num_train=plan.num_train, num_val=plan.num_val,
+                          image_size=tuple(plan.image_size), num_classes=plan.num_classes,
+                          min_size=plan.object_size[0], max_size=plan.object_size[1],
+                          max_objects=plan.max_objects, seed=0)
 
 
 def summarise(plan: Plan, runs: dict[str, list[dict]], teacher: dict, wall_s: float) -> dict[str, Any]:
@@ -186,13 +186,18 @@ def markdown(summary: dict[str, Any]) -> str:
     plan, rows, teacher = summary["plan"], summary["rows"], summary["teacher"]
     d = summary["defaults"]
     name = "raccoon-voc (train split; evaluated on the test split)" if plan["dataset"] == "raccoon" \
-        else f"synthetic digits ({plan['num_train']} train / {plan['num_val']} val images)"
+        else (f"synthetic digits ({plan['num_train']} train / {plan['num_val']} val images, {plan['num_classes']} "
+              f"class(es), digits {plan['object_size'][0]}-{plan['object_size'][1]} px, 1-{plan['max_objects']} "
+              "per image)")
     lines = [
         f"# LD ablation on {name}",
         "",
         f"Student `{plan['student_arch']}`, teacher `{plan['teacher_arch']}` (AP {teacher['bbox']['AP']:.3f}, "
-        f"AP50 {teacher['bbox']['AP50']:.3f}, AP75 {teacher['bbox']['AP75']:.3f}; trained once, "
-        f"{plan['teacher_epochs']} epochs). Images {plan['image_size'][0]}x{plan['image_size'][1]}, batch "
+        f"AP50 {teacher['bbox']['AP50']:.3f}, AP75 {teacher['bbox']['AP75']:.3f}; "
+        + (f"reused from {teacher['reused_from']}" if teacher.get("reused_from") else
+           f"trained once in this run, {plan['teacher_epochs']} epochs at lr {plan['teacher_lr']}, "
+           f"{teacher.get('wall_s', '?')} s")
+        + f"). Images {plan['image_size'][0]}x{plan['image_size'][1]}, batch "
         f"{plan['batch']}, student {plan['epochs']} epochs at lr {plan['lr']}; {plan['seeds']} seeds; "
         f"tau {d['tau']}, gamma {d['gamma']}, kd_tau {d['kd_tau']}; weights main_ld {d['weights']['main_ld']}, "
         f"vlr_ld {d['weights']['vlr_ld']}, main_kd {d['weights']['main_kd']}, tbr {d['weights']['tbr']}"
@@ -267,12 +272,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("W", "H"))
     parser.add_argument("--train", type=int, default=None, help="synthetic training images")
     parser.add_argument("--val", type=int, default=None, help="synthetic validation images")
+    parser.add_argument("--classes", type=int, default=None, help="synthetic classes (digits 0..N-1)")
+    parser.add_argument("--object-size", type=int, nargs=2, default=None, metavar=("MIN", "MAX"))
+    parser.add_argument("--max-objects", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--teacher-arch", default=None)
+    parser.add_argument("--teacher-lr", type=float, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--teacher-epochs", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--distill", default=None, help="JSON changes to DistillSpec for every distilled row")
     parser.add_argument("--teacher", type=Path, default=None, help="reuse this teacher checkpoint")
-    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one per core)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
@@ -282,16 +294,20 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = Plan(dataset=args.dataset, jobs=args.jobs, threads=args.threads, device=args.device)
     if args.dataset == "raccoon":
-        plan.rows, plan.image_size, plan.epochs, plan.teacher_epochs = "ae", (224, 160), 12, 40
+        plan.rows, plan.image_size, plan.epochs, plan.teacher_epochs = "ae", (192, 144), 12, 30
     if args.quick:
         plan.seeds, plan.num_train, plan.num_val, plan.epochs, plan.teacher_epochs = 2, 32, 16, 1, 1
     for name, value in (("rows", args.rows), ("seeds", args.seeds), ("num_train", args.train),
                         ("num_val", args.val), ("epochs", args.epochs), ("teacher_epochs", args.teacher_epochs),
-                        ("lr", args.lr)):
+                        ("lr", args.lr), ("num_classes", args.classes), ("max_objects", args.max_objects),
+                        ("batch", args.batch), ("warmup_iters", args.warmup), ("teacher_arch", args.teacher_arch),
+                        ("teacher_lr", args.teacher_lr)):
         if value is not None:
             setattr(plan, name, value)
     if args.size:
         plan.image_size = tuple(args.size)
+    if args.object_size:
+        plan.object_size = tuple(args.object_size)
     if args.distill:
         plan.distill = json.loads(args.distill)
     out_name = args.out or ("ablation_raccoon" if args.dataset == "raccoon" else "ablation")
@@ -300,21 +316,33 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="ld-ablation-"))
     work.mkdir(parents=True, exist_ok=True)
     data_dir = prepare_data(plan, work)
-    print(f"data: {data_dir}; work: {work}", flush=True)
+    runs_dir = work / out_name
+    if runs_dir.exists():  # the training loop resumes from what it finds: start these runs afresh
+        shutil.rmtree(runs_dir)
+    print(f"data: {data_dir}; runs: {runs_dir}", flush=True)
 
     ctx = get_context("spawn")  # fresh interpreters: no torch thread pools or OpenMP state copied by fork
     with ProcessPoolExecutor(plan.jobs, mp_context=ctx, initializer=_worker_init, initargs=(plan.threads,)) as pool:
-        if args.teacher:
+        def submit(row: str, seed: int, teacher_path: Path | None) -> Any:
+            return pool.submit(run_job, job_spec(plan, data_dir, row, seed, teacher_path),
+                               str(runs_dir / f"{row}-seed{seed}"), plan.device)
+
+        teacher_future = None
+        if not args.teacher:  # first in the queue: everything else but the rows trained alone waits for it
+            teacher_future = pool.submit(run_job, job_spec(plan, data_dir, None, 0, None), str(runs_dir / "teacher"),
+                                         plan.device)
+        futures = {(row, seed): submit(row, seed, None)
+                   for seed in range(plan.seeds) for row in plan.rows if ROWS[row][1] is None}
+        if teacher_future is None:
             teacher_path = args.teacher
             teacher = json.loads((teacher_path.parent / "metrics.json").read_text())
+            teacher["reused_from"] = str(teacher_path)
         else:
-            teacher = pool.submit(run_job, job_spec(plan, data_dir, None, 0, None), str(work / "teacher"),
-                                  plan.device).result()
-            teacher_path = work / "teacher" / "model.pt"
+            teacher = teacher_future.result()
+            teacher_path = runs_dir / "teacher" / "model.pt"
         print(f"teacher: {teacher['bbox']} ({teacher.get('wall_s', '?')} s)", flush=True)
-        futures = {(row, seed): pool.submit(run_job, job_spec(plan, data_dir, row, seed, teacher_path),
-                                            str(work / f"{row}-seed{seed}"), plan.device)
-                   for seed in range(plan.seeds) for row in plan.rows}
+        futures.update({(row, seed): submit(row, seed, teacher_path)
+                        for seed in range(plan.seeds) for row in plan.rows if ROWS[row][1] is not None})
         runs: dict[str, list[dict]] = {row: [] for row in plan.rows}
         for (row, seed), fut in futures.items():
             result = fut.result()
