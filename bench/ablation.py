@@ -317,21 +317,21 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     data_dir = prepare_data(plan, work)
     runs_dir = work / out_name
-    if runs_dir.exists():  # the training loop resumes from what it finds: start these runs afresh
-        shutil.rmtree(runs_dir)
     print(f"data: {data_dir}; runs: {runs_dir}", flush=True)
 
     ctx = get_context("spawn")  # fresh interpreters: no torch thread pools or OpenMP state copied by fork
     with ProcessPoolExecutor(plan.jobs, mp_context=ctx, initializer=_worker_init, initargs=(plan.threads,)) as pool:
-        def submit(row: str, seed: int, teacher_path: Path | None) -> Any:
-            return pool.submit(run_job, job_spec(plan, data_dir, row, seed, teacher_path),
-                               str(runs_dir / f"{row}-seed{seed}"), plan.device)
+        def submit(spec: dict[str, Any], name: str) -> Any:
+            # A run folder left by an earlier invocation would be resumed (or refused, if its settings
+            # differ): every run here starts afresh. Only the folders this run writes are removed, so a
+            # reused --teacher inside this folder survives.
+            shutil.rmtree(runs_dir / name, ignore_errors=True)
+            return pool.submit(run_job, spec, str(runs_dir / name), plan.device)
 
         teacher_future = None
         if not args.teacher:  # first in the queue: everything else but the rows trained alone waits for it
-            teacher_future = pool.submit(run_job, job_spec(plan, data_dir, None, 0, None), str(runs_dir / "teacher"),
-                                         plan.device)
-        futures = {(row, seed): submit(row, seed, None)
+            teacher_future = submit(job_spec(plan, data_dir, None, 0, None), "teacher")
+        futures = {(row, seed): submit(job_spec(plan, data_dir, row, seed, None), f"{row}-seed{seed}")
                    for seed in range(plan.seeds) for row in plan.rows if ROWS[row][1] is None}
         if teacher_future is None:
             teacher_path = args.teacher
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             teacher = teacher_future.result()
             teacher_path = runs_dir / "teacher" / "model.pt"
         print(f"teacher: {teacher['bbox']} ({teacher.get('wall_s', '?')} s)", flush=True)
-        futures.update({(row, seed): submit(row, seed, teacher_path)
+        futures.update({(row, seed): submit(job_spec(plan, data_dir, row, seed, teacher_path), f"{row}-seed{seed}")
                         for seed in range(plan.seeds) for row in plan.rows if ROWS[row][1] is not None})
         runs: dict[str, list[dict]] = {row: [] for row in plan.rows}
         for (row, seed), fut in futures.items():

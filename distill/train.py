@@ -3,7 +3,8 @@ teacher (``kind: distill``), with exact resume from checkpoints, progress report
 
 Run layout (``out_dir``)::
 
-    checkpoints/last.pt   model + optimiser + position + RNG states (atomic; resumed from automatically)
+    checkpoints/last.pt   model + optimiser + position + RNG states + the run's fingerprint (atomic;
+                          resumed from automatically, but only by the same job: see ``run_fingerprint``)
     model.pt              the final detector (``distill.load_detector`` reads it)
     metrics.json          COCO metrics (+ distillation diagnostics)
     progress.json(l)      latest progress / its history; train.log: human-readable log
@@ -11,6 +12,7 @@ Run layout (``out_dir``)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -136,6 +138,7 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.params, lr=spec.schedule.base_lr, momentum=0.9, weight_decay=1e-4)
         self.iteration = 0
         self.resumed_from: int | None = None
+        self.fingerprint = run_fingerprint(spec, self.data.fingerprint())
         self._anchor_cache: dict[tuple, tuple[Tensor, Tensor, list[int], Tensor]] = {}
 
     # -- bookkeeping
@@ -162,6 +165,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         ckpt = detector_state(self.model, self.meta())
         ckpt["training"] = {
+            "fingerprint": self.fingerprint,
             "iteration": self.iteration,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": {"kind": "warmup+step", "iteration": self.iteration},  # lr is a function of iteration
@@ -175,8 +179,13 @@ class Trainer:
         if not path.exists():
             return
         ckpt = read_checkpoint(path)
-        self.model.load_state_dict(ckpt["state_dict"])
         training = ckpt["training"]
+        if (theirs := training.get("fingerprint")) is not None and theirs != self.fingerprint:
+            # Resuming another job's weights would silently mix two runs: refuse, and say what differs.
+            differs = ", ".join(_differences(theirs, self.fingerprint)) or "?"
+            raise TrainingError(f"{self.out} holds a checkpoint of a different run (differs in: {differs}); "
+                                f"use another output folder, or delete {path} to start this run afresh")
+        self.model.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(training["optimizer"])
         if self.adapters is not None and training.get("adapters") is not None:
             self.adapters.load_state_dict(training["adapters"])
@@ -311,6 +320,30 @@ class Trainer:
         self.report("done", {k: v for k, v in metrics["bbox"].items()})
         self.log(f"done: {metrics['bbox']}")
         return metrics
+
+
+def run_fingerprint(spec: JobSpec, data_digest: str) -> dict[str, Any]:
+    """What decides a run's result: the spec without its cosmetic fields, the data's digest and the
+    teacher checkpoint's sha256 (a path can be overwritten by another teacher). Stored in each checkpoint;
+    a checkpoint is resumed only by a run with an equal fingerprint."""
+    # Paths are replaced by digests of what they hold: a moved dataset still resumes, a rewritten one not.
+    fields = spec.model_dump(mode="json", exclude={"name", "dataset"})
+    fields["schedule"].pop("num_workers", None)  # loading is seeded per (seed, epoch, image): no effect
+    fields["data_sha256"] = data_digest
+    if spec.teacher is not None and spec.teacher.path:
+        digest = hashlib.sha256()
+        with open(spec.teacher.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        fields["teacher"] = {"sha256": digest.hexdigest()}
+    return fields
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON-like values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 def run(spec: JobSpec, out_dir: str | os.PathLike, progress: Progress | None = None,

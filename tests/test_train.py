@@ -79,6 +79,20 @@ def test_resume_mid_epoch_and_after_crash_equals_uninterrupted(tiny_set, tmp_pat
     assert min(resumed) == 3 and max(resumed) == 6
 
 
+def test_a_run_folder_resumes_only_the_same_run(tiny_set, tmp_path):
+    spec = _spec(tiny_set, epochs=1)
+    run(spec, tmp_path / "run")
+    other = spec.model_copy(update={"seed": 2})
+    with pytest.raises(TrainingError, match=r"different run \(differs in: seed\)"):
+        run(other, tmp_path / "run")
+    lr = spec.model_copy(update={"schedule": spec.schedule.model_copy(update={"lr": 0.02})})
+    with pytest.raises(TrainingError, match=r"differs in: schedule\.lr"):
+        run(lr, tmp_path / "run")
+    # A new name or another loader count is the same run: it resumes (here: at its end).
+    renamed = spec.model_copy(update={"name": "again"})
+    assert run(renamed, tmp_path / "run")["resumed_from_iter"] == 3
+
+
 def test_divergence_stops_with_a_clear_error(tiny_set, tmp_path):
     with pytest.raises(TrainingError, match="diverged"):
         run(_spec(tiny_set, lr=1e6, warmup_iters=0, grad_clip=None), tmp_path / "run")

@@ -11,6 +11,7 @@ Torch-free (json, numpy, Pillow): the API validates uploads with it and the ONNX
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -61,6 +62,16 @@ class CocoData:
     @property
     def image_ids(self) -> list[int]:
         return [im["id"] for im in self.images]
+
+    def fingerprint(self) -> str:
+        """sha256 of the classes, images (name, size, split) and boxes: equal for the same data wherever
+        its folder is."""
+        keep = ("id", "file_name", "width", "height", "split")
+        content = {"classes": self.classes,
+                   "images": [{k: im.get(k) for k in keep} for im in self.images],
+                   "boxes": {str(i): [[a["label"], *a["bbox"]] for a in anns] for i, anns in
+                             sorted(self.annotations.items())}}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
     def image(self, image_id: int) -> dict[str, Any]:
         return self._index[image_id]
