@@ -78,7 +78,7 @@ _JOB_EXAMPLES = {
                 "gamma": 0.25,
                 "kd_tau": 2,
                 "method": "ld",
-                "weights": {"main_ld": 1.0, "vlr_ld": 1.0, "main_kd": 1.0, "vlr_kd": 0.0, "dfl": 0.25},
+                "weights": {"main_ld": 0.25, "vlr_ld": 0.25, "main_kd": 1.0, "vlr_kd": 0.0, "dfl": 0.25},
             },
             "schedule": {"epochs": 12, "batch_size": 16, "image_size": [1333, 800]},
             "seed": 0,
