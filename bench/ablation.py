@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan(dataset=args.dataset, jobs=args.jobs, threads=args.threads, device=args.device)
     if args.dataset == "raccoon":
         # 160 training photos, large objects, no pretrained backbone: longer schedules at a small size.
-        plan.rows, plan.image_size, plan.epochs, plan.teacher_epochs = "ae", (192, 144), 36, 72
+        plan.rows, plan.image_size, plan.epochs, plan.teacher_epochs = "ae", (192, 144), 48, 96
     if args.quick:
         plan.seeds, plan.num_train, plan.num_val, plan.epochs, plan.teacher_epochs = 2, 32, 16, 1, 1
     for name, value in (("rows", args.rows), ("seeds", args.seeds), ("num_train", args.train),
