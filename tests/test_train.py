@@ -88,7 +88,7 @@ def test_a_run_folder_resumes_only_the_same_run(tiny_set, tmp_path):
     lr = spec.model_copy(update={"schedule": spec.schedule.model_copy(update={"lr": 0.02})})
     with pytest.raises(TrainingError, match=r"differs in: schedule\.lr"):
         run(lr, tmp_path / "run")
-    # A new name or another loader count is the same run: it resumes (here: at its end).
+    # A new name is the same run: it resumes (here: at its end).
     renamed = spec.model_copy(update={"name": "again"})
     assert run(renamed, tmp_path / "run")["resumed_from_iter"] == 3
 
