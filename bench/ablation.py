@@ -39,7 +39,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from report import save
+
 RACCOON = Path(os.environ.get("LDD_RACCOON", Path(__file__).resolve().parents[1].parent / "shared/data/raccoon-voc"))
 ROWS: dict[str, tuple[str, dict[str, Any] | None]] = {
     # row: (name, changes to the default DistillSpec; None = trained alone)
@@ -355,10 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(plan, runs, teacher, time.monotonic() - started)
     text = markdown(summary)
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{out_name}.json").write_text(json.dumps(summary, indent=1))
-    (RESULTS / f"{out_name}.md").write_text(text)
-    chart(summary, RESULTS / f"{out_name}.png")
+    md_path = save(out_name, summary, text)
+    chart(summary, md_path.with_suffix(".png"))
     return 0
 
 

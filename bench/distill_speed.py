@@ -14,7 +14,6 @@ Prints a table and writes ``bench/results/distill_speed_<device>.json|md``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import device_tag, save
 
 from distill import distillation
 from distill.assigners import atss_assign
@@ -29,8 +29,6 @@ from distill.checkpoint import atomic_save, build_detector, detector_state
 from distill.data.synthetic import make_synthetic
 from distill.spec import JobSpec
 from distill.train import Trainer, pad_targets
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _sync(device: torch.device) -> None:
@@ -149,10 +147,7 @@ def main() -> None:
         f"(target <= 1.10) | {ms['regions']:.2f} | {100 * r['regions_share']:.2f}% (target < 5%) |",
     ]
     print("\n".join(lines))
-    RESULTS.mkdir(exist_ok=True)
-    tag = "cuda" if r["device"].startswith("cuda") else "cpu"
-    (RESULTS / f"distill_speed_{tag}.json").write_text(json.dumps(r, indent=1))
-    (RESULTS / f"distill_speed_{tag}.md").write_text("\n".join(lines) + "\n")
+    save(f"distill_speed_{device_tag(r['device'])}", r, "\n".join(lines))
 
 
 if __name__ == "__main__":

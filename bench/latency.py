@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import os
 import platform
@@ -42,6 +41,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from PIL import Image
+from report import save
 
 from deploy.export import export_model
 from deploy.runtime import Predictor, prepare_batch
@@ -50,7 +50,6 @@ from distill.data.annotations import load_coco
 from distill.data.synthetic import make_synthetic
 from distill.models.gfl import GFL
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NUM_CLASSES = 10  # the synthetic digits
 # Several sessions share the cores here; a session's threads spinning after its call would slow whichever
 # row runs next, so rows would be charged for their neighbours.
@@ -248,11 +247,8 @@ def main() -> None:
                      "teacher_vs_student": results["rows"][f"(c) teacher, {ort_label}"][str(b)]["median_ms"] / a_med[b]}
             for b in args.batches}
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{out_name}.json").write_text(json.dumps(results, indent=2) + "\n")
     md = markdown(results)
-    (RESULTS / f"{out_name}.md").write_text(md)
-    chart(results, RESULTS / f"{out_name}.png")
+    chart(results, save(out_name, results, md).with_suffix(".png"))
     print(md)
 
 

@@ -23,7 +23,6 @@ Writes ``bench/results/serve.md`` and ``serve.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -36,12 +35,12 @@ from typing import Any
 
 import httpx
 import numpy as np
+from report import save
 
 from api.cli import api_command
 from deploy.runtime import Predictor, prepare_batch
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -231,10 +230,7 @@ def main() -> None:
     }  # fmt: skip
     md = render(result)
     print(md)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / "serve.md").write_text(md)
-    print(f"wrote {RESULTS / 'serve.md'} and serve.json")
+    print(f"wrote {save('serve', result, md)} and its .json")
 
 
 def render(result: dict[str, Any]) -> str:

@@ -10,21 +10,19 @@ Prints a table and writes ``bench/results/train_speed_<device>.json|md``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from report import device_tag, save
 
 from distill.assigners import atss_assign
 from distill.data.synthetic import make_synthetic
 from distill.losses.gfl import gfl_losses
 from distill.spec import JobSpec
 from distill.train import Trainer, pad_targets
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _sync(device: torch.device) -> None:
@@ -111,10 +109,7 @@ def main() -> None:
         + " |",
     ]
     print("\n".join(lines))
-    RESULTS.mkdir(exist_ok=True)
-    tag = "cuda" if r["device"].startswith("cuda") else "cpu"
-    (RESULTS / f"train_speed_{tag}.json").write_text(json.dumps(r, indent=1))
-    (RESULTS / f"train_speed_{tag}.md").write_text("\n".join(lines) + "\n")
+    save(f"train_speed_{device_tag(r['device'])}", r, "\n".join(lines))
 
 
 if __name__ == "__main__":
