@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from distill.files import atomic_write
 from distill.models.backbone import BLOCKS
 from distill.models.gfl import GFL, DetectorConfig
 from distill.spec import ARCHITECTURES, arch_config
@@ -64,11 +65,7 @@ def detector_state(model: GFL, meta: dict | None = None) -> dict[str, Any]:
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """Write to a temporary file and rename, so a crash never leaves a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

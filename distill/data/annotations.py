@@ -24,6 +24,8 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from distill.files import atomic_write_json
+
 # mmdetection's GFL preprocessing (RGB, 0-255 scale), so mmdetection checkpoints see what they expect.
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
@@ -375,13 +377,4 @@ def write_coco(coco: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     if path.suffix != ".json":
         path = path / "annotations.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".annotations-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(coco, f, ensure_ascii=False, separators=(",", ":"))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_json(path, coco, indent=None)
