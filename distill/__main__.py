@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from distill.spec import JobSpec
+from distill.spec import LocalJobSpec
 
 
 def _fail(out: Path, message: str, code: int) -> int:
@@ -28,13 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distill")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train or distil a detector from a job spec")
-    train.add_argument("spec", type=Path, help="job spec JSON (the body of POST /v1/jobs, with local paths)")
+    train.add_argument("spec", type=Path, help="job spec JSON (the body of POST /v1/jobs, with local paths: "
+                       "a dataset folder, teacher {'path': file}, student init {'path': file})")
     train.add_argument("--out", type=Path, required=True, help="run folder (resumed if it holds a checkpoint)")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    train.add_argument("--weights-dir", default=None,
+                       help="cache of torchvision's ImageNet weights (default: $TORCH_HOME/hub/checkpoints)")
     args = parser.parse_args(argv)
 
     try:
-        spec = JobSpec.model_validate_json(args.spec.read_text())
+        spec = LocalJobSpec.model_validate_json(args.spec.read_text())
     except (OSError, ValidationError) as e:
         return _fail(args.out, f"invalid job spec {args.spec}: {e}", 2)
 
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     (args.out / "error.json").unlink(missing_ok=True)
     try:
-        metrics = run(spec, args.out, device=args.device)
+        metrics = run(spec, args.out, device=args.device, weights_dir=args.weights_dir)
     except Stopped as e:
         return _fail(args.out, str(e), 143)
     except (TrainingError, ValueError, FileNotFoundError) as e:

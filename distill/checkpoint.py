@@ -7,49 +7,49 @@ A project checkpoint is a plain dict read with ``weights_only=True``::
 
 (the resume checkpoint ``last.pt`` has the same keys plus the training state). An mmdetection checkpoint is
 ``{"meta": ..., "state_dict": ...}``; our module names mirror mmdetection's, so mapping it means dropping
-wrapper prefixes and keys outside the detector, then reading the architecture off the tensor shapes.
+wrapper prefixes and keys outside the detector, then reading the architecture off the tensor shapes. Both
+steps are the torch-free reader's (``distill.ckpt_reader``), so the API, training and export agree on
+what a file holds.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import re
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from distill.ckpt_reader import (
+    CheckpointError,
+    InertUnpickler,
+    backbone_tensors,
+    detector_tensors,
+    infer_gfl_architecture,
+)
 from distill.files import atomic_write
-from distill.models.backbone import BLOCKS
 from distill.models.gfl import GFL, DetectorConfig
 from distill.spec import ARCHITECTURES, arch_config
 
 FORMAT = "ld-service/1"
-_PARTS = ("backbone.", "neck.", "bbox_head.")
+
+__all__ = ["FORMAT", "CheckpointError", "build_detector", "detector_state", "atomic_save", "read_checkpoint",
+           "load_detector", "checkpoint_meta", "state_dict_of", "infer_config", "backbone_tensors"]
 
 
-class CheckpointError(ValueError):
-    pass
-
-
-def build_detector(
-    arch: str, num_classes: int, classes: list[str] | None = None, pretrained: str | None = None
-) -> GFL:
+def build_detector(arch: str, num_classes: int, classes: list[str] | None = None, *, frozen_stages: int = -1,
+                   norm_eval: bool = False) -> GFL:
     """A freshly initialised detector of a named architecture (``gfl_tiny``, ``gfl_r18``, ... ``gfl_r101``).
 
-    ``pretrained`` is a local torchvision ResNet state dict; with it the stem and layer1 are frozen and
-    batch-norm statistics kept fixed, as mmdetection does with ImageNet weights.
+    ``frozen_stages``/``norm_eval`` are mmdetection's backbone regime for pretrained weights
+    (``distill.init`` loads those).
     """
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
-    extra = {"frozen_stages": 1, "norm_eval": True} if pretrained else {}
-    cfg = DetectorConfig(**arch_config(arch), num_classes=num_classes, classes=list(classes or []), **extra)
-    model = GFL(cfg, arch)
-    if pretrained:
-        model.backbone.load_pretrained(pretrained)
-    return model
+    cfg = DetectorConfig(**arch_config(arch), num_classes=num_classes, classes=list(classes or []),
+                         frozen_stages=frozen_stages, norm_eval=norm_eval)
+    return GFL(cfg, arch)
 
 
 def detector_state(model: GFL, meta: dict | None = None) -> dict[str, Any]:
@@ -64,7 +64,7 @@ def detector_state(model: GFL, meta: dict | None = None) -> dict[str, Any]:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """Write to a temporary file and rename, so a crash never leaves a half-written checkpoint."""
+    """``torch.save`` through a temporary file and a rename: a crash never leaves a half-written checkpoint."""
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -72,8 +72,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Reads a checkpoint without running pickled code.
 
     ``weights_only=True`` first; mmengine checkpoints may also carry objects (message hub, optimizer
-    wrappers) that it refuses, so those are read with an unpickler that turns every unknown class into an
-    inert placeholder: nothing from the file is ever imported or called.
+    wrappers) that it refuses, so those are read with the reader's inert unpickler, allowing only torch's
+    tensor rebuild functions: nothing else from the file is ever imported or called.
     """
     try:
         try:
@@ -89,23 +89,42 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return obj
 
 
+def state_dict_of(ckpt: dict[str, Any]) -> dict[str, Tensor]:
+    """The largest tensor dict among the usual places (``state_dict``, ``model``, the checkpoint itself),
+    as the torch-free reader finds it."""
+    candidates = [ckpt] + [ckpt[k] for k in ("state_dict", "model", "model_state", "student", "weights")
+                           if isinstance(ckpt.get(k), dict)]
+    return max(({k: v for k, v in c.items() if isinstance(k, str) and isinstance(v, Tensor)} for c in candidates),
+               key=len)
+
+
+def infer_config(state: dict[str, Tensor], meta: dict[str, Any] | None = None) -> DetectorConfig:
+    """The :class:`DetectorConfig` of a GFL state dict, read off its shapes by the torch-free reader."""
+    info = infer_gfl_architecture(state, meta)
+    if info["depth"] is None:
+        raise CheckpointError(f"unsupported backbone of width {info['base_width']}: not a ResNet-18/34/50/101")
+    return DetectorConfig(
+        depth=info["depth"], base_width=info["base_width"], channels=info["channels"],
+        stacked_convs=info["stacked_convs"], num_classes=info["num_classes"], reg_max=info["reg_max"],
+        strides=tuple(info["strides"]), classes=list(info["classes"] or []),
+    )  # fmt: skip
+
+
 def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu") -> GFL:
     """An eval-mode detector from a project checkpoint or an mmdetection GFL checkpoint."""
     ckpt = read_checkpoint(path)
+    state = detector_tensors(state_dict_of(ckpt))
     if ckpt.get("format") == FORMAT:
-        cfg = DetectorConfig.from_dict(ckpt["config"])
-        model = GFL(cfg, ckpt.get("arch"))
-        model.load_state_dict(ckpt["state_dict"])
+        cfg = DetectorConfig.from_dict(ckpt["config"])  # also the inference settings we saved
+        arch = ckpt.get("arch")
     else:
-        state = mmdet_state_dict(ckpt)
-        cfg = infer_config(state)
-        cfg.classes = _mmdet_classes(ckpt.get("meta"), cfg.num_classes)
-        model = GFL(cfg, _arch_name(cfg))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("integral.project")]
-        if missing or unexpected:
-            raise CheckpointError(f"{path}: keys do not map onto GFL: missing {missing[:8]}, "
-                                  f"unexpected {unexpected[:8]}")
+        cfg = infer_config(state, _plain_meta(ckpt))
+        arch = infer_gfl_architecture(state)["name"] or f"gfl_r{cfg.depth}_w{cfg.base_width}_c{cfg.channels}"
+    model = GFL(cfg, arch)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("integral.project")]  # a buffer mmdetection doesn't save
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: keys do not map onto GFL: missing {missing[:8]}, unexpected {unexpected[:8]}")
     return model.to(device).eval()
 
 
@@ -114,81 +133,19 @@ def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     ckpt = read_checkpoint(path)
     if ckpt.get("format") == FORMAT:
         return {"arch": ckpt.get("arch"), "config": ckpt["config"], "meta": ckpt.get("meta", {})}
-    cfg = infer_config(mmdet_state_dict(ckpt))
-    cfg.classes = _mmdet_classes(ckpt.get("meta"), cfg.num_classes)
-    return {"arch": _arch_name(cfg), "config": cfg.to_dict(), "meta": {"source": "mmdetection"}}
+    state = detector_tensors(state_dict_of(ckpt))
+    cfg = infer_config(state, _plain_meta(ckpt))
+    return {"arch": infer_gfl_architecture(state)["name"], "config": cfg.to_dict(), "meta": {"source": "mmdetection"}}
 
 
-def mmdet_state_dict(ckpt: dict[str, Any]) -> dict[str, Tensor]:
-    """The detector's tensors of an mmdetection checkpoint, keyed like :class:`GFL`'s state dict."""
-    state = ckpt.get("state_dict", ckpt)
-    if not isinstance(state, dict):
-        raise CheckpointError("checkpoint has no state_dict")
-    out = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.").removeprefix("model.")  # DDP / EMA wrappers
-        if key.startswith(_PARTS) and isinstance(value, Tensor):
-            out[key] = value
-    if "bbox_head.gfl_reg.weight" not in out:
-        raise CheckpointError("not a GFL checkpoint: no bbox_head.gfl_reg weights found")
-    return out
+def _plain_meta(ckpt: dict[str, Any]) -> dict[str, Any]:
+    meta = ckpt.get("meta")
+    return meta if isinstance(meta, dict) else {}
 
 
-def infer_config(state: dict[str, Tensor]) -> DetectorConfig:
-    """Reads depth, width, channels, stacked convs, classes and reg_max off a GFL state dict's shapes."""
-    def count(pattern: str) -> int:
-        idx = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
-        return max(idx) + 1 if idx else 0
+class _TorchInertUnpickler(InertUnpickler):
+    """The reader's inert unpickler with torch's real tensor rebuild functions allowed."""
 
-    blocks = [count(rf"backbone\.layer{i}\.(\d+)\.") for i in range(1, 5)]
-    bottleneck = "backbone.layer1.0.conv3.weight" in state
-    depth = next((d for d, (block, layers) in BLOCKS.items()
-                  if layers == blocks and (block.expansion == 4) == bottleneck), None)
-    if depth is None:
-        raise CheckpointError(f"unsupported backbone: blocks per stage {blocks}, bottleneck={bottleneck}")
-    reg_channels = state["bbox_head.gfl_reg.weight"].shape[0]
-    num_levels = count(r"bbox_head\.scales\.(\d+)\.")
-    return DetectorConfig(
-        depth=depth,
-        base_width=state["backbone.conv1.weight"].shape[0],
-        channels=state["neck.lateral_convs.0.conv.weight"].shape[0],
-        stacked_convs=count(r"bbox_head\.cls_convs\.(\d+)\."),
-        num_classes=state["bbox_head.gfl_cls.weight"].shape[0],
-        reg_max=reg_channels // 4 - 1,
-        strides=tuple(8 * 2**i for i in range(num_levels)),
-    )
-
-
-def _arch_name(cfg: DetectorConfig) -> str:
-    for name, (depth, width, channels, stacked) in ARCHITECTURES.items():
-        if (cfg.depth, cfg.base_width, cfg.channels, cfg.stacked_convs) == (depth, width, channels, stacked):
-            return name
-    return f"gfl_r{cfg.depth}_w{cfg.base_width}_c{cfg.channels}_s{cfg.stacked_convs}"
-
-
-def _mmdet_classes(meta: Any, num_classes: int) -> list[str]:
-    if isinstance(meta, dict):
-        names = (meta.get("dataset_meta") or {}).get("classes") if isinstance(meta.get("dataset_meta"), dict) \
-            else meta.get("CLASSES")
-        if isinstance(names, list | tuple) and len(names) == num_classes and all(isinstance(n, str) for n in names):
-            return list(names)
-    return []
-
-
-class _Inert:
-    """Stands in for any class or function a checkpoint names that is not on the allow-list."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
-        return _Inert()
-
-
-class _InertUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("collections", "OrderedDict"),
         ("torch._utils", "_rebuild_tensor_v2"),
@@ -198,15 +155,15 @@ class _InertUnpickler(pickle.Unpickler):
         ("builtins", "frozenset"),
     }
 
-    def find_class(self, module: str, name: str) -> Any:
+    def allowed(self, module: str, name: str) -> Any | None:
         if (module, name) in self._ALLOWED or (module == "torch" and name.endswith("Storage")):
-            return super().find_class(module, name)
-        return _Inert
+            return pickle.Unpickler.find_class(self, module, name)
+        return None
 
 
 class _InertPickle:
     """A ``pickle_module`` for ``torch.load`` whose unpickler never imports what the file names."""
 
-    Unpickler = _InertUnpickler
+    Unpickler = _TorchInertUnpickler
     UnpicklingError = pickle.UnpicklingError
-    load = staticmethod(lambda f, **kw: _InertUnpickler(f, **kw).load())
+    load = staticmethod(lambda f, **kw: _TorchInertUnpickler(f, **kw).load())

@@ -1,4 +1,5 @@
-"""The job spec: the body of ``POST /v1/jobs`` and the input of ``python -m distill train``.
+"""The job spec: :class:`JobSpec` is the body of ``POST /v1/jobs`` (files only by id, never a path);
+:class:`LocalJobSpec` is the input of ``python -m distill train`` (files by local path).
 
 Pure pydantic (no torch) so the API can validate jobs without importing the training stack.
 Every field but ``kind`` and ``dataset`` has a default; unknown fields are refused.
@@ -9,6 +10,17 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# ResNet blocks per stage, and whether the blocks are bottlenecks (torchvision's layouts).
+RESNET_LAYERS: dict[int, tuple[tuple[int, int, int, int], bool]] = {
+    18: ((2, 2, 2, 2), False),
+    34: ((3, 4, 6, 3), False),
+    50: ((3, 4, 6, 3), True),
+    101: ((3, 4, 23, 3), True),
+}
+# Every architecture's box head (DESIGN section 2): edge distributions over reg_max + 1 bins, FPN P3-P7.
+REG_MAX = 16
+STRIDES = (8, 16, 32, 64, 128)
 
 # name -> (backbone depth, backbone base width, FPN/head channels, stacked convs).
 # ``gfl_tiny`` is a narrow ResNet-18 layout for tests and CPU demos, ``gfl_small`` (4x its parameters) a CPU
@@ -27,10 +39,39 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Architectures whose backbone is a torchvision ResNet with ImageNet weights (DESIGN section 2).
+IMAGENET_ARCHS = ("gfl_r18", "gfl_r34", "gfl_r50", "gfl_r101")
+_ID = r"^[a-z]+_[0-9a-f]{8,64}$"  # ids the service makes (worker.store.new_id); never a path
+
+
+class InitCheckpoint(_Strict):
+    checkpoint: str = Field(..., pattern=_ID, description="id of an upload from POST /v1/checkpoints")
+
+
+class InitPath(_Strict):
+    """Local runs only (``python -m distill train``): a checkpoint file on this machine."""
+
+    path: str
+
+
+Init = Literal["imagenet"] | InitCheckpoint | None
+
+
 class StudentSpec(_Strict):
+    """The model a job trains: the student of a distillation, or the detector of a ``train`` job."""
+
     arch: str = Field("gfl_r18", examples=["gfl_r18"])
-    pretrained: str | None = Field(
-        None, description="Local path to backbone weights (torchvision ResNet state dict); none are downloaded."
+    init: Init = Field(
+        None,
+        description="null: from scratch; 'imagenet': torchvision's ImageNet weights for the ResNet backbone; "
+        "{'checkpoint': id}: an uploaded detector (every tensor whose name and shape match) or ResNet backbone",
+    )
+    frozen_stages: int | None = Field(
+        None, ge=-1, le=4, description="backbone stages kept frozen (0 = stem); default: 1 with pretrained "
+        "weights (mmdetection's recipe), -1 (none) from scratch",
+    )
+    norm_eval: bool | None = Field(
+        None, description="freeze batch-norm statistics; default: true with pretrained weights, false from scratch"
     )
 
     @field_validator("arch")
@@ -40,29 +81,76 @@ class StudentSpec(_Strict):
             raise ValueError(f"unknown architecture {v!r}; known: {', '.join(ARCHITECTURES)}")
         return v
 
+    @field_validator("init", mode="before")
+    @classmethod
+    def _init_form(cls, v: object) -> object:
+        if isinstance(v, str) and v != "imagenet":
+            raise ValueError("init must be null, 'imagenet' or {'checkpoint': id}; files reach the service only by "
+                             "upload (POST /v1/checkpoints), never by a path")
+        return v
+
+    @model_validator(mode="after")
+    def _imagenet_arch(self) -> StudentSpec:
+        if self.init == "imagenet" and self.arch not in IMAGENET_ARCHS:
+            raise ValueError(f"init 'imagenet': {self.arch} has no ImageNet weights (its backbone is a narrow "
+                             f"ResNet of our own); use one of {', '.join(IMAGENET_ARCHS)}, or init null")
+        return self
+
+    @property
+    def pretrained(self) -> bool:
+        return self.init is not None
+
+    @property
+    def backbone_frozen_stages(self) -> int:
+        return self.frozen_stages if self.frozen_stages is not None else (1 if self.pretrained else -1)
+
+    @property
+    def backbone_norm_eval(self) -> bool:
+        return self.norm_eval if self.norm_eval is not None else self.pretrained
+
+
+class LocalStudentSpec(StudentSpec):
+    init: Init | InitPath = None  # type: ignore[assignment]
+
+    @field_validator("init", mode="before")
+    @classmethod
+    def _init_form(cls, v: object) -> object:
+        return v
+
 
 class TeacherSpec(_Strict):
-    """Exactly one source. ``path`` is for local runs; the API refuses it and resolves the others to it."""
+    """Exactly one source, by id."""
 
-    model: str | None = None
-    job: str | None = None
-    checkpoint: str | None = None
-    path: str | None = None
+    model: str | None = Field(None, pattern=_ID)
+    job: str | None = Field(None, pattern=_ID)
+    checkpoint: str | None = Field(None, pattern=_ID)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> TeacherSpec:
-        given = [k for k in ("model", "job", "checkpoint", "path") if getattr(self, k)]
+        given = [k for k in ("model", "job", "checkpoint") if getattr(self, k)]
         if len(given) != 1:
-            raise ValueError("teacher needs exactly one of 'model', 'job', 'checkpoint' (or 'path' locally)")
+            raise ValueError("teacher needs exactly one of 'model', 'job', 'checkpoint'")
         return self
 
 
-class LossWeights(_Strict):
-    """The weights l0..l6 of the paper's eq. 5 (plus DFL). A weight of 0 switches the term off."""
+class LocalTeacherSpec(_Strict):
+    """Local runs only: the teacher's checkpoint file (ours or mmdetection's)."""
+
+    path: str
+
+
+class GFLWeights(_Strict):
+    """The detector's own loss weights (l0..l2 of the paper's eq. 5); every job kind has them."""
 
     cls: float = Field(1.0, ge=0, description="l0: quality focal loss")
     giou: float = Field(2.0, ge=0, description="l1: GIoU box loss")
-    dfl: float = Field(0.25, ge=0, description="distribution focal loss")
+    dfl: float = Field(0.25, ge=0, description="l2: distribution focal loss")
+
+
+class LossWeights(_Strict):
+    """The distillation weights l3..l6 of the paper's eq. 5 (and of the comparison methods). A weight of 0
+    switches the term off and skips its computation."""
+
     # Settled by bench/ablation.py (bench/results/tuning/): with our per-region means, LD at 1.0 did not
     # help on its own (AP 55.7 vs 56.6 alone), at 0.25 it did (59.4); KD at 1.0 beat 0.5 and 0.25 beside it.
     main_ld: float = Field(0.25, ge=0, description="l3: LD on the main region")
@@ -80,6 +168,10 @@ class DistillSpec(_Strict):
     kd_tau: float = Field(2.0, gt=0, description="classification KD temperature")
     tbr_margin: float = Field(0.0, ge=0, description="TBR margin epsilon (eq. 6)")
     weights: LossWeights = Field(default_factory=LossWeights)
+    class_map: dict[str, str] | None = Field(
+        None, description="dataset class -> teacher class for KD; default: classes with the same name "
+        "(case-insensitive). Dataset classes without a teacher class get no KD; LD needs no classes.",
+    )
 
 
 class ScheduleSpec(_Strict):
@@ -122,10 +214,11 @@ class ScheduleSpec(_Strict):
 class JobSpec(_Strict):
     kind: Literal["train", "distill"]
     name: str | None = Field(None, max_length=200)
-    dataset: str = Field(..., description="dataset id (service) or a local dataset folder (python -m distill)")
+    dataset: str = Field(..., pattern=_ID, description="dataset id (from POST /v1/datasets)")
     val_split: float = Field(0.2, ge=0, lt=1, description="used when the dataset has no split of its own")
     student: StudentSpec = Field(default_factory=StudentSpec)
     teacher: TeacherSpec | None = None
+    loss: GFLWeights = Field(default_factory=GFLWeights)
     distill: DistillSpec | None = None
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -143,6 +236,23 @@ class JobSpec(_Strict):
         return self
 
 
-def arch_config(arch: str) -> dict[str, int]:
+class LocalJobSpec(JobSpec):
+    """What ``python -m distill train`` runs: a job whose files are local paths (a dataset folder, the
+    teacher's and the initial weights' files). The service resolves a :class:`JobSpec`'s ids to this
+    (``worker.checks.resolve_job``); REST clients never see it."""
+
+    dataset: str = Field(..., min_length=1, description="a local dataset folder")
+    student: LocalStudentSpec = Field(default_factory=LocalStudentSpec)
+    teacher: LocalTeacherSpec | None = None  # type: ignore[assignment]
+
+
+def arch_config(arch: str) -> dict[str, int | tuple[int, ...]]:
+    """The detector config of a named architecture (``distill.models.gfl.DetectorConfig`` fields)."""
     depth, width, channels, stacked = ARCHITECTURES[arch]
-    return {"depth": depth, "base_width": width, "channels": channels, "stacked_convs": stacked}
+    return {"depth": depth, "base_width": width, "channels": channels, "stacked_convs": stacked,
+            "reg_max": REG_MAX, "strides": STRIDES}
+
+
+def arch_name(depth: int | None, base_width: int, channels: int, stacked_convs: int) -> str | None:
+    """The name of :data:`ARCHITECTURES` with this layout, or None."""
+    return next((n for n, v in ARCHITECTURES.items() if v == (depth, base_width, channels, stacked_convs)), None)

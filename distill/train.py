@@ -34,10 +34,11 @@ from distill.checkpoint import atomic_save, build_detector, detector_state, load
 from distill.data.annotations import MEAN, STD
 from distill.data.dataset import DetectionDataset, build_loaders, collate, set_epoch
 from distill.evaluate import coco_ap, predict_dataset
+from distill.init import initialise
 from distill.locations import square_anchors
 from distill.losses.gfl import gfl_losses
 from distill.models.gfl import GFL
-from distill.spec import JobSpec
+from distill.spec import InitPath, JobSpec, LocalJobSpec
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -90,8 +91,9 @@ def learning_rate(spec: JobSpec, iteration: int, per_epoch: int) -> float:
 
 
 class Trainer:
-    def __init__(self, spec: JobSpec, out_dir: str | os.PathLike, progress: Progress | None = None,
-                 device: str | torch.device | None = None, report_every_s: float = 2.0):
+    def __init__(self, spec: LocalJobSpec, out_dir: str | os.PathLike, progress: Progress | None = None,
+                 device: str | torch.device | None = None, report_every_s: float = 2.0,
+                 weights_dir: str | os.PathLike | None = None):
         self.spec, self.out = spec, Path(out_dir)
         self.report_every_s = report_every_s
         self.out.mkdir(parents=True, exist_ok=True)
@@ -115,13 +117,15 @@ class Trainer:
 
         _seed_everything(spec.seed)
         self.model = build_detector(spec.student.arch, len(self.data.classes), self.data.classes,
-                                    spec.student.pretrained).to(self.device)
+                                    frozen_stages=spec.student.backbone_frozen_stages,
+                                    norm_eval=spec.student.backbone_norm_eval)
+        self.init_report = initialise(self.model, spec.student.init, weights_dir)
+        self.log(f"init: {self.init_report.summary()}")
+        self.model.to(self.device)
         self.teacher: GFL | None = None
         self.adapters: nn.Module | None = None
         if spec.kind == "distill":
             assert spec.teacher is not None and spec.distill is not None
-            if not spec.teacher.path:
-                raise TrainingError("the teacher must be resolved to a local checkpoint path before training")
             self.teacher = load_detector(spec.teacher.path, self.device)
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
@@ -305,6 +309,7 @@ class Trainer:
         self.train()
         self.report("eval")
         metrics: dict[str, Any] = {"bbox": self.evaluate(self.model), "iterations": self.total_iters,
+                                   "init": self.init_report.summary(),
                                    "train_seconds_this_attempt": round(time.monotonic() - started, 1),
                                    "resumed_from_iter": self.resumed_from}
         if self.teacher is not None:
@@ -322,7 +327,7 @@ class Trainer:
         return metrics
 
 
-def run_fingerprint(spec: JobSpec, data_digest: str) -> dict[str, Any]:
+def run_fingerprint(spec: LocalJobSpec, data_digest: str) -> dict[str, Any]:
     """What decides a run's result: the spec without its cosmetic fields, the data's digest and the
     teacher checkpoint's sha256 (a path can be overwritten by another teacher). Stored in each checkpoint;
     a checkpoint is resumed only by a run with an equal fingerprint."""
@@ -330,13 +335,19 @@ def run_fingerprint(spec: JobSpec, data_digest: str) -> dict[str, Any]:
     fields = spec.model_dump(mode="json", exclude={"name", "dataset"})
     fields["schedule"].pop("num_workers", None)  # loading is seeded per (seed, epoch, image): no effect
     fields["data_sha256"] = data_digest
-    if spec.teacher is not None and spec.teacher.path:
-        digest = hashlib.sha256()
-        with open(spec.teacher.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        fields["teacher"] = {"sha256": digest.hexdigest()}
+    if spec.teacher is not None:
+        fields["teacher"] = {"sha256": _file_sha256(spec.teacher.path)}
+    if isinstance(spec.student.init, InitPath):
+        fields["student"]["init"] = {"sha256": _file_sha256(spec.student.init.path)}
     return fields
+
+
+def _file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -346,14 +357,15 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def run(spec: JobSpec, out_dir: str | os.PathLike, progress: Progress | None = None,
-        device: str | torch.device | None = None, report_every_s: float = 2.0) -> dict[str, Any]:
+def run(spec: LocalJobSpec, out_dir: str | os.PathLike, progress: Progress | None = None,
+        device: str | torch.device | None = None, report_every_s: float = 2.0,
+        weights_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Trains (or distils) one job into ``out_dir``, resuming from its last checkpoint if there is one.
 
     ``progress`` is called with each progress state (at least every ``report_every_s`` seconds and at each
     epoch end); it may set nothing but can raise to abort the run.
     """
-    trainer = Trainer(spec, out_dir, progress, device, report_every_s)
+    trainer = Trainer(spec, out_dir, progress, device, report_every_s, weights_dir)
 
     def on_signal(signum: int, frame: Any) -> None:
         trainer.stop_requested = True

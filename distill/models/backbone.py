@@ -6,15 +6,14 @@ torchvision ImageNet weights and mmdetection checkpoints load without renaming.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from distill.spec import RESNET_LAYERS
+
 BLOCKS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], list[int]]] = {
-    18: (BasicBlock, [2, 2, 2, 2]),
-    34: (BasicBlock, [3, 4, 6, 3]),
-    50: (Bottleneck, [3, 4, 6, 3]),
-    101: (Bottleneck, [3, 4, 23, 3]),
+    depth: (Bottleneck if bottleneck else BasicBlock, list(layers))
+    for depth, (layers, bottleneck) in RESNET_LAYERS.items()
 }
 
 
@@ -76,16 +75,6 @@ class ResNet(nn.Module):
                 if isinstance(m, nn.BatchNorm2d):
                     m.eval()
         return self
-
-    def load_pretrained(self, path: str) -> None:
-        """Loads a torchvision ResNet state dict (its ``fc.*`` is ignored)."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-        state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"backbone weights {path} do not fit ResNet-{self.depth}: "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """``x (N, 3, H, W)`` -> ``[C3 (N, 2w', H/8, W/8), C4 (.., H/16, ..), C5 (.., H/32, ..)]``."""

@@ -19,6 +19,7 @@ from distill.boxes import distance_to_box
 from distill.locations import grid_locations
 from distill.models.backbone import ResNet
 from distill.models.fpn import FPN
+from distill.spec import REG_MAX, STRIDES
 
 
 @dataclass
@@ -28,8 +29,8 @@ class DetectorConfig:
     channels: int = 256
     stacked_convs: int = 4
     num_classes: int = 80
-    reg_max: int = 16
-    strides: tuple[int, ...] = (8, 16, 32, 64, 128)
+    reg_max: int = REG_MAX
+    strides: tuple[int, ...] = STRIDES
     # Inference (DESIGN section 2).
     score_thr: float = 0.05
     nms_pre: int = 1000
