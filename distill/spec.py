@@ -40,7 +40,15 @@ class _Strict(BaseModel):
 
 
 # Architectures whose backbone is a torchvision ResNet with ImageNet weights (DESIGN section 2).
-IMAGENET_ARCHS = ("gfl_r18", "gfl_r34", "gfl_r50", "gfl_r101")
+# torchvision's ResNet{depth}_Weights.IMAGENET1K_V1 files (the API checks its cache without torch;
+# tests/test_init.py checks these against torchvision's own table).
+IMAGENET_URLS = {
+    "gfl_r18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "gfl_r34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
+    "gfl_r50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "gfl_r101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+}
+IMAGENET_ARCHS = tuple(IMAGENET_URLS)
 _ID = r"^[a-z]+_[0-9a-f]{8,64}$"  # ids the service makes (worker.store.new_id); never a path
 
 

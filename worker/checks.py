@@ -1,0 +1,224 @@
+"""The one job check (DESIGN section 1): the API calls :func:`check_job` before queueing a job, the worker
+calls :func:`resolve_job` (which checks the same way) before running it. Torch-free.
+
+A job names its files only by id (dataset, teacher, initial weights); this module looks them up in the
+store, refuses what cannot run, with the reason, and turns the ids into the local paths that
+``python -m distill train`` takes (``distill.spec.LocalJobSpec``). Architecture facts come from the one
+torch-free checkpoint reader (``distill.ckpt_reader``) and the one architecture table
+(``distill.spec.arch_config``), the same ones training uses.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from distill.ckpt_reader import CheckpointError, describe_checkpoint
+from distill.spec import IMAGENET_URLS, InitCheckpoint, JobSpec, arch_config
+from worker.settings import Settings
+from worker.store import Store
+
+
+class JobRefused(ValueError):
+    """The job cannot run as specified. ``message`` is shown to the user; ``status`` is the HTTP status the
+    API answers with, ``code`` the error code of its body."""
+
+    def __init__(self, message: str, code: str = "invalid_job", status: int = 422,
+                 details: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.message, self.code, self.status, self.details = message, code, status, details
+
+
+@dataclass
+class CheckedJob:
+    """A job that passed the check, with its files as local paths."""
+
+    spec: JobSpec
+    dataset_dir: Path
+    dataset_classes: list[str]
+    teacher_path: Path | None
+    teacher_facts: dict[str, Any] | None
+    init_path: Path | None
+
+
+def check_job(spec: JobSpec, store: Store, settings: Settings) -> CheckedJob:
+    """Refuse (raise :class:`JobRefused`) a job the worker could not run: unknown dataset, checkpoint or
+    teacher, a teacher job that did not succeed, initial weights that do not fit the student or are
+    neither cached nor downloadable, a teacher whose ``reg_max`` or strides differ from the student's,
+    a class map naming unknown classes."""
+    ds = store.get_dataset(spec.dataset)
+    if ds is None:
+        raise JobRefused(f"dataset: no dataset {spec.dataset!r} (upload one to /v1/datasets)", "unknown_dataset")
+    dataset_dir = Path(ds["path"])
+    student = arch_config(spec.student.arch)
+    init_path = _check_init(spec, store, settings, student)
+    teacher_path, facts = None, None
+    if spec.teacher is not None:
+        teacher_path, facts = _teacher(spec.teacher.model_dump(), store, settings)
+        _check_teacher(facts, student, spec.student.arch)
+        if spec.distill is not None and spec.distill.class_map:
+            _check_class_map(spec.distill.class_map, ds["classes"], facts.get("classes"))
+    return CheckedJob(spec, dataset_dir, list(ds["classes"]), teacher_path, facts, init_path)
+
+
+def resolve_job(spec: dict[str, Any], store: Store, settings: Settings) -> dict[str, Any]:
+    """The local spec (``LocalJobSpec`` JSON) of a stored job, for ``python -m distill train``; checks the
+    job again (files may have gone since it was queued) and raises :class:`JobRefused`."""
+    try:
+        job = JobSpec.model_validate(spec)
+    except ValidationError as e:
+        raise JobRefused(f"invalid job spec: {e}") from e
+    checked = check_job(job, store, settings)
+    if not checked.dataset_dir.is_dir():
+        raise JobRefused(f"dataset {job.dataset} has lost its folder", "unknown_dataset")
+    local = job.model_dump(mode="json")
+    local["dataset"] = str(checked.dataset_dir)
+    if checked.init_path is not None:
+        local["student"]["init"] = {"path": str(checked.init_path)}
+    if checked.teacher_path is not None:
+        local["teacher"] = {"path": str(checked.teacher_path)}
+    return local
+
+
+# ----------------------------------------------------------------------------------------------- init
+
+
+def _check_init(spec: JobSpec, store: Store, settings: Settings, student: dict[str, Any]) -> Path | None:
+    init = spec.student.init
+    if init == "imagenet":
+        _check_imagenet(spec.student.arch, settings.weights_dir)
+        return None
+    if not isinstance(init, InitCheckpoint):
+        return None
+    ck = store.get_checkpoint(init.checkpoint)
+    if ck is None:
+        raise JobRefused(f"student.init: no checkpoint {init.checkpoint!r} (upload one to /v1/checkpoints)",
+                         "unknown_checkpoint")
+    facts = ck["arch"] or {}
+    layout = (facts.get("depth"), facts.get("base_width"))
+    if layout != (student["depth"], student["base_width"]):
+        what = "backbone" if facts.get("kind") == "backbone" else "detector's backbone"
+        raise JobRefused(
+            f"student.init: checkpoint {init.checkpoint} holds a {what} ResNet-{facts.get('depth')} of width "
+            f"{facts.get('base_width')}; {spec.student.arch} has ResNet-{student['depth']} of width "
+            f"{student['base_width']}, so none of its backbone would load", "invalid_init")
+    return _existing(Path(ck["path"]), f"student.init: checkpoint {init.checkpoint}", "invalid_init")
+
+
+def weights_cache_dir(weights_dir: Path | None) -> Path:
+    """Where torchvision keeps downloaded weights: ``weights_dir`` (``LDD_WEIGHTS_DIR``) or, as torch.hub
+    computes it, ``$TORCH_HOME/hub/checkpoints`` (``$TORCH_HOME`` defaulting to ``$XDG_CACHE_HOME/torch``,
+    ``~/.cache/torch``)."""
+    if weights_dir is not None:
+        return Path(weights_dir)
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    home = os.environ.get("TORCH_HOME", os.path.join(cache, "torch"))
+    return Path(os.path.expanduser(home)) / "hub" / "checkpoints"
+
+
+_reachable: dict[str, tuple[float, bool]] = {}
+
+
+def _downloadable(url: str, timeout_s: float = 3.0, remember_s: float = 60.0) -> bool:
+    """Whether ``url`` answers (a HEAD request); remembered for a minute so a burst of submits on an
+    offline machine waits once, not once per job."""
+    now = time.monotonic()
+    if url in _reachable and now - _reachable[url][0] < remember_s:
+        return _reachable[url][1]
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s) as r:
+            ok = 200 <= r.status < 400
+    except OSError:
+        ok = False
+    _reachable[url] = (now, ok)
+    return ok
+
+
+def _check_imagenet(arch: str, weights_dir: Path | None) -> None:
+    url = IMAGENET_URLS[arch]
+    folder = weights_cache_dir(weights_dir)
+    name = url.rsplit("/", 1)[1]
+    if (folder / name).is_file() or _downloadable(url):
+        return
+    raise JobRefused(
+        f"student.init 'imagenet': torchvision's weights file {name} is not in the cache folder {folder} and "
+        f"{url} cannot be reached from this server; put the file into {folder} (or set LDD_WEIGHTS_DIR), "
+        "or upload a backbone with POST /v1/checkpoints and use init {'checkpoint': id}",
+        "weights_missing", details={"file": name, "folder": str(folder), "url": url})
+
+
+# ----------------------------------------------------------------------------------------------- teacher
+
+
+def _teacher(teacher: dict[str, Any], store: Store, settings: Settings) -> tuple[Path, dict[str, Any]]:
+    """(local checkpoint path, architecture facts) of a teacher given by model, job or checkpoint id."""
+    if cid := teacher.get("checkpoint"):
+        ck = store.get_checkpoint(cid)
+        if ck is None:
+            raise JobRefused(f"teacher: no checkpoint {cid!r}", "invalid_teacher")
+        facts = ck["arch"] or {}
+        if facts.get("kind", "detector") != "detector":
+            raise JobRefused(f"teacher: checkpoint {cid} is a {facts.get('kind')}, not a GFL detector",
+                             "invalid_teacher")
+        return _existing(Path(ck["path"]), f"checkpoint {cid}"), facts
+    if mid := teacher.get("model"):
+        model = store.get_model(mid)
+        if model is None:
+            raise JobRefused(f"teacher: no model {mid!r}", "invalid_teacher")
+        if not model["job_id"]:
+            raise JobRefused(f"teacher: model {mid} was not made by a job here; its PyTorch weights are not "
+                             "kept (upload them to /v1/checkpoints)", "invalid_teacher")
+        return _job_checkpoint(model["job_id"], settings, f"model {mid}")
+    jid = teacher["job"]
+    job = store.get_job(jid)
+    if job is None:
+        raise JobRefused(f"teacher: no job {jid!r}", "invalid_teacher")
+    if job["state"] != "succeeded":
+        raise JobRefused(f"teacher: job {jid} is {job['state']}, not succeeded", "invalid_teacher")
+    return _job_checkpoint(jid, settings, f"job {jid}")
+
+
+def _job_checkpoint(job_id: str, settings: Settings, what: str) -> tuple[Path, dict[str, Any]]:
+    # The published folder holds the ONNX graph; the PyTorch weights stay with the job that made them.
+    path = _existing(settings.run_dir(job_id) / "model.pt", what)
+    try:
+        return path, describe_checkpoint(path)
+    except CheckpointError as e:
+        raise JobRefused(f"teacher {what}: {e}", "invalid_teacher") from e
+
+
+def _existing(path: Path, what: str, code: str = "invalid_teacher") -> Path:
+    if not path.is_file():
+        raise JobRefused(f"{what}: its checkpoint file is gone from the server", code)
+    return path
+
+
+def _check_teacher(facts: dict[str, Any], student: dict[str, Any], arch: str) -> None:
+    """LD compares edge distributions bin by bin and location by location: reg_max and strides must agree.
+    Classes need not (KD maps them by name; LD carries no class)."""
+    problems = []
+    if facts.get("reg_max") is not None and int(facts["reg_max"]) != student["reg_max"]:
+        problems.append(f"reg_max {facts['reg_max']} != {arch}'s {student['reg_max']}")
+    strides = facts.get("strides")
+    if strides is not None and tuple(int(s) for s in strides) != tuple(student["strides"]):
+        problems.append(f"strides {list(strides)} != {arch}'s {list(student['strides'])}")
+    if problems:
+        raise JobRefused("teacher does not match the student: " + "; ".join(problems), "teacher_mismatch")
+
+
+def _check_class_map(class_map: dict[str, str], dataset: list[str], teacher: list[str] | None) -> None:
+    unknown = [c for c in class_map if c not in dataset]
+    if unknown:
+        raise JobRefused(f"distill.class_map: {unknown} are not classes of the dataset ({dataset[:20]})",
+                         "invalid_class_map")
+    if teacher:
+        missing = [t for t in class_map.values() if t not in teacher]
+        if missing:
+            raise JobRefused(f"distill.class_map: {missing} are not classes of the teacher ({teacher[:20]})",
+                             "invalid_class_map")
