@@ -44,7 +44,8 @@ class MicroBatcher:
         self._run_lock = asyncio.Lock()
 
     async def submit(self, image: Any) -> list[dict[str, Any]]:
-        """Detections for one (already decoded) image; raises what ``predict_fn`` raised for it."""
+        """Detections for one image, decoded by the caller (``deploy.runtime.load_image``) so that a bad
+        image never reaches a batch; raises what ``predict_fn`` raised for it."""
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._task = asyncio.create_task(self._collect())
@@ -118,7 +119,11 @@ def _set(fut: asyncio.Future, result: Any = None, exc: BaseException | None = No
 
 
 class PredictorCache:
-    """LRU of ``key -> (predictor, MicroBatcher)``; ``loader(key)`` opens a predictor (in a thread)."""
+    """LRU of ``key -> (predictor, MicroBatcher)``; ``loader(key)`` opens a predictor (in a thread).
+
+    A predictor is anything with ``predict_loaded(images) -> per-image detections`` on decoded images, as
+    ``deploy.runtime.Predictor`` has; its batcher calls that.
+    """
 
     def __init__(
         self,
@@ -150,7 +155,7 @@ class PredictorCache:
             raise
         finally:
             self._loading.pop(key, None)
-        entry = (predictor, MicroBatcher(predictor.predict, max_batch=self.max_batch, max_wait_s=self.max_wait_s,
+        entry = (predictor, MicroBatcher(predictor.predict_loaded, max_batch=self.max_batch, max_wait_s=self.max_wait_s,
                                          on_batch=self.on_batch))  # fmt: skip
         self._entries[key] = entry
         while len(self._entries) > self.capacity:

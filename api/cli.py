@@ -250,31 +250,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def draw_detections(image_path: str | Path, detections: list[dict[str, Any]], out: str | Path) -> Path:
-    """Write ``image_path`` with its boxes and labels drawn to ``out``."""
-    from PIL import Image, ImageDraw, ImageOps
-
-    img = ImageOps.exif_transpose(Image.open(image_path)).convert("RGB")
-    draw = ImageDraw.Draw(img)
-    palette = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
-    for d in detections:
-        color = palette[d["label"] % len(palette)]
-        x1, y1, x2, y2 = d["box"]
-        draw.rectangle([x1, y1, x2, y2], outline=color, width=max(1, round(min(img.size) / 200)))
-        text = f"{d['class_name']} {d['score']:.2f}"
-        tx, ty = x1, max(0, y1 - 12)
-        draw.rectangle(draw.textbbox((tx, ty), text), fill=color)
-        draw.text((tx, ty), text, fill=(255, 255, 255))
-    img.save(out)
-    return Path(out)
-
-
 def cmd_detect(args: argparse.Namespace) -> int:
     with _client(args) as c:
         res = c.detect(args.image, model=args.model, score_threshold=args.score_threshold)
     _print(res)
     if args.draw:
-        print(f"wrote {draw_detections(args.image, res['detections'], args.draw)}", file=sys.stderr)
+        from deploy.draw import draw_detections  # Pillow only; the other commands do without it
+
+        draw_detections(args.image, res["detections"]).save(args.draw)
+        print(f"wrote {args.draw}", file=sys.stderr)
     return 0
 
 

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("ldd.api")
@@ -62,6 +62,21 @@ _STATUS_CODES = {
 }
 
 
+# What each error status means, for the ``responses=`` of the routes' OpenAPI documentation.
+_MEANINGS = {
+    400: "malformed request (bad JSON, bad zip, undecodable image)",
+    401: "missing or wrong API key",
+    404: "not found",
+    413: "upload too large",
+    422: "validation failed (the message says which field and why)",
+}
+
+
+def error_docs(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``{status: {"model": ErrorResponse, "description": ...}}`` for a route's ``responses=``."""
+    return {s: {"model": ErrorResponse, "description": _MEANINGS[s]} for s in statuses}
+
+
 def _field_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for e in errors:
@@ -75,6 +90,15 @@ def validation_message(details: list[dict[str, Any]]) -> str:
     parts = [f"{d['field']}: {d['message']}" if d["field"] else d["message"] for d in details[:5]]
     more = f" (and {len(details) - 5} more)" if len(details) > 5 else ""
     return "; ".join(parts) + more
+
+
+def invalid_request(e: ValidationError) -> APIError:
+    """A pydantic error on a body the route parsed itself (FastAPI did not) -> the same 422 as FastAPI's."""
+    details = [
+        {"field": ".".join(str(p) for p in err["loc"]) or None, "message": err["msg"], "type": err["type"]}
+        for err in e.errors()
+    ]
+    return APIError(422, "invalid_request", validation_message(details), details)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -5,18 +5,18 @@
 - ``ldd_jobs{state}``: jobs by state and ``ldd_queue_depth``: queued jobs, both read from the job store
   (the source of truth) when scraped.
 - ``ldd_detect_batch_size``: images per ONNX Runtime call of the micro-batcher.
+
+The latency is recorded by ``api.middleware.LatencyMiddleware``.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("ldd.api")
 
@@ -60,37 +60,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def route_template(scope: Scope) -> str:
-    """The matched route's path template (set in the scope by the router), or ``<unmatched>``.
-
-    Templates keep the label cardinality bounded: one series per endpoint, not one per job id.
-    """
-    return getattr(scope.get("route"), "path", None) or "<unmatched>"
-
-
-class LatencyMiddleware:
-    """Pure ASGI middleware (it does not buffer streaming responses such as SSE)."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def _send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, _send)
-        finally:
-            route = route_template(scope)
-            self.metrics.latency.labels(scope["method"], route, str(status)).observe(time.perf_counter() - start)

@@ -25,17 +25,25 @@ class Dataset(_Open):
 
 
 class Architecture(_Open):
+    """What ``distill.ckpt_reader`` inferred from an upload's tensor shapes (no code was run).
+
+    A ``detector`` can be a teacher or a student's initial weights; a ``backbone`` (a ResNet state dict)
+    only the latter. Fields marked "detector" are absent for a backbone, and ``layout`` for a detector.
+    """
+
+    kind: Literal["detector", "backbone"] = Field("detector", examples=["detector"])
     name: str | None = Field(..., description="a known architecture name, or null if none matches",
                              examples=["gfl_r18"])  # fmt: skip
     depth: int | None = Field(..., examples=[18])
-    base_width: int = Field(..., examples=[64])
-    channels: int = Field(..., examples=[256])
-    stacked_convs: int = Field(..., examples=[4])
-    num_classes: int = Field(..., examples=[80])
-    reg_max: int = Field(..., examples=[16])
-    strides: list[int] = Field(..., examples=[[8, 16, 32, 64, 128]])
-    classes: list[str] | None = None
-    source: Literal["mmdetection", "project"] = "project"
+    base_width: int | None = Field(..., examples=[64])
+    channels: int | None = Field(None, description="detector: FPN and head channels", examples=[256])
+    stacked_convs: int | None = Field(None, description="detector", examples=[4])
+    num_classes: int | None = Field(None, description="detector", examples=[80])
+    reg_max: int | None = Field(None, description="detector", examples=[16])
+    strides: list[int] | None = Field(None, description="detector", examples=[[8, 16, 32, 64, 128]])
+    classes: list[str] | None = Field(None, description="detector: class names, when the file names them")
+    source: Literal["mmdetection", "project"] | None = Field(None, description="detector: who wrote it")
+    layout: Literal["torchvision", "mmdetection"] | None = Field(None, description="backbone: key layout")
     num_params: int = Field(..., examples=[19_000_000])
 
 
@@ -57,18 +65,23 @@ class Progress(_Open):
     eta_s: float | None = Field(None, examples=[310.5])
 
 
+# The store's job states (worker.store.JOB_STATES), spelled out for OpenAPI.
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
 class Job(_Open):
     id: str = Field(..., examples=["job_5e6f7a8b9c0d1e2f"])
     kind: Literal["train", "distill"]
     name: str | None = None
-    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    state: JobState
     spec: dict[str, Any] = Field(..., description="the validated job spec, defaults filled in")
     progress: Progress | None = None
     metrics: dict[str, Any] | None = Field(None, examples=[{"bbox": {"AP": 0.412, "AP50": 0.61, "AP75": 0.44}}])
     error: str | None = None
     attempts: int = 0
     cancel_requested: bool = False
-    model_id: str | None = None
+    model_id: str | None = Field(None, description="the published model, once succeeded",
+                                 examples=["mdl_5e6f7a8b9c0d1e2f"])  # fmt: skip
     created_at: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
@@ -84,8 +97,9 @@ class DatasetList(BaseModel):
 
 
 class Model(_Open):
-    id: str = Field(..., examples=["mdl_job_5e6f7a8b9c0d1e2f"])
-    job_id: str | None = None
+    # The worker names a job's model after the job: mdl_<the job id's hex>.
+    id: str = Field(..., examples=["mdl_5e6f7a8b9c0d1e2f"])
+    job_id: str | None = Field(None, examples=["job_5e6f7a8b9c0d1e2f"])
     arch: str | None = Field(None, examples=["gfl_r18"])
     classes: list[str] | None = Field(None, examples=[["raccoon"]])
     input_size: Any = Field(None, examples=[[512, 320]])
@@ -107,7 +121,7 @@ class Detection(BaseModel):
 
 
 class DetectResponse(BaseModel):
-    model: str = Field(..., description="the model that answered", examples=["mdl_job_5e6f7a8b9c0d1e2f"])
+    model: str = Field(..., description="the model that answered", examples=["mdl_5e6f7a8b9c0d1e2f"])
     image_size: list[int] = Field(..., description="width, height", examples=[[650, 417]])
     detections: list[Detection]
     latency_ms: float = Field(..., description="time spent in the server for this request", examples=[14.2])

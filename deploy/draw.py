@@ -1,13 +1,20 @@
-"""Detections drawn on an image with Pillow (torch-free; ``python -m deploy predict --draw`` and
-``ldd detect --draw`` use it)."""
+"""Detections drawn on an image with Pillow: the one drawing function of the project (``ldd detect --draw``,
+``python -m deploy predict --draw`` and the web UI use it). Torch-free, and no ONNX Runtime either."""
 
 from __future__ import annotations
 
 import colorsys
+import io
+import os
 from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
+
+from distill.data.annotations import read_image
+
+# A decoded image, an image file's bytes (an upload) or its path (the command line).
+ImageSource = Image.Image | bytes | str | os.PathLike[str]
 
 
 def label_colour(label: int) -> tuple[int, int, int]:
@@ -24,14 +31,19 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def draw_detections(
-    image: Image.Image, detections: Sequence[dict[str, Any]], *, min_score: float = 0.0,
+    image: ImageSource, detections: Sequence[dict[str, Any]], *, min_score: float = 0.0,
 ) -> Image.Image:
-    """A copy of ``image`` (RGB) with each detection's box and ``"class_name score"`` label.
+    """A new RGB image: ``image`` with each detection's box and ``"class_name score"`` label.
 
     ``detections`` are ``{"box": [x1, y1, x2, y2], "score", "label", "class_name"}`` in the image's pixels,
-    as ``deploy.runtime.Predictor.predict`` returns them.
+    as ``deploy.runtime.Predictor.predict`` and ``/detect`` return them. Bytes and paths are decoded with
+    their EXIF orientation applied, as the runtime decodes them, so the boxes land where they were found;
+    a PIL image is taken as it is (``deploy.runtime.load_image``'s output, say). The image is not changed.
     """
-    out = image.convert("RGB")
+    if isinstance(image, Image.Image):
+        out = image.convert("RGB")  # a copy, even when it is RGB already
+    else:
+        out = read_image(io.BytesIO(image) if isinstance(image, bytes) else image)
     draw = ImageDraw.Draw(out)
     side = min(out.size)
     line = max(1, side // 250)

@@ -97,7 +97,7 @@ def prepare_batch(
         raise ValueError("no images")
     tensors, factors = [], []
     for image in images:
-        resized, factor = resize_image(image.convert("RGB"), input_size)
+        resized, factor = resize_image(image if image.mode == "RGB" else image.convert("RGB"), input_size)
         tensors.append(normalize_image(resized))
         factors.append(factor)
     hp = math.ceil(max(t.shape[1] for t in tensors) / SIZE_DIVISOR) * SIZE_DIVISOR
@@ -161,14 +161,19 @@ class Predictor:
 
     def predict(self, images: Sequence[ImageInput]) -> list[list[dict[str, Any]]]:
         """Detections per image, ``[{"box": [x1, y1, x2, y2], "score", "label", "class_name"}]`` sorted by
-        score, boxes in original image pixels. All images go through one session call."""
+        score, boxes in original image pixels. Every image is decoded and checked first (``load``), then all
+        go through one session call."""
+        return self.predict_loaded(self.load(images))
+
+    def predict_loaded(self, images: Sequence[Image.Image]) -> list[list[dict[str, Any]]]:
+        """:meth:`predict` for images that :func:`load_image` returned already (RGB, EXIF orientation
+        applied, size checked): the API decodes each request's image once, before it joins a batch."""
         if not images:
             return []
-        pil = self.load(images)
-        batch, sizes, factors = prepare_batch(pil, self.input_size)
+        batch, sizes, factors = prepare_batch(images, self.input_size)
         boxes, scores, labels, num = self.run(batch, sizes)
         results = []
-        for i, (image, (sx, sy)) in enumerate(zip(pil, factors, strict=True)):
+        for i, (image, (sx, sy)) in enumerate(zip(images, factors, strict=True)):
             k = int(num[i])
             b = boxes[i, :k].astype(np.float64) / np.array([sx, sy, sx, sy])
             b = np.minimum(b, [image.width, image.height, image.width, image.height])

@@ -13,7 +13,7 @@ from api.batcher import MicroBatcher, PredictorCache
 
 
 class FakeModel:
-    """Records its batches; ``predict`` takes a little time like a real session call."""
+    """Records its batches; ``predict_loaded`` takes a little time like a real session call."""
 
     def __init__(self, delay: float = 0.02):
         self.batches: list[list[Any]] = []
@@ -22,7 +22,7 @@ class FakeModel:
         self.max_concurrent = 0
         self._lock = threading.Lock()
 
-    def predict(self, images: list[Any]) -> list[list[dict[str, Any]]]:
+    def predict_loaded(self, images: list[Any]) -> list[list[dict[str, Any]]]:
         with self._lock:
             self.concurrent += 1
             self.max_concurrent = max(self.max_concurrent, self.concurrent)
@@ -42,7 +42,7 @@ def test_concurrent_requests_share_calls_and_get_their_own_answers() -> None:
     sizes: list[int] = []
 
     async def main() -> list[Any]:
-        b = MicroBatcher(model.predict, max_batch=8, max_wait_s=0.01, on_batch=sizes.append)
+        b = MicroBatcher(model.predict_loaded, max_batch=8, max_wait_s=0.01, on_batch=sizes.append)
         out = await asyncio.gather(*(b.submit(i) for i in range(20)))
         await b.close()
         return out
@@ -58,7 +58,7 @@ def test_lone_request_waits_at_most_max_wait() -> None:
     model = FakeModel(delay=0.0)
 
     async def main() -> float:
-        b = MicroBatcher(model.predict, max_batch=8, max_wait_s=0.05)
+        b = MicroBatcher(model.predict_loaded, max_batch=8, max_wait_s=0.05)
         t = time.perf_counter()
         await b.submit("x")
         dt = time.perf_counter() - t
@@ -73,7 +73,7 @@ def test_bad_image_fails_only_its_own_request() -> None:
     model = FakeModel()
 
     async def main() -> list[Any]:
-        b = MicroBatcher(model.predict, max_batch=8, max_wait_s=0.01)
+        b = MicroBatcher(model.predict_loaded, max_batch=8, max_wait_s=0.01)
         out = await asyncio.gather(*(b.submit(x) for x in ["a", "bad", "c"]), return_exceptions=True)
         await b.close()
         return out

@@ -1,0 +1,28 @@
+"""Store rows as clients see them: server paths and lease bookkeeping stay inside."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_HIDDEN_JOB_FIELDS = frozenset(
+    {"lease_owner", "lease_seconds", "lease_expires_at", "heartbeat_at", "idempotency_key", "enqueued_at"}
+)
+
+
+def public_job(job: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in job.items() if k not in _HIDDEN_JOB_FIELDS}
+
+
+def public_model(model: dict[str, Any]) -> dict[str, Any]:
+    """The model row's metadata (model.json as published) flattened beside its id, job and date."""
+    meta = dict(model.get("meta") or {})
+    meta.pop("path", None)
+    return {**meta, "id": model["id"], "job_id": model.get("job_id"), "created_at": model.get("created_at")}
+
+
+def public_dataset(ds: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in ds.items() if k != "path"}
+
+
+def public_checkpoint(ck: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in ck.items() if k != "path"}

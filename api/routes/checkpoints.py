@@ -1,0 +1,64 @@
+"""``/v1/checkpoints``: upload a GFL detector checkpoint (ours or mmdetection's) or a ResNet backbone, and
+describe it.
+
+The file is read without running any of its code (``distill.ckpt_reader``, the reader training and export
+use too); its inferred architecture is stored, so that a job naming it as teacher or as the student's
+initial weights is checked before it is queued.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.concurrency import run_in_threadpool
+
+from api import schemas
+from api.deps import ResourceId, SettingsDep, StoreDep, get_or_404
+from api.errors import APIError, error_docs
+from api.presenters import public_checkpoint
+from api.uploads import save_upload, upload_folder
+from distill.ckpt_reader import CheckpointError, describe_checkpoint
+from worker.store import new_id
+
+router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=schemas.Checkpoint,
+    summary="Upload a detector checkpoint (ours or mmdetection's GFL) or a ResNet backbone; read without "
+    "unpickling code",
+    responses=error_docs(413, 422),
+)
+async def upload_checkpoint(
+    file: Annotated[UploadFile, File(description="a .pt/.pth file written by torch.save")],
+    settings: SettingsDep,
+    store: StoreDep,
+    name: Annotated[str | None, Form(max_length=200)] = None,
+) -> dict[str, Any]:
+    async with upload_folder(settings.data_dir) as work:
+        tmp = work / "checkpoint.pt"
+        await save_upload(file, tmp)
+        try:
+            arch = await run_in_threadpool(describe_checkpoint, tmp)
+        except CheckpointError as e:
+            raise APIError(422, "invalid_checkpoint", str(e)) from e
+        ckpt_id = new_id("ckpt")
+        settings.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        final = settings.checkpoints_dir / f"{ckpt_id}.pt"
+        os.rename(tmp, final)  # the upload folder is under the same data_dir: one atomic rename
+        try:
+            row = await run_in_threadpool(store.add_checkpoint, ckpt_id, str(final), arch, name or file.filename)
+        except Exception:
+            final.unlink(missing_ok=True)  # no file without its row
+            raise
+        return public_checkpoint(row)
+
+
+@router.get("/{checkpoint_id}", response_model=schemas.Checkpoint, summary="Describe an uploaded checkpoint",
+            responses=error_docs(404))  # fmt: skip
+def get_checkpoint(checkpoint_id: ResourceId, store: StoreDep) -> dict[str, Any]:
+    return public_checkpoint(get_or_404(store.get_checkpoint, "checkpoint", checkpoint_id))

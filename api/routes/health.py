@@ -1,0 +1,54 @@
+"""``/healthz`` (liveness), ``/readyz`` (readiness) and ``/metrics`` (Prometheus). No API key needed."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from api import schemas
+from api.deps import MetricsDep, PredictorsDep, SettingsDep, StoreDep
+from api.metrics import CONTENT_TYPE
+from worker.queue import broker_ok
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=schemas.Health, summary="Liveness")
+async def healthz() -> dict[str, Any]:
+    return {"status": "ok", "checks": {}}
+
+
+@router.get(
+    "/readyz",
+    response_model=schemas.Health,
+    summary="Readiness: store and broker reachable, newest model loadable",
+    responses={503: {"model": schemas.Health, "description": "not ready; checks say why"}},
+)
+async def readyz(store: StoreDep, settings: SettingsDep, predictors: PredictorsDep) -> Response:
+    checks: dict[str, Any] = {}
+    checks["store"] = "ok" if await run_in_threadpool(store.ping) else "unreachable"
+    checks["broker"] = "ok" if await run_in_threadpool(broker_ok, settings) else "unreachable"
+    newest = await run_in_threadpool(store.newest_model)
+    if newest is None:
+        checks["model"] = "none published"
+    else:
+        # Loading it here also warms the cache for the first /detect.
+        try:
+            await predictors.get(newest["id"])
+            checks["model"] = f"ok ({newest['id']})"
+        except Exception as e:
+            checks["model"] = f"cannot load {newest['id']}: {e}"
+    ok = checks["store"] == "ok" and checks["broker"] == "ok" and not checks["model"].startswith("cannot")
+    body = {"status": "ok" if ok else "unavailable", "checks": checks}
+    return Response(json.dumps(body), status_code=200 if ok else 503, media_type="application/json")
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE: {}}}})  # fmt: skip
+async def metrics(metrics: MetricsDep) -> Response:
+    body = await run_in_threadpool(metrics.render)
+    return Response(body, media_type=CONTENT_TYPE)

@@ -1,0 +1,41 @@
+"""``/v1/models``: the published students (the store's catalogue) and their ONNX files."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+
+from api import schemas
+from api.deps import RegistryDep, ResourceId, StoreDep, get_or_404
+from api.errors import APIError, error_docs
+from api.presenters import public_model
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.get("", response_model=schemas.ModelList, summary="Published models, newest first")
+def list_models(store: StoreDep) -> dict[str, Any]:
+    return {"models": [public_model(m) for m in store.list_models()]}
+
+
+@router.get("/{model_id}", response_model=schemas.Model,
+            summary="A published model: classes, input size, metrics, source job, sha256",
+            responses=error_docs(404))  # fmt: skip
+def get_model(model_id: ResourceId, store: StoreDep) -> dict[str, Any]:
+    return public_model(get_or_404(store.get_model, "model", model_id))
+
+
+@router.get(
+    "/{model_id}/onnx",
+    summary="Download the model's ONNX file",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, **error_docs(404)},
+)
+def get_model_onnx(model_id: ResourceId, store: StoreDep, registry: RegistryDep) -> FileResponse:
+    get_or_404(store.get_model, "model", model_id)
+    path = registry.path(model_id) / "model.onnx"
+    if not path.is_file():
+        raise APIError(404, "not_found", f"model {model_id!r} has no ONNX file")
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{model_id}.onnx")
