@@ -134,8 +134,13 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> An
     return Opaque()
 
 
+class _Dict(dict):
+    """A plain dict that also takes attributes: ``torch.save`` of a bare state dict pickles the
+    OrderedDict's ``_metadata`` attribute, which pickle's BUILD sets on the rebuilt object."""
+
+
 def _ordered_dict(*args: Any) -> dict:
-    return dict(*args[:1]) if args and isinstance(args[0], list | dict) else {}
+    return _Dict(*args[:1]) if args and isinstance(args[0], list | dict) else _Dict()
 
 
 def _safe_global(module: str, name: str) -> Any:

@@ -22,7 +22,7 @@ import torchvision
 from torch import Tensor
 
 from distill.checkpoint import read_checkpoint, state_dict_of
-from distill.ckpt_reader import backbone_tensors, describe_state, detector_tensors
+from distill.ckpt_reader import backbone_tensors, describe_state, detector_tensors, resnet_layout
 from distill.models.gfl import GFL
 from distill.spec import Init, InitCheckpoint, InitPath
 
@@ -80,11 +80,12 @@ def initialise(model: GFL, init: Init | InitPath, weights_dir: str | os.PathLike
 
 def _load_backbone(model: GFL, state: dict[str, Tensor], source: str) -> InitReport:
     body = backbone_tensors(state)
+    depth, width = resnet_layout(body)
+    if (depth, width) != (model.cfg.depth, model.cfg.base_width):
+        raise ValueError(f"{source}: a ResNet-{depth} of width {width} does not fit the backbone of {model.arch} "
+                         f"(ResNet-{model.cfg.depth}, width {model.cfg.base_width})")
     own = model.backbone.state_dict()
     fits = {k: v for k, v in body.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
-    if not fits:
-        raise ValueError(f"{source}: no tensor fits the backbone of {model.arch} (ResNet-{model.cfg.depth}, "
-                         f"width {model.cfg.base_width})")
     model.backbone.load_state_dict(fits, strict=False)
     loaded = [f"backbone.{k}" for k in fits]
     report = InitReport(source, loaded=loaded, fresh=[k for k in model.state_dict() if k not in set(loaded)])

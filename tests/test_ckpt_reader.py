@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from api.ckpt_reader import CheckpointError, describe_checkpoint, read_checkpoint
+from distill.ckpt_reader import CheckpointError, describe_checkpoint, read_checkpoint
 
 FIXTURE = Path("/work/shared/fixtures/mmdet_gfl_r18_c64.pth")
 
@@ -97,12 +97,31 @@ def test_truncated_and_garbage_files_refused(tmp_path: Path) -> None:
         read_checkpoint(cut)
 
 
-def test_non_gfl_state_dict_refused(tmp_path: Path) -> None:
+def test_neither_detector_nor_backbone_refused(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    path = tmp_path / "resnet.pt"
+    path = tmp_path / "classifier_head.pt"
     torch.save({"fc.weight": torch.zeros(3, 4)}, path)
-    with pytest.raises(CheckpointError, match="not a GFL"):
+    with pytest.raises(CheckpointError, match="neither a GFL detector nor a ResNet"):
         describe_checkpoint(path)
+
+
+def test_wrapped_detector_keys_read_like_training_reads_them(tmp_path: Path) -> None:
+    """The API and training share one prefix rule: a distiller's ``student.`` wrapper (and its teacher's
+    keys beside it) reads as the student's detector in both."""
+    torch = pytest.importorskip("torch")
+    from distill.checkpoint import build_detector, load_detector
+
+    model = build_detector("gfl_tiny", 2, ["a", "b"])
+    other = build_detector("gfl_small", 5)
+    sd = {f"student.{k}": v for k, v in model.state_dict().items()}
+    sd.update({f"teacher.{k}": v for k, v in other.state_dict().items()})
+    path = tmp_path / "distiller.pth"
+    torch.save({"state_dict": sd, "meta": {"dataset_meta": {"classes": ["a", "b"]}}}, path)
+    info = describe_checkpoint(path)
+    assert info["kind"] == "detector" and info["name"] == "gfl_tiny" and info["classes"] == ["a", "b"]
+    loaded = load_detector(path)
+    assert loaded.arch == "gfl_tiny" and loaded.cfg.classes == ["a", "b"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
 def test_legacy_format_read(tmp_path: Path) -> None:
