@@ -1,10 +1,12 @@
 """``python -m deploy``: export a checkpoint to ONNX, run detections, publish into a registry.
 
-    python -m deploy export CHECKPOINT OUT_DIR [--fp16] [--sample IMAGE ...] [--meta META.json]
+    python -m deploy export CHECKPOINT OUT_DIR [--fp16] [--sample IMAGE ...]
     python -m deploy predict MODEL_DIR IMAGE... [--draw OUT.png] [--threads N]
     python -m deploy publish MODEL_DIR REGISTRY_ROOT [--id ID]
 
-``export`` needs torch; ``predict`` and ``publish`` do not (they never import it).
+``export`` needs torch; ``predict`` and ``publish`` do not (they never import it). ``export`` prints the
+model's description (architecture, verification, graph) as JSON; the folder keeps only what ``predict``
+needs (``model.onnx``, ``model.json``).
 Exit status: 0 on success, 2 for bad input (unreadable image or checkpoint, tampered model), 1 otherwise.
 """
 
@@ -19,18 +21,12 @@ from pathlib import Path
 def _export(args: argparse.Namespace) -> int:
     from deploy.export import ExportError, export_model
 
-    meta = json.loads(Path(args.meta).read_text()) if args.meta else None
     try:
-        info = export_model(args.checkpoint, args.out_dir, fp16=args.fp16, samples=args.sample or None,
-                            extra_meta=meta)
+        description = export_model(args.checkpoint, args.out_dir, fp16=args.fp16, samples=args.sample or None)
     except ExportError as e:
         print(f"error: export failed: {e}", file=sys.stderr)
         return 1
-    ver = info["export"]["verification"]
-    print(json.dumps({"out_dir": str(args.out_dir), "arch": info["arch"], "classes": info["classes"],
-                      "sha256": info["sha256"], "size_bytes": info["size_bytes"],
-                      "verified_detections": ver["detections"], "max_box_error_px": ver["max_box_error_px"],
-                      "max_score_error": ver["max_score_error"], "seconds": info["export"]["seconds"]}, indent=2))
+    print(json.dumps({"out_dir": str(args.out_dir), **description}, indent=2))
     return 0
 
 
@@ -81,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir")
     p.add_argument("--fp16", action="store_true", help="half-precision weights and compute (GPU serving)")
     p.add_argument("--sample", nargs="+", metavar="IMAGE", help="images to verify on (default: built-in ones)")
-    p.add_argument("--meta", metavar="META.json", help="JSON object merged into model.json (source_job, ...)")
     p.set_defaults(fn=_export)
     p = sub.add_parser("predict", help="detections of an exported model on images, as JSON")
     p.add_argument("model_dir")

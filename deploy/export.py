@@ -13,9 +13,10 @@ The graph (opset 18, dynamic batch and image size) is the whole of ``GFL.predict
   ``labels (N, K)`` int64 and ``num_detections (N,)`` int64, with ``K = max_per_img``. Rows at and after
   ``num_detections[i]`` are padding: boxes and scores 0, label -1.
 
-``export_model`` writes ``model.onnx`` and ``model.json`` (see ``deploy.registry``) and refuses to finish
-unless ONNX Runtime reproduces ``GFL.predict`` on sample images: the same detections, boxes within 1e-3 of
-the image size, the same labels, scores within 1e-4.
+``export_model`` writes ``model.onnx`` and the ``model.json`` the runtime needs (see ``deploy.registry``),
+returns the model's full description (architecture, export settings, verification, graph statistics), and
+refuses to finish unless ONNX Runtime reproduces ``GFL.predict`` on sample images: the same detections,
+boxes within 1e-3 of the image size, the same labels, scores within 1e-4.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -341,16 +343,16 @@ def graph_stats(proto: onnx.ModelProto) -> dict[str, Any]:
 
 def export_model(
     checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, *, fp16: bool = False,
-    extra_meta: dict | None = None, samples: Sequence[Image.Image | str | os.PathLike] | None = None,
-    opset: int = OPSET,
+    samples: Sequence[Image.Image | str | os.PathLike] | None = None, opset: int = OPSET,
 ) -> dict[str, Any]:
     """Export a checkpoint (project or mmdetection GFL) to ``out_dir/model.onnx`` + ``out_dir/model.json``.
 
     The graph is checked with ``onnx.checker`` and then verified in ONNX Runtime against the PyTorch
     detector on ``samples`` (default: ``sample_images()``); any mismatch raises ``ExportError`` and leaves
     ``out_dir`` as it was (the graph is built in a hidden folder inside it and moved in once verified).
-    ``extra_meta`` (source job, metrics, name, ...) is merged into model.json.
-    Returns the model.json dict.
+    Returns the model's description: model.json's keys plus ``arch``, ``num_classes``, ``metrics`` (the
+    checkpoint's), ``export`` (settings, versions, verification), ``graph``, ``source``, ``size_bytes`` and
+    ``created_at``. The service keeps it in the store (``worker.publish``); files keep only model.json.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -365,30 +367,31 @@ def export_model(
               for im in (samples or sample_images())]
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Build in a private folder beside out_dir and move the files in only once verified.
+    # Build in a hidden folder inside out_dir and move the files in only once verified.
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
         tmp_onnx = Path(tmp) / "model.onnx"
         proto = export_onnx(model, tmp_onnx, fp16=fp16, opset=opset)
         verification = verify_onnx(tmp_onnx, model, images, input_size, fp16=fp16)  # fp16 export copied it
-        info = build_model_json(
-            tmp_onnx,
-            arch=model.arch or "custom",
-            classes=model.classes,
-            input_size=list(input_size),
-            mean=list(MEAN), std=list(STD),
-            metrics=meta.get("metrics") or {},
-            export={"fp16": fp16, "opset": opset, "max_detections": model.cfg.max_per_img,
-                    "score_thr": model.cfg.score_thr, "nms_iou": model.cfg.nms_iou, "nms_pre": model.cfg.nms_pre,
-                    "reg_max": model.reg_max, "strides": list(model.strides), "torch": torch.__version__,
-                    "onnx": onnx.__version__, "onnxruntime": ort.__version__,
-                    "seconds": round(time.perf_counter() - start, 1), "verification": verification},
-            graph=graph_stats(proto),
-            source={"checkpoint": str(checkpoint_path), "checkpoint_kind": meta.get("kind")},
-            extra=extra_meta,
-        )
+        runtime = build_model_json(tmp_onnx, classes=model.classes, input_size=list(input_size), mean=list(MEAN),
+                                   std=list(STD))
+        description = {
+            **runtime,
+            "arch": model.arch or "custom",
+            "num_classes": len(model.classes),
+            "metrics": meta.get("metrics") or {},
+            "export": {"fp16": fp16, "opset": opset, "max_detections": model.cfg.max_per_img,
+                       "score_thr": model.cfg.score_thr, "nms_iou": model.cfg.nms_iou, "nms_pre": model.cfg.nms_pre,
+                       "reg_max": model.reg_max, "strides": list(model.strides), "torch": torch.__version__,
+                       "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+                       "seconds": round(time.perf_counter() - start, 1), "verification": verification},
+            "graph": graph_stats(proto),
+            "source": {"checkpoint": str(checkpoint_path), "checkpoint_kind": meta.get("kind")},
+            "size_bytes": tmp_onnx.stat().st_size,
+            "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        }  # fmt: skip
         os.replace(tmp_onnx, out_dir / "model.onnx")
-        write_model_json(out_dir, info)
-    return info
+        write_model_json(out_dir, runtime)
+    return description
 
 
 __all__ = ["DetectorWithPostprocess", "ExportError", "class_nms_keep", "compare_detections", "export_model",

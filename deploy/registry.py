@@ -1,12 +1,15 @@
 """Published models: a folder per model holding ``model.onnx`` and ``model.json``. Torch-free.
 
-``model.json`` (written by ``deploy.export``, completed by ``Registry.publish``)::
+``model.json`` holds what ``deploy.runtime.Predictor`` needs to run the graph and to trust it (written by
+``deploy.export``, given its id by ``Registry.publish``)::
 
-    {"format": "ld-service-model/1", "id": "mdl_..." | null, "arch": "gfl_r18", "classes": [...],
-     "num_classes": C, "input_size": [long, short], "size_divisor": 32, "mean": [...], "std": [...],
-     "source_job": "job_..." | null, "metrics": {"AP": ...}, "export": {"fp16": false, "opset": 18, ...},
-     "graph": {"nodes": ..., "parameters": ..., "ops": {...}}, "sha256": "<of model.onnx>",
-     "size_bytes": ..., "created_at": "2026-11-24T15:00:00Z", ...}
+    {"format": "ld-service-model/1", "id": "mdl_..." | null, "classes": [...], "input_size": [long, short],
+     "size_divisor": 32, "mean": [...], "std": [...], "color": "RGB", "sha256": "<of model.onnx>",
+     "published_at": "2026-11-24T15:00:00.000000Z"}
+
+Everything else about a model (architecture, metrics, source job, export and verification details) is its
+description: ``deploy.export.export_model`` returns it, and the service keeps it in the job store's model
+row (``worker.publish``), not in this folder.
 
 Publishing is atomic: the folder is assembled under a hidden name in the registry root and renamed into
 place, so a reader sees either no model or a complete one. A model whose ``model.onnx`` no longer hashes to
@@ -23,10 +26,15 @@ import secrets
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from distill.files import atomic_write, atomic_write_json
 
 FORMAT = "ld-service-model/1"
 ONNX_FILE, META_FILE = "model.onnx", "model.json"
+# The keys of model.json; a published model.json keeps only these, whatever its source folder held.
+RUNTIME_KEYS = ("format", "id", "classes", "input_size", "size_divisor", "mean", "std", "color", "sha256",
+                "published_at")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -46,48 +54,38 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _copy(src: Path, out: IO[bytes], digest: Any, chunk: int = 1 << 20) -> None:
+    """Copy ``src`` into ``out``, feeding the same bytes to ``digest``."""
+    with open(src, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+            out.write(block)
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def build_model_json(
-    onnx_path: str | os.PathLike, *, arch: str, classes: list[str], input_size: list[int], mean: list[float],
-    std: list[float], metrics: dict | None = None, export: dict | None = None, graph: dict | None = None,
-    source: dict | None = None, extra: dict | None = None,
+    onnx_path: str | os.PathLike, *, classes: list[str], input_size: list[int], mean: list[float], std: list[float]
 ) -> dict[str, Any]:
-    """The description of an exported model; ``extra`` keys (e.g. ``source_job``, ``metrics``, ``name``)
-    override the defaults."""
-    info: dict[str, Any] = {
+    """The model.json of an exported graph (not yet published: ``id`` None); hashes ``onnx_path``."""
+    return {
         "format": FORMAT,
         "id": None,
-        "arch": arch,
         "classes": list(classes),
-        "num_classes": len(classes),
         "input_size": list(input_size),
         "size_divisor": 32,
         "mean": list(mean),
         "std": list(std),
         "color": "RGB",
-        "source_job": None,
-        "source": source or {},
-        "metrics": metrics or {},
-        "export": export or {},
-        "graph": graph or {},
         "sha256": sha256_file(onnx_path),
-        "size_bytes": os.path.getsize(onnx_path),
-        "created_at": _now(),
     }
-    info.update(extra or {})
-    return info
 
 
 def write_model_json(folder: str | os.PathLike, info: dict[str, Any]) -> Path:
-    """Write ``folder/model.json`` atomically (temporary file + rename)."""
-    path = Path(folder) / META_FILE
-    tmp = path.with_name(f".{META_FILE}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write ``folder/model.json`` atomically."""
+    return atomic_write_json(Path(folder) / META_FILE, info, indent=2)
 
 
 def read_model_json(folder: str | os.PathLike) -> dict[str, Any]:
@@ -138,16 +136,18 @@ class Registry:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def publish(self, src_dir: str | os.PathLike, *, model_id: str | None = None,
-                meta: dict | None = None) -> dict[str, Any]:
+    def publish(self, src_dir: str | os.PathLike, *, model_id: str | None = None) -> dict[str, Any]:
         """Copy an exported model folder into the registry as ``root/<model_id>/``; returns its model.json.
 
-        The source's sha256 is checked first (a model damaged between export and publishing is refused),
-        ``meta`` is merged into model.json, and the folder appears under its final name in one rename.
+        The bytes of ``model.onnx`` are hashed once, as they are copied, and checked against the source's
+        model.json: what is served is what was exported, and a model damaged between export and publishing
+        is refused (``ModelIntegrityError``). The folder appears under its final name in one rename.
         Publishing an id that exists raises ``FileExistsError``.
         """
         src = Path(src_dir)
-        info = verify_folder(src)
+        info = read_model_json(src)
+        if not (src / ONNX_FILE).is_file():
+            raise ModelIntegrityError(f"{src}: {ONNX_FILE} is missing")
         model_id = f"mdl_{secrets.token_hex(8)}" if model_id is None else model_id
         self._check_id(model_id)
         final = self.root / model_id
@@ -156,13 +156,11 @@ class Registry:
         tmp = self.root / f".tmp-{model_id}-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
-            shutil.copyfile(src / ONNX_FILE, tmp / ONNX_FILE)
-            info = {**info, **(meta or {}), "id": model_id, "sha256": info["sha256"], "published_at": _now()}
-            verify_folder(tmp, info)  # the copy is what will be served: hash it, not the source
+            digest = hashlib.sha256()
+            atomic_write(tmp / ONNX_FILE, lambda out: _copy(src / ONNX_FILE, out, digest))
+            _check_hash(src / ONNX_FILE, digest.hexdigest(), info)
+            info = {k: info[k] for k in RUNTIME_KEYS if k in info} | {"id": model_id, "published_at": _now()}
             write_model_json(tmp, info)
-            for f in (tmp / ONNX_FILE, tmp / META_FILE):
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
             try:
                 os.rename(tmp, final)  # atomic; fails if another publisher took the id meanwhile
             except OSError as e:

@@ -7,27 +7,25 @@ finds the job already claimed and returns.
 
 The broker is ``redis://...`` in production and, by default, kombu's filesystem transport with its
 folders under ``data_dir/broker`` (nothing to install); both go through this same code.
+
+This module is the configuration only. The task is in ``worker.tasks``, the hooks on a worker's
+lifecycle in ``worker.hooks``, and the attempt at a job in ``worker.jobs``.
 """
 
 from __future__ import annotations
 
-import ctypes
-import logging
-import os
-import signal
-from pathlib import Path
 from typing import Any
 
-from celery import Celery, signals
-from celery.exceptions import Reject
+from celery import Celery
 from kombu import Queue
 
 from worker.settings import Settings
 
 QUEUE = "gpu"
 TASK_RUN_JOB = "ldd.run_job"
-
-log = logging.getLogger("ldd.worker")
+# What a worker imports at start (by name, so that this module, which the API imports too, needs neither):
+# the task, and the hooks on the worker's own signals.
+INCLUDE = ("worker.tasks", "worker.hooks")
 
 _apps: dict[tuple[str, str], Celery] = {}
 _current: Settings | None = None
@@ -52,27 +50,36 @@ def broker_options(settings: Settings) -> dict[str, Any]:
 
 
 def make_app(settings: Settings) -> Celery:
+    """The app for one broker. A worker made from it imports ``INCLUDE``: the task and the worker hooks."""
     # kombu wants a host part even for the filesystem transport (else it warns on every connection).
     url = "filesystem://localhost/" if settings.embedded_broker else settings.broker_url
-    app = Celery("ldd", broker=url, set_as_current=False)
+    app = Celery("ldd", broker=url, set_as_current=False, include=list(INCLUDE))
     app.conf.update(
         broker_transport_options=broker_options(settings),
+        # A broker that is down at start or restarts later: the worker waits and reconnects, forever.
         broker_connection_retry=True,
         broker_connection_retry_on_startup=True,
-        broker_connection_max_retries=None,  # survive broker restarts: retry forever
+        broker_connection_max_retries=None,
         broker_channel_error_retry=True,
         task_queues=[Queue(QUEUE, routing_key=QUEUE)],
         task_default_queue=QUEUE,
         task_routes={TASK_RUN_JOB: {"queue": QUEUE}},
         task_serializer="json",
         accept_content=["json"],
-        task_ignore_result=True,
+        task_ignore_result=True,  # results live in the store
+        # A worker killed mid-job: its message was not acknowledged yet, so the broker delivers it again
+        # (and the lease in the store decides whether the job may run).
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # A broker blip while sending: a few quick retries, then enqueue() gives up and the recovery loop
+        # re-sends later (the API must not hang on a dead broker).
         task_publish_retry=True,
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        # One job at a time per worker (one GPU), and no message held in reserve that another idle
+        # worker could have run.
         worker_concurrency=1,
         worker_prefetch_multiplier=1,
+        # A lost broker connection must not kill a training run: the store, not the broker, owns the job.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         # The store answers "what is running where"; broadcast control would need fanout on the
         # filesystem transport too, and nothing here uses it.
@@ -80,16 +87,6 @@ def make_app(settings: Settings) -> Celery:
         worker_send_task_events=False,
         worker_hijack_root_logger=False,
     )
-
-    @app.task(name=TASK_RUN_JOB, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-    def run_job(job_id: str) -> str:
-        from worker.jobs import run_job as run
-
-        outcome = run(job_id, current_settings())
-        if outcome == "shutdown":
-            raise Reject("worker shutting down", requeue=True)
-        return outcome
-
     return app
 
 
@@ -102,6 +99,7 @@ def current_settings() -> Settings:
 
 
 def configure(settings: Settings) -> None:
+    """Make ``settings`` this process's settings (``worker.main`` does, before starting the worker)."""
     global _current
     _current = settings
 
@@ -120,53 +118,3 @@ def __getattr__(name: str) -> Any:
     if name in ("app", "celery"):
         return get_app()
     raise AttributeError(name)
-
-
-# -- worker-process hooks (they fire only in a Celery worker) ------------------------------------------
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies.
-
-    Used in the training and export children, so they die with the Celery pool process that runs
-    the job (which Celery itself makes die with the worker's main process): a SIGKILLed worker leaves
-    no orphan training on in the background, writing into the run folder the next attempt resumes from.
-    """
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except OSError:  # not Linux: the lease still fences the job, the orphan just wastes time
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-@signals.worker_shutting_down.connect(weak=False)
-def _forward_warm_shutdown(how: str = "", **_: Any) -> None:
-    """On a warm shutdown (SIGTERM to the main process, e.g. ``docker stop``) Celery would wait for
-    the running job to finish, however long it trains. Pass the SIGTERM on to the pool process: the
-    job it runs checkpoints its training child and goes back to the queue (``worker.jobs``)."""
-    if how != "Warm":
-        return
-    me = str(os.getpid())
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[1] == me:  # a direct child: a pool process
-            try:
-                os.kill(int(stat.parent.name), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-
-@signals.worker_ready.connect(weak=False)
-def _start_recovery(**_: Any) -> None:
-    from worker.recovery import start_recovery_loop
-
-    start_recovery_loop(current_settings())
-

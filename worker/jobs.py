@@ -1,15 +1,19 @@
-"""One attempt at one job: the body of the Celery task ``run_job`` (no Celery or torch in here).
+"""One attempt at one job: the body of the Celery task ``worker.tasks.run_job`` (no Celery or torch in here).
 
-    claim (lease) -> resolve ids to local paths -> runs/<job>/spec.json
+    claim (lease) -> check the job, ids to local paths (worker.checks) -> runs/<job>/spec.json
       -> child: python -m distill train spec.json --out runs/<job>   (resumes from checkpoints/last.pt)
-      -> child: python -m worker.export runs/<job>/model.pt runs/<job>/export
-      -> Registry(models/).publish(export, model_id=mdl_<job hex>) -> store.add_model -> succeeded
+      -> child: python -m worker.export runs/<job>/model.pt runs/<job>/export runs/<job>/export.json
+      -> worker.publish: Registry(models/).publish(export, model_id=mdl_<job hex>) + the store's model row
+      -> succeeded
 
 Both children run in their own process group (killable as a whole, DataLoader workers included) and
-die with this process. While a child runs, this process polls the store every second for a cancel
-or a lost lease, relays ``progress.json`` into the store every ``progress_seconds`` and renews the
-lease every ``heartbeat_seconds``. The model id is derived from the job id, so a job publishes one
-model however many attempts it takes.
+die with this process (``worker.process``). While a child runs, this process polls the store twice a
+second for a cancel or a lost lease, relays ``progress.json`` into the store every ``progress_seconds``
+and renews the lease every ``heartbeat_seconds``. The model id is derived from the job id, so a job
+publishes one model however many attempts it takes.
+
+An attempt returns how it ended (an ``Outcome``) and sends no broker message itself: when the job is
+queued again (``REQUEUED``) the caller sends the wake-up (``worker.tasks``).
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from worker.celery_app import die_with_parent
-from worker.resolve import JobRefused, resolve_spec
+from deploy.registry import Registry
+from distill.files import atomic_write_json
+from worker.checks import JobRefused, resolve_job
+from worker.process import die_with_parent, stop_group
+from worker.publish import publish_model
 from worker.settings import Settings
 from worker.store import Store
 
@@ -38,6 +44,10 @@ log = logging.getLogger("ldd.worker")
 
 ROOT = Path(__file__).resolve().parents[1]
 POLL_SECONDS = 0.5
+
+Outcome = Literal["succeeded", "failed", "cancelled", "lost", "skipped", "shutdown", "released", "retry"]
+# The attempt put the job back in the queue: a broker message must wake a worker for it.
+REQUEUED: frozenset[Outcome] = frozenset({"released", "retry"})
 
 _stores: dict[tuple[int, str], Store] = {}
 _shutting_down = threading.Event()  # set by SIGTERM in the pool process
@@ -55,11 +65,16 @@ def model_id_for(job_id: str) -> str:
     return "mdl_" + job_id.removeprefix("job_")
 
 
-def run_job(job_id: str, settings: Settings, store: Store | None = None) -> str:
-    """Claim ``job_id`` and run one attempt. Returns how it ended (for the worker's log)."""
+def run_job(job_id: str, settings: Settings, store: Store | None = None) -> Outcome:
+    """Claim ``job_id`` and run one attempt; returns how it ended.
+
+    ``shutdown``: not started, this process is stopping (give the message back); ``skipped``: not
+    claimable (a duplicate message); ``released``/``retry``: queued again, needs a new message (``REQUEUED``);
+    ``lost``: another worker holds it now; else the job's final state.
+    """
     if _shutting_down.is_set():
         # This pool process was told to stop while running a job; Celery may still hand it a message
-        # before it exits. The task gives that message back to the broker for another worker.
+        # before it exits.
         log.info("job %s: worker shutting down; not starting it", job_id)
         return "shutdown"
     store = store or get_store(settings)
@@ -82,6 +97,8 @@ class Lost(Exception):
 
 
 class Attempt:
+    """One claimed attempt: run the children, relay progress, keep the lease, end the job."""
+
     def __init__(self, store: Store, settings: Settings, job: dict[str, Any], owner: str):
         self.store, self.settings, self.job, self.owner = store, settings, job, owner
         self.job_id: str = job["id"]
@@ -92,7 +109,7 @@ class Attempt:
         self._progress_sent = 0.0
         self._progress_mtime: float | None = None
 
-    def run(self) -> str:
+    def run(self) -> Outcome:
         # Celery resets SIGTERM to "die" in its pool process; a worker being stopped (``ldd up``
         # Ctrl-C, ``docker stop``) should instead checkpoint the child and give the job back at once.
         previous = None
@@ -107,7 +124,7 @@ class Attempt:
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         _shutting_down.set()
 
-    def _run_guarded(self) -> str:
+    def _run_guarded(self) -> Outcome:
         try:
             return self._run()
         except Lost as e:
@@ -123,32 +140,36 @@ class Attempt:
             log.exception("job %s: internal error", self.job_id)
             return self._end("failed", error=f"worker error: {type(e).__name__}: {e}")
 
-    def _run(self) -> str:
+    def _run(self) -> Outcome:
         model = self.store.model_for_job(self.job_id)
         if model is not None:  # published by an attempt that died before it could say so
             return self._succeed(model)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         model_pt, metrics_json = self.run_dir / "model.pt", self.run_dir / "metrics.json"
         if not (model_pt.is_file() and metrics_json.is_file()):
-            local = resolve_spec(self.job["spec"], self.store, self.settings)
-            spec_path = self.run_dir / "spec.json"
-            _atomic_write(spec_path, json.dumps(local, indent=2))
-            rc = self._child("train", ["-m", "distill", "train", str(spec_path), "--out", str(self.run_dir)])
+            local = resolve_job(self.job["spec"], self.store, self.settings)
+            spec_path = atomic_write_json(self.run_dir / "spec.json", local, indent=2)
+            args = ["-m", "distill", "train", str(spec_path), "--out", str(self.run_dir)]
+            if self.settings.weights_dir is not None:
+                args += ["--weights-dir", str(self.settings.weights_dir)]
+            rc = self._child("train", args)
             if rc != 0:
                 return self._child_failed("training", rc)
         metrics = json.loads(metrics_json.read_text())
 
         self._heartbeat({**(self.progress or {}), "phase": "export"})
-        export_dir = self.run_dir / "export"
+        export_dir, described = self.run_dir / "export", self.run_dir / "export.json"
         shutil.rmtree(export_dir, ignore_errors=True)
-        meta = {"job_id": self.job_id, "name": self.job["spec"].get("name"), "kind": self.job["kind"],
-                "metrics": metrics.get("bbox", metrics)}  # fmt: skip
-        meta_path = self.run_dir / "export_meta.json"
-        _atomic_write(meta_path, json.dumps(meta))
-        rc = self._child("export", ["-m", "worker.export", str(model_pt), str(export_dir), "--meta", str(meta_path)])
+        rc = self._child("export", ["-m", "worker.export", str(model_pt), str(export_dir), str(described)])
         if rc != 0:
             return self._child_failed("ONNX export", rc)
-        return self._succeed(self._publish(export_dir, meta), metrics)
+        self._heartbeat(None)  # fence: still ours right before the one visible side effect
+        model = publish_model(
+            self.store, Registry(self.settings.models_dir), export_dir, json.loads(described.read_text()),
+            model_id=model_id_for(self.job_id), job_id=self.job_id,
+            name=self.job["spec"].get("name"), kind=self.job["kind"], metrics=metrics.get("bbox", metrics),
+        )  # fmt: skip
+        return self._succeed(model, metrics)
 
     # -- the children ----------------------------------------------------------------------------
 
@@ -167,7 +188,7 @@ class Attempt:
         try:
             self._supervise(proc)
         except BaseException:
-            _stop_group(proc, self.settings.kill_grace_seconds, self._extend_lease)
+            stop_group(proc, self.settings.kill_grace_seconds, self._extend_lease)
             raise
         self._relay_progress(force=True)
         return proc.returncode
@@ -231,7 +252,7 @@ class Attempt:
             self.store.heartbeat(self.job_id, self.owner)
             self._beat_sent = time.monotonic()
 
-    def _child_failed(self, what: str, rc: int) -> str:
+    def _child_failed(self, what: str, rc: int) -> Outcome:
         err_file = self.run_dir / "error.json"
         message = None
         if err_file.is_file():
@@ -254,84 +275,31 @@ class Attempt:
 
     # -- publishing and ending -------------------------------------------------------------------
 
-    def _publish(self, export_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
-        from deploy.registry import Registry  # torch-free
-
-        self._heartbeat(None)  # fence: still ours right before the one visible side effect
-        registry = Registry(self.settings.models_dir)
-        model_id = model_id_for(self.job_id)
-        try:
-            published = registry.get(model_id)  # an earlier attempt published, then died
-        except KeyError:
-            try:
-                published = registry.publish(export_dir, model_id=model_id, meta=meta)
-            except FileExistsError:  # a racing publisher won; its model is the job's model
-                published = registry.get(model_id)
-        return self.store.add_model(model_id, self.job_id, str(registry.path(model_id)), published)
-
-    def _succeed(self, model: dict[str, Any], metrics: dict[str, Any] | None = None) -> str:
+    def _succeed(self, model: dict[str, Any], metrics: dict[str, Any] | None = None) -> Outcome:
         if metrics is None:
             path = self.run_dir / "metrics.json"
             metrics = json.loads(path.read_text()) if path.is_file() else None
         progress = {**(self.progress or {}), "phase": "done"}
         return self._end("succeeded", model_id=model["id"], metrics=metrics, progress=progress)
 
-    def _release(self) -> str:
-        from worker.queue import enqueue
-
+    def _release(self) -> Outcome:
         log.warning("job %s: worker shutting down; job queued again (resumes from its checkpoint)", self.job_id)
         if self.store.release(self.job_id, self.owner, "the worker running it was shut down") is None:
             return "lost"
-        enqueue(self.job_id, self.settings)
         return "released"
 
-    def _retry(self, why: str) -> str:
-        from worker.queue import enqueue
-
+    def _retry(self, why: str) -> Outcome:
         log.warning("job %s: attempt %d ended (%s); queued again", self.job_id, self.job["attempts"], why)
         if self.store.finish(self.job_id, self.owner, "queued", last_error=why) is None:
             return "lost"
-        enqueue(self.job_id, self.settings)
         return "retry"
 
-    def _end(self, state: str, **fields: Any) -> str:
+    def _end(self, state: Literal["succeeded", "failed", "cancelled"], **fields: Any) -> Outcome:
         if self.progress is not None and "progress" not in fields:
             fields["progress"] = self.progress
         done = self.store.finish(self.job_id, self.owner, state, **fields)
         log.info("job %s: %s%s", self.job_id, state, f" ({fields['error']})" if fields.get("error") else "")
         return state if done is not None else "lost"
-
-
-def _stop_group(proc: subprocess.Popen[bytes], grace: float, keep_lease: Callable[[], None]) -> None:
-    """SIGTERM the child's process group (it checkpoints and exits), SIGKILL it after ``grace``.
-
-    ``keep_lease`` runs every poll meanwhile: the lease must outlive the grace period, or the recovery
-    loop would take the job while its child is still running.
-    """
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            keep_lease()
-        except Exception:
-            pass
-        time.sleep(min(POLL_SECONDS, 0.1))
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # also any DataLoader workers left in the group
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _tail(path: Path, n: int) -> str:

@@ -1,7 +1,8 @@
-"""Starting a worker: ``python -m worker`` or ``run_worker(settings)`` (what ``ldd worker``/``ldd up`` call).
+"""Starting a worker: ``python -m worker`` (what ``ldd worker`` and ``ldd up`` run) or ``run_worker(settings)``.
 
 One Celery worker process on queue ``gpu`` with one pool process (``-c 1``: one job at a time per
-GPU), plus the recovery loop in a thread of the main process (started when the worker is ready).
+GPU), plus the recovery loop in a thread of the main process (started when the worker is ready, by
+``worker.hooks``). ``celery -A worker.celery_app worker`` starts the same worker.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ def worker_argv(name: str | None = None, loglevel: str = "INFO") -> list[str]:
 
 
 def run_worker(settings: Settings | None = None, *, name: str | None = None, loglevel: str = "INFO") -> None:
-    """Run a worker in this process until it is stopped (SIGTERM: finish the job first; SIGQUIT: now)."""
+    """Run a worker in this process until it is stopped.
+
+    SIGTERM (warm shutdown): the running job checkpoints its training child and goes back to the queue
+    without counting the attempt (``worker.hooks``, ``worker.jobs``); SIGQUIT: stop at once (the job's
+    lease expires and the recovery loop queues it again).
+    """
     settings = settings or Settings.from_env()
     settings.make_dirs()
     # Pool children and training children inherit these: they see the same settings.

@@ -1,9 +1,9 @@
-"""Service settings, read from ``LDD_*`` environment variables (torch-free; the API imports this).
+"""Service settings: one typed object read from ``LDD_*`` environment variables (torch-free; the API imports it).
 
 Artifact layout under ``data_dir``::
 
     datasets/<id>/          uploaded dataset folders (annotations.json + images)
-    checkpoints/<id>.pt     uploaded teacher checkpoints
+    checkpoints/<id>.pt     uploaded checkpoints (teachers, initialisations)
     runs/<job_id>/          one training run: spec.json, checkpoints/, progress.json, model.pt, ...
     models/<model_id>/      published ONNX models (the deploy Registry root)
     broker/                 the embedded (filesystem) Celery broker's folders
@@ -11,71 +11,90 @@ Artifact layout under ``data_dir``::
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "LDD_"
 EMBEDDED_BROKER = "filesystem://"
 
 
-@dataclass
-class Settings:
+def _whole_number(value: Any) -> Any:
+    # Limits are often written in exponent form ("40e6"), which pydantic's int refuses.
+    return int(float(value)) if isinstance(value, str) else value
+
+
+Count = Annotated[int, BeforeValidator(_whole_number)]
+
+
+class Settings(BaseSettings):
+    """``Settings()`` reads ``LDD_<FIELD>`` (e.g. ``LDD_DATA_DIR``); keyword arguments win over the environment."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid")
+
     data_dir: Path = Path("./.ldd")
-    # Empty means "derived from data_dir" (see __post_init__).
+    # Empty means "sqlite in data_dir" (see _derive).
     store_url: str = ""
     # ``filesystem://`` (the default) is Celery/kombu's filesystem transport with its folders under
     # data_dir, so one machine needs nothing installed; ``redis://host:port/db`` in production.
     broker_url: str = EMBEDDED_BROKER
-    api_keys: list[str] = field(default_factory=list)
-    max_upload_bytes: int = 500 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
-    max_attempts: int = 3
+    # ``LDD_API_KEYS=a,b`` (comma-separated, not JSON).
+    api_keys: Annotated[list[str], NoDecode] = []
+    max_upload_bytes: Count = 500 * 1024 * 1024
+    max_image_pixels: Count = 40_000_000
+    max_attempts: Count = 3
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
-    # Worker-side knobs (not in the design card's list, but settable the same way).
     progress_seconds: float = 2.0  # how often the worker relays progress.json into the store
     kill_grace_seconds: float = 5.0  # SIGTERM -> SIGKILL grace when a job is cancelled
     recover_seconds: float = 0.0  # period of the recovery loop; 0 = lease_seconds / 2
+    # Where torchvision's ImageNet weights are cached for the service; None = torchvision's own default
+    # (``$TORCH_HOME/hub/checkpoints``).
+    weights_dir: Path | None = None
 
-    def __post_init__(self) -> None:
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        return [k.strip() for k in value.split(",") if k.strip()] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
         # Absolute, so the API, the worker and its children agree whatever their working directory.
-        self.data_dir = Path(self.data_dir).absolute()
+        self.data_dir = self.data_dir.absolute()
+        if self.weights_dir is not None:
+            self.weights_dir = self.weights_dir.absolute()
         if not self.store_url:
             self.store_url = f"sqlite:///{self.data_dir / 'ldd.db'}"
         if not self.broker_url:
             self.broker_url = EMBEDDED_BROKER
         if self.recover_seconds <= 0:
             self.recover_seconds = max(0.5, self.lease_seconds / 2)
+        return self
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Settings:
-        """Settings from ``LDD_<FIELD>`` variables (e.g. ``LDD_DATA_DIR``); ``overrides`` win."""
-        env = dict(os.environ if env is None else env)
-        values: dict[str, object] = {}
-        for f in fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw is None or raw == "":
-                continue
-            if f.name == "api_keys":
-                values[f.name] = [k.strip() for k in raw.split(",") if k.strip()]
-            elif f.name == "data_dir":
-                values[f.name] = Path(raw)
-            elif f.name in ("max_upload_bytes", "max_image_pixels", "max_attempts"):
-                values[f.name] = int(float(raw))  # accepts "40e6"
-            elif f.name in ("store_url", "broker_url"):
-                values[f.name] = raw
-            else:
-                values[f.name] = float(raw)
-        values.update(overrides)
-        return cls(**values)  # type: ignore[arg-type]
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``env`` (default: ``os.environ``); ``overrides`` win.
+
+        With an explicit ``env`` every field is given, from ``env`` or its default, so the variables of
+        this process play no part (a child's environment is exactly what it will see).
+        """
+        if env is None:
+            return cls(**overrides)
+        values: dict[str, Any] = {}
+        for name, field in cls.model_fields.items():
+            raw = env.get(ENV_PREFIX + name.upper())
+            values[name] = raw if raw else field.get_default(call_default_factory=True)
+        return cls(**{**values, **overrides})
 
     def to_env(self) -> dict[str, str]:
         """The ``LDD_*`` variables that reproduce these settings in a child process."""
         out: dict[str, str] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            out[ENV_PREFIX + f.name.upper()] = ",".join(v) if isinstance(v, list) else str(v)
+        for name in type(self).model_fields:
+            v = getattr(self, name)
+            out[ENV_PREFIX + name.upper()] = ",".join(v) if isinstance(v, list) else "" if v is None else str(v)
         return out
 
     @property

@@ -1,0 +1,127 @@
+"""The catalogue half of the job store: uploaded datasets and checkpoints, published models. Torch-free.
+
+Every method returns plain JSON-ready dicts (timestamps as ISO 8601 strings in UTC). ``worker.store.Store``
+adds the jobs and their lease protocol on top of it; the API and the worker use that one class.
+
+A published model's row is the one place its description lives (architecture, classes, input size,
+metrics, source job, export details, sha256: ``meta``); its registry folder (``path``) holds only what
+serving needs (``deploy.registry``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import insert, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from worker.db import make_engine, migrate, plain, utcnow
+from worker.schema import checkpoints, datasets, models
+
+
+class Catalogue:
+    """``url``: ``sqlite:///path.db`` or ``postgresql://user@host/db``; the schema is migrated on start."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        migrate(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    def ping(self) -> bool:
+        """True when the database answers (readiness)."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            return True
+        except Exception:
+            return False
+
+    # -- datasets -------------------------------------------------------------------------------
+
+    def add_dataset(
+        self, id: str, name: str, path: str, classes: list[str], num_images: int, num_boxes: int,
+        splits: dict[str, Any], problems: list[str],
+    ) -> dict[str, Any]:  # fmt: skip
+        values = dict(
+            id=id, name=name, path=str(path), classes=list(classes), num_images=int(num_images),
+            num_boxes=int(num_boxes), splits=dict(splits), problems=list(problems), created_at=utcnow(),
+        )  # fmt: skip
+        with self._tx() as conn:
+            conn.execute(insert(datasets).values(**values))
+        return plain(values)
+
+    def get_dataset(self, id: str) -> dict[str, Any] | None:
+        with self._tx() as conn:
+            row = conn.execute(select(datasets).where(datasets.c.id == id)).first()
+        return None if row is None else plain(row._mapping)
+
+    def list_datasets(self) -> list[dict[str, Any]]:
+        """Newest first."""
+        with self._tx() as conn:
+            rows = conn.execute(select(datasets).order_by(datasets.c.created_at.desc(), datasets.c.id)).all()
+        return [plain(r._mapping) for r in rows]
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def add_checkpoint(self, id: str, path: str, arch: dict[str, Any], name: str | None) -> dict[str, Any]:
+        values = dict(id=id, path=str(path), arch=dict(arch), name=name, created_at=utcnow())
+        with self._tx() as conn:
+            conn.execute(insert(checkpoints).values(**values))
+        return plain(values)
+
+    def get_checkpoint(self, id: str) -> dict[str, Any] | None:
+        with self._tx() as conn:
+            row = conn.execute(select(checkpoints).where(checkpoints.c.id == id)).first()
+        return None if row is None else plain(row._mapping)
+
+    # -- models ---------------------------------------------------------------------------------
+
+    def add_model(self, id: str, job_id: str | None, path: str, meta: dict[str, Any]) -> dict[str, Any]:
+        """Record a published model. Idempotent: adding the same id (or a second model for the same
+        job) returns the model already recorded."""
+        values = dict(id=id, job_id=job_id, path=str(path), meta=dict(meta), created_at=utcnow())
+        try:
+            with self._tx() as conn:
+                conn.execute(insert(models).values(**values))
+        except IntegrityError:
+            existing = self.get_model(id) or (self.model_for_job(job_id) if job_id else None)
+            if existing is None:
+                raise
+            return existing
+        return plain(values)
+
+    def get_model(self, id: str) -> dict[str, Any] | None:
+        return self._one_model(models.c.id == id)
+
+    def model_for_job(self, job_id: str) -> dict[str, Any] | None:
+        return self._one_model(models.c.job_id == job_id)
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """Newest first."""
+        with self._tx() as conn:
+            rows = conn.execute(select(models).order_by(models.c.created_at.desc(), models.c.id.desc())).all()
+        return [plain(r._mapping) for r in rows]
+
+    def newest_model(self) -> dict[str, Any] | None:
+        with self._tx() as conn:
+            row = conn.execute(
+                select(models).order_by(models.c.created_at.desc(), models.c.id.desc()).limit(1)
+            ).first()
+        return None if row is None else plain(row._mapping)
+
+    def _one_model(self, where: sa.ColumnElement[bool]) -> dict[str, Any] | None:
+        with self._tx() as conn:
+            row = conn.execute(select(models).where(where)).first()
+        return None if row is None else plain(row._mapping)

@@ -1,0 +1,37 @@
+"""Alembic's environment for the job store.
+
+At run time ``worker.db.migrate`` passes the connection to migrate (and holds the lock on it). From the
+command line, to write a new revision after changing ``worker/schema.py``::
+
+    LDD_STORE_URL=sqlite:///scratch.db alembic -c worker/migrations/alembic.ini upgrade head
+    LDD_STORE_URL=sqlite:///scratch.db alembic -c worker/migrations/alembic.ini revision --autogenerate -m "..."
+
+the store named by the ``LDD_*`` settings is used.
+"""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy.engine import Connection
+
+from worker.db import make_engine
+from worker.schema import metadata
+from worker.settings import Settings
+
+
+def run(connection: Connection) -> None:
+    # render_as_batch: SQLite alters a table by copying it; later revisions then work on both databases.
+    context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+given = context.config.attributes.get("connection")
+if given is not None:
+    run(given)
+else:
+    engine = make_engine(Settings().store_url)
+    with engine.connect() as conn:
+        run(conn)
+        conn.commit()
+    engine.dispose()

@@ -1,0 +1,76 @@
+"""The job store's tables (SQLAlchemy Core). Torch-free.
+
+This is the schema the code expects; the database gets it through the Alembic migrations in
+``worker/migrations/versions`` (``worker.db.migrate``), and ``tests/test_migrations.py`` checks that the two
+agree. A change here needs a new migration.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, Boolean, Column, DateTime, Float, Integer, MetaData, String, Table, Text
+
+metadata = MetaData()
+
+datasets = Table(
+    "datasets", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("path", Text, nullable=False),
+    Column("classes", JSON, nullable=False),
+    Column("num_images", Integer, nullable=False),
+    Column("num_boxes", Integer, nullable=False),
+    Column("splits", JSON, nullable=False),
+    Column("problems", JSON, nullable=False),
+    Column("created_at", DateTime, nullable=False),
+)  # fmt: skip
+
+checkpoints = Table(
+    "checkpoints", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=True),
+    Column("path", Text, nullable=False),
+    # What the torch-free checkpoint reader found: kind, architecture, classes, ...
+    Column("arch", JSON, nullable=False),
+    Column("created_at", DateTime, nullable=False),
+)  # fmt: skip
+
+jobs = Table(
+    "jobs", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("name", String(200), nullable=True),
+    Column("state", String(16), nullable=False, index=True),
+    Column("spec", JSON, nullable=False),
+    Column("spec_sha256", String(64), nullable=False),
+    Column("progress", JSON, nullable=True),
+    Column("metrics", JSON, nullable=True),
+    Column("error", Text, nullable=True),
+    # Why the previous attempt ended (kept while the job is queued again); quoted when attempts run out.
+    Column("last_error", Text, nullable=True),
+    Column("attempts", Integer, nullable=False),
+    Column("lease_owner", String(200), nullable=True),
+    Column("lease_seconds", Float, nullable=True),
+    Column("lease_expires_at", DateTime, nullable=True),
+    Column("heartbeat_at", DateTime, nullable=True),
+    Column("cancel_requested", Boolean, nullable=False),
+    Column("idempotency_key", String(255), nullable=True, unique=True),
+    Column("model_id", String(64), nullable=True),
+    # When a broker message was last sent for this job by the recovery loop (re-sends are rate-limited).
+    Column("enqueued_at", DateTime, nullable=True),
+    Column("created_at", DateTime, nullable=False, index=True),
+    Column("started_at", DateTime, nullable=True),
+    Column("finished_at", DateTime, nullable=True),
+    Column("updated_at", DateTime, nullable=False),
+)  # fmt: skip
+
+# The catalogue of published models: ``meta`` is the model's description (architecture, classes, input
+# size, metrics, export details, sha256); the registry folder at ``path`` holds only what serving needs.
+models = Table(
+    "models", metadata,
+    Column("id", String(64), primary_key=True),
+    # Unique: a job publishes at most one model, whatever happens to its worker.
+    Column("job_id", String(64), nullable=True, unique=True),
+    Column("path", Text, nullable=False),
+    Column("meta", JSON, nullable=False),
+    Column("created_at", DateTime, nullable=False, index=True),
+)  # fmt: skip
