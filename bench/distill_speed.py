@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 from report import device_tag, save
 
-from distill import distillation
-from distill.assigners import atss_assign
 from distill.checkpoint import atomic_save, build_detector, detector_state
+from distill.criterion import DistillCriterion, pad_targets
 from distill.data.synthetic import make_synthetic
-from distill.spec import JobSpec
-from distill.train import Trainer, pad_targets
+from distill.spec import LocalJobSpec
+from distill.train import Trainer
 
 
 def _sync(device: torch.device) -> None:
@@ -63,29 +62,24 @@ def measure(student: str, teacher: str, size: tuple[int, int], batch: int, iters
         schedule = {"epochs": 1, "batch_size": batch, "image_size": list(size), "num_workers": 0,
                     "warmup_iters": 0}
         base = {"dataset": str(data_dir), "student": {"arch": student}, "schedule": schedule}
-        plain = Trainer(JobSpec.model_validate({"kind": "train", **base}), tmp_path / "plain", device=device)
-        spec = JobSpec.model_validate({"kind": "distill", **base, "teacher": {"path": str(teacher_path)}})
+        plain = Trainer(LocalJobSpec.model_validate({"kind": "train", **base}), tmp_path / "plain", device=device)
+        spec = LocalJobSpec.model_validate({"kind": "distill", **base, "teacher": {"path": str(teacher_path)}})
         distilled = Trainer(spec, tmp_path / "distill", device=device)
         dev = distilled.device
-        assert distilled.teacher is not None and spec.distill is not None
+        criterion = distilled.criterion
+        assert isinstance(criterion, DistillCriterion)
         plain.model.train()
         distilled.model.train()
 
         def teacher_forward(images: torch.Tensor) -> None:
-            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=distilled.amp):
-                t = distilled.teacher
-                t.flatten(*t.bbox_head(t.features(images)))
+            criterion.teacher_forward(images)
 
         def regions(images: torch.Tensor, targets: list[dict]) -> tuple[float, int, int]:
             with torch.no_grad():
-                cls_scores, _ = distilled.model.raw_outputs(images)
-                points, strides, counts, anchors = distilled.locations(cls_scores)
-                gt_boxes, gt_labels, gt_valid = pad_targets(targets, dev)
-                assignment = atss_assign(anchors, counts, gt_boxes, gt_valid)
-                ctx = distillation.BatchContext(points, strides, counts, anchors, assignment, gt_boxes, gt_labels,
-                                                gt_valid, {})
+                gt = pad_targets(targets, dev)
+                _, state = criterion.gfl.losses(criterion.gfl.forward(images), gt)
                 found = []
-                elapsed = _timed(lambda: found.append(distillation.batch_regions(ctx, spec.distill.gamma)), dev)
+                elapsed = _timed(lambda: found.append(criterion.regions(state, gt)), dev)
                 return elapsed, int(found[0].main.sum()), int(found[0].vlr.sum())
 
         times: dict[str, list[float]] = {"student": [], "teacher": [], "distill": [], "regions": []}

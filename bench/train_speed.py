@@ -19,10 +19,11 @@ import torch
 from report import device_tag, save
 
 from distill.assigners import atss_assign
+from distill.criterion import pad_targets
 from distill.data.synthetic import make_synthetic
-from distill.losses.gfl import gfl_losses
-from distill.spec import JobSpec
-from distill.train import Trainer, pad_targets
+from distill.losses.gfl import find_positives, gfl_losses
+from distill.spec import LocalJobSpec
+from distill.train import Trainer
 
 
 def _sync(device: torch.device) -> None:
@@ -35,13 +36,14 @@ def measure(arch: str, size: tuple[int, int], batch: int, iters: int, warmup: in
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = make_synthetic(Path(tmp) / "data", num_train=batch * (iters + warmup), num_val=2,
                                   image_size=size, seed=0)
-        spec = JobSpec.model_validate({
+        spec = LocalJobSpec.model_validate({
             "kind": "train", "dataset": str(data_dir), "student": {"arch": arch},
             "schedule": {"epochs": 1, "batch_size": batch, "image_size": list(size), "num_workers": workers,
                          "warmup_iters": 0}})
         trainer = Trainer(spec, Path(tmp) / "run", device=device)
         dev = trainer.device
         model = trainer.model.train()
+        criterion = trainer.criterion  # its phases are timed one by one here, as Trainer.step runs them
         loader = iter(trainer.train_loader)
         phases = {"data": 0.0, "forward": 0.0, "assign": 0.0, "loss": 0.0, "backward": 0.0}
         images_done = 0
@@ -49,21 +51,19 @@ def measure(arch: str, size: tuple[int, int], batch: int, iters: int, warmup: in
             t0 = time.perf_counter()
             images, targets = next(loader)
             images = images.to(dev)
-            gt_boxes, gt_labels, gt_valid = pad_targets(targets, dev)
+            gt = pad_targets(targets, dev)
             _sync(dev)
             t1 = time.perf_counter()
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=trainer.amp):
-                cls_scores, bbox_preds = model.raw_outputs(images)
-            cls, reg = model.flatten(cls_scores, bbox_preds)
-            points, strides, counts, anchors = trainer.locations(cls_scores)
+            out = criterion.forward(images)
+            loc = criterion.locations(out.sizes, dev)
             _sync(dev)
             t2 = time.perf_counter()
             with torch.no_grad():
-                assignment = atss_assign(anchors, counts, gt_boxes, gt_valid)
+                assignment = atss_assign(loc.anchors, loc.counts, gt.boxes, gt.valid)
             _sync(dev)
             t3 = time.perf_counter()
-            losses, _ = gfl_losses(cls.float(), reg.float(), points, strides, assignment, gt_boxes, gt_labels,
-                                   model.bbox_head.integral, {"cls": 1.0, "giou": 2.0, "dfl": 0.25})
+            pos = find_positives(out.reg, loc.points, loc.strides, assignment, gt.boxes, model.bbox_head.integral)
+            losses = gfl_losses(out.cls, pos, gt.labels, criterion.weights)
             total = sum(losses.values())
             _sync(dev)
             t4 = time.perf_counter()

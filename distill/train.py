@@ -29,14 +29,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from distill import distillation
-from distill.assigners import atss_assign
 from distill.checkpoint import atomic_save, build_detector, detector_state, load_detector, read_checkpoint
+from distill.class_map import ClassMap, ClassMapError, map_classes
+from distill.criterion import DistillCriterion, GFLCriterion
 from distill.data.annotations import MEAN, STD
 from distill.data.dataset import DetectionDataset, build_loaders, collate, set_epoch
 from distill.evaluate import coco_ap, predict_dataset
+from distill.files import atomic_write_json
 from distill.init import initialise
-from distill.locations import square_anchors
-from distill.losses.gfl import gfl_losses
 from distill.models.gfl import GFL
 from distill.spec import InitPath, JobSpec, LocalJobSpec
 
@@ -49,25 +49,6 @@ class TrainingError(RuntimeError):
 
 class Stopped(RuntimeError):
     """SIGTERM/SIGINT arrived; a checkpoint was written."""
-
-
-# ----------------------------------------------------------------------------------------------- data
-
-
-def pad_targets(targets: list[dict], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Ground truths of a batch padded to the largest count: ``boxes (B, G, 4)``, ``labels (B, G)``,
-    ``valid (B, G)``."""
-    g = max((len(t["labels"]) for t in targets), default=0)
-    b = len(targets)
-    boxes = torch.zeros((b, g, 4), device=device)
-    labels = torch.zeros((b, g), dtype=torch.long, device=device)
-    valid = torch.zeros((b, g), dtype=torch.bool, device=device)
-    for i, t in enumerate(targets):
-        k = len(t["labels"])
-        boxes[i, :k] = t["boxes"].to(device)
-        labels[i, :k] = t["labels"].to(device)
-        valid[i, :k] = True
-    return boxes, labels, valid
 
 
 # ----------------------------------------------------------------------------------------------- step
@@ -123,7 +104,9 @@ class Trainer:
         self.log(f"init: {self.init_report.summary()}")
         self.model.to(self.device)
         self.teacher: GFL | None = None
-        self.adapters: nn.Module | None = None
+        # The criterion owns the losses: assigner, anchors, weights (spec.loss), and for a distillation the
+        # teacher's forward pass, regions, class map and distillation terms.
+        self.criterion: GFLCriterion | DistillCriterion = GFLCriterion(self.model, spec.loss, self.amp)
         if spec.kind == "distill":
             assert spec.teacher is not None and spec.distill is not None
             self.teacher = load_detector(spec.teacher.path, self.device)
@@ -133,9 +116,8 @@ class Trainer:
                 distillation.check_teacher(self.teacher, self.model)
             except distillation.TeacherMismatch as e:
                 raise TrainingError(str(e)) from e
-            self.adapters = distillation.build_adapters(self.model, self.teacher, spec.distill)
-            if self.adapters is not None:
-                self.adapters.to(self.device)
+            self.criterion = self._distill_criterion(self.teacher)
+        self.adapters: nn.Module | None = self.criterion.adapters  # FitNets' regressors: trained, checkpointed
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if self.adapters is not None:
             self.params += list(self.adapters.parameters())
@@ -143,7 +125,20 @@ class Trainer:
         self.iteration = 0
         self.resumed_from: int | None = None
         self.fingerprint = run_fingerprint(spec, self.data.fingerprint())
-        self._anchor_cache: dict[tuple, tuple[Tensor, Tensor, list[int], Tensor]] = {}
+
+    def _distill_criterion(self, teacher: GFL) -> DistillCriterion:
+        """The distillation criterion, with KD's class correspondence (logged, and kept for metrics.json)."""
+        distill = self.spec.distill
+        assert distill is not None
+        try:
+            classes = map_classes(self.data.classes, teacher.classes, distill.class_map)
+        except ClassMapError as e:
+            raise TrainingError(str(e)) from e
+        criterion = DistillCriterion(self.criterion, teacher, distill, classes)
+        report = criterion.class_report()
+        self.log(f"KD classes (by {report['by']}): {report['mapping']}; without a teacher class: "
+                 f"{report['unmapped']}; KD {report['kd']}")
+        return criterion
 
     # -- bookkeeping
 
@@ -157,7 +152,7 @@ class Trainer:
                  "losses": losses or {}, "images_per_s": round(images_per_s, 3),
                  "eta_s": None if eta_s is None else round(eta_s, 1), "resumed_from_iter": self.resumed_from,
                  "time": time.time()}
-        _atomic_json(self.out / "progress.json", state)
+        atomic_write_json(self.out / "progress.json", state)
         with open(self.out / "progress.jsonl", "a") as f:
             f.write(json.dumps(state) + "\n")
         if self.progress_cb:
@@ -204,45 +199,10 @@ class Trainer:
 
     # -- training
 
-    def locations(self, cls_scores: list[Tensor]) -> tuple[Tensor, Tensor, list[int], Tensor]:
-        key = tuple(tuple(c.shape[-2:]) for c in cls_scores)
-        if key not in self._anchor_cache:
-            points, strides, counts = self.model.locations(cls_scores)
-            self._anchor_cache[key] = (points, strides, counts, square_anchors(points, strides))
-        return self._anchor_cache[key]
-
     def step(self, images: Tensor, targets: list[dict]) -> Step:
-        spec = self.spec
-        weights = (spec.distill.weights if spec.distill else None)
-        gfl_weights = ({"cls": weights.cls, "giou": weights.giou, "dfl": weights.dfl} if weights
-                       else {"cls": 1.0, "giou": 2.0, "dfl": 0.25})
-        gt_boxes, gt_labels, gt_valid = pad_targets(targets, self.device)
-        want_feats = self.teacher is not None and distillation.needs_features(spec.distill)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            feats = self.model.features(images)
-            cls_scores, bbox_preds = self.model.bbox_head(feats)
-            teacher_out = None
-            if self.teacher is not None:
-                with torch.no_grad():
-                    t_feats = self.teacher.features(images)
-                    t_cls, t_reg = self.teacher.flatten(*self.teacher.bbox_head(t_feats))
-                    teacher_out = distillation.HeadOutputs(t_cls.float(), t_reg.float(),
-                                                           t_feats if want_feats else None)
-        cls, reg = self.model.flatten(cls_scores, bbox_preds)
-        cls, reg = cls.float(), reg.float()
-        points, strides, counts, anchors = self.locations(cls_scores)
-        with torch.no_grad():
-            assignment = atss_assign(anchors, counts, gt_boxes, gt_valid)
-        losses, state = gfl_losses(cls, reg, points, strides, assignment, gt_boxes, gt_labels,
-                                   self.model.bbox_head.integral, gfl_weights)
-        if teacher_out is not None:
-            ctx = distillation.BatchContext(points, strides, counts, anchors, assignment, gt_boxes, gt_labels,
-                                            gt_valid, state)
-            student_out = distillation.HeadOutputs(cls, reg, feats if want_feats else None)
-            losses.update(distillation.distillation_losses(student_out, teacher_out, ctx, spec.distill,
-                                                           self.adapters))
-        total = sum(losses.values(), torch.zeros((), device=self.device))
-        return Step(losses, total)
+        """The weighted loss terms of a batch (``images (B, 3, H, W)`` on the device) and their sum."""
+        losses = self.criterion(images, targets)
+        return Step(losses, sum(losses.values(), torch.zeros((), device=self.device)))
 
     def train(self) -> None:
         s = self.spec.schedule
@@ -286,11 +246,23 @@ class Trainer:
                     self.save_checkpoint()
                     raise Stopped(f"stopped at iteration {self.iteration}")
 
-    def evaluate(self, model: GFL) -> dict[str, float]:
+    def evaluate(self, model: GFL, classes: ClassMap | None = None) -> dict[str, float]:
+        """COCO metrics of ``model`` on the validation split. ``classes``: for a teacher of other classes,
+        which dataset class each of its classes stands for (its other classes' detections are dropped)."""
         detections = predict_dataset(model, self.val_loader, self.device)
-        for d in detections:  # contiguous labels -> the dataset's own category ids
-            d["category_id"] = self.data.category_ids[d["category_id"]]
+        if classes is not None and not classes.identity:
+            dataset_labels: dict[int, list[int]] = {}
+            for d, t in zip(classes.student, classes.teacher, strict=True):
+                dataset_labels.setdefault(t, []).append(d)
+            detections = [{**det, "category_id": d} for det in detections
+                          for d in dataset_labels.get(det["category_id"], [])]
+        for det in detections:  # contiguous labels -> the dataset's own category ids
+            det["category_id"] = self.data.category_ids[det["category_id"]]
         return coco_ap(self.data.ground_truth(self.val_ids), detections)
+
+    def _classes(self) -> ClassMap | None:
+        """KD's class correspondence of a distillation (None for a ``train`` job)."""
+        return self.criterion.classes if isinstance(self.criterion, DistillCriterion) else None
 
     def train_loader_for_eval(self) -> DataLoader:
         train = self.train_loader.dataset
@@ -302,8 +274,9 @@ class Trainer:
         self.try_resume()
         diagnostics_before = None
         if self.teacher is not None and self.resumed_from is None:
-            diagnostics_before = distillation.diagnostics(self.model, self.teacher, self.val_loader, self.device)
-            _atomic_json(self.out / "diagnostics_before.json", diagnostics_before)
+            diagnostics_before = distillation.diagnostics(self.model, self.teacher, self.val_loader, self.device,
+                                                          self._classes())
+            atomic_write_json(self.out / "diagnostics_before.json", diagnostics_before)
         self.report("train")
         started = time.monotonic()
         self.train()
@@ -318,10 +291,15 @@ class Trainer:
                 before = json.loads((self.out / "diagnostics_before.json").read_text())
             metrics["diagnostics"] = {
                 "before": before,
-                "after": distillation.diagnostics(self.model, self.teacher, self.val_loader, self.device)}
-            metrics["teacher_bbox"] = self.evaluate(self.teacher)
+                "after": distillation.diagnostics(self.model, self.teacher, self.val_loader, self.device,
+                                                  self._classes())}
+            assert isinstance(self.criterion, DistillCriterion)
+            metrics["class_map"] = self.criterion.class_report()
+            # The teacher's AP on the dataset's classes it knows (None when it knows none of them).
+            classes = self._classes()
+            metrics["teacher_bbox"] = self.evaluate(self.teacher, classes) if classes.kd_possible else None
         atomic_save(detector_state(self.model, {**self.meta(), "metrics": metrics["bbox"]}), self.out / "model.pt")
-        _atomic_json(self.out / "metrics.json", metrics)
+        atomic_write_json(self.out / "metrics.json", metrics)
         self.report("done", {k: v for k, v in metrics["bbox"].items()})
         self.log(f"done: {metrics['bbox']}")
         return metrics
@@ -386,12 +364,6 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _seed_everything(seed: int) -> None:

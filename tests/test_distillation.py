@@ -8,25 +8,17 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from distill.assigners import atss_assign
+import distill.criterion
 from distill.checkpoint import atomic_save, detector_state
+from distill.class_map import map_classes
+from distill.criterion import DistillCriterion, GFLCriterion, GroundTruth, HeadOutputs, head_outputs
 from distill.data.synthetic import make_synthetic
-from distill.distillation import (
-    BatchContext,
-    HeadOutputs,
-    TeacherMismatch,
-    build_adapters,
-    check_teacher,
-    diagnostics,
-    distillation_losses,
-    needs_features,
-)
-from distill.locations import square_anchors
+from distill.distillation import TeacherMismatch, build_adapters, check_teacher, diagnostics, needs_features
 from distill.losses import ld_loss
-from distill.losses.gfl import gfl_losses, giou_loss
+from distill.losses.gfl import giou_loss
 from distill.models.gfl import GFL, DetectorConfig
 from distill.regions import find_regions
-from distill.spec import DistillSpec, JobSpec
+from distill.spec import DistillSpec, GFLWeights, LocalJobSpec
 from distill.train import Trainer
 
 GT_BOXES = torch.tensor([[[10.0, 12, 60, 70], [70, 20, 120, 90]], [[30, 8, 100, 60], [0, 0, 0, 0]]])
@@ -48,22 +40,25 @@ def _perturb(model: GFL, seed: int) -> GFL:
     return model
 
 
-def _outputs(model: GFL, images: torch.Tensor, feats: bool = False) -> tuple[HeadOutputs, list]:
-    f = model.features(images)
-    cls_maps, reg_maps = model.bbox_head(f)
-    cls, reg = model.flatten(cls_maps, reg_maps)
-    return HeadOutputs(cls, reg, f if feats else None), cls_maps
+def _outputs(model: GFL, images: torch.Tensor, feats: bool = False) -> HeadOutputs:
+    return head_outputs(model, images, amp=False, keep_feats=feats)
 
 
-def _context(student: GFL, cls_maps: list, out: HeadOutputs, b: int = 2) -> BatchContext:
+def _gt(b: int = 2) -> GroundTruth:
     n = b // 2
-    gt_boxes, gt_labels, gt_valid = GT_BOXES.repeat(n, 1, 1), GT_LABELS.repeat(n, 1), GT_VALID.repeat(n, 1)
-    points, strides, counts = student.locations(cls_maps)
-    anchors = square_anchors(points, strides)
-    assignment = atss_assign(anchors, counts, gt_boxes, gt_valid)
-    _, state = gfl_losses(out.cls, out.reg, points, strides, assignment, gt_boxes, gt_labels,
-                          student.bbox_head.integral, {"cls": 1.0, "giou": 2.0, "dfl": 0.25})
-    return BatchContext(points, strides, counts, anchors, assignment, gt_boxes, gt_labels, gt_valid, state)
+    return GroundTruth(GT_BOXES.repeat(n, 1, 1), GT_LABELS.repeat(n, 1), GT_VALID.repeat(n, 1))
+
+
+def _criterion(student: GFL, teacher: GFL, spec: DistillSpec) -> DistillCriterion:
+    return DistillCriterion(GFLCriterion(student, GFLWeights()), teacher, spec,
+                            map_classes(student.classes, teacher.classes, spec.class_map))
+
+
+def _distill_terms(student: GFL, teacher: GFL, spec: DistillSpec, s_out: HeadOutputs, t_out: HeadOutputs,
+                   gt: GroundTruth | None = None) -> dict[str, torch.Tensor]:
+    """The distillation terms only (the criterion's losses without GFL's own)."""
+    losses = _criterion(student, teacher, spec).losses(s_out, t_out, gt or _gt())
+    return {k: v for k, v in losses.items() if k not in ("qfl", "giou", "dfl")}
 
 
 @pytest.fixture(scope="module")
@@ -101,16 +96,14 @@ def test_check_teacher_names_every_mismatch():
     student = _tiny(0)
     check_teacher(_tiny(1), student)  # same family and layout: fine
     check_teacher(GFL(DetectorConfig(depth=18, base_width=32, channels=64, num_classes=3)), student)  # bigger: fine
+    # Other classes are fine too: LD needs none, KD maps them (tests/test_class_map.py).
+    check_teacher(GFL(DetectorConfig(depth=18, base_width=16, channels=32, stacked_convs=2, num_classes=80)),
+                  student)
+    check_teacher(_tiny(1, classes=["dog", "cat", "fox"]), _tiny(0, classes=["cat", "dog", "fox"]))
     with pytest.raises(TeacherMismatch, match="reg_max differs.*teacher 8, student 16"):
         check_teacher(_tiny(1, reg_max=8), student)
     with pytest.raises(TeacherMismatch, match="strides differ"):
         check_teacher(_tiny(1, strides=(8, 16, 32, 64)), student)
-    with pytest.raises(TeacherMismatch, match="number of classes differs.*teacher 4, student 3"):
-        check_teacher(GFL(DetectorConfig(depth=18, base_width=16, channels=32, stacked_convs=2, num_classes=4)),
-                      student)
-    named = _tiny(0, classes=["cat", "dog", "fox"])
-    with pytest.raises(TeacherMismatch, match="class names differ"):
-        check_teacher(_tiny(1, classes=["dog", "cat", "fox"]), named)
     with pytest.raises(TeacherMismatch, match="reg_max.*; strides"):
         check_teacher(_tiny(1, reg_max=8, strides=(8, 16, 32, 64)), student)
 
@@ -118,50 +111,57 @@ def test_check_teacher_names_every_mismatch():
 # ----------------------------------------------------------------------------------------------- losses
 
 
-def test_default_terms_zero_weights_skip_and_gradient_only_to_the_student(pair):
+def test_default_terms_zero_weights_skip_and_gradient_only_to_the_student(pair, monkeypatch):
     student, teacher, images = pair
-    s_out, cls_maps = _outputs(student, images)
+    s_out = _outputs(student, images)
     with torch.no_grad():
-        t_out, _ = _outputs(teacher, images)
+        t_out = _outputs(teacher, images)
     t_out.cls.requires_grad_()  # even a teacher output that tracks gradients gets none
-    ctx = _context(student, cls_maps, s_out)
-    losses = distillation_losses(s_out, t_out, ctx, DistillSpec(), None)
-    assert set(losses) == {"main_ld", "vlr_ld", "main_kd"}
+    losses = _distill_terms(student, teacher, DistillSpec(), s_out, t_out)
+    assert list(losses) == ["main_ld", "main_kd", "vlr_ld"]
     assert all(v.ndim == 0 and v > 0 for v in losses.values())
     sum(losses.values()).backward()
     assert t_out.cls.grad is None
     assert student.bbox_head.gfl_reg.weight.grad.abs().sum() > 0
 
-    # Weight 0 skips the work: with every VLR term off, the regions are never looked for (no anchors needed).
-    no_vlr = copy.copy(ctx)
-    no_vlr.anchors = None
-    only_main = distillation_losses(s_out, t_out, no_vlr, _spec(weights={"vlr_ld": 0}), None)
-    assert set(only_main) == {"main_ld", "main_kd"}
-    assert distillation_losses(s_out, t_out, ctx, _spec(weights={"main_ld": 0, "vlr_ld": 0, "main_kd": 0}),
-                               None) == {}
-    all_four = distillation_losses(s_out, t_out, ctx, _spec(weights={"vlr_kd": 0.5}), None)
+    assert _distill_terms(student, teacher, _spec(weights={"main_ld": 0, "vlr_ld": 0, "main_kd": 0}),
+                          s_out, t_out) == {}
+    all_four = _distill_terms(student, teacher, _spec(weights={"vlr_kd": 0.5}), s_out, t_out)
     assert set(all_four) == {"main_ld", "vlr_ld", "main_kd", "vlr_kd"}
     torch.testing.assert_close(all_four["main_ld"], losses["main_ld"])
 
+    # Weight 0 skips the work: with every VLR term off, the regions are never looked for.
+    def no_regions(*args, **kwargs):
+        raise AssertionError("regions computed although no VLR term is weighted")
+
+    monkeypatch.setattr(distill.criterion, "find_regions", no_regions)
+    only_main = _distill_terms(student, teacher, _spec(weights={"vlr_ld": 0}), s_out, t_out)
+    assert set(only_main) == {"main_ld", "main_kd"}
+    with pytest.raises(AssertionError, match="regions computed"):
+        _distill_terms(student, teacher, DistillSpec(), s_out, t_out)
+
 
 def test_terms_vanish_when_the_student_matches_the_teacher(pair):
-    student, _, images = pair
-    s_out, cls_maps = _outputs(student, images)
-    twin = HeadOutputs(s_out.cls.detach().clone(), s_out.reg.detach().clone())
-    ctx = _context(student, cls_maps, s_out)
+    student, teacher, images = pair
+    s_out = _outputs(student, images)
+    twin = HeadOutputs(s_out.cls.detach().clone(), s_out.reg.detach().clone(), s_out.sizes)
     for spec in (_spec(weights={"vlr_kd": 1}), _spec(method="tbr")):
-        for name, value in distillation_losses(s_out, twin, ctx, spec, None).items():
+        terms = _distill_terms(student, teacher, spec, s_out, twin)
+        assert len(terms) >= 2
+        for name, value in terms.items():
             assert value.item() == pytest.approx(0, abs=1e-6), name
 
 
 def test_vlr_ld_is_the_iou_weighted_mean_over_the_regions_edges(pair):
     student, teacher, images = pair
     with torch.no_grad():
-        s_out, cls_maps = _outputs(student, images)
-        t_out, _ = _outputs(teacher, images)
-    ctx = _context(student, cls_maps, s_out)
-    got = distillation_losses(s_out, t_out, ctx, _spec(weights={"main_ld": 0, "main_kd": 0, "vlr_ld": 2.0}), None)
-    r = find_regions(ctx.anchors, ctx.gt_boxes, ctx.gt_valid, ctx.assignment.positive, ctx.assignment.threshold, 0.25)
+        s_out = _outputs(student, images)
+        t_out = _outputs(teacher, images)
+    criterion = _criterion(student, teacher, _spec(weights={"main_ld": 0, "main_kd": 0, "vlr_ld": 2.0}))
+    got = criterion.losses(s_out, t_out, _gt())
+    _, state = criterion.gfl.losses(s_out, _gt())
+    a = state.assignment
+    r = find_regions(state.locations.anchors, GT_BOXES, GT_VALID, a.positive, a.threshold, 0.25)
     assert r.vlr.sum() > 10
     per_edge = ld_loss(s_out.reg[r.vlr].reshape(-1, 17), t_out.reg[r.vlr].reshape(-1, 17), 10.0).reshape(-1, 4)
     w = r.vlr_weight[r.vlr]
@@ -176,35 +176,34 @@ def test_terms_do_not_change_with_batch_size(pair):
         values = []
         for b in (2, 4):
             batch = images.repeat(b // 2, 1, 1, 1)
-            s_out, cls_maps = _outputs(student, batch)
-            t_out, _ = _outputs(teacher, batch)
-            values.append(distillation_losses(s_out, t_out, _context(student, cls_maps, s_out, b), spec, None))
+            values.append(_distill_terms(student, teacher, spec, _outputs(student, batch), _outputs(teacher, batch),
+                                         _gt(b)))
     for name in values[0]:
         torch.testing.assert_close(values[1][name], values[0][name], rtol=1e-4, atol=1e-6)
 
 
 def test_tbr_bounded_by_the_teachers_error(pair):
     student, teacher, images = pair
-    s_out, cls_maps = _outputs(student, images)
+    s_out = _outputs(student, images)
     with torch.no_grad():
-        t_out, _ = _outputs(teacher, images)
-    ctx = _context(student, cls_maps, s_out)
+        t_out = _outputs(teacher, images)
     # With a huge margin every positive is active: the mean GIoU loss between student and teacher boxes.
-    always = distillation_losses(s_out, t_out, ctx, _spec(method="tbr", tbr_margin=1e6, weights={"main_kd": 0}),
-                                 None)
+    always = _distill_terms(student, teacher, _spec(method="tbr", tbr_margin=1e6, weights={"main_kd": 0}),
+                            s_out, t_out)
     assert set(always) == {"tbr"} and always["tbr"] > 0
-    pos_b, pos_a = ctx.gfl_state["pos_b"], ctx.gfl_state["pos_a"]
-    centre = ctx.gfl_state["centre"]
-    t_box = torch.cat([centre - student.bbox_head.integral(t_out.reg[pos_b, pos_a])[:, :2],
-                       centre + student.bbox_head.integral(t_out.reg[pos_b, pos_a])[:, 2:]], 1)
-    torch.testing.assert_close(always["tbr"], giou_loss(ctx.gfl_state["pos_pred"], t_box).mean())
+    _, state = GFLCriterion(student, GFLWeights()).losses(s_out, _gt())
+    pos = state.positives
+    centre = pos.centre
+    t_box = torch.cat([centre - student.bbox_head.integral(t_out.reg[pos.b, pos.a])[:, :2],
+                       centre + student.bbox_head.integral(t_out.reg[pos.b, pos.a])[:, 2:]], 1)
+    torch.testing.assert_close(always["tbr"], giou_loss(pos.pred, t_box).mean())
     # ... and one whose boxes are worse than any student box never teaches.
     far = t_out.reg.clone()
-    far[pos_b, pos_a] = torch.full((len(pos_b), 4, 17), -1e4).index_fill_(2, torch.tensor([16]), 0.0)
-    never = distillation_losses(s_out, HeadOutputs(t_out.cls, far), ctx, _spec(method="tbr"), None)
-    student_err = (ctx.gfl_state["pos_pred"] - ctx.gfl_state["pos_target"]).pow(2).sum(1)
+    far[pos.b, pos.a] = torch.full((len(pos.b), 4, 17), -1e4).index_fill_(2, torch.tensor([16]), 0.0)
+    never = _distill_terms(student, teacher, _spec(method="tbr"), s_out, HeadOutputs(t_out.cls, far, t_out.sizes))
+    student_err = (pos.pred - pos.target).pow(2).sum(1)
     far_box = torch.cat([centre - 16, centre + 16], 1)
-    far_err = (far_box - ctx.gfl_state["pos_target"]).pow(2).sum(1)
+    far_err = (far_box - pos.target).pow(2).sum(1)
     assert (student_err < far_err).all()
     assert never["tbr"].item() == 0
 
@@ -217,13 +216,18 @@ def test_fitnets_adapters_and_loss(pair):
     assert build_adapters(student, teacher, DistillSpec()) is None
     adapters = build_adapters(student, teacher, spec)
     assert len(adapters) == 5 and adapters[0].weight.shape == (48, 32, 1, 1)
-    s_out, cls_maps = _outputs(student, images, feats=True)
-    with torch.no_grad():
-        t_out, _ = _outputs(teacher, images, feats=True)
-    losses = distillation_losses(s_out, t_out, _context(student, cls_maps, s_out), spec, adapters)
-    assert set(losses) == {"fitnets"} and losses["fitnets"] > 0
+    criterion = _criterion(student, teacher, spec)
+    assert criterion.keep_feats and len(criterion.adapters) == 5
+    criterion.adapters.load_state_dict(adapters.state_dict())
+    s_out = _outputs(student, images, feats=True)
+    t_out = criterion.teacher_forward(images)
+    assert t_out.feats is not None and not t_out.feats[0].requires_grad
+    losses = criterion.losses(s_out, t_out, _gt())
+    assert set(losses) == {"qfl", "giou", "dfl", "fitnets"} and losses["fitnets"] > 0
     losses["fitnets"].backward()
-    assert adapters[0].weight.grad.abs().sum() > 0 and student.neck.fpn_convs[0].conv.weight.grad is not None
+    assert criterion.adapters[0].weight.grad.abs().sum() > 0
+    assert student.neck.fpn_convs[0].conv.weight.grad is not None
+    assert all(p.grad is None for p in teacher.parameters())
 
 
 # ----------------------------------------------------------------------------------------------- diagnostics
@@ -253,14 +257,14 @@ def test_distillation_run_reduces_ld_and_leaves_the_teacher_untouched(tmp_path):
     data = make_synthetic(tmp_path / "data", num_train=8, num_val=4, image_size=(128, 96), seed=5, max_objects=3)
     sched = {"epochs": 6, "batch_size": 4, "image_size": [128, 96], "warmup_iters": 4, "num_workers": 0,
              "lr": 0.02}
-    teacher_spec = JobSpec.model_validate({"kind": "train", "dataset": str(data), "student": {"arch": "gfl_tiny"},
+    teacher_spec = LocalJobSpec.model_validate({"kind": "train", "dataset": str(data), "student": {"arch": "gfl_tiny"},
                                            "schedule": {**sched, "epochs": 15}, "seed": 9})
     teacher_trainer = Trainer(teacher_spec, tmp_path / "teacher")
     teacher_trainer.train()
     teacher_path = tmp_path / "teacher.pt"
     atomic_save(detector_state(teacher_trainer.model, {}), teacher_path)
 
-    spec = JobSpec.model_validate({"kind": "distill", "dataset": str(data), "student": {"arch": "gfl_tiny"},
+    spec = LocalJobSpec.model_validate({"kind": "distill", "dataset": str(data), "student": {"arch": "gfl_tiny"},
                                    "teacher": {"path": str(teacher_path)}, "schedule": sched, "seed": 1})
     trainer = Trainer(spec, tmp_path / "student", report_every_s=0)
     before_state = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}

@@ -10,7 +10,7 @@ import torch
 
 from distill.checkpoint import read_checkpoint
 from distill.data.synthetic import make_synthetic
-from distill.spec import JobSpec
+from distill.spec import LocalJobSpec
 from distill.train import Stopped, Trainer, TrainingError, run
 
 
@@ -19,10 +19,10 @@ def tiny_set(tmp_path_factory) -> Path:
     return make_synthetic(tmp_path_factory.mktemp("synth"), num_train=6, num_val=2, image_size=(128, 96), seed=3)
 
 
-def _spec(dataset: Path, **schedule) -> JobSpec:
+def _spec(dataset: Path, **schedule) -> LocalJobSpec:
     sched = {"epochs": 2, "batch_size": 2, "image_size": [128, 96], "warmup_iters": 2, "num_workers": 0,
              "lr": 0.01, **schedule}
-    return JobSpec.model_validate({"kind": "train", "dataset": str(dataset), "student": {"arch": "gfl_tiny"},
+    return LocalJobSpec.model_validate({"kind": "train", "dataset": str(dataset), "student": {"arch": "gfl_tiny"},
                                    "schedule": sched, "seed": 1})
 
 
@@ -31,7 +31,7 @@ def test_tiny_model_overfits_a_handful_of_images(tmp_path):
     # 4 images, 7 digits of 32-120 px, evaluated on the same images: the whole pipeline must learn them.
     data = make_synthetic(tmp_path / "data", num_train=4, num_val=0, image_size=(128, 128), seed=0,
                           min_objects=1, max_objects=2, min_size=32)
-    spec = JobSpec.model_validate({
+    spec = LocalJobSpec.model_validate({
         "kind": "train", "dataset": str(data), "val_split": 0.0, "student": {"arch": "gfl_tiny"},
         "schedule": {"epochs": 200, "batch_size": 4, "lr": 0.04, "image_size": [128, 128], "warmup_iters": 20,
                      "steps": [160, 186], "num_workers": 0}})

@@ -1,4 +1,6 @@
-"""Loss functions: the GFL detector's own (QFL, DFL, GIoU) and the distillation terms (LD, sigmoid KD)."""
+"""Loss functions, one value per row before weighting: ``distill.losses.gfl`` holds the GFL detector's own
+(QFL, DFL, GIoU) and their assembly; ``distill.losses.ld`` the distillation terms (LD, sigmoid KD), which
+are re-exported here."""
 
 from distill.losses.ld import ld_loss, sigmoid_kd_loss
 

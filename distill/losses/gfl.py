@@ -7,12 +7,30 @@ weights (DFL also by its 4 edges).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from distill.assigners import Assignment
 from distill.boxes import aligned_giou, aligned_iou, box_to_distance, distance_to_box
+from distill.spec import GFLWeights
+
+
+@dataclass
+class Positives:
+    """The assigner's positive locations of a batch (``P`` of them), decoded once for the GFL losses and
+    reused by the distillation terms (TBR). Boxes are x1y1x2y2 in stride units (pixels / the location's
+    stride), as GFL regresses them."""
+
+    b: Tensor  # (P,) long: image index in the batch
+    a: Tensor  # (P,) long: location index (levels concatenated)
+    gt: Tensor  # (P,) long: index of the matched ground truth in its image's list
+    centre: Tensor  # (P, 2) location centres
+    reg: Tensor  # (P, 4, R + 1) the student's edge logits (with gradient)
+    pred: Tensor  # (P, 4) the student's boxes decoded from ``reg`` (with gradient)
+    target: Tensor  # (P, 4) the matched ground-truth boxes
 
 
 def quality_focal_loss(logits: Tensor, labels: Tensor, quality: Tensor, beta: float = 2.0) -> Tensor:
@@ -55,58 +73,52 @@ def giou_loss(pred: Tensor, target: Tensor) -> Tensor:
     return 1 - aligned_giou(pred, target)
 
 
-def gfl_losses(
-    cls: Tensor,
-    reg: Tensor,
-    points: Tensor,
-    strides: Tensor,
-    assignment: Assignment,
-    gt_boxes: Tensor,
-    gt_labels: Tensor,
-    integral: torch.nn.Module,
-    weights: dict[str, float],
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """GFL's QFL + GIoU + DFL for a batch.
+def find_positives(
+    reg: Tensor, points: Tensor, strides: Tensor, assignment: Assignment, gt_boxes: Tensor, integral: nn.Module
+) -> Positives:
+    """The positives of ``assignment`` with their boxes decoded in stride units.
 
     Args:
-        cls: ``(B, A, C)`` class logits; reg: ``(B, A, 4, reg_max + 1)`` edge logits.
-        points: ``(A, 2)``; strides: ``(A,)``; assignment: from :func:`distill.assigners.atss_assign`.
-        gt_boxes: ``(B, G, 4)``; gt_labels: ``(B, G)`` (padding ignored through the assignment).
-        weights: ``cls``, ``giou``, ``dfl`` loss weights (0 skips the term).
-    Returns the weighted losses and the positives' decoded state (``pos``: flat indices, ``pos_weight``:
-    max class score, ``pos_pred``/``pos_target`` boxes in stride units) for distillation terms to reuse.
+        reg: ``(B, A, 4, R + 1)`` edge logits; points: ``(A, 2)``; strides: ``(A,)``.
+        assignment: from :func:`distill.assigners.atss_assign`; gt_boxes: ``(B, G, 4)`` in input pixels.
+        integral: the detector's :class:`distill.models.gfl.Integral` (edge logits -> expected bin).
     """
-    b, a, num_classes = cls.shape
-    reg_max = reg.shape[-1] - 1
     pos_b, pos_a = assignment.positive.nonzero(as_tuple=True)
     gt_idx = assignment.gt_index[pos_b, pos_a]
-    num_pos = max(float(pos_b.numel()), 1.0)
-
     stride = strides[pos_a][:, None]
     centre = points[pos_a] / stride
-    target_boxes = gt_boxes[pos_b, gt_idx] / stride
-    pos_reg = reg[pos_b, pos_a]  # (P, 4, R+1)
-    pred_boxes = distance_to_box(centre, integral(pos_reg))
-    pos_cls = cls[pos_b, pos_a].detach()
-    score_weight = pos_cls.sigmoid().max(1).values  # (P,)
+    pos_reg = reg[pos_b, pos_a]
+    return Positives(pos_b, pos_a, gt_idx, centre, pos_reg, distance_to_box(centre, integral(pos_reg)),
+                     gt_boxes[pos_b, gt_idx] / stride)
+
+
+def gfl_losses(cls: Tensor, pos: Positives, gt_labels: Tensor, weights: GFLWeights) -> dict[str, Tensor]:
+    """GFL's weighted QFL (``qfl``), GIoU (``giou``) and DFL (``dfl``) for a batch; a weight of 0 leaves its
+    term out and skips its computation.
+
+    Args:
+        cls: ``(B, A, C)`` class logits; pos: the batch's :class:`Positives`.
+        gt_labels: ``(B, G)`` class of each ground truth (padding is never read: only matched ones are).
+    """
+    b, a, num_classes = cls.shape
+    reg_max = pos.reg.shape[-1] - 1
+    num_pos = max(float(pos.b.numel()), 1.0)
+    # GIoU and DFL weight each positive by its (detached) best class score, as mmdetection's GFLHead.
+    score_weight = cls[pos.b, pos.a].detach().sigmoid().max(1).values  # (P,)
     weight_sum = score_weight.sum().clamp(min=1e-6)
 
-    labels = torch.full((b, a), num_classes, dtype=torch.long, device=cls.device)
-    labels[pos_b, pos_a] = gt_labels[pos_b, gt_idx]
-    quality = torch.zeros((b, a), dtype=torch.float32, device=cls.device)
-    quality[pos_b, pos_a] = aligned_iou(pred_boxes.detach(), target_boxes).clamp(min=1e-6)
-
     losses: dict[str, Tensor] = {}
-    if weights.get("cls", 1.0) > 0:
+    if weights.cls > 0:
+        labels = torch.full((b, a), num_classes, dtype=torch.long, device=cls.device)
+        labels[pos.b, pos.a] = gt_labels[pos.b, pos.gt]
+        quality = torch.zeros((b, a), dtype=torch.float32, device=cls.device)
+        quality[pos.b, pos.a] = aligned_iou(pos.pred.detach(), pos.target).clamp(min=1e-6)
         qfl = quality_focal_loss(cls.reshape(b * a, -1).float(), labels.reshape(-1), quality.reshape(-1))
-        losses["qfl"] = weights.get("cls", 1.0) * qfl.sum() / num_pos
-    if weights.get("giou", 2.0) > 0:
-        losses["giou"] = weights.get("giou", 2.0) * (giou_loss(pred_boxes, target_boxes) * score_weight).sum() \
-            / weight_sum
-    if weights.get("dfl", 0.25) > 0:
-        target_dist = box_to_distance(centre, target_boxes, reg_max)  # (P, 4)
-        dfl = distribution_focal_loss(pos_reg.reshape(-1, reg_max + 1), target_dist.reshape(-1)).reshape(-1, 4)
-        losses["dfl"] = weights.get("dfl", 0.25) * (dfl.mean(1) * score_weight).sum() / weight_sum
-    state = {"pos_b": pos_b, "pos_a": pos_a, "pos_weight": score_weight, "pos_pred": pred_boxes,
-             "pos_target": target_boxes, "centre": centre, "num_pos": torch.tensor(num_pos)}
-    return losses, state
+        losses["qfl"] = weights.cls * qfl.sum() / num_pos
+    if weights.giou > 0:
+        losses["giou"] = weights.giou * (giou_loss(pos.pred, pos.target) * score_weight).sum() / weight_sum
+    if weights.dfl > 0:
+        target_dist = box_to_distance(pos.centre, pos.target, reg_max)  # (P, 4)
+        dfl = distribution_focal_loss(pos.reg.reshape(-1, reg_max + 1), target_dist.reshape(-1)).reshape(-1, 4)
+        losses["dfl"] = weights.dfl * (dfl.mean(1) * score_weight).sum() / weight_sum
+    return losses

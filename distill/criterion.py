@@ -1,0 +1,210 @@
+"""The training criteria, in the style of DETR's ``SetCriterion``: an object that owns everything a loss
+needs besides the batch, so that the training step is ``losses = criterion(images, targets)``.
+
+- :class:`GFLCriterion`: the detector's own losses (QFL, GIoU, DFL; DESIGN section 2). It owns the
+  student's forward pass, the locations and preset anchors of each input size (cached), the ATSS
+  assigner and the loss weights (``JobSpec.loss``, every job kind).
+- :class:`DistillCriterion`: a :class:`GFLCriterion` plus a frozen teacher (DESIGN section 3). It owns the
+  teacher's forward pass (``eval()``, ``no_grad``, autocast on GPU), the regions (Main = the assigner's
+  positives, VLR), the class correspondence of KD and the weighted LD / KD / TBR / FitNets terms
+  (:mod:`distill.distillation`), and FitNets' adapters.
+
+Both return the weighted terms by name (a term whose weight is 0 is absent and was not computed); the
+caller sums them. ``losses(outputs, gt)`` is the same without the forward passes, for given outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from distill import distillation
+from distill.assigners import Assignment, atss_assign
+from distill.class_map import ClassMap
+from distill.locations import grid_locations, square_anchors
+from distill.losses.gfl import Positives, find_positives, gfl_losses
+from distill.models.gfl import GFL
+from distill.regions import Regions, find_regions
+from distill.spec import DistillSpec, GFLWeights
+
+
+@dataclass
+class GroundTruth:
+    """A batch's ground truths padded to the largest count ``G``."""
+
+    boxes: Tensor  # (B, G, 4) x1y1x2y2 in input pixels, zeros for padding
+    labels: Tensor  # (B, G) long: contiguous class index, 0 for padding
+    valid: Tensor  # (B, G) bool: False for padding
+
+
+def pad_targets(targets: list[dict], device: torch.device | str) -> GroundTruth:
+    """The loader's per-image targets (``boxes (G_i, 4)``, ``labels (G_i,)``) -> a padded :class:`GroundTruth`."""
+    g = max((len(t["labels"]) for t in targets), default=0)
+    b = len(targets)
+    boxes = torch.zeros((b, g, 4), device=device)
+    labels = torch.zeros((b, g), dtype=torch.long, device=device)
+    valid = torch.zeros((b, g), dtype=torch.bool, device=device)
+    for i, t in enumerate(targets):
+        k = len(t["labels"])
+        boxes[i, :k] = t["boxes"].to(device)
+        labels[i, :k] = t["labels"].to(device)
+        valid[i, :k] = True
+    return GroundTruth(boxes, labels, valid)
+
+
+@dataclass
+class HeadOutputs:
+    """A detector's dense outputs for a batch, levels concatenated (``A`` locations), in float32."""
+
+    cls: Tensor  # (B, A, C) class logits
+    reg: Tensor  # (B, A, 4, R + 1) edge logits
+    sizes: tuple[tuple[int, int], ...]  # (H_l, W_l) of each level's map
+    feats: list[Tensor] | None = None  # FPN levels (B, channels, H_l, W_l), only when a term needs them
+
+
+def head_outputs(model: GFL, images: Tensor, amp: bool, keep_feats: bool = False) -> HeadOutputs:
+    """``model``'s outputs for normalised ``images (B, 3, H, W)``; ``amp``: bfloat16 autocast (GPU)."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+        feats = model.features(images)
+        cls_maps, reg_maps = model.bbox_head(feats)
+        cls, reg = model.flatten(cls_maps, reg_maps)
+    sizes = tuple((int(c.shape[-2]), int(c.shape[-1])) for c in cls_maps)
+    return HeadOutputs(cls.float(), reg.float(), sizes, feats if keep_feats else None)
+
+
+@dataclass
+class Locations:
+    """The locations of one input size, all levels concatenated."""
+
+    points: Tensor  # (A, 2) centres (x, y) in input pixels
+    strides: Tensor  # (A,)
+    counts: list[int]  # locations per level
+    anchors: Tensor  # (A, 4) preset square anchors (8 x stride), for the assigner and the VLR only
+
+
+@dataclass
+class GFLState:
+    """What the GFL losses of a batch found, for the distillation terms to reuse."""
+
+    locations: Locations
+    assignment: Assignment  # the student's ATSS assignment (Main region = assignment.positive)
+    positives: Positives
+
+
+class GFLCriterion:
+    """GFL's QFL + GIoU + DFL for a student ``model``, weighted by ``weights`` (``JobSpec.loss``)."""
+
+    def __init__(self, model: GFL, weights: GFLWeights, amp: bool = False):
+        self.model, self.weights, self.amp = model, weights, amp
+        self.adapters: nn.Module | None = None  # trainable parts of the criterion itself (none here)
+        self._locations: dict[tuple, Locations] = {}
+
+    def __call__(self, images: Tensor, targets: list[dict]) -> dict[str, Tensor]:
+        """Weighted losses of a batch: ``images (B, 3, H, W)``, the loader's per-image ``targets``."""
+        losses, _ = self.losses(self.forward(images), pad_targets(targets, images.device))
+        return losses
+
+    def forward(self, images: Tensor, keep_feats: bool = False) -> HeadOutputs:
+        return head_outputs(self.model, images, self.amp, keep_feats)
+
+    def locations(self, sizes: tuple[tuple[int, int], ...], device: torch.device) -> Locations:
+        """The locations and anchors of maps of these ``sizes``, computed once per input size."""
+        key = (sizes, str(device))
+        if key not in self._locations:
+            points, strides, counts = grid_locations(list(sizes), list(self.model.strides), device)
+            self._locations[key] = Locations(points, strides, counts, square_anchors(points, strides))
+        return self._locations[key]
+
+    def losses(self, out: HeadOutputs, gt: GroundTruth) -> tuple[dict[str, Tensor], GFLState]:
+        """The weighted GFL terms of given outputs, and the state the distillation terms reuse."""
+        loc = self.locations(out.sizes, out.cls.device)
+        with torch.no_grad():
+            assignment = atss_assign(loc.anchors, loc.counts, gt.boxes, gt.valid)
+        pos = find_positives(out.reg, loc.points, loc.strides, assignment, gt.boxes, self.model.bbox_head.integral)
+        return gfl_losses(out.cls, pos, gt.labels, self.weights), GFLState(loc, assignment, pos)
+
+
+class DistillCriterion:
+    """A student's GFL losses (``gfl``) plus the distillation terms from a frozen ``teacher``, configured by
+    ``spec`` (``JobSpec.distill``); ``classes`` pairs the student's classes with the teacher's for KD (the
+    teacher must already have passed :func:`distill.distillation.check_teacher`)."""
+
+    def __init__(self, gfl: GFLCriterion, teacher: GFL, spec: DistillSpec, classes: ClassMap):
+        self.gfl, self.teacher, self.spec, self.classes = gfl, teacher, spec, classes
+        student = gfl.model
+        if classes.student and (max(classes.student) >= student.num_classes
+                                or max(classes.teacher) >= teacher.num_classes):
+            raise ValueError("class map indices outside the student's or the teacher's classes")
+        # Frozen: no gradient, no optimiser, no batch-norm statistics update, never in the student's state.
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.keep_feats = distillation.needs_features(spec)
+        adapters = distillation.build_adapters(student, teacher, spec)
+        self.adapters = None if adapters is None else adapters.to(next(student.parameters()).device)
+        self._columns: dict[str, tuple[Tensor, Tensor] | None] = {}
+
+    def class_report(self) -> dict:
+        """KD's class correspondence for the job's metrics: mapping, unmapped classes, KD on or off."""
+        w = self.spec.weights
+        return self.classes.report(kd_weighted=w.main_kd > 0 or w.vlr_kd > 0)
+
+    def __call__(self, images: Tensor, targets: list[dict]) -> dict[str, Tensor]:
+        """Weighted GFL and distillation losses of a batch: ``images (B, 3, H, W)``, per-image ``targets``."""
+        student = self.gfl.forward(images, self.keep_feats)
+        return self.losses(student, self.teacher_forward(images), pad_targets(targets, images.device))
+
+    @torch.no_grad()
+    def teacher_forward(self, images: Tensor) -> HeadOutputs:
+        return head_outputs(self.teacher, images, self.gfl.amp, self.keep_feats)
+
+    def losses(self, student: HeadOutputs, teacher: HeadOutputs, gt: GroundTruth) -> dict[str, Tensor]:
+        """``qfl``, ``giou``, ``dfl``, then ``main_ld``, ``main_kd``, ``vlr_ld``, ``vlr_kd``, ``tbr``,
+        ``fitnets``: those whose weight is above 0 (KD also needs a class pair; LD/TBR need no classes)."""
+        losses, state = self.gfl.losses(student, gt)
+        spec, w = self.spec, self.spec.weights
+        ld_on, kd_on = spec.method == "ld", self.classes.kd_possible
+        columns = self._kd_columns(student.cls.device) if kd_on else None
+        pos = state.positives
+        if ld_on and w.main_ld > 0:
+            losses["main_ld"] = w.main_ld * distillation.region_ld(student.reg, teacher.reg, pos.b, pos.a, None,
+                                                                   spec.tau)
+        if kd_on and w.main_kd > 0:
+            losses["main_kd"] = w.main_kd * distillation.region_kd(student.cls, teacher.cls, pos.b, pos.a, None,
+                                                                   spec.kd_tau, columns)
+        vlr_ld, vlr_kd = ld_on and w.vlr_ld > 0, kd_on and w.vlr_kd > 0
+        if vlr_ld or vlr_kd:
+            regions = self.regions(state, gt)
+            vlr_b, vlr_a = regions.vlr.nonzero(as_tuple=True)
+            vlr_w = regions.vlr_weight[vlr_b, vlr_a]
+            if vlr_ld:
+                losses["vlr_ld"] = w.vlr_ld * distillation.region_ld(student.reg, teacher.reg, vlr_b, vlr_a, vlr_w,
+                                                                     spec.tau)
+            if vlr_kd:
+                losses["vlr_kd"] = w.vlr_kd * distillation.region_kd(student.cls, teacher.cls, vlr_b, vlr_a, vlr_w,
+                                                                     spec.kd_tau, columns)
+        if spec.method == "tbr" and w.tbr > 0:
+            losses["tbr"] = w.tbr * distillation.tbr_loss(teacher.reg, pos, self.gfl.model.bbox_head.integral,
+                                                          spec.tbr_margin)
+        if spec.method == "fitnets" and w.fitnets > 0:
+            if student.feats is None or teacher.feats is None or self.adapters is None:
+                raise ValueError("method 'fitnets' needs student and teacher features and the adapters")
+            losses["fitnets"] = w.fitnets * distillation.fitnets_loss(student.feats, teacher.feats, self.adapters)
+        return losses
+
+    def regions(self, state: GFLState, gt: GroundTruth) -> Regions:
+        """Main region and VLR of the batch, from the student's ATSS assignment (``state.assignment``)."""
+        a = state.assignment
+        return find_regions(state.locations.anchors, gt.boxes, gt.valid, a.positive, a.threshold, self.spec.gamma)
+
+    def _kd_columns(self, device: torch.device) -> tuple[Tensor, Tensor] | None:
+        """The paired class indices ``(M,)`` on ``device``; None when the classes are the same (no selection)."""
+        key = str(device)
+        if key not in self._columns:
+            c = self.classes
+            self._columns[key] = None if c.identity else (
+                torch.tensor(c.student, dtype=torch.long, device=device),
+                torch.tensor(c.teacher, dtype=torch.long, device=device))
+        return self._columns[key]
