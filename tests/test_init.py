@@ -130,3 +130,21 @@ def test_checkpoint_that_fits_nothing_is_refused(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), path)
     with pytest.raises(ValueError, match="ResNet-18 of width 64 does not fit the backbone of gfl_tiny"):
         initialise(build_detector("gfl_tiny", 1), InitPath(path=str(path)))
+
+
+def test_the_jobs_metrics_say_what_was_loaded(tmp_path):
+    from distill.data.synthetic import make_synthetic
+    from distill.train import run
+
+    data = make_synthetic(tmp_path / "data", num_train=2, num_val=1, image_size=(96, 64), seed=0)
+    teacher = build_detector("gfl_tiny", 3, ["car", "bus", "person"])  # other classes than the digits
+    atomic_save(detector_state(teacher), tmp_path / "digits.pt")
+    init = {"path": str(tmp_path / "digits.pt")}
+    spec = LocalJobSpec.model_validate({
+        "kind": "train", "dataset": str(data), "student": {"arch": "gfl_tiny", "init": init},
+        "schedule": {"epochs": 1, "batch_size": 2, "image_size": [96, 64], "warmup_iters": 1, "num_workers": 0}})
+    metrics = run(spec, tmp_path / "run")
+    init = metrics["init"]
+    assert init["source"] == "detector:digits.pt" and init["loaded"] > 0 and init["fresh"] >= 2
+    assert init["first_fresh"][:2] == ["bbox_head.gfl_cls.weight", "bbox_head.gfl_cls.bias"]
+    assert metrics == __import__("json").loads((tmp_path / "run" / "metrics.json").read_text())
