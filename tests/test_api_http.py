@@ -169,6 +169,7 @@ def publish_test_model(data_dir: Path, store_url: str, classes: list[str], model
     from deploy.export import export_model
     from deploy.registry import Registry
     from distill.checkpoint import atomic_save, build_detector, detector_state
+    from worker.publish import publish_model
     from worker.store import Store
 
     work = data_dir / "tmp_export" / model_id
@@ -176,12 +177,11 @@ def publish_test_model(data_dir: Path, store_url: str, classes: list[str], model
     with torch.no_grad():  # confident everywhere, so every image gets (up to 100) detections to check
         model.bbox_head.gfl_cls.bias.fill_(2.0)
     atomic_save(detector_state(model, meta={"input_size": [128, 96]}), work / "model.pt")
-    export_model(work / "model.pt", work / "export")
-    registry = Registry(data_dir / "models")
-    published = registry.publish(work / "export", model_id=model_id, meta={"job_id": None})
+    description = export_model(work / "model.pt", work / "export")
     store = Store(store_url)
     try:
-        return store.add_model(model_id, None, str(registry.path(model_id)), published)
+        return publish_model(store, Registry(data_dir / "models"), work / "export", description, model_id=model_id,
+                             job_id=None)  # fmt: skip
     finally:
         store.close()
 
@@ -363,16 +363,56 @@ def mmdet_checkpoint(server: ApiServer, http: httpx.Client) -> dict[str, Any]:
     return r.json()
 
 
+def _upload_state_dict(server: ApiServer, http: httpx.Client, name: str, obj: Any) -> dict[str, Any]:
+    torch = pytest.importorskip("torch")
+    path = server.work / name  # type: ignore[attr-defined]
+    torch.save(obj, path)
+    with open(path, "rb") as f:
+        r = http.post("/v1/checkpoints", files={"file": (path.name, f, "application/octet-stream")})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+@pytest.fixture(scope="module")
+def backbone_checkpoint(server: ApiServer, http: httpx.Client) -> dict[str, Any]:
+    """gfl_tiny's ResNet body alone, in torchvision's key layout (a student's initial weights)."""
+    pytest.importorskip("torch")
+    from distill.checkpoint import build_detector
+
+    return _upload_state_dict(server, http, "tiny_backbone.pth", build_detector("gfl_tiny", 2).backbone.state_dict())
+
+
+@pytest.fixture(scope="module")
+def reg_max_8_checkpoint(server: ApiServer, http: httpx.Client) -> dict[str, Any]:
+    """A gfl_tiny whose box branch has reg_max 8: LD cannot compare its edge distributions with a student's."""
+    torch = pytest.importorskip("torch")
+    from distill.checkpoint import build_detector
+
+    sd = build_detector("gfl_tiny", 2).state_dict()
+    channels = sd["bbox_head.gfl_reg.weight"].shape[1]
+    sd["bbox_head.gfl_reg.weight"] = torch.zeros(4 * (8 + 1), channels, 3, 3)
+    sd["bbox_head.gfl_reg.bias"] = torch.zeros(4 * (8 + 1))
+    return _upload_state_dict(server, http, "reg_max_8.pth", {"meta": {}, "state_dict": sd})
+
+
 def test_checkpoint_upload(server: ApiServer, http: httpx.Client, mmdet_checkpoint: dict[str, Any]) -> None:
     arch = mmdet_checkpoint["arch"]
     assert mmdet_checkpoint["id"].startswith("ckpt_")
     assert (arch["name"], arch["num_classes"], arch["reg_max"], arch["classes"]) == ("gfl_tiny", 3, 16, ["x", "y", "z"])
     assert arch["source"] == "mmdetection" and arch["strides"] == [8, 16, 32, 64, 128]
+    assert arch["kind"] == "detector"
     assert http.get(f"/v1/checkpoints/{mmdet_checkpoint['id']}").json()["arch"] == arch
     before = stored_state(server, http)
     r = http.post("/v1/checkpoints", files={"file": ("junk.pt", b"\x80\x02not a checkpoint", "application/x")})
     assert r.status_code == 422 and error_of(r)["code"] == "invalid_checkpoint"
     assert stored_state(server, http) == before
+
+
+def test_backbone_checkpoint_upload(http: httpx.Client, backbone_checkpoint: dict[str, Any]) -> None:
+    arch = backbone_checkpoint["arch"]
+    assert (arch["kind"], arch["depth"], arch["base_width"], arch["layout"]) == ("backbone", 18, 16, "torchvision")
+    assert arch["num_classes"] is None and arch["reg_max"] is None  # a detector's fields: none here
+    assert http.get(f"/v1/checkpoints/{backbone_checkpoint['id']}").json()["arch"] == arch
 
 
 def _job(dataset_id: str, **over: Any) -> dict[str, Any]:
@@ -383,10 +423,12 @@ def _job(dataset_id: str, **over: Any) -> dict[str, Any]:
 
 
 def test_bad_jobs_refused_and_nothing_stored(
-    server: ApiServer, http: httpx.Client, dataset: dict[str, Any], mmdet_checkpoint: dict[str, Any]
+    server: ApiServer, http: httpx.Client, dataset: dict[str, Any], mmdet_checkpoint: dict[str, Any],
+    backbone_checkpoint: dict[str, Any], reg_max_8_checkpoint: dict[str, Any],
 ) -> None:
     ds = dataset["id"]
     distill = {"kind": "distill", "teacher": {"checkpoint": mmdet_checkpoint["id"]}}
+    missing = "00000000deadbeef"  # ids of the right shape that name nothing
     queued = http.post("/v1/jobs", json=_job(ds, name="stays queued"))
     assert queued.status_code == 202
     queued_id = queued.json()["id"]
@@ -403,16 +445,27 @@ def test_bad_jobs_refused_and_nothing_stored(
         ("unknown kind", _job(ds, kind="finetune"), 422, "invalid_request", "kind"),
         ("train with teacher", _job(ds, teacher={"model": "x"}), 422, "invalid_request", "teacher"),
         ("distill without teacher", _job(ds, kind="distill"), 422, "invalid_request", "teacher"),
-        ("unknown dataset", _job("ds_missing"), 422, "unknown_dataset", "ds_missing"),
+        ("unknown dataset", _job("ds_" + missing), 422, "unknown_dataset", "ds_" + missing),
         ("teacher path", _job(ds, kind="distill", teacher={"path": "/etc/passwd"}), 422, "invalid_request",
          "teacher.path"),
-        ("unknown teacher model", _job(ds, kind="distill", teacher={"model": "mdl_nope"}), 422, "invalid_teacher",
-         "mdl_nope"),
-        ("unknown teacher job", _job(ds, kind="distill", teacher={"job": "job_nope"}), 422, "invalid_teacher",
-         "job_nope"),
+        ("unknown init checkpoint", _job(ds, student={"arch": "gfl_tiny", "init": {"checkpoint": "ckpt_" + missing}}),
+         422, "unknown_checkpoint", "ckpt_" + missing),
+        ("init of another width", _job(ds, student={"arch": "gfl_small", "init": {"checkpoint":
+         backbone_checkpoint["id"]}}), 422, "invalid_init", "width"),
+        # (every form of a server path: tests/test_api_no_server_paths.py)
+        ("unknown teacher model", _job(ds, kind="distill", teacher={"model": "mdl_" + missing}), 422,
+         "invalid_teacher", "mdl_" + missing),
+        ("unknown teacher job", _job(ds, kind="distill", teacher={"job": "job_" + missing}), 422,
+         "invalid_teacher", "job_" + missing),
         ("unfinished teacher job", _job(ds, kind="distill", teacher={"job": queued_id}), 422, "invalid_teacher",
          "not succeeded"),
-        ("teacher mismatch", _job(ds, **distill), 422, "teacher_mismatch", "classes"),
+        ("backbone as teacher", _job(ds, kind="distill", teacher={"checkpoint": backbone_checkpoint["id"]}), 422,
+         "invalid_teacher", "backbone"),
+        ("teacher mismatch", _job(ds, kind="distill", teacher={"checkpoint": reg_max_8_checkpoint["id"]}), 422,
+         "teacher_mismatch", "reg_max"),
+        ("loss weight < 0", _job(ds, loss={"giou": -1}), 422, "invalid_request", "loss.giou"),
+        ("detector weight in distill.weights", _job(ds, **distill, distill={"weights": {"dfl": 0.25}}), 422,
+         "invalid_request", "distill.weights.dfl"),
     ]  # fmt: skip
     before = stored_state(server, http)
     for what, body, status, code, text in cases:
@@ -426,6 +479,22 @@ def test_bad_jobs_refused_and_nothing_stored(
         assert text.lower() in err["message"].lower(), (what, err)
     assert stored_state(server, http) == before
     assert_healthy(http)
+
+
+def test_jobs_with_uploaded_teacher_and_init_accepted(
+    http: httpx.Client, dataset: dict[str, Any], mmdet_checkpoint: dict[str, Any],
+    backbone_checkpoint: dict[str, Any],
+) -> None:
+    """The teacher's classes need not be the dataset's (KD maps them by name, LD needs none): the 3-class
+    teacher serves the 2-class dataset. A backbone fits a student with the same ResNet layout."""
+    distill = _job(dataset["id"], kind="distill", teacher={"checkpoint": mmdet_checkpoint["id"]},
+                   student={"arch": "gfl_tiny", "init": {"checkpoint": backbone_checkpoint["id"]}})  # fmt: skip
+    r = http.post("/v1/jobs", json=distill)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["state"] == "queued" and job["spec"]["student"]["init"] == {"checkpoint": backbone_checkpoint["id"]}
+    assert job["spec"]["loss"] == {"cls": 1.0, "giou": 2.0, "dfl": 0.25}  # the defaults, filled in
+    assert http.post(f"/v1/jobs/{job['id']}/cancel").json()["state"] == "cancelled"
 
 
 def test_submit_idempotency_cancel_and_events(http: httpx.Client, dataset: dict[str, Any]) -> None:
@@ -608,7 +677,9 @@ def test_api_imports_and_builds_without_torch(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "sys.modules['torch'] = None\n"
-        "import api.app, api.cli, api.client, api.datasets, api.ckpt_reader, deploy.runtime, deploy.registry\n"
+        "import api.app, api.cli, api.client, api.datasets, api.deps, api.detect_body, deploy.runtime\n"
+        "import api.routes.checkpoints, api.routes.datasets, api.routes.detect, api.routes.health\n"
+        "import api.routes.jobs, api.routes.models, deploy.draw, deploy.registry, distill.ckpt_reader, worker.checks\n"
         "from worker.settings import Settings\n"
         f"app = api.app.create_app(Settings(data_dir={str(tmp_path)!r}))\n"
         "assert app.openapi()['paths']\n"
