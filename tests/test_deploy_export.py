@@ -29,7 +29,7 @@ from deploy.export import (
     sample_images,
     verify_onnx,
 )
-from deploy.registry import ModelIntegrityError, Registry
+from deploy.registry import RUNTIME_KEYS, ModelIntegrityError, Registry, read_model_json
 from deploy.runtime import ImageError, Predictor, prepare_batch
 from distill.checkpoint import build_detector, detector_state, load_detector
 
@@ -57,15 +57,13 @@ def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deploy")
     ckpt = tmp / "tiny.pt"
     torch.save(detector_state(tiny_detector(), {"input_size": list(INPUT_SIZE), "metrics": {"AP": 0.123}}), ckpt)
-    (tmp / "meta.json").write_text(json.dumps({"source_job": "job_test"}))
     out = tmp / "model"
-    # Through the command line, as a user (or the worker) runs it.
-    run = subprocess.run([sys.executable, "-m", "deploy", "export", str(ckpt), str(out), "--meta",
-                          str(tmp / "meta.json")], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    # Through the command line, as a user runs it: the model's description comes out as JSON.
+    run = subprocess.run([sys.executable, "-m", "deploy", "export", str(ckpt), str(out)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    summary = json.loads(run.stdout)
-    info = json.loads((out / "model.json").read_text())
-    assert summary["sha256"] == info["sha256"] and summary["verified_detections"] > 0
+    info = json.loads(run.stdout)
+    assert info["out_dir"] == str(out) and info["sha256"] == read_model_json(out)["sha256"]
     return {"ckpt": ckpt, "dir": out, "info": info, "model": load_detector(ckpt)}
 
 
@@ -87,8 +85,12 @@ def test_export_writes_a_checked_described_model(exported):
     dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert dims[1] == 3 and all(isinstance(d, str) for d in (dims[0], dims[2], dims[3]))  # N, H, W dynamic
     assert info["arch"] == "gfl_tiny" and info["classes"] == CLASSES and info["input_size"] == list(INPUT_SIZE)
-    assert info["source_job"] == "job_test" and info["metrics"] == {"AP": 0.123}
+    assert info["metrics"] == {"AP": 0.123}  # the checkpoint's
     assert len(info["sha256"]) == 64 and info["export"]["fp16"] is False
+    # The folder keeps what the runtime needs; the rest of the description is the caller's to keep.
+    runtime = read_model_json(folder)
+    assert set(runtime) <= set(RUNTIME_KEYS) and runtime == {k: info[k] for k in runtime}
+    assert runtime["mean"] and runtime["std"] and "export" not in runtime and "metrics" not in runtime
     # The export's own check compared real detections, not empty lists.
     assert info["export"]["verification"]["detections"] > 50
 

@@ -10,7 +10,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from deploy.registry import ModelIntegrityError, Registry, build_model_json, read_model_json, write_model_json
+from deploy.registry import (
+    RUNTIME_KEYS,
+    ModelIntegrityError,
+    Registry,
+    build_model_json,
+    read_model_json,
+    write_model_json,
+)
 
 
 def make_export(folder, value: float = 1.0):
@@ -23,10 +30,10 @@ def make_export(folder, value: float = 1.0):
         [helper.make_tensor("c", TensorProto.FLOAT, [1], [value])],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), folder / "model.onnx")
-    info = build_model_json(folder / "model.onnx", arch="gfl_tiny", classes=["a", "b"], input_size=[320, 256],
-                            mean=[0, 0, 0], std=[1, 1, 1], metrics={"AP": value},
-                            extra={"source_job": f"job_{value}"})
-    write_model_json(folder, info)
+    info = build_model_json(folder / "model.onnx", classes=["a", "b"], input_size=[320, 256], mean=[0, 0, 0],
+                            std=[1, 1, 1])
+    # A description key that has no place in a published folder (the store keeps it).
+    write_model_json(folder, {**info, "metrics": {"AP": value}})
     return folder
 
 
@@ -34,14 +41,14 @@ def test_publish_get_list_verify(tmp_path):
     registry = Registry(tmp_path / "models")
     first = registry.publish(make_export(tmp_path / "e1", 1.0), model_id="mdl_one")
     time.sleep(0.01)
-    second = registry.publish(make_export(tmp_path / "e2", 2.0), meta={"name": "second"})
-    assert first["id"] == "mdl_one" and second["id"].startswith("mdl_") and second["name"] == "second"
+    second = registry.publish(make_export(tmp_path / "e2", 2.0))
+    assert first["id"] == "mdl_one" and second["id"].startswith("mdl_")
     assert [m["id"] for m in registry.list()] == [second["id"], "mdl_one"]  # newest first
     got = registry.get("mdl_one")
     assert got == read_model_json(registry.path("mdl_one")) == first
-    assert got["source_job"] == "job_1.0" and got["metrics"] == {"AP": 1.0} and got["classes"] == ["a", "b"]
-    for key in ("arch", "input_size", "mean", "std", "export", "sha256", "created_at", "published_at"):
-        assert key in got
+    # model.json holds what the runtime needs, nothing more.
+    assert set(got) == set(RUNTIME_KEYS) and got["classes"] == ["a", "b"] and got["input_size"] == [320, 256]
+    assert got["sha256"] == read_model_json(tmp_path / "e1")["sha256"]
     assert (registry.path("mdl_one") / "model.onnx").read_bytes() == (tmp_path / "e1" / "model.onnx").read_bytes()
     assert registry.verify("mdl_one")["sha256"] == first["sha256"]
     assert registry.latest()["id"] == second["id"]
@@ -63,7 +70,7 @@ def test_duplicate_id_is_refused(tmp_path):
     registry.publish(make_export(tmp_path / "e1", 1.0), model_id="mdl_x")
     with pytest.raises(FileExistsError):
         registry.publish(make_export(tmp_path / "e2", 2.0), model_id="mdl_x")
-    assert registry.get("mdl_x")["metrics"] == {"AP": 1.0}
+    assert registry.verify("mdl_x")["sha256"] == read_model_json(tmp_path / "e1")["sha256"]
 
 
 def test_concurrent_publishers_of_one_id_one_wins(tmp_path):

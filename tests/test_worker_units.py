@@ -1,18 +1,28 @@
-"""Fast worker tests without a worker process: settings, and the
-recovery pass against real brokers (the embedded filesystem transport and a private redis-server)."""
+"""Fast worker tests without a worker process: settings, publishing into the registry and the store's
+catalogue, the recovery pass against real brokers (the embedded filesystem transport and a private
+redis-server), and what a worker process loads."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from deploy.registry import RUNTIME_KEYS, Registry, read_model_json
 from tests.service_fixtures import RedisServer
+from tests.test_deploy_registry import make_export
+from worker.publish import publish_model
 from worker.queue import broker_ok, enqueue, queue_depth
 from worker.recovery import recover
 from worker.settings import Settings
 from worker.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_settings_from_env(tmp_path):
@@ -26,6 +36,42 @@ def test_settings_from_env(tmp_path):
     assert d.data_dir == Path(".ldd").absolute() and d.max_upload_bytes == 500 * 1024 * 1024
     assert d.api_keys == [] and d.max_attempts == 3 and d.heartbeat_seconds == 10
     assert Settings.from_env(s.to_env()) == s  # what a child process rebuilds
+    assert d.weights_dir is None and d.to_env()["LDD_WEIGHTS_DIR"] == ""
+    w = Settings.from_env({"LDD_WEIGHTS_DIR": "w", "LDD_API_KEYS": "alice:k1"})
+    assert w.weights_dir == Path("w").absolute() and w.api_keys == ["alice:k1"]
+    assert Settings.from_env(w.to_env()) == w
+    assert Settings.from_env({"LDD_MAX_ATTEMPTS": "5"}, max_attempts=1).max_attempts == 1  # overrides win
+    with pytest.raises(ValidationError, match="lease_seconds"):
+        Settings.from_env({"LDD_LEASE_SECONDS": "soon"})
+
+
+def test_settings_read_the_process_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("LDD_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("LDD_API_KEYS", "a,b")
+    monkeypatch.setenv("LDD_HEARTBEAT_SECONDS", "")  # empty = unset
+    for s in (Settings(), Settings.from_env()):
+        assert s.data_dir == tmp_path and s.api_keys == ["a", "b"] and s.heartbeat_seconds == 10
+    assert Settings(api_keys=[]).api_keys == []  # arguments win over the environment
+    assert Settings.from_env({}).data_dir == Path(".ldd").absolute()  # an explicit env is all there is
+
+
+def test_publish_model_files_for_the_runtime_description_in_the_store(tmp_path):
+    """The registry folder gets model.json's runtime keys only; the store's row gets the description.
+    Publishing again (an attempt that died between the two steps) records the model already published."""
+    store = Store(f"sqlite:///{tmp_path / 'ldd.db'}")
+    registry = Registry(tmp_path / "models")
+    export = make_export(tmp_path / "export", 1.0)
+    description = {**read_model_json(export), "arch": "gfl_tiny", "export": {"reg_max": 16}, "graph": {"nodes": 1}}
+    row = publish_model(store, registry, export, description, model_id="mdl_a", job_id="job_a", name="n",
+                        metrics={"AP": 0.5})  # fmt: skip
+    on_disk = read_model_json(registry.path("mdl_a"))
+    assert set(on_disk) == set(RUNTIME_KEYS) and row["path"] == str(registry.path("mdl_a"))
+    assert row["job_id"] == "job_a" and row["meta"]["arch"] == "gfl_tiny" and row["meta"]["metrics"] == {"AP": 0.5}
+    assert row["meta"]["name"] == "n" and row["meta"]["sha256"] == on_disk["sha256"] and row["meta"]["id"] == "mdl_a"
+    assert store.get_model("mdl_a") == row
+    again = publish_model(store, registry, export, description, model_id="mdl_a", job_id="job_a")
+    assert again == row and [m["id"] for m in store.list_models()] == ["mdl_a"]
+    store.close()
 
 
 @pytest.fixture(params=["embedded", "redis"])
@@ -73,12 +119,26 @@ def test_enqueue_with_broker_down_is_not_fatal(tmp_path):
 def test_worker_modules_import_without_torch():
     """The API imports the store and the queue, and the worker's main process runs the lifecycle:
     none of them may pull in torch (training and export happen in child processes)."""
-    import subprocess
-    import sys
-
     code = (
         "import sys; import worker.store, worker.queue, worker.settings, worker.jobs, worker.recovery, "
-        "worker.checks, worker.main; bad = [m for m in ('torch', 'torchvision', 'onnx') if m in sys.modules]; "
-        "assert not bad, bad"
+        "worker.checks, worker.main, worker.tasks, worker.hooks, worker.publish, worker.process; "
+        "bad = [m for m in ('torch', 'torchvision', 'onnx') if m in sys.modules]; assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_a_worker_app_loads_the_task_and_its_hooks(tmp_path):
+    """What ``celery -A worker.celery_app worker`` (and ``python -m worker``) does at start: the app's
+    ``include`` brings in the task and the hooks on the worker's signals; the API's import does not."""
+    code = (
+        "import json, sys; from celery import signals; from worker.celery_app import TASK_RUN_JOB, app; "
+        "before = TASK_RUN_JOB in app.tasks or 'worker.tasks' in sys.modules; app.loader.import_default_modules(); "
+        "hooks = [getattr(r[1], '__name__', '') for r in signals.worker_ready.receivers "
+        "+ signals.worker_shutting_down.receivers]; "
+        "print(json.dumps([before, TASK_RUN_JOB in app.tasks, hooks]))"
+    )
+    env = {"PATH": "/usr/bin:/bin", "LDD_DATA_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    before, registered, hooks = json.loads(out.stdout)
+    assert not before and registered and {"start_recovery", "forward_warm_shutdown"} <= set(hooks)

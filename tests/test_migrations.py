@@ -1,0 +1,216 @@
+"""The job store's Alembic migrations on SQLite and PostgreSQL (a fresh database per test on the local server).
+
+- a fresh database is brought to the newest revision, and its schema is the one ``worker.schema`` declares;
+- a store made by the code before migrations existed (its DDL below, as ``worker/store.py`` created it, with
+  rows in every table) is adopted: every row is kept, and the service reads and updates them;
+- processes opening a new store at the same moment migrate it once, without errors.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from tests.service_fixtures import postgres_database
+from worker.db import current_revision, head_revision, make_engine
+from worker.schema import metadata
+from worker.store import JOB_STATES, Store, spec_digest
+
+# The schema the store had before migrations (SQLAlchemy's DDL for the ORM classes of the old
+# ``worker/store.py`` on SQLite; PostgreSQL's differs only in the timestamp type).
+LEGACY_DDL = [
+    """CREATE TABLE checkpoints (
+        id VARCHAR(64) NOT NULL, name VARCHAR(200), path TEXT NOT NULL, arch JSON NOT NULL,
+        created_at DATETIME NOT NULL, PRIMARY KEY (id))""",
+    """CREATE TABLE datasets (
+        id VARCHAR(64) NOT NULL, name VARCHAR(200) NOT NULL, path TEXT NOT NULL, classes JSON NOT NULL,
+        num_images INTEGER NOT NULL, num_boxes INTEGER NOT NULL, splits JSON NOT NULL, problems JSON NOT NULL,
+        created_at DATETIME NOT NULL, PRIMARY KEY (id))""",
+    """CREATE TABLE jobs (
+        id VARCHAR(64) NOT NULL, kind VARCHAR(16) NOT NULL, name VARCHAR(200), state VARCHAR(16) NOT NULL,
+        spec JSON NOT NULL, spec_sha256 VARCHAR(64) NOT NULL, progress JSON, metrics JSON, error TEXT,
+        last_error TEXT, attempts INTEGER NOT NULL, lease_owner VARCHAR(200), lease_seconds FLOAT,
+        lease_expires_at DATETIME, heartbeat_at DATETIME, cancel_requested BOOLEAN NOT NULL,
+        idempotency_key VARCHAR(255), model_id VARCHAR(64), enqueued_at DATETIME, created_at DATETIME NOT NULL,
+        started_at DATETIME, finished_at DATETIME, updated_at DATETIME NOT NULL,
+        PRIMARY KEY (id), UNIQUE (idempotency_key))""",
+    "CREATE INDEX ix_jobs_state ON jobs (state)",
+    "CREATE INDEX ix_jobs_created_at ON jobs (created_at)",
+    """CREATE TABLE models (
+        id VARCHAR(64) NOT NULL, job_id VARCHAR(64), path TEXT NOT NULL, meta JSON NOT NULL,
+        created_at DATETIME NOT NULL, PRIMARY KEY (id), UNIQUE (job_id))""",
+    "CREATE INDEX ix_models_created_at ON models (created_at)",
+]
+# Columns the old code added with ALTER TABLE when it found them missing: a store may lack them.
+LATE_COLUMNS = ("last_error TEXT,", "enqueued_at DATETIME,")
+
+T0 = datetime(2026, 11, 1, 12, 0, 0, 123456)
+SPEC = {"kind": "train", "dataset": "ds_old", "schedule": {"epochs": 2}}
+
+
+def legacy_rows(with_late_columns: bool) -> dict[str, list[dict]]:
+    """Rows in every table, as the old code wrote them: a job in each state, a model for the finished one."""
+    jobs = []
+    for i, state in enumerate(("queued", "running", "succeeded", "failed", "cancelled")):
+        running = state == "running"
+        job = dict(
+            id=f"job_{i}", kind="train", name=f"j{i}", state=state, spec=json.dumps(SPEC),
+            spec_sha256=spec_digest(SPEC),
+            progress=json.dumps({"epoch": i}) if i else None, metrics=json.dumps({"AP": 0.5}) if i == 2 else None,
+            error="boom" if state == "failed" else None, attempts=i, lease_owner="host:1:abc" if running else None,
+            lease_seconds=60.0 if running else None, lease_expires_at=T0 + timedelta(hours=1) if running else None,
+            heartbeat_at=T0 if running else None, cancel_requested=state == "cancelled",
+            idempotency_key=f"key{i}" if i % 2 else None, model_id="mdl_2" if i == 2 else None,
+            created_at=T0 + timedelta(seconds=i), started_at=T0 if i else None,
+            finished_at=T0 if state in ("succeeded", "failed", "cancelled") else None, updated_at=T0,
+        )  # fmt: skip
+        if with_late_columns:
+            job.update(last_error="lost once" if i == 3 else None, enqueued_at=T0 if state == "queued" else None)
+        jobs.append(job)
+    return {
+        "datasets": [dict(id="ds_old", name="old", path="/d/ds_old", classes=json.dumps(["cat", "dog"]),
+                          num_images=10, num_boxes=12, splits=json.dumps({"train": 8}), problems=json.dumps([]),
+                          created_at=T0)],
+        "checkpoints": [dict(id="ck_old", name=None, path="/c/ck_old.pt", created_at=T0,
+                             arch=json.dumps({"kind": "detector", "reg_max": 16}))],
+        "jobs": jobs,
+        "models": [dict(id="mdl_2", job_id="job_2", path="/m/mdl_2", created_at=T0,
+                        meta=json.dumps({"classes": ["cat", "dog"], "sha256": "cd" * 32}))],
+    }  # fmt: skip
+
+
+def make_legacy_store(url: str, with_late_columns: bool = True) -> dict[str, list[dict]]:
+    """A store as the code before migrations left it, with rows; returns the rows."""
+    engine = make_engine(url)
+    rows = legacy_rows(with_late_columns)
+    with engine.begin() as conn:
+        for ddl in LEGACY_DDL:
+            if not with_late_columns:
+                for col in LATE_COLUMNS:
+                    ddl = ddl.replace(col, "")
+            if conn.dialect.name == "postgresql":
+                ddl = ddl.replace("DATETIME", "TIMESTAMP WITHOUT TIME ZONE")
+            conn.exec_driver_sql(ddl)
+        for table, table_rows in rows.items():
+            for row in table_rows:
+                cols = ", ".join(row)
+                conn.execute(sa.text(f"INSERT INTO {table} ({cols}) VALUES ({', '.join(':' + c for c in row)})"),
+                             row)  # fmt: skip
+    engine.dispose()
+    return rows
+
+
+def table_contents(url: str) -> dict[str, list[tuple]]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {t: [tuple(r) for r in conn.execute(sa.text(f"SELECT * FROM {t} ORDER BY id"))]
+                    for t in ("datasets", "checkpoints", "jobs", "models")}  # fmt: skip
+    finally:
+        engine.dispose()
+
+
+def schema_differences(url: str) -> list:
+    """What Alembic's autogenerate would change to make the database match ``worker.schema``."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return compare_metadata(MigrationContext.configure(conn), metadata)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path) -> Iterator[str]:
+    """A new, empty database for each test."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ldd.db'}"
+        return
+    with postgres_database() as pg:
+        yield pg
+
+
+def test_fresh_database_is_migrated_to_head_with_the_declared_schema(url):
+    store = Store(url)
+    try:
+        with store.engine.connect() as conn:
+            assert current_revision(conn) == head_revision() is not None
+        store.add_dataset("ds_1", "d", "/d", ["a"], 1, 1, {}, [])
+        assert store.get_dataset("ds_1")["classes"] == ["a"]
+    finally:
+        store.close()
+    assert schema_differences(url) == []
+    Store(url).close()  # a store at head opens without migrating again
+    assert table_contents(url)["datasets"][0][0] == "ds_1"
+
+
+@pytest.mark.parametrize("with_late_columns", [True, False], ids=["todays-store", "without-altered-columns"])
+def test_store_made_before_migrations_keeps_every_row(url, with_late_columns):
+    rows = make_legacy_store(url, with_late_columns)
+    before = table_contents(url)
+    assert {t: len(r) for t, r in before.items()} == {t: len(r) for t, r in rows.items()}
+
+    store = Store(url)
+    try:
+        with store.engine.connect() as conn:
+            assert current_revision(conn) == head_revision()
+        after = table_contents(url)
+        for table, contents in before.items():
+            # Every row and value is still there (columns added by the migration come last, empty).
+            assert [r[: len(contents[0])] for r in after[table]] == contents, table
+            assert all(v is None for r in after[table] for v in r[len(contents[0]) :]), table
+
+        # The service reads the old rows ...
+        assert store.get_dataset("ds_old")["classes"] == ["cat", "dog"]
+        assert store.get_checkpoint("ck_old")["arch"]["reg_max"] == 16
+        assert [j["id"] for j in store.list_jobs()] == [f"job_{i}" for i in reversed(range(5))]
+        assert store.count_jobs_by_state() == dict.fromkeys(JOB_STATES, 1)
+        done = store.get_job("job_2")
+        assert done["metrics"] == {"AP": 0.5} and done["model_id"] == "mdl_2" and done["spec"] == SPEC
+        assert done["created_at"] == (T0 + timedelta(seconds=2)).isoformat() + "+00:00"
+        assert store.get_job("job_4")["cancel_requested"] is True
+        assert store.model_for_job("job_2")["meta"]["sha256"] == "cd" * 32
+        # ... and goes on with them: the idempotency keys still hold, the queued job runs, models publish.
+        again, created = store.create_job(SPEC, idempotency_key="key1")
+        assert not created and again["id"] == "job_1"
+        claimed = store.claim("job_0", "new-worker", 30)
+        assert claimed is not None and claimed["attempts"] == 1
+        assert store.finish("job_0", "new-worker", "queued", last_error="retry")["last_error"] == "retry"
+        assert store.add_model("mdl_0", "job_2", "/m/x", {}) == store.get_model("mdl_2")  # one model per job
+    finally:
+        store.close()
+    if with_late_columns:
+        assert schema_differences(url) == []  # the adopted store has the fresh store's schema
+
+
+def test_stores_opened_together_migrate_once(url):
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(5)
+
+    def open_store() -> None:
+        try:
+            barrier.wait()
+            Store(url).close()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_store) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all() == [head_revision()]
+    finally:
+        engine.dispose()
+    assert schema_differences(url) == []
