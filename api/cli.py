@@ -3,8 +3,8 @@
     ldd up [--host 127.0.0.1] [--port 8000] [--data-dir DIR]   API + one worker on this machine
     ldd api | ldd worker                                        one of the two
     ldd datasets upload PATH [--name N] | ldd datasets list
-    ldd checkpoints upload PATH
-    ldd jobs submit SPEC.json | ldd jobs submit --kind train --dataset ID [--arch A] [--epochs N] ...
+    ldd checkpoints upload PATH                                 a detector or a ResNet backbone
+    ldd jobs submit SPEC.json | ldd jobs submit --kind train --dataset ID [--arch A] [--init I] [--epochs N] ...
     ldd jobs status ID | watch ID | cancel ID | list
     ldd models list | ldd models download ID OUT.onnx
     ldd detect IMAGE [--model ID] [--score-threshold T] [--draw OUT.png]
@@ -160,6 +160,9 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
         spec["name"] = args.name
     if args.arch:
         spec.setdefault("student", {})["arch"] = args.arch
+    if args.init:
+        init = {"none": None, "imagenet": "imagenet"}.get(args.init, {"checkpoint": args.init})
+        spec.setdefault("student", {})["init"] = init
     for flag, key in (("teacher_model", "model"), ("teacher_job", "job"), ("teacher_checkpoint", "checkpoint")):
         if getattr(args, flag):
             spec["teacher"] = {key: getattr(args, flag)}
@@ -298,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_parser("list")
     c.set_defaults(func=cmd_datasets)
 
-    c = client("checkpoints", "upload a teacher checkpoint")
+    c = client("checkpoints", "upload a detector checkpoint (a teacher) or a ResNet backbone (initial weights)")
     a = c.add_subparsers(dest="action", required=True)
     u = a.add_parser("upload")
     u.add_argument("path")
@@ -313,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset")
     s.add_argument("--name")
     s.add_argument("--arch", help="student architecture, e.g. gfl_tiny, gfl_r18")
+    s.add_argument("--init", metavar="none|imagenet|CKPT_ID", help="the student's initial weights")
     s.add_argument("--teacher-model")
     s.add_argument("--teacher-job")
     s.add_argument("--teacher-checkpoint")

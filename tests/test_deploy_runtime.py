@@ -132,3 +132,22 @@ def test_draw_marks_boxes_and_keeps_size():
     assert out.size == image.size and image.getpixel((10, 30)) == (255, 255, 255)
     assert out.getpixel((10, 30)) != (255, 255, 255)  # left edge of the kept box
     assert out.getpixel((100, 60)) == (255, 255, 255)  # the low-score box was skipped
+
+
+def test_draw_takes_bytes_or_a_path_decoded_as_the_runtime_decodes(tmp_path: Path):
+    """The CLI hands a path, an upload hands bytes: both get the EXIF orientation the runtime applied, so the
+    boxes it found land on the same pixels."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees clockwise: portrait
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 40), (255, 255, 255)).save(buf, format="JPEG", exif=exif.tobytes())
+    data = buf.getvalue()
+    (tmp_path / "photo.jpg").write_bytes(data)
+    dets = [{"box": [2, 50, 30, 70], "score": 0.9, "label": 0, "class_name": "cat"}]
+    decoded = load_image(data)
+    assert decoded.size == (40, 80)
+    for source in (data, tmp_path / "photo.jpg", str(tmp_path / "photo.jpg"), decoded):
+        out = draw_detections(source, dets)
+        assert out.size == (40, 80) and out.mode == "RGB", source
+        assert out.getpixel((2, 60)) != (255, 255, 255)  # the box's left edge, inside the portrait image
+    assert decoded.getpixel((2, 60)) == (255, 255, 255)  # drawing made a copy
