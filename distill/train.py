@@ -218,8 +218,9 @@ class Trainer:
                 images = images.to(self.device, non_blocking=True)
                 step = self.step(images, targets)
                 if not torch.isfinite(step.total):
-                    values = {k: float(v) for k, v in step.losses.items()}
-                    raise TrainingError(f"training diverged: loss is {float(step.total)} at epoch {epoch + 1}, "
+                    values = {k: float(v.detach()) for k, v in step.losses.items()}
+                    total = float(step.total.detach())
+                    raise TrainingError(f"training diverged: loss is {total} at epoch {epoch + 1}, "
                                         f"iteration {self.iteration + 1} ({values}); lower the learning rate")
                 self.optimizer.zero_grad(set_to_none=True)
                 step.total.backward()
