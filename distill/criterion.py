@@ -107,6 +107,7 @@ class GFLCriterion:
         return losses
 
     def forward(self, images: Tensor, keep_feats: bool = False) -> HeadOutputs:
+        """The student's outputs for ``images (B, 3, H, W)``; ``keep_feats``: also its FPN levels (FitNets)."""
         return head_outputs(self.model, images, self.amp, keep_feats)
 
     def locations(self, sizes: tuple[tuple[int, int], ...], device: torch.device) -> Locations:
