@@ -109,9 +109,7 @@ class Trainer:
         self.criterion: GFLCriterion | DistillCriterion = GFLCriterion(self.model, spec.loss, self.amp)
         if spec.kind == "distill":
             assert spec.teacher is not None and spec.distill is not None
-            self.teacher = load_detector(spec.teacher.path, self.device)
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
+            self.teacher = load_detector(spec.teacher.path, self.device)  # DistillCriterion freezes it
             try:
                 distillation.check_teacher(self.teacher, self.model)
             except distillation.TeacherMismatch as e:

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from distill.ckpt_reader import CheckpointError, describe_checkpoint
+from distill.class_map import ClassMapError, map_classes
 from distill.spec import IMAGENET_URLS, InitCheckpoint, JobSpec, arch_config
 from worker.settings import Settings
 from worker.store import Store
@@ -63,7 +64,12 @@ def check_job(spec: JobSpec, store: Store, settings: Settings) -> CheckedJob:
         teacher_path, facts = _teacher(spec.teacher.model_dump(), store, settings)
         _check_teacher(facts, student, spec.student.arch)
         if spec.distill is not None and spec.distill.class_map:
-            _check_class_map(spec.distill.class_map, ds["classes"], facts.get("classes"))
+            # The rule training applies (distill.class_map); a teacher without names has "0".."N-1", as GFL.classes.
+            teacher_classes = facts.get("classes") or [str(i) for i in range(int(facts.get("num_classes") or 0))]
+            try:
+                map_classes(ds["classes"], teacher_classes, spec.distill.class_map)
+            except ClassMapError as e:
+                raise JobRefused(str(e), "invalid_class_map") from e
     return CheckedJob(spec, dataset_dir, list(ds["classes"]), teacher_path, facts, init_path)
 
 
@@ -210,15 +216,3 @@ def _check_teacher(facts: dict[str, Any], student: dict[str, Any], arch: str) ->
         problems.append(f"strides {list(strides)} != {arch}'s {list(student['strides'])}")
     if problems:
         raise JobRefused("teacher does not match the student: " + "; ".join(problems), "teacher_mismatch")
-
-
-def _check_class_map(class_map: dict[str, str], dataset: list[str], teacher: list[str] | None) -> None:
-    unknown = [c for c in class_map if c not in dataset]
-    if unknown:
-        raise JobRefused(f"distill.class_map: {unknown} are not classes of the dataset ({dataset[:20]})",
-                         "invalid_class_map")
-    if teacher:
-        missing = [t for t in class_map.values() if t not in teacher]
-        if missing:
-            raise JobRefused(f"distill.class_map: {missing} are not classes of the teacher ({teacher[:20]})",
-                             "invalid_class_map")
