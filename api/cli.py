@@ -258,7 +258,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         res = c.detect(args.image, model=args.model, score_threshold=args.score_threshold)
     _print(res)
     if args.draw:
-        from deploy.draw import draw_detections  # Pillow only; the other commands do without it
+        from deploy.draw import draw_detections  # Pillow and numpy: only this command needs them
 
         draw_detections(args.image, res["detections"]).save(args.draw)
         print(f"wrote {args.draw}", file=sys.stderr)

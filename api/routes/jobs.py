@@ -82,9 +82,10 @@ _EVENT_FIELDS = ("state", "progress", "metrics", "error", "model_id", "attempts"
     response_model=schemas.Job,
     summary="Submit a train or distill job",
     description=(
-        "Validated against the job spec (unknown fields are refused), the dataset and teacher must exist "
-        "and the teacher must match the student (classes, reg_max, strides). Returns 202 with the queued "
-        "job. With `Idempotency-Key`, the same key and body return the same job (header "
+        "Validated against the job spec (unknown fields are refused; files are named by id, never by a path). "
+        "The dataset, the teacher and an initial checkpoint must exist, the teacher must match the student "
+        "(reg_max, strides; classes are matched by name for KD) and initial weights must fit it. Returns 202 "
+        "with the queued job. With `Idempotency-Key`, the same key and body return the same job (header "
         "`Idempotent-Replayed: true`); the same key with another body is refused (422)."
     ),
     responses=error_docs(400, 422),
