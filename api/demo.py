@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from api.cli import api_command, draw_detections, progress_line, stop_processes, worker_command
+from api.cli import api_command, progress_line, stop_processes, worker_command
 from api.client import Client
+from deploy.draw import draw_detections
 from distill.spec import ARCHITECTURES
 
 
@@ -159,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             server.append(client.detect(image)["latency_ms"])
             times.append((time.perf_counter() - t) * 1000)
-        drawn = draw_detections(image, [d for d in result["detections"] if d["score"] >= 0.3],
-                                data_dir / "demo_detections.png")  # fmt: skip
+        drawn = data_dir / "demo_detections.png"
+        draw_detections(image, result["detections"], min_score=0.3).save(drawn)
 
         rows = [("teacher", args.teacher_arch, teacher), ("student", args.student_arch, plain),
                 ("distilled student", args.student_arch, distilled)]  # fmt: skip
