@@ -199,6 +199,7 @@ def pid_alive(pid: int) -> bool:
 # -- the worker service as the lifecycle tests use it -------------------------------------------------
 
 IMAGE_SIZE = (128, 96)
+DATASET = "ds_00000000000005e1"  # the synthetic data set every Service has (ids look like the store's)
 
 
 def train_spec(dataset: str, epochs: int = 3, **schedule: Any) -> dict[str, Any]:
@@ -223,7 +224,7 @@ class Service:
         self.settings = Settings.from_env(self.env)
         self.settings.make_dirs()
         self.store = Store(self.settings.store_url)
-        self.store.add_dataset("ds_syn", "synthetic", str(dataset_dir), ["0", "1"], 20, 0, {}, [])
+        self.store.add_dataset(DATASET, "synthetic", str(dataset_dir), ["0", "1"], 20, 0, {}, [])
         self.workers: list[WorkerProcess] = []
 
     def start_worker(self) -> WorkerProcess:

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.service_fixtures import Service, descendants, pid_alive, train_spec, training_children, wait_for
+from tests.service_fixtures import DATASET, Service, descendants, pid_alive, train_spec, training_children, wait_for
 
 
 def _cuda() -> bool:
@@ -36,7 +36,7 @@ def test_cancel_frees_the_gpu(tmp_path):
     service = Service(tmp_path, "filesystem://", data)
     try:
         w = service.start_worker()
-        job_id = service.submit(train_spec("ds_syn", epochs=500, batch_size=8))
+        job_id = service.submit(train_spec(DATASET, epochs=500, batch_size=8))
         service.wait_training(job_id, min_iter=5, timeout=120)
         (child,) = training_children(w)
         on_gpu = wait_for(lambda: gpu_pids() or None, 30, "a process on the GPU")

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.service_fixtures import (
+    DATASET,
     IMAGE_SIZE,
     RedisServer,
     Service,
@@ -89,7 +90,7 @@ def test_killed_worker_resumes_from_checkpoint_and_publishes_once(service: Servi
     """Embedded broker: SIGKILL the worker mid-training; the lease expires, the job is queued again and
     a new worker resumes it from the epoch checkpoint, exports and publishes exactly one model."""
     w1 = service.start_worker()
-    job_id = service.submit(train_spec("ds_syn", epochs=3))
+    job_id = service.submit(train_spec(DATASET, epochs=3))
     per_epoch = kill_after_first_epoch(service, w1, job_id)
     w2 = service.start_worker()
     check_resumed_and_published_once(service, service.wait_end(job_id, timeout=180), per_epoch)
@@ -109,12 +110,12 @@ def test_redis_worker_killed_and_redis_restarted(tmp_path, dataset_dir):
         service = Service(tmp_path, redis.url, dataset_dir, LDD_STORE_URL=store_url)
         try:
             w1 = service.start_worker()
-            first = service.submit(train_spec("ds_syn", epochs=3))
+            first = service.submit(train_spec(DATASET, epochs=3))
             per_epoch = kill_after_first_epoch(service, w1, first)
             w2 = service.start_worker()
             wait_for(lambda: service.job(first)["attempts"] == 2, 30, "the job to be claimed again")
             service.wait_training(first, min_iter=per_epoch + 1)
-            second = service.submit(train_spec("ds_syn", epochs=50))
+            second = service.submit(train_spec(DATASET, epochs=50))
             redis.stop()  # the second job's message is lost with it
             time.sleep(1)
             redis.start()
@@ -136,7 +137,7 @@ def test_redis_worker_killed_and_redis_restarted(tmp_path, dataset_dir):
 
 def test_cancel_running_job(service: Service):
     w = service.start_worker()
-    job_id = service.submit(train_spec("ds_syn", epochs=50))
+    job_id = service.submit(train_spec(DATASET, epochs=50))
     service.wait_training(job_id, min_iter=1)
     children = training_children(w)
     assert len(children) == 1
@@ -154,7 +155,7 @@ def test_max_attempts_exceeded(service: Service):
     """With one attempt allowed, a worker lost mid-job fails the job with the reason."""
     service.env["LDD_MAX_ATTEMPTS"] = "1"
     w1 = service.start_worker()
-    job_id = service.submit(train_spec("ds_syn", epochs=50))
+    job_id = service.submit(train_spec(DATASET, epochs=50))
     service.wait_training(job_id, min_iter=1)
     w1.kill()
     service.start_worker()
@@ -165,28 +166,32 @@ def test_max_attempts_exceeded(service: Service):
 
 
 def test_training_failure_fails_with_the_childs_reason(service: Service, tmp_path):
-    """A job the training program refuses (a teacher with other classes than the student) fails at once
-    with the program's own message from error.json, without retries. A teacher whose facts the store
-    knows is refused by the worker itself, before any child starts."""
-    from distill.checkpoint import atomic_save, build_detector, detector_state
+    """A job the training program refuses (a teacher whose edge distributions have other bins than the
+    student's) fails at once with the program's own message from error.json, without retries. A teacher
+    whose facts the store knows is refused by the worker's job check itself, before any child starts."""
+    from distill.checkpoint import atomic_save, detector_state
+    from distill.models.gfl import GFL, DetectorConfig
+    from distill.spec import arch_config
 
     teacher = tmp_path / "teacher.pt"
-    atomic_save(detector_state(build_detector("gfl_tiny", 3, ["0", "1", "2"])), teacher)
-    service.store.add_checkpoint("ck_unknown", str(teacher), {}, "facts unknown to the store")
-    service.store.add_checkpoint("ck_known", str(teacher), {"num_classes": 3, "reg_max": 16}, "facts known")
-    distill = {**train_spec("ds_syn", epochs=1), "kind": "distill"}
+    cfg = DetectorConfig(**{**arch_config("gfl_tiny"), "reg_max": 8}, num_classes=2, classes=["0", "1"])
+    atomic_save(detector_state(GFL(cfg, "gfl_tiny")), teacher)
+    service.store.add_checkpoint("ck_0000000000000001", str(teacher), {}, "facts unknown to the store")
+    service.store.add_checkpoint("ck_0000000000000002", str(teacher), {"kind": "detector", "reg_max": 8},
+                                 "facts known")  # fmt: skip
+    distill = {**train_spec(DATASET, epochs=1), "kind": "distill"}
 
     service.start_worker()
-    refused = service.submit({**distill, "teacher": {"checkpoint": "ck_known"}})
-    failed = service.submit({**distill, "teacher": {"checkpoint": "ck_unknown"}})
+    refused = service.submit({**distill, "teacher": {"checkpoint": "ck_0000000000000002"}})
+    failed = service.submit({**distill, "teacher": {"checkpoint": "ck_0000000000000001"}})
     job = service.wait_end(refused, timeout=30)
-    assert job["state"] == "failed" and job["error"].startswith("teacher does not match the student: 3 classes")
+    assert job["state"] == "failed" and job["error"].startswith("teacher does not match the student: reg_max 8")
     assert not (service.settings.run_dir(refused) / "train.log").exists()  # no training child ran
 
     job = service.wait_end(failed, timeout=90)
     assert job["state"] == "failed" and job["attempts"] == 1, job
     error = json.loads((service.settings.run_dir(failed) / "error.json").read_text())["error"]
-    assert job["error"] == error and "classes" in error
+    assert job["error"] == error and "reg_max differs" in error
 
 
 def test_worker_stop_gives_the_job_back(service: Service):
@@ -194,7 +199,7 @@ def test_worker_stop_gives_the_job_back(service: Service):
     exits, the job is queued again at once without using up an attempt, and the worker exits."""
     service.env["LDD_KILL_GRACE_SECONDS"] = "30"  # time to finish the iteration and checkpoint, on a busy CPU
     w = service.start_worker()
-    job_id = service.submit(train_spec("ds_syn", epochs=50))
+    job_id = service.submit(train_spec(DATASET, epochs=50))
     service.wait_training(job_id, min_iter=1)
     children = training_children(w)
     assert len(children) == 1

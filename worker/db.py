@@ -79,7 +79,7 @@ def head_revision() -> str | None:
 
 def current_revision(conn: Connection) -> str | None:
     """The database's revision; None for an empty database or one made before migrations existed."""
-    return MigrationContext.configure(conn).get_current_revision()
+    return MigrationContext.configure(conn, opts={"transactional_ddl": True}).get_current_revision()
 
 
 def migrate(engine: Engine) -> None:

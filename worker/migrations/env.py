@@ -19,16 +19,17 @@ from worker.schema import metadata
 from worker.settings import Settings
 
 
-def run(connection: Connection) -> None:
+def run(connection: Connection, transactional_ddl: bool | None = None) -> None:
     # render_as_batch: SQLite alters a table by copying it; later revisions then work on both databases.
-    context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
+    context.configure(connection=connection, target_metadata=metadata, render_as_batch=True,
+                      transactional_ddl=transactional_ddl)  # fmt: skip
     with context.begin_transaction():
         context.run_migrations()
 
 
 given = context.config.attributes.get("connection")
 if given is not None:
-    run(given)
+    run(given, transactional_ddl=True)  # worker.db.migrate holds a transaction open on both databases
 else:
     engine = make_engine(Settings().store_url)
     with engine.connect() as conn:
