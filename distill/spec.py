@@ -49,7 +49,7 @@ IMAGENET_URLS = {
     "gfl_r101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
 }
 IMAGENET_ARCHS = tuple(IMAGENET_URLS)
-_ID = r"^[a-z]+_[0-9a-f]{8,64}$"  # ids the service makes (worker.store.new_id); never a path
+_ID = r"^[a-z]+_[0-9a-z]{8,64}$"  # ids the service makes (a prefix, "_", letters and digits); never a path
 
 
 class InitCheckpoint(_Strict):
@@ -219,6 +219,21 @@ class ScheduleSpec(_Strict):
         return (max(1, round(self.epochs * 8 / 12)), max(1, round(self.epochs * 11 / 12)))
 
 
+ExportFormat = Literal["fp32", "int8", "fp16"]
+
+
+class ExportSpec(_Strict):
+    formats: list[ExportFormat] = Field(
+        default_factory=lambda: ["fp32"], min_length=1,
+        description="ONNX models to publish; fp32 is always published (the others are measured against it)",
+    )
+
+    @field_validator("formats")
+    @classmethod
+    def _fp32_first(cls, v: list[str]) -> list[str]:
+        return ["fp32"] + sorted({f for f in v if f != "fp32"}, key=("int8", "fp16").index)
+
+
 class JobSpec(_Strict):
     kind: Literal["train", "distill"]
     name: str | None = Field(None, max_length=200)
@@ -229,6 +244,7 @@ class JobSpec(_Strict):
     loss: GFLWeights = Field(default_factory=GFLWeights)
     distill: DistillSpec | None = None
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
     @model_validator(mode="after")

@@ -309,7 +309,7 @@ def run_fingerprint(spec: LocalJobSpec, data_digest: str) -> dict[str, Any]:
     teacher checkpoint's sha256 (a path can be overwritten by another teacher). Stored in each checkpoint;
     a checkpoint is resumed only by a run with an equal fingerprint."""
     # Paths are replaced by digests of what they hold: a moved dataset still resumes, a rewritten one not.
-    fields = spec.model_dump(mode="json", exclude={"name", "dataset"})
+    fields = spec.model_dump(mode="json", exclude={"name", "dataset", "export"})  # export comes after training
     fields["schedule"].pop("num_workers", None)  # loading is seeded per (seed, epoch, image): no effect
     fields["data_sha256"] = data_digest
     if spec.teacher is not None:

@@ -17,7 +17,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "installing dependencies into $venv (first run: a few minutes)"
   # torch/torchvision first, pinned to builds this machine has on disk; the project's ranges admit them.
   "$venv/bin/pip" install -q "torch==2.14.1" "torchvision==0.29.1"
-  "$venv/bin/pip" install -q -e "$root[train,serve,queue,dev]"
+  "$venv/bin/pip" install -q -e "$root[train,serve,queue,openvino,dev]"
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

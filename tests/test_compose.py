@@ -8,7 +8,6 @@ health checks, workers scalable).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import sys
 import tomllib
@@ -20,8 +19,8 @@ import yaml
 
 from api.cli import api_command, worker_command
 from tests.test_e2e_service import service_env
+from worker.db import normalise_url
 from worker.settings import ENV_PREFIX, Settings
-from worker.store import normalise_url
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +75,7 @@ def test_commands_are_the_ones_ldd_runs(compose: dict[str, Any]) -> None:
 
 
 def test_every_ldd_variable_is_a_setting_and_the_e2e_tests_use_the_same(compose: dict[str, Any]) -> None:
-    fields = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
+    fields = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
     e2e = set(service_env(Path("/data"), store_url="sqlite://", broker_url="redis://x"))
     for name in ("api", "worker"):
         env = _env(compose["services"][name])
