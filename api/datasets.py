@@ -2,8 +2,9 @@
 
 Everything happens in a private temporary folder under ``data_dir/tmp``; only a dataset that passed
 every check is renamed into ``data_dir/datasets/<id>/`` (one ``os.rename`` on the same file system,
-so a half-imported dataset is never visible). Any problem raises :class:`UploadError` with the list of
-problems and leaves nothing behind.
+so a half-imported dataset is never visible). Any problem (wrong data) raises :class:`UploadError` with
+the list of problems and leaves nothing behind. Warnings (things handled on the way: a degenerate box
+dropped, an ``ImageSets`` id without an image) do not refuse the upload: they are its ``problems`` list.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class ImportedDataset:
     num_images: int
     num_boxes: int
     splits: dict[str, int]
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # reported, not refusing (the import's warnings)
 
 
 def _member_path(info: zipfile.ZipInfo) -> PurePosixPath | None:
@@ -163,10 +164,12 @@ def import_dataset(zip_path: Path, work: Path, limits: ZipLimits, max_image_pixe
     """Extract and validate an uploaded zip under ``work`` (a private temp folder).
 
     COCO: the folder of the JSON file becomes the dataset (the JSON renamed ``annotations.json``).
-    VOC: ``distill.data.voc.import_voc`` writes ``work/dataset`` (``images/`` + ``annotations.json``).
+    VOC: ``distill.data.voc.import_voc`` writes ``work/dataset`` (``images/`` + ``annotations.json``), the
+    splits taken from ``ImageSets/Main/{train,val,test}.txt`` when present.
 
-    Returns the folder ready to be moved into place. Raises :class:`UploadError` with every problem
-    found (problems are never silently dropped: a dataset with any problem is refused).
+    Returns the folder ready to be moved into place, its warnings as ``problems``. Raises
+    :class:`UploadError` with every problem found (problems are never silently dropped: a dataset with any
+    problem is refused).
     """
     raw = work / "raw"
     files = safe_extract(zip_path, raw, limits)
@@ -208,6 +211,7 @@ def import_dataset(zip_path: Path, work: Path, limits: ZipLimits, max_image_pixe
         num_images=summary["num_images"],
         num_boxes=summary["num_boxes"],
         splits=dict(summary["splits"] or {}),
+        problems=list(data.warnings),
     )
 
 

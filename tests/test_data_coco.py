@@ -76,7 +76,8 @@ def test_bad_images_and_boxes_are_reported_by_file_name(tmp_path: Path) -> None:
         _ann(2, 1, [90, 70, 30, 30]),  # sticks out far: clipped, reported
         _ann(3, 1, [-1, -1, 20, 20]),  # sticks out slightly: clipped silently
         _ann(4, 1, [150, 10, 20, 20]),  # wholly outside: dropped
-        _ann(5, 1, [10, 10, 0, 5]),  # no width: dropped
+        _ann(5, 1, [10, 10, 0, 5]),  # no width: dropped with a warning, not a problem
+        _ann(10, 1, [10, 10, -3, 5]),  # negative width: wrong data
         _ann(6, 1, [10, 10, 5, 5], category_id=99),  # unknown category
         _ann(7, 42, [10, 10, 5, 5]),  # unknown image
         _ann(7, 1, [10, 10, 5, 5]),  # duplicate annotation id
@@ -98,7 +99,9 @@ def test_bad_images_and_boxes_are_reported_by_file_name(tmp_path: Path) -> None:
     assert said("images/small.png", "duplicate image id 1"), text
     assert said("images/good.png: annotation 2", "clipped"), text
     assert said("images/good.png: annotation 4", "outside the image"), text
-    assert said("images/good.png: annotation 5", "non-positive size"), text
+    assert said("images/good.png: annotation 10", "non-positive size"), text
+    assert data.warnings == ["images/good.png: annotation 5: bbox [10, 10, 0, 5] is a line, not a box (no width): "
+                             "dropped"]
     assert said("images/good.png: annotation 6", "unknown category id 99"), text
     assert said("annotations.json: annotation 7", "unknown image id 42"), text
     assert said("images/good.png: annotation 7", "duplicate annotation id"), text
@@ -115,8 +118,11 @@ def test_bad_images_and_boxes_are_reported_by_file_name(tmp_path: Path) -> None:
 def test_problems_recorded_in_the_file_are_reported(tmp_path: Path) -> None:
     _png(tmp_path / "a.png", (8, 8))
     write_coco({"images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}], "annotations": [],
-                "categories": [{"id": 1, "name": "x"}], "problems": ["x.xml: cannot parse XML"]}, tmp_path)
-    assert load_coco(tmp_path).problems == ["x.xml: cannot parse XML"]
+                "categories": [{"id": 1, "name": "x"}], "problems": ["x.xml: cannot parse XML"],
+                "warnings": ["y.xml: object 0 is a point"]}, tmp_path)
+    data = load_coco(tmp_path)
+    assert data.problems == ["x.xml: cannot parse XML"] and data.warnings == ["y.xml: object 0 is a point"]
+    assert data.summary()["num_problems"] == 1 and data.summary()["num_warnings"] == 1
 
 
 def test_check_images_false_trusts_the_json(tmp_path: Path) -> None:
@@ -202,8 +208,16 @@ def test_seeded_split(tmp_path: Path) -> None:
 
 
 def test_split_field_decides(tmp_path: Path) -> None:
-    data = _split_data(tmp_path, 5, ["train", "val", "test", None, "train"])
-    assert split(data, 0.5, seed=0) == ([10, 13, 14], [11, 12])
+    # train, val and test (Pascal VOC's image sets): test is held out, neither trained on nor validated on.
+    data = _split_data(tmp_path, 6, ["train", "val", "test", None, "trainval", "VAL"])
+    assert split(data, 0.5, seed=0) == ([10, 13, 14], [11, 15])
+    # No val: test validates (VOC's trainval + test).
+    data = _split_data(tmp_path, 4, ["trainval", "test", "train", "test"])
+    assert split(data, 0.5, seed=0) == ([10, 12], [11, 13])
+    # Only training splits: the seeded draw, as without the field.
+    data = _split_data(tmp_path, 20, ["train"] * 20)
+    assert split(data, 0.25, seed=1) == split(_split_data(tmp_path, 20), 0.25, seed=1)
+    assert len(split(data, 0.25, seed=1)[1]) == 5
 
 
 def test_write_coco_is_atomic_and_round_trips(tmp_path: Path) -> None:

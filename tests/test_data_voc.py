@@ -162,3 +162,71 @@ def test_command_line_import_and_check(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "distill.data", "check", str(tmp_path / "nothing")],
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert bad.returncode == 1 and "does not exist" in bad.stderr
+
+
+def test_point_and_line_boxes_are_dropped_with_a_warning(tmp_path: Path) -> None:
+    _image(tmp_path / "a.jpg", (60, 50))
+    (tmp_path / "a.xml").write_text(_xml("a.jpg", (60, 50), [
+        ("cell", (5, 5, 20, 20), 0),
+        ("cell", (30, 30, 30, 30), 0),  # a point (xmin == xmax, ymin == ymax), as in BCCD
+        ("cell", (10, 40, 25, 40), 0),  # a line (ymin == ymax)
+        ("cell", (30, 5, 10, 20), 0),  # xmax < xmin: wrong data, a problem
+    ]))
+    coco = voc_to_coco(tmp_path)
+    assert coco["warnings"] == ["a.xml: object 1 (cell 30,30,30,30) is a point, not a box (no width and no height): "
+                                "dropped",
+                                "a.xml: object 2 (cell 10,40,25,40) is a line, not a box (no height): dropped"]
+    assert len(coco["problems"]) == 1 and coco["problems"][0].startswith("a.xml: object 3")
+    assert [a["bbox"] for a in coco["annotations"]] == [[4.0, 4.0, 16.0, 16.0]]
+    import_voc(tmp_path, tmp_path / "out")
+    assert load_coco(tmp_path / "out").warnings == coco["warnings"]  # they travel with the dataset
+
+
+def _voc_with_image_sets(root: Path, lists: dict[str, list[str]], stems: list[str]) -> Path:
+    for stem in stems:
+        _image(root / f"JPEGImages/{stem}.jpg", (40, 30))
+        (root / "Annotations").mkdir(parents=True, exist_ok=True)
+        (root / f"Annotations/{stem}.xml").write_text(_xml(f"{stem}.jpg", (40, 30), [("x", (3, 4, 20, 25), 0)]))
+    (root / "ImageSets/Main").mkdir(parents=True, exist_ok=True)
+    for name, ids in lists.items():
+        (root / f"ImageSets/Main/{name}.txt").write_text("".join(f"{i}\n" for i in ids))
+    return root
+
+
+def _splits(coco: dict) -> dict[str, str | None]:
+    return {Path(im["file_name"]).stem: im.get("split") for im in coco["images"]}
+
+
+def test_imagesets_give_the_splits(tmp_path: Path) -> None:
+    stems = ["a", "b", "c", "d", "e"]
+    lists = {"train": ["a", "b"], "val": ["c"], "trainval": ["a", "b", "c"], "test": ["d", "e"],
+             "x_train": ["a  1", "b -1"]}  # a per-class list: not a split
+    root = _voc_with_image_sets(tmp_path / "voc", lists, stems)
+    coco = voc_to_coco(root)
+    assert coco["problems"] == [] and coco["warnings"] == []
+    assert _splits(coco) == {"a": "train", "b": "train", "c": "val", "d": "test", "e": "test"}
+    import_voc(root, tmp_path / "out")
+    data = load_coco(tmp_path / "out")
+    assert data.summary()["splits"] == {"train": 2, "val": 1, "test": 2}
+    assert split(data, 0.5, seed=0) == ([1, 2], [3])  # test is held out
+
+    # The benchmark's reading: train on trainval, evaluate on test.
+    coco = voc_to_coco(root, image_sets={"trainval": "train", "test": "test"})
+    assert _splits(coco) == {"a": "train", "b": "train", "c": "train", "d": "test", "e": "test"}
+    import_voc(root, tmp_path / "bench", image_sets={"trainval": "train", "test": "test"})
+    assert split(load_coco(tmp_path / "bench"), 0.5, seed=0) == ([1, 2, 3], [4, 5])
+
+    # Only trainval and test: trainval trains.
+    root = _voc_with_image_sets(tmp_path / "voc2", {"trainval": ["a", "b", "c"], "test": ["d", "e"]}, stems)
+    assert _splits(voc_to_coco(root)) == {"a": "train", "b": "train", "c": "train", "d": "test", "e": "test"}
+
+
+def test_imagesets_conflicts_unknown_ids_and_unlisted_images(tmp_path: Path) -> None:
+    lists = {"train": ["a", "b", "ghost", "b"], "test": ["b", "c"]}
+    root = _voc_with_image_sets(tmp_path / "voc", lists, ["a", "b", "c", "d"])
+    coco = voc_to_coco(root)
+    assert coco["problems"] == ["Annotations/b.xml: listed in ImageSets/Main/test.txt and "
+                                "ImageSets/Main/train.txt: which split is it in?"]
+    assert coco["warnings"] == ["ImageSets/Main/train.txt: 1 id(s) match no annotated image, ignored: ghost",
+                                "1 annotated image(s) are in no ImageSets list, so they train: JPEGImages/d.jpg"]
+    assert _splits(coco) == {"a": "train", "b": None, "c": "test", "d": None}

@@ -2,6 +2,7 @@
 
     python -m distill.data check DIR_OR_JSON            # validate, print counts and every problem
     python -m distill.data import-voc ROOT OUT_DIR [--split train=CSV --split val=CSV]
+                                       [--image-set trainval=train --image-set test=test]
     python -m distill.data synthetic OUT_DIR [--train N --val N --size W H --seed S]
 
 ``check`` exits 1 when the dataset cannot be read or has no usable image.
@@ -28,6 +29,8 @@ def _check(path: Path) -> int:
     print(json.dumps(data.summary(), indent=2))
     for p in data.problems:
         print(f"problem: {p}")
+    for w in data.warnings:
+        print(f"warning: {w}")
     return 0 if data.images else 1
 
 
@@ -46,12 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     voc.add_argument("out_dir", type=Path)
     voc.add_argument("--split", action="append", default=[], metavar="NAME=CSV",
                      help="mark the images listed in CSV's 'filename' column with split NAME")
+    voc.add_argument("--image-set", action="append", default=[], metavar="LIST=SPLIT",
+                     help="ImageSets/Main/LIST.txt gives split SPLIT (replaces the default train/val/test)")
     a = p.parse_args(argv)
     if a.command == "check":
         return _check(a.path)
     splits = dict(s.split("=", 1) for s in a.split)
     try:
-        coco = import_voc(a.root, a.out_dir, splits=splits)
+        image_sets = dict(s.split("=", 1) for s in a.image_set) or None
+        coco = import_voc(a.root, a.out_dir, splits=splits, image_sets=image_sets)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,9 +1,10 @@
 """COCO JSON datasets: reading with validation, splitting, writing; the preprocessing constants.
 
 A dataset is a folder ``DIR`` with ``DIR/annotations.json`` (COCO: ``images``, ``annotations``,
-``categories``; an image may carry ``"split": "train" | "val"``) and its images under ``DIR``. An optional
-top-level ``"problems"`` list (not COCO) holds problems found when the file was made, e.g. by the VOC import;
-``load_coco`` reports them again.
+``categories``; an image may carry ``"split": "train" | "val" | "test"``) and its images under ``DIR``. Optional
+top-level lists (not COCO) hold what was found when the file was made, e.g. by the VOC import, and ``load_coco``
+reports them again: ``"problems"`` (data that is wrong: an upload with any is refused) and ``"warnings"``
+(things handled on the way, such as a degenerate box dropped: reported, the dataset stays usable).
 
 Torch-free (json, numpy, Pillow): the API validates uploads with it and the ONNX runtime takes ``MEAN``,
 ``STD``, ``read_image`` and ``rescale_size`` from here, so serving prepares images exactly as training does.
@@ -16,7 +17,6 @@ import json
 import math
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -32,7 +32,8 @@ STD = (58.395, 57.12, 57.375)
 
 # Boxes may stick out of the image by this many pixels (rounding, 0/1-based tools) without a problem line.
 CLIP_TOLERANCE = 2.0
-VAL_SPLIT_NAMES = frozenset({"val", "valid", "validation", "test"})
+VAL_SPLIT_NAMES = frozenset({"val", "valid", "validation"})
+TEST_SPLIT_NAMES = frozenset({"test"})
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -42,7 +43,8 @@ class DatasetError(ValueError):
 
 @dataclass
 class CocoData:
-    """A validated dataset. Only usable images and boxes are kept; everything dropped is in ``problems``.
+    """A validated dataset. Only usable images and boxes are kept; everything dropped is in ``problems``
+    (wrong data) or ``warnings`` (degenerate boxes, which are not objects; see ``degenerate_box``).
 
     ``images``: dicts with ``id``, ``file_name``, ``width``, ``height`` (the real, EXIF-oriented size when
     images were checked), ``split`` when given, and ``path`` (absolute). ``annotations``: image id -> its
@@ -57,6 +59,7 @@ class CocoData:
     images: list[dict[str, Any]]
     annotations: dict[int, list[dict[str, Any]]]
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._index = {im["id"]: im for im in self.images}
@@ -122,6 +125,7 @@ class CocoData:
             "boxes_per_class": dict(zip(self.classes, per_class, strict=True)),
             "splits": splits or None,
             "num_problems": len(self.problems),
+            "num_warnings": len(self.warnings),
         }
 
 
@@ -174,6 +178,24 @@ def probe_image(path: Path, max_pixels: int | None) -> tuple[int, int]:
         im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
         im.load()
     return w, h
+
+
+def degenerate_box(width: float, height: float) -> str | None:
+    """Why a box of ``width x height`` (COCO, continuous pixels) marks no object, or ``None``.
+
+    A box with no extent in an axis (a point, or a line) is not an object but a slip of the annotation tool
+    (a click without a drag). Kept, it would do harm and no good: no location's centre lies inside it, so the
+    assigner never gives it a positive and it trains nothing; in evaluation no detection can overlap it
+    (IoU 0 with everything), so it is a ground truth no model can find, lowering every model's recall. A
+    1-pixel box instead (what VOC's inclusive corners would make of it) is no better: nothing is 1 pixel
+    wide. The rest of the image's annotations are fine, so the box is dropped and reported as a warning
+    instead of refusing the dataset (``check_box`` refuses negative sizes: those are wrong data).
+    """
+    if width == 0 and height == 0:
+        return "a point, not a box (no width and no height): dropped"
+    if width == 0 or height == 0:
+        return f"a line, not a box (no {'width' if width == 0 else 'height'}): dropped"
+    return None
 
 
 def check_box(bbox: Any, width: float, height: float) -> tuple[list[float] | None, str | None]:
@@ -274,7 +296,8 @@ def load_coco(
     cats = _require(coco["categories"], "categories", ("id", "name"))
     if not cats:
         raise DatasetError(f"{json_path.name}: 'categories' is empty")
-    problems = [str(p) for p in coco.get("problems", [])] if isinstance(coco.get("problems"), list) else []
+    problems, warnings = ([str(p) for p in coco[key]] if isinstance(coco.get(key), list) else []
+                          for key in ("problems", "warnings"))
 
     label_of: dict[int, int] = {}
     classes, category_ids = [], []
@@ -334,7 +357,12 @@ def load_coco(
             problems.append(f"{where}: unknown category id {a['category_id']!r}, dropped")
             continue
         im = usable[a["image_id"]]
-        box, note = check_box(a["bbox"], im["width"], im["height"])
+        bbox = a["bbox"]
+        degenerate = degenerate_box(bbox[2], bbox[3]) if isinstance(bbox, list) and len(bbox) == 4 else None
+        if degenerate:
+            warnings.append(f"{where}: bbox {bbox!r} is {degenerate}")
+            continue
+        box, note = check_box(bbox, im["width"], im["height"])
         if note:
             problems.append(f"{where}: {note}")
         if box is None:
@@ -344,7 +372,7 @@ def load_coco(
             "area": float(a.get("area") or box[2] * box[3]), "iscrowd": int(bool(a.get("iscrowd", 0))),
             "label": label_of[a["category_id"]],
         })
-    return CocoData(root, classes, category_ids, list(usable.values()), grouped, problems)
+    return CocoData(root, classes, category_ids, list(usable.values()), grouped, problems, warnings)
 
 
 # ------------------------------------------------------------------------------------- splitting, writing
@@ -353,22 +381,35 @@ def load_coco(
 def split(data: CocoData, val_split: float, seed: int) -> tuple[list[int], list[int]]:
     """``(train_image_ids, val_image_ids)``.
 
-    When any image has a ``split`` field it decides: ``val``/``valid``/``validation``/``test`` go to
-    validation, everything else (``train``, missing) to training. Otherwise a seeded shuffle puts
-    ``round(n * val_split)`` images in validation, at least one in each part when ``val_split > 0`` and
-    there are two images or more. Both lists keep the dataset's image order.
+    When images have a ``split`` field it decides, as Pascal VOC's image sets mean it:
+
+    - ``val``/``valid``/``validation`` images validate; ``test`` images are held out (kept for benchmarks,
+      never trained on, never used to pick anything) -- unless no image is ``val``, then ``test`` validates
+      (a dataset split only into train and test, e.g. VOC's ``trainval`` + ``test``);
+    - everything else (``train``, ``trainval``, no field) trains;
+    - when the fields name no validation or test image at all, the seeded draw below is made among them.
+
+    Otherwise a seeded shuffle puts ``round(n * val_split)`` images in validation, at least one in each part
+    when ``val_split > 0`` and there are two images or more. Both lists keep the dataset's image order.
     """
-    ids = data.image_ids
-    if any("split" in im for im in data.images):
-        val = {im["id"] for im in data.images if str(im.get("split", "")).lower() in VAL_SPLIT_NAMES}
+    named = {im["id"]: str(im.get("split", "")).lower() for im in data.images}
+    val = {i for i, s in named.items() if s in VAL_SPLIT_NAMES}
+    test = {i for i, s in named.items() if s in TEST_SPLIT_NAMES}
+    held_out: set[int] = set()
+    if val:
+        held_out = test
+    elif test:
+        val = test
     else:
+        ids = data.image_ids
         n_val = round(len(ids) * val_split)
         if val_split > 0 and len(ids) >= 2:
             n_val = min(max(n_val, 1), len(ids) - 1)
         shuffled = sorted(ids)
         random.Random(seed).shuffle(shuffled)
         val = set(shuffled[:n_val])
-    return [i for i in ids if i not in val], [i for i in ids if i in val]
+    return ([i for i in data.image_ids if i not in val and i not in held_out],
+            [i for i in data.image_ids if i in val])
 
 
 def write_coco(coco: dict[str, Any], path: str | os.PathLike[str]) -> Path:

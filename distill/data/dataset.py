@@ -206,6 +206,10 @@ def build_loaders(
 ) -> tuple[DataLoader, DataLoader, CocoData]:
     """Load and validate the dataset folder, split it, and return ``(train_loader, val_loader, data)``.
 
+    The split is ``annotations.split``'s: the images' own ``split`` fields when they have them (train on
+    ``train``/``trainval``, validate on ``val``, hold ``test`` out; ``test`` validates when there is no
+    ``val``), else a seeded ``val_split`` draw.
+
     Batches are ``collate``'s ``(images, targets)``. The training loader shuffles with an ``EpochSampler``
     and flips; call ``set_epoch(loader, epoch)`` before each epoch. ``data.problems`` lists what was
     dropped. Raises ``DatasetError`` when no usable training image is left.

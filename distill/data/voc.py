@@ -11,7 +11,14 @@ Box convention: VOC corners are 1-based inclusive pixel indices; pixel ``i`` cov
 later resize (multiply) and flip (``W - x``) are exact in these coordinates. Tools that write 0-based
 corners end up at most one pixel off, which the clipping absorbs.
 
-``difficult=1`` objects become ``iscrowd=1``: ignored in training, kept (as crowd) in evaluation.
+``difficult=1`` objects become ``iscrowd=1``: ignored in training, kept (as crowd) in evaluation. A box
+whose corners coincide in an axis (``xmin == xmax`` or ``ymin == ymax``: a point or a line, as two boxes of
+BCCD are) is dropped with a warning (``annotations.degenerate_box`` says why).
+
+Splits: ``ImageSets/Main/{train,val,test}.txt`` (one image id, the file stem, per line) give each image its
+``split`` when present; ``trainval.txt`` counts as ``train`` only where there is no ``train.txt`` or
+``val.txt`` beside it (otherwise it is just their union). ``annotations.split`` then trains on ``train``,
+validates on ``val`` and holds ``test`` out (``test`` validates when there is no ``val``).
 Torch-free.
 """
 
@@ -24,9 +31,11 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from distill.data.annotations import DatasetError, check_box, probe_image, write_coco
+from distill.data.annotations import DatasetError, check_box, degenerate_box, probe_image, write_coco
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# Which ImageSets/Main list gives which split (VOC's layout); trainval only where train/val are absent.
+IMAGE_SETS = {"train": "train", "val": "val", "test": "test"}
 
 
 def _files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
@@ -51,12 +60,82 @@ def _find_image(xml: Path, file_name: str, root: Path, by_name: dict[str, list[P
     return None
 
 
-def voc_to_coco(root: str | os.PathLike[str]) -> dict[str, Any]:
+def _image_set_files(root: Path, image_sets: dict[str, str] | None) -> list[tuple[Path, str]]:
+    """``(list file, split name)`` for every ``ImageSets/Main`` folder under ``root``.
+
+    ``image_sets`` maps a list's stem to a split name (default ``IMAGE_SETS``, plus ``trainval -> train``
+    where that folder has neither ``train.txt`` nor ``val.txt``)."""
+    found = []
+    for main in sorted(p for p in root.rglob("Main") if p.is_dir() and p.parent.name == "ImageSets"):
+        if any(part.startswith(".") or part == "__MACOSX" for part in main.relative_to(root).parts):
+            continue
+        mapping = dict(image_sets) if image_sets is not None else dict(IMAGE_SETS)
+        if image_sets is None and not (main / "train.txt").is_file() and not (main / "val.txt").is_file():
+            mapping["trainval"] = "train"
+        found += [(main / f"{stem}.txt", name) for stem, name in mapping.items() if (main / f"{stem}.txt").is_file()]
+    return found
+
+
+def _apply_image_sets(
+    root: Path, found: list[tuple[Path, str]], images: dict[Path, dict[str, Any]], problems: list[str],
+    warnings: list[str],
+) -> None:
+    """Set ``split`` on the images (keyed by their XML file) listed in ``found``'s files.
+
+    A list applies to the XML files under its VOC folder (the parent of ``ImageSets``), matched by the
+    XML's or the image's stem. An image in two lists with different splits is a problem; ids that match
+    no annotated image (e.g. lists kept from the full set beside a subset of it) and annotated images in
+    no list (they train) are warnings."""
+    splits: dict[Path, dict[str, str]] = {}  # xml -> {list file: split}
+    for list_file, name in found:
+        voc_root = list_file.parent.parent.parent
+        by_stem: dict[str, Path] = {}
+        for xml, im in images.items():
+            if xml.is_relative_to(voc_root):
+                by_stem.setdefault(xml.stem, xml)
+                by_stem.setdefault(Path(im["file_name"]).stem, xml)
+        where = list_file.relative_to(root).as_posix()
+        unmatched = []
+        for line in list_file.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.split():
+                continue
+            image_id = line.split()[0]  # class lists ("id  1") carry a flag after the id
+            xml = by_stem.get(image_id)
+            if xml is None:
+                unmatched.append(image_id)
+            else:
+                splits.setdefault(xml, {})[where] = name
+        if unmatched:
+            more = f" (and {len(unmatched) - 5} more)" if len(unmatched) > 5 else ""
+            warnings.append(f"{where}: {len(unmatched)} id(s) match no annotated image, ignored: "
+                            f"{', '.join(unmatched[:5])}{more}")
+    if not found:
+        return
+    unlisted = []
+    for xml, im in images.items():
+        given = splits.get(xml, {})
+        if len(set(given.values())) > 1:
+            problems.append(f"{xml.relative_to(root).as_posix()}: listed in "
+                            f"{' and '.join(sorted(given))}: which split is it in?")
+        elif given:
+            im["split"] = next(iter(given.values()))
+        else:
+            unlisted.append(im["file_name"])
+    if unlisted:
+        more = f" (and {len(unlisted) - 5} more)" if len(unlisted) > 5 else ""
+        warnings.append(f"{len(unlisted)} annotated image(s) are in no ImageSets list, so they train: "
+                        f"{', '.join(unlisted[:5])}{more}")
+
+
+def voc_to_coco(root: str | os.PathLike[str], *, image_sets: dict[str, str] | None = None) -> dict[str, Any]:
     """A COCO dict from the Pascal VOC XML files under ``root``; ``file_name``s are relative to ``root``.
 
     Classes are the sorted set of ``<name>``s (category ids ``1..C``), image ids ``1..N`` in XML path order.
     Problems (unparsable XML, missing or undecodable image, bad or out-of-image boxes) are collected in the
-    dict's ``"problems"`` list, each naming its file; those files or boxes are left out. Raises
+    dict's ``"problems"`` list, each naming its file; those files or boxes are left out. Degenerate boxes
+    (a point or a line) are left out too and listed in ``"warnings"``. Images get their ``split`` from
+    ``ImageSets/Main/*.txt`` when present; ``image_sets`` maps list names to splits instead of the default
+    (e.g. ``{"trainval": "train", "test": "test"}`` trains on trainval and evaluates on test). Raises
     ``DatasetError`` when no usable annotated image is found at all.
     """
     root = Path(root)
@@ -70,7 +149,9 @@ def voc_to_coco(root: str | os.PathLike[str]) -> dict[str, Any]:
         by_name.setdefault(p.name.lower(), []).append(p)
 
     problems: list[str] = []
+    warnings: list[str] = []
     images: list[dict[str, Any]] = []
+    image_of_xml: dict[Path, dict[str, Any]] = {}
     objects: list[tuple[int, str, list[float], int]] = []  # image id, class name, xywh, iscrowd
     used: set[Path] = set()
     for xml in xml_files:
@@ -104,6 +185,7 @@ def voc_to_coco(root: str | os.PathLike[str]) -> dict[str, Any]:
         used.add(image_path)
         image_id = len(images) + 1
         images.append({"id": image_id, "file_name": rel, "width": width, "height": height})
+        image_of_xml[xml] = images[-1]
         for n, obj in enumerate(ann.findall("object")):
             name = (obj.findtext("name") or "").strip()
             try:
@@ -115,6 +197,11 @@ def voc_to_coco(root: str | os.PathLike[str]) -> dict[str, Any]:
             if not name:
                 problems.append(f"{where}: object {n}: no <name>, dropped")
                 continue
+            # Equal corners: a point or a line (1 pixel by VOC's inclusive rule), which marks no object.
+            degenerate = degenerate_box(x2 - x1, y2 - y1)
+            if degenerate:
+                warnings.append(f"{where}: object {n} ({name} {x1:g},{y1:g},{x2:g},{y2:g}) is {degenerate}")
+                continue
             box, note = check_box([x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1], width, height)
             if note:
                 problems.append(f"{where}: object {n} ({x1:g},{y1:g},{x2:g},{y2:g}): {note}")
@@ -122,6 +209,7 @@ def voc_to_coco(root: str | os.PathLike[str]) -> dict[str, Any]:
                 objects.append((image_id, name, box, int(difficult == 1)))
     if not images:
         raise DatasetError("no usable annotated image: " + "; ".join(problems[:5]))
+    _apply_image_sets(root, _image_set_files(root, image_sets), image_of_xml, problems, warnings)
 
     classes = sorted({name for _, name, _, _ in objects})
     category = {name: i + 1 for i, name in enumerate(classes)}
@@ -134,6 +222,7 @@ def voc_to_coco(root: str | os.PathLike[str]) -> dict[str, Any]:
         ],
         "categories": [{"id": category[name], "name": name} for name in classes],
         "problems": problems,
+        "warnings": warnings,
     }
 
 
@@ -171,18 +260,20 @@ def import_voc(
     out_dir: str | os.PathLike[str],
     *,
     splits: dict[str, str | os.PathLike[str]] | None = None,
+    image_sets: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Turn the VOC folder ``root`` into a dataset folder ``out_dir`` (``images/`` + ``annotations.json``).
 
     Images keep their path relative to their common folder under ``out_dir/images/`` (hard-linked when possible,
     else copied). ``splits`` maps a split name to a CSV for ``apply_split_csv``, e.g.
-    ``{"train": ".../train_labels.csv", "val": ".../test_labels.csv"}``. Returns the COCO dict written,
-    with its ``"problems"``.
+    ``{"train": ".../train_labels.csv", "val": ".../test_labels.csv"}`` (applied after the ``ImageSets``
+    lists, which ``image_sets`` maps as in ``voc_to_coco``). Returns the COCO dict written, with its
+    ``"problems"`` and ``"warnings"``.
     """
     root, out_dir = Path(root), Path(out_dir)
     if out_dir.resolve() == root.resolve():
         raise DatasetError("import_voc needs an output folder other than the VOC folder")
-    coco = voc_to_coco(root)
+    coco = voc_to_coco(root, image_sets=image_sets)
     for split_name, csv_path in (splits or {}).items():
         apply_split_csv(coco, csv_path, split_name)
     # Paths relative to the images' common folder: root/JPEGImages/a.jpg -> out_dir/images/a.jpg.
