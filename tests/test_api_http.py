@@ -198,20 +198,21 @@ def error_of(r: httpx.Response) -> dict[str, Any]:
 # Fixtures
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    work = tmp_path_factory.mktemp("api_http")
+def serve_api(work: Path, **env: str) -> ApiServer:
+    """An API server over a fresh data folder in ``work``, its broker a private Redis database; ``env`` adds
+    or overrides ``LDD_*`` (and other) variables."""
     data_dir = work / "data"
-    env = {
-        "LDD_DATA_DIR": str(data_dir),
-        "LDD_BROKER_URL": private_redis_url(),
-        "LDD_MAX_UPLOAD_BYTES": str(5_000_000),
-        "LDD_MAX_IMAGE_PIXELS": str(1_000_000),
-    }
-    srv = ApiServer(env, work).start()
+    srv = ApiServer({"LDD_DATA_DIR": str(data_dir), "LDD_BROKER_URL": private_redis_url(), **env}, work).start()
     srv.data_dir = data_dir  # type: ignore[attr-defined]
     srv.store_url = f"sqlite:///{data_dir / 'ldd.db'}"  # type: ignore[attr-defined]
     srv.work = work  # type: ignore[attr-defined]
+    return srv
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    srv = serve_api(tmp_path_factory.mktemp("api_http"), LDD_MAX_UPLOAD_BYTES=str(5_000_000),
+                    LDD_MAX_IMAGE_PIXELS=str(1_000_000))
     yield srv
     srv.stop()
 

@@ -10,24 +10,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.test_api_http import ApiServer, coco_zip, private_redis_url
+from tests.test_api_http import ApiServer, coco_zip, serve_api
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     work = tmp_path_factory.mktemp("api_paths")
-    data_dir = work / "data"
-    env = {
-        "LDD_DATA_DIR": str(data_dir),
-        "LDD_BROKER_URL": private_redis_url(),
-        "LDD_WEIGHTS_DIR": str(work / "weights"),
-        # This server is offline, as a machine without internet is: connections go to a refusing proxy.
-        "HTTPS_PROXY": "http://127.0.0.1:9",
-        "https_proxy": "http://127.0.0.1:9",
-    }
-    srv = ApiServer(env, work).start()
-    srv.data_dir = data_dir  # type: ignore[attr-defined]
-    srv.work = work  # type: ignore[attr-defined]
+    # Offline, as a machine without internet is: connections go to a proxy that refuses them.
+    srv = serve_api(work, LDD_WEIGHTS_DIR=str(work / "weights"), HTTPS_PROXY="http://127.0.0.1:9",
+                    https_proxy="http://127.0.0.1:9")
     yield srv
     srv.stop()
 
@@ -75,14 +66,16 @@ def test_every_server_path_form_is_refused_and_nothing_stored(
     own_file = str(data_dir / "checkpoints" / f"{ck}.pt")  # a real file in the service's own data folder
     train = {"kind": "train", "dataset": ds, "schedule": {"epochs": 1}}
     distill = {"kind": "distill", "dataset": ds, "student": {"arch": "gfl_tiny"}}
+    def student(**fields: Any) -> dict[str, Any]:
+        return {**train, "student": {"arch": "gfl_tiny", **fields}}
+
     forms: list[tuple[str, dict[str, Any]]] = [
-        ("pretrained as a path (the old field)", {**train, "student": {"arch": "gfl_tiny", "pretrained": "/etc/passwd"}}),
-        ("init as a path string", {**train, "student": {"arch": "gfl_tiny", "init": "/etc/passwd"}}),
-        ("init {'path': ...}", {**train, "student": {"arch": "gfl_tiny", "init": {"path": "/etc/passwd"}}}),
-        ("init checkpoint as a path", {**train, "student": {"arch": "gfl_tiny", "init": {"checkpoint": "/etc/passwd"}}}),
-        ("init path into the data folder", {**train, "student": {"arch": "gfl_tiny", "init": own_file}}),
-        ("init checkpoint id with ../", {**train, "student": {"arch": "gfl_tiny",
-                                                              "init": {"checkpoint": f"../checkpoints/{ck}"}}}),
+        ("pretrained as a path (the old field)", student(pretrained="/etc/passwd")),
+        ("init as a path string", student(init="/etc/passwd")),
+        ("init {'path': ...}", student(init={"path": "/etc/passwd"})),
+        ("init checkpoint as a path", student(init={"checkpoint": "/etc/passwd"})),
+        ("init path into the data folder", student(init=own_file)),
+        ("init checkpoint id with ../", student(init={"checkpoint": f"../checkpoints/{ck}"})),
         ("teacher {'path': ...}", {**distill, "teacher": {"path": "/etc/passwd"}}),
         ("teacher path into the data folder", {**distill, "teacher": {"path": own_file}}),
         ("teacher checkpoint as a path", {**distill, "teacher": {"checkpoint": own_file}}),
