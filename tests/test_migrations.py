@@ -15,13 +15,15 @@ from datetime import datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from tests.service_fixtures import postgres_database
-from worker.db import current_revision, head_revision, make_engine
+from worker.db import alembic_config, current_revision, head_revision, make_engine
 from worker.schema import metadata
-from worker.store import JOB_STATES, Store, spec_digest
+from worker.store import JOB_STATES, IdempotencyConflict, Store, spec_digest
+from worker.tenants import DEFAULT_TENANT
 
 # The schema the store had before migrations (SQLAlchemy's DDL for the ORM classes of the old
 # ``worker/store.py`` on SQLite; PostgreSQL's differs only in the timestamp type).
@@ -163,12 +165,17 @@ def test_store_made_before_migrations_keeps_every_row(url, with_late_columns):
             assert current_revision(conn) == head_revision()
         after = table_contents(url)
         for table, contents in before.items():
-            # Every row and value is still there (columns added by the migration come last, empty).
+            # Every row and value is still there. Columns added by the migrations come last: the ones the old
+            # code added with ALTER TABLE empty, and the tenant (0002, last) the default one.
             assert [r[: len(contents[0])] for r in after[table]] == contents, table
-            assert all(v is None for r in after[table] for v in r[len(contents[0]) :]), table
+            assert all(v is None for r in after[table] for v in r[len(contents[0]) : -1]), table
+            assert {r[-1] for r in after[table]} == {DEFAULT_TENANT}, table
 
         # The service reads the old rows ...
         assert store.get_dataset("ds_old")["classes"] == ["cat", "dog"]
+        assert store.get_dataset("ds_old")["tenant"] == DEFAULT_TENANT
+        assert [d["id"] for d in store.list_datasets(tenant=DEFAULT_TENANT)] == ["ds_old"]
+        assert store.list_datasets(tenant="team-a") == [] and store.newest_model(tenant="team-a") is None
         assert store.get_checkpoint("ck_old")["arch"]["reg_max"] == 16
         assert [j["id"] for j in store.list_jobs()] == [f"job_{i}" for i in reversed(range(5))]
         assert store.count_jobs_by_state() == dict.fromkeys(JOB_STATES, 1)
@@ -213,4 +220,43 @@ def test_stores_opened_together_migrate_once(url):
             assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all() == [head_revision()]
     finally:
         engine.dispose()
+    assert schema_differences(url) == []
+
+
+def test_upgrade_to_tenants_keeps_rows_and_scopes_idempotency_keys(url):
+    """A store at revision 0001 (before tenants) with rows in every table, upgraded to head: every row is kept
+    and belongs to the default tenant; idempotency keys become unique per tenant."""
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        command.upgrade(alembic_config(conn), "0001")
+        conn.commit()
+    rows = legacy_rows(with_late_columns=True)
+    with engine.begin() as conn:
+        for table, table_rows in rows.items():
+            for row in table_rows:
+                conn.execute(sa.text(f"INSERT INTO {table} ({', '.join(row)}) VALUES "
+                                     f"({', '.join(':' + c for c in row)})"), row)  # fmt: skip
+    engine.dispose()
+    before = table_contents(url)
+
+    store = Store(url)
+    try:
+        after = table_contents(url)
+        for table, contents in before.items():
+            assert [r[:-1] for r in after[table]] == contents, table
+            assert {r[-1] for r in after[table]} == {DEFAULT_TENANT}, table
+        assert len(store.list_jobs(tenant=DEFAULT_TENANT)) == 5 and store.list_jobs(tenant="team-a") == []
+        assert store.count_active_jobs(DEFAULT_TENANT) == 2  # the queued and the running job
+        # The default tenant's keys still hold; another tenant may use the same key for its own job.
+        again, created = store.create_job(SPEC, idempotency_key="key1")
+        assert not created and again["id"] == "job_1"
+        with pytest.raises(IdempotencyConflict):
+            store.create_job({**SPEC, "seed": 3}, idempotency_key="key1")
+        theirs, created = store.create_job({**SPEC, "seed": 3}, idempotency_key="key1", tenant="team-a")
+        assert created and theirs["tenant"] == "team-a" and theirs["id"] != "job_1"
+        # A model takes the tenant of the job that made it.
+        assert store.add_model("mdl_a", theirs["id"], "/m/a", {})["tenant"] == "team-a"
+        assert [m["id"] for m in store.list_models(tenant="team-a")] == ["mdl_a"]
+    finally:
+        store.close()
     assert schema_differences(url) == []

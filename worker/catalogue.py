@@ -20,7 +20,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from worker.db import make_engine, migrate, plain, utcnow
-from worker.schema import checkpoints, datasets, models
+from worker.schema import checkpoints, datasets, jobs, models
+from worker.tenants import DEFAULT_TENANT
 
 
 class Catalogue:
@@ -52,11 +53,12 @@ class Catalogue:
 
     def add_dataset(
         self, id: str, name: str, path: str, classes: list[str], num_images: int, num_boxes: int,
-        splits: dict[str, Any], problems: list[str],
+        splits: dict[str, Any], problems: list[str], tenant: str = DEFAULT_TENANT,
     ) -> dict[str, Any]:  # fmt: skip
         values = dict(
             id=id, name=name, path=str(path), classes=list(classes), num_images=int(num_images),
             num_boxes=int(num_boxes), splits=dict(splits), problems=list(problems), created_at=utcnow(),
+            tenant=tenant,
         )  # fmt: skip
         with self._tx() as conn:
             conn.execute(insert(datasets).values(**values))
@@ -67,16 +69,21 @@ class Catalogue:
             row = conn.execute(select(datasets).where(datasets.c.id == id)).first()
         return None if row is None else plain(row._mapping)
 
-    def list_datasets(self) -> list[dict[str, Any]]:
-        """Newest first."""
+    def list_datasets(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Newest first; only ``tenant``'s unless None."""
+        q = select(datasets).order_by(datasets.c.created_at.desc(), datasets.c.id)
+        if tenant is not None:
+            q = q.where(datasets.c.tenant == tenant)
         with self._tx() as conn:
-            rows = conn.execute(select(datasets).order_by(datasets.c.created_at.desc(), datasets.c.id)).all()
+            rows = conn.execute(q).all()
         return [plain(r._mapping) for r in rows]
 
     # -- checkpoints ----------------------------------------------------------------------------
 
-    def add_checkpoint(self, id: str, path: str, arch: dict[str, Any], name: str | None) -> dict[str, Any]:
-        values = dict(id=id, path=str(path), arch=dict(arch), name=name, created_at=utcnow())
+    def add_checkpoint(
+        self, id: str, path: str, arch: dict[str, Any], name: str | None, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
+        values = dict(id=id, path=str(path), arch=dict(arch), name=name, created_at=utcnow(), tenant=tenant)
         with self._tx() as conn:
             conn.execute(insert(checkpoints).values(**values))
         return plain(values)
@@ -88,10 +95,15 @@ class Catalogue:
 
     # -- models ---------------------------------------------------------------------------------
 
-    def add_model(self, id: str, job_id: str | None, path: str, meta: dict[str, Any]) -> dict[str, Any]:
+    def add_model(
+        self, id: str, job_id: str | None, path: str, meta: dict[str, Any], tenant: str | None = None
+    ) -> dict[str, Any]:
         """Record a published model. Idempotent: adding the same id (or a second model for the same
-        job) returns the model already recorded."""
-        values = dict(id=id, job_id=job_id, path=str(path), meta=dict(meta), created_at=utcnow())
+        job) returns the model already recorded. ``tenant``: by default the tenant of the job that made it
+        (the default tenant without a job)."""
+        if tenant is None:
+            tenant = self._job_tenant(job_id) if job_id else DEFAULT_TENANT
+        values = dict(id=id, job_id=job_id, path=str(path), meta=dict(meta), created_at=utcnow(), tenant=tenant)
         try:
             with self._tx() as conn:
                 conn.execute(insert(models).values(**values))
@@ -108,18 +120,27 @@ class Catalogue:
     def model_for_job(self, job_id: str) -> dict[str, Any] | None:
         return self._one_model(models.c.job_id == job_id)
 
-    def list_models(self) -> list[dict[str, Any]]:
-        """Newest first."""
+    def list_models(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Newest first; only ``tenant``'s unless None."""
         with self._tx() as conn:
-            rows = conn.execute(select(models).order_by(models.c.created_at.desc(), models.c.id.desc())).all()
+            rows = conn.execute(self._models_newest_first(tenant)).all()
         return [plain(r._mapping) for r in rows]
 
-    def newest_model(self) -> dict[str, Any] | None:
+    def newest_model(self, tenant: str | None = None) -> dict[str, Any] | None:
+        """The newest model (of ``tenant`` unless None)."""
         with self._tx() as conn:
-            row = conn.execute(
-                select(models).order_by(models.c.created_at.desc(), models.c.id.desc()).limit(1)
-            ).first()
+            row = conn.execute(self._models_newest_first(tenant).limit(1)).first()
         return None if row is None else plain(row._mapping)
+
+    @staticmethod
+    def _models_newest_first(tenant: str | None) -> sa.Select:
+        q = select(models).order_by(models.c.created_at.desc(), models.c.id.desc())
+        return q if tenant is None else q.where(models.c.tenant == tenant)
+
+    def _job_tenant(self, job_id: str) -> str:
+        with self._tx() as conn:
+            tenant = conn.execute(select(jobs.c.tenant).where(jobs.c.id == job_id)).scalar()
+        return tenant or DEFAULT_TENANT
 
     def _one_model(self, where: sa.ColumnElement[bool]) -> dict[str, Any] | None:
         with self._tx() as conn:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from distill.class_map import ClassMapError, map_classes
 from distill.spec import IMAGENET_URLS, InitCheckpoint, JobSpec, arch_config
 from worker.settings import Settings
 from worker.store import Store
+from worker.tenants import visible
 
 
 class JobRefused(ValueError):
@@ -48,20 +50,24 @@ class CheckedJob:
     init_path: Path | None
 
 
-def check_job(spec: JobSpec, store: Store, settings: Settings) -> CheckedJob:
+def check_job(spec: JobSpec, store: Store, settings: Settings, scope: str | None = None) -> CheckedJob:
     """Refuse (raise :class:`JobRefused`) a job the worker could not run: unknown dataset, checkpoint or
     teacher, a teacher job that did not succeed, initial weights that do not fit the student or are
     neither cached nor downloadable, a teacher whose ``reg_max`` or strides differ from the student's,
-    a class map naming unknown classes."""
-    ds = store.get_dataset(spec.dataset)
+    a class map naming unknown classes.
+
+    ``scope``: the tenant whose datasets, checkpoints, jobs and models the job may name (``worker.tenants``;
+    None: any). Another tenant's id is refused exactly as an id that names nothing.
+    """
+    ds = _get(store.get_dataset, spec.dataset, scope)
     if ds is None:
         raise JobRefused(f"dataset: no dataset {spec.dataset!r} (upload one to /v1/datasets)", "unknown_dataset")
     dataset_dir = Path(ds["path"])
     student = arch_config(spec.student.arch)
-    init_path = _check_init(spec, store, settings, student)
+    init_path = _check_init(spec, store, settings, student, scope)
     teacher_path, facts = None, None
     if spec.teacher is not None:
-        teacher_path, facts = _teacher(spec.teacher.model_dump(), store, settings)
+        teacher_path, facts = _teacher(spec.teacher.model_dump(), store, settings, scope)
         _check_teacher(facts, student, spec.student.arch)
         if spec.distill is not None and spec.distill.class_map:
             # The rule training applies (distill.class_map); a teacher without names has "0".."N-1", as GFL.classes.
@@ -75,7 +81,8 @@ def check_job(spec: JobSpec, store: Store, settings: Settings) -> CheckedJob:
 
 def resolve_job(spec: dict[str, Any], store: Store, settings: Settings) -> dict[str, Any]:
     """The local spec (``LocalJobSpec`` JSON) of a stored job, for ``python -m distill train``; checks the
-    job again (files may have gone since it was queued) and raises :class:`JobRefused`."""
+    job again (files may have gone since it was queued) and raises :class:`JobRefused`. Tenants were checked at
+    submit (an admin's job may name any tenant's files), so this check sees every tenant's rows."""
     try:
         job = JobSpec.model_validate(spec)
     except ValidationError as e:
@@ -95,14 +102,22 @@ def resolve_job(spec: dict[str, Any], store: Store, settings: Settings) -> dict[
 # ----------------------------------------------------------------------------------------------- init
 
 
-def _check_init(spec: JobSpec, store: Store, settings: Settings, student: dict[str, Any]) -> Path | None:
+def _get(get: Callable[[str], dict[str, Any] | None], id: str, scope: str | None) -> dict[str, Any] | None:
+    """``get(id)`` if the caller of ``scope`` may see it, else None (as if it did not exist)."""
+    row = get(id)
+    return row if visible(row, scope) else None
+
+
+def _check_init(
+    spec: JobSpec, store: Store, settings: Settings, student: dict[str, Any], scope: str | None
+) -> Path | None:
     init = spec.student.init
     if init == "imagenet":
         _check_imagenet(spec.student.arch, settings.weights_dir)
         return None
     if not isinstance(init, InitCheckpoint):
         return None
-    ck = store.get_checkpoint(init.checkpoint)
+    ck = _get(store.get_checkpoint, init.checkpoint, scope)
     if ck is None:
         raise JobRefused(f"student.init: no checkpoint {init.checkpoint!r} (upload one to /v1/checkpoints)",
                          "unknown_checkpoint")
@@ -162,10 +177,12 @@ def _check_imagenet(arch: str, weights_dir: Path | None) -> None:
 # ----------------------------------------------------------------------------------------------- teacher
 
 
-def _teacher(teacher: dict[str, Any], store: Store, settings: Settings) -> tuple[Path, dict[str, Any]]:
+def _teacher(
+    teacher: dict[str, Any], store: Store, settings: Settings, scope: str | None
+) -> tuple[Path, dict[str, Any]]:
     """(local checkpoint path, architecture facts) of a teacher given by model, job or checkpoint id."""
     if cid := teacher.get("checkpoint"):
-        ck = store.get_checkpoint(cid)
+        ck = _get(store.get_checkpoint, cid, scope)
         if ck is None:
             raise JobRefused(f"teacher: no checkpoint {cid!r}", "invalid_teacher")
         facts = ck["arch"] or {}
@@ -174,7 +191,7 @@ def _teacher(teacher: dict[str, Any], store: Store, settings: Settings) -> tuple
                              "invalid_teacher")
         return _existing(Path(ck["path"]), f"checkpoint {cid}"), facts
     if mid := teacher.get("model"):
-        model = store.get_model(mid)
+        model = _get(store.get_model, mid, scope)
         if model is None:
             raise JobRefused(f"teacher: no model {mid!r}", "invalid_teacher")
         if not model["job_id"]:
@@ -182,7 +199,7 @@ def _teacher(teacher: dict[str, Any], store: Store, settings: Settings) -> tuple
                              "kept (upload them to /v1/checkpoints)", "invalid_teacher")
         return _job_checkpoint(model["job_id"], settings, f"model {mid}")
     jid = teacher["job"]
-    job = store.get_job(jid)
+    job = _get(store.get_job, jid, scope)
     if job is None:
         raise JobRefused(f"teacher: no job {jid!r}", "invalid_teacher")
     if job["state"] != "succeeded":

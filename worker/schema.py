@@ -7,9 +7,17 @@ agree. A change here needs a new migration.
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Boolean, Column, DateTime, Float, Integer, MetaData, String, Table, Text
+from sqlalchemy import JSON, Boolean, Column, DateTime, Float, Integer, MetaData, String, Table, Text, UniqueConstraint
+
+from worker.tenants import DEFAULT_TENANT
 
 metadata = MetaData()
+
+
+def tenant_column() -> Column:
+    """The tenant that created the row (``worker.tenants``); rows older than tenants are the default's."""
+    return Column("tenant", String(64), nullable=False, server_default=DEFAULT_TENANT, index=True)
+
 
 datasets = Table(
     "datasets", metadata,
@@ -22,6 +30,7 @@ datasets = Table(
     Column("splits", JSON, nullable=False),
     Column("problems", JSON, nullable=False),
     Column("created_at", DateTime, nullable=False),
+    tenant_column(),
 )  # fmt: skip
 
 checkpoints = Table(
@@ -32,6 +41,7 @@ checkpoints = Table(
     # What the torch-free checkpoint reader found: kind, architecture, classes, ...
     Column("arch", JSON, nullable=False),
     Column("created_at", DateTime, nullable=False),
+    tenant_column(),
 )  # fmt: skip
 
 jobs = Table(
@@ -53,7 +63,8 @@ jobs = Table(
     Column("lease_expires_at", DateTime, nullable=True),
     Column("heartbeat_at", DateTime, nullable=True),
     Column("cancel_requested", Boolean, nullable=False),
-    Column("idempotency_key", String(255), nullable=True, unique=True),
+    # Unique per tenant: one tenant's key neither collides with nor reveals another's.
+    Column("idempotency_key", String(255), nullable=True),
     Column("model_id", String(64), nullable=True),
     # When a broker message was last sent for this job by the recovery loop (re-sends are rate-limited).
     Column("enqueued_at", DateTime, nullable=True),
@@ -61,6 +72,8 @@ jobs = Table(
     Column("started_at", DateTime, nullable=True),
     Column("finished_at", DateTime, nullable=True),
     Column("updated_at", DateTime, nullable=False),
+    tenant_column(),
+    UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
 )  # fmt: skip
 
 # The catalogue of published models: ``meta`` is the model's description (architecture, classes, input
@@ -73,4 +86,5 @@ models = Table(
     Column("path", Text, nullable=False),
     Column("meta", JSON, nullable=False),
     Column("created_at", DateTime, nullable=False, index=True),
+    tenant_column(),  # the tenant of the job that made it
 )  # fmt: skip

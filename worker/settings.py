@@ -41,8 +41,13 @@ class Settings(BaseSettings):
     # ``filesystem://`` (the default) is Celery/kombu's filesystem transport with its folders under
     # data_dir, so one machine needs nothing installed; ``redis://host:port/db`` in production.
     broker_url: str = EMBEDDED_BROKER
-    # ``LDD_API_KEYS=a,b`` (comma-separated, not JSON).
+    # ``LDD_API_KEYS=team-a:KEY1,team-b:KEY2`` (comma-separated, not JSON); a key without ``name:`` is its own
+    # tenant. ``LDD_ADMIN_KEYS`` (same form) see every tenant's resources. No key at all: open, one tenant.
     api_keys: Annotated[list[str], NoDecode] = []
+    admin_keys: Annotated[list[str], NoDecode] = []
+    max_active_jobs: Count = 0  # queued + running jobs per tenant; 0 = no limit
+    # Writes (uploads, checkpoints, exports) refuse to leave less than this free in data_dir; 0 = no check.
+    min_free_bytes: Count = 0
     max_upload_bytes: Count = 500 * 1024 * 1024
     max_image_pixels: Count = 40_000_000
     max_attempts: Count = 3
@@ -55,7 +60,7 @@ class Settings(BaseSettings):
     # (``$TORCH_HOME/hub/checkpoints``).
     weights_dir: Path | None = None
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         return [k.strip() for k in value.split(",") if k.strip()] if isinstance(value, str) else value

@@ -18,19 +18,24 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import String, insert, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from worker.catalogue import Catalogue
 from worker.db import plain, utcnow
 from worker.schema import jobs
+from worker.tenants import DEFAULT_TENANT
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+ACTIVE_STATES = ("queued", "running")
 
 
 class IdempotencyConflict(Exception):
@@ -40,6 +45,17 @@ class IdempotencyConflict(Exception):
         super().__init__(f"Idempotency-Key {key!r} was already used by job {job_id} with a different body")
         self.key = key
         self.job_id = job_id
+
+
+class TooManyActiveJobs(Exception):
+    """The tenant already has ``limit`` queued or running jobs."""
+
+    def __init__(self, tenant: str, active: int, limit: int):
+        super().__init__(
+            f"tenant {tenant!r} has {active} queued or running job(s); the limit is {limit} (LDD_MAX_ACTIVE_JOBS): "
+            "wait for one to end or cancel one"
+        )
+        self.tenant, self.active, self.limit = tenant, active, limit
 
 
 def new_id(prefix: str) -> str:
@@ -62,32 +78,41 @@ class Store(Catalogue):
 
     # -- jobs -----------------------------------------------------------------------------------
 
-    def create_job(self, spec: dict[str, Any], idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
-        """A new ``queued`` job, or (same key, same spec) the job made before and ``False``.
+    def create_job(
+        self, spec: dict[str, Any], idempotency_key: str | None = None, *, tenant: str = DEFAULT_TENANT,
+        max_active: int = 0,
+    ) -> tuple[dict[str, Any], bool]:
+        """A new ``queued`` job of ``tenant``, or (same tenant, key and spec) the job made before and ``False``.
 
-        Raises ``IdempotencyConflict`` when the key was used with a different spec. Sending the broker
-        message is the caller's business (``worker.queue.enqueue``); the recovery loop re-sends it if
-        it is lost, so a crash between the two loses nothing.
+        Raises ``IdempotencyConflict`` when the tenant used the key with a different spec, and
+        ``TooManyActiveJobs`` when ``max_active`` > 0 and the tenant has that many queued or running jobs (a
+        replay of an existing job is answered even then). Sending the broker message is the caller's business
+        (``worker.queue.enqueue``); the recovery loop re-sends it if it is lost, so a crash between the two
+        loses nothing.
         """
         digest = spec_digest(spec)
         if idempotency_key is not None:
-            existing = self._job_by_key(idempotency_key)
+            existing = self._job_by_key(tenant, idempotency_key)
             if existing is not None:
                 return self._same_or_conflict(existing, digest, idempotency_key), False
         now = utcnow()
         values = dict(
             id=new_id("job"), kind=str(spec.get("kind", "")), name=spec.get("name"), state="queued",
             spec=spec, spec_sha256=digest, attempts=0, cancel_requested=False,
-            idempotency_key=idempotency_key, created_at=now, updated_at=now,
+            idempotency_key=idempotency_key, created_at=now, updated_at=now, tenant=tenant,
         )  # fmt: skip
         try:
-            with self._tx() as conn:
+            with self._tenant_tx(tenant if max_active > 0 else None) as conn:
+                if max_active > 0:
+                    active = self._count_active(conn, tenant)
+                    if active >= max_active:
+                        raise TooManyActiveJobs(tenant, active, max_active)
                 conn.execute(insert(jobs).values(**values))
         except IntegrityError:
             # Two requests with the same key raced; the other one's insert won.
             if idempotency_key is None:
                 raise
-            existing = self._job_by_key(idempotency_key)
+            existing = self._job_by_key(tenant, idempotency_key)
             if existing is None:
                 raise
             return self._same_or_conflict(existing, digest, idempotency_key), False
@@ -95,9 +120,40 @@ class Store(Catalogue):
         assert job is not None
         return job, True
 
-    def _job_by_key(self, key: str) -> Any:
+    @contextmanager
+    def _tenant_tx(self, tenant: str | None) -> Iterator[Connection]:
+        """A transaction that, given a ``tenant``, no other submit of that tenant runs beside: the count of its
+        active jobs and the insert that follows are one step. PostgreSQL: a transaction-scoped advisory lock
+        on the tenant; SQLite: the database's write lock, taken at BEGIN."""
+        if tenant is None:
+            with self._tx() as conn:
+                yield conn
+            return
+        with self.engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": "ldd-tenant:" + tenant})
+            elif conn.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+
+    @staticmethod
+    def _count_active(conn: Connection, tenant: str) -> int:
+        q = select(sa.func.count()).where(jobs.c.tenant == tenant, jobs.c.state.in_(ACTIVE_STATES))
+        return int(conn.execute(q).scalar_one())
+
+    def count_active_jobs(self, tenant: str) -> int:
+        """The tenant's queued and running jobs (what ``LDD_MAX_ACTIVE_JOBS`` limits)."""
         with self._tx() as conn:
-            return conn.execute(select(jobs).where(jobs.c.idempotency_key == key)).first()
+            return self._count_active(conn, tenant)
+
+    def _job_by_key(self, tenant: str, key: str) -> Any:
+        with self._tx() as conn:
+            return conn.execute(select(jobs).where(jobs.c.tenant == tenant, jobs.c.idempotency_key == key)).first()
 
     @staticmethod
     def _same_or_conflict(row: Any, digest: str, key: str) -> dict[str, Any]:
@@ -110,11 +166,15 @@ class Store(Catalogue):
             row = conn.execute(select(jobs).where(jobs.c.id == id)).first()
         return None if row is None else _job(row)
 
-    def list_jobs(self, state: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
-        """Newest first."""
+    def list_jobs(
+        self, state: str | None = None, limit: int = 100, offset: int = 0, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Newest first; only ``tenant``'s unless None."""
         q = select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc())
         if state is not None:
             q = q.where(jobs.c.state == state)
+        if tenant is not None:
+            q = q.where(jobs.c.tenant == tenant)
         with self._tx() as conn:
             rows = conn.execute(q.limit(limit).offset(offset)).all()
         return [_job(r) for r in rows]
