@@ -846,7 +846,12 @@ class Chaos:
 
         if self.arm(pick, f"a {kind} restart") is None:
             return None
-        d = Disruption(kind, time.time(), affected=self.running_jobs())
+        # Watched: the jobs training now (their progress records show when the service works again); a job
+        # in export writes none until it ends, so it is listed but not timed.
+        running = self.running_jobs()
+        training = [j for j in running if progress_file(self.stack, j).get("phase") == "train"]
+        d = Disruption(kind, time.time(), affected=training)
+        d.extra["also_running"] = [j for j in running if j not in training]
         n_before = len(self.submitter.submitted)
         if kind == "redis":
             self.stack.kill_redis()
@@ -1021,6 +1026,8 @@ def collect(stack: Stack, watcher: Watcher, submitter: Submitter, disruptions: l
             per_epoch = max(1, (p_last.get("total_iters") or 1) // max(1, p_last.get("epochs") or 1))
             row.update(requeued_s=seconds(d.t, requeued), claimed_s=seconds(d.t, claimed),
                        child_s=seconds(d.t, new_child), recovery_s=seconds(d.t, progress),
+                       # running again: its next child started (or it ended, if nothing was left to run)
+                       running_again_s=seconds(d.t, new_child if new_child is not None else progress),
                        per_epoch=per_epoch, **epochs_repeated(lines, d.t_back or d.t, per_epoch))  # fmt: skip
             log = (stack.runs_dir / d.job / "train.log")
             resumed = re.findall(r"resumed from .* at iteration (\d+)", log.read_text() if log.exists() else "")
@@ -1073,7 +1080,7 @@ def verdict(res: dict[str, Any]) -> tuple[bool, list[str]]:
     if bad := [r["job"] for r in rows if r.get("orphans")]:
         problems.append(f"children that outlived their killed worker: {', '.join(bad)}")
     if bad := [r["kind"] for r in rows if r.get("recovery_s") is None and r.get("job_state") not in TERMINAL
-               and r["kind"] != "rescue"]:
+               and r["kind"] != "rescue" and (r["job"] or r.get("affected"))]:
         problems.append(f"disruptions without recovery: {', '.join(bad)}")
     for r in rows:
         if r["kind"] == "rescue":
@@ -1091,13 +1098,18 @@ def render(res: dict[str, Any]) -> str:
     ok, problems = verdict(res)
     kills = [r for r in rows if r["job"]]
 
-    def stat(kind: str) -> str:
-        xs = [r["recovery_s"] for r in rows if r["kind"] == kind and r.get("recovery_s") is not None]
+    def stat(kind: str, key: str = "recovery_s") -> str:
+        xs = [r[key] for r in rows if r["kind"] == kind and r.get(key) is not None]
         if not xs:
             return "-"
         if len(xs) == 1:
             return f"{xs[0]:.1f} s"
         return f"{statistics.median(xs):.1f} s median, {max(xs):.1f} s max (n={len(xs)})"
+
+    def kill_stat(kind: str, then: str) -> str:
+        if not any(r["kind"] == kind for r in rows):
+            return "-"
+        return f"running again after {stat(kind, 'running_again_s')}; {then} after {stat(kind)}"
 
     succeeded = sum(j.get("state") == "succeeded" for j in jobs)
     one_model = sum((j["models_store"], j["models_registry"]) == (1, 1) for j in jobs)
@@ -1110,12 +1122,13 @@ def render(res: dict[str, Any]) -> str:
          "folders)", f"{n} of {n}"],
         ["jobs that ran twice at once", str(twice), "0"],
         ["epochs repeated per worker kill (max)", f"{max(repeated):.2f}" if repeated else "-", "<= 1"],
-        ["recovery after a worker kill in training", stat("train"), ""],
-        ["recovery after a worker kill in export", stat("export"), ""],
-        ["recovery after a worker kill in publish", stat("publish"), ""],
-        ["recovery after a Redis restart", stat("redis"), ""],
-        ["recovery after a PostgreSQL restart", stat("postgres"), ""],
-        ["recovery after an API restart", stat("api"), ""],
+        ["recovery after a worker kill in training", kill_stat("train", "next progress record"),
+         f"lease ({s['lease_seconds']:g} s) + start-up"],
+        ["recovery after a worker kill in export", kill_stat("export", "ended (the export starts over)"), ""],
+        ["recovery after a worker kill in publish", kill_stat("publish", "ended"), ""],
+        ["recovery after a Redis restart (next progress)", stat("redis"), ""],
+        ["recovery after a PostgreSQL restart (next progress)", stat("postgres"), ""],
+        ["recovery after an API restart (next progress)", stat("api"), ""],
     ]  # fmt: skip
     out = [
         "# Chaos: reliability under failures",
@@ -1141,21 +1154,22 @@ def render(res: dict[str, Any]) -> str:
         "A worker kill SIGKILLs the worker's main process only, as the OOM killer would; its pool process and "
         "the training or export child must die with it (*gone*: when the last of them was gone; *orphans*: "
         "those still alive 15 s later). The worker is then started again. *requeued*: the store puts the job back "
-        "in the queue (its lease expired); *claimed*: a worker takes it again; *child*: the next attempt's child "
-        "process starts. Redis is SIGKILLed (its append-only file kept) and PostgreSQL stopped with `pg_ctl -m "
+        "in the queue (its lease expired); *claimed*: a worker takes it again; *running again*: the next attempt's "
+        "child process starts. Redis is SIGKILLed (its append-only file kept) and PostgreSQL stopped with `pg_ctl -m "
         "immediate` (a crash: recovery runs when it starts); both stay down for the time shown (*down*). The API "
-        "is SIGKILLed and started again at once; *down* is until it answers. *recovery*: until every job the "
-        "disruption touched (the killed one; those running, or submitted during the outage) shows progress again "
-        "through `GET /v1/jobs` (a progress record written after the disruption, or its end). *epochs repeated*: "
+        "is SIGKILLed and started again at once; *down* is until it answers. *recovery*: until `GET /v1/jobs` shows "
+        "a progress record written after the disruption (or the end) of every job it touched: the killed job; "
+        "or the jobs training at the time and those submitted during the outage (a job in export writes no "
+        "progress records until it ends, so it is not timed). *epochs repeated*: "
         "the last iteration reported before the kill minus the iteration the next attempt resumed from, over the "
         "iterations per epoch. Times in seconds from the disruption.",
         "",
-        md_table(["#", "disruption", "job(s)", "where", "down", "gone", "orphans", "requeued", "claimed", "child",
-                  "recovery", "iter at kill", "resumed from", "epochs repeated"],
+        md_table(["#", "disruption", "job(s)", "where", "down", "gone", "orphans", "requeued", "claimed",
+                  "running again", "recovery", "iter at kill", "resumed from", "epochs repeated"],
                  [[i + 1, r["kind"], (r["job"] or "")[-8:] or ", ".join(j[-8:] for j in r.get("affected", [])),
                    r["at"], None if r["job"] else r["down_s"], r["down_s"] if r["job"] else None, r.get("orphans"),
-                   r.get("requeued_s"), r.get("claimed_s"), r.get("child_s"), r.get("recovery_s"), r.get("at_iter"),
-                   r.get("resumed_from"), r.get("repeated")]
+                   r.get("requeued_s"), r.get("claimed_s"), r.get("running_again_s"), r.get("recovery_s"),
+                   r.get("at_iter"), r.get("resumed_from"), r.get("repeated")]
                   for i, r in enumerate(rows)]),  # fmt: skip
         "",
     ]
@@ -1186,7 +1200,7 @@ def render(res: dict[str, Any]) -> str:
         "## Jobs",
         "",
         md_table(["job", "state", "attempts", "kills", "store rows", "registry folders", "children seen",
-                  "two alive at once", "progress goes back", "seconds"],
+                  "two alive at once", "progress goes back", "submit to end (s)"],
                  [[j["job"][-8:], j.get("state"), j.get("attempts"), ", ".join(j["kills"]) or "-", j["models_store"],
                    j["models_registry"], len(j["children"]), len(j["twice_proc"]), len(j["twice_progress"]),
                    j["seconds"]] for j in jobs]),  # fmt: skip
