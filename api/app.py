@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI
 
-from api.deps import Services, require_key
+from api.deps import BEARER, Services, callers_of, get_caller
 from api.errors import error_docs, install_error_handlers
 from api.middleware import BodyLimitMiddleware, LatencyMiddleware
 from api.routes import checkpoints, datasets, detect, health, jobs, models
@@ -28,7 +29,8 @@ DESCRIPTION = (
     "Upload a dataset, submit `train` or `distill` jobs, follow them (poll or server-sent events), "
     "and call `/detect` on the published ONNX students. Errors are "
     '`{"error": {"code", "message", "details"}}`. With API keys configured every endpoint but '
-    "`/healthz`, `/readyz` and `/metrics` needs `Authorization: Bearer <key>`."
+    "`/healthz`, `/readyz` and `/metrics` needs `Authorization: Bearer <key>`; each key belongs to a tenant, "
+    "which sees only its own datasets, checkpoints, jobs and models (another tenant's are 404)."
 )
 
 
@@ -70,7 +72,13 @@ def create_app(
     app.add_middleware(LatencyMiddleware, metrics=services.metrics)
 
     app.include_router(health.router)  # no key: probes and scrapers have none
-    secured = {"dependencies": [Depends(require_key)], "responses": error_docs(401)}
+    # Every resource route checks the key (get_caller; a route that names no caller still gets the check). The
+    # document declares bearer auth and its 401 only when keys are configured: an open service says it is open.
+    dependencies = [Depends(get_caller)]
+    responses: dict[int | str, dict[str, Any]] = {}
+    if callers_of(settings):
+        dependencies.append(Depends(BEARER))
+        responses = error_docs(401)
     for module in (datasets, checkpoints, jobs, models, detect):
-        app.include_router(module.router, **secured)  # type: ignore[arg-type]
+        app.include_router(module.router, dependencies=dependencies, responses=responses)
     return app

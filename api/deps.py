@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi import Path as PathParam
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 
 from api.batcher import PredictorCache
 from api.errors import APIError
@@ -22,6 +23,7 @@ from deploy.registry import Registry
 from deploy.runtime import Predictor
 from worker.settings import Settings
 from worker.store import Store
+from worker.tenants import OPEN, Caller, parse_keys, visible
 
 
 class Services:
@@ -83,34 +85,59 @@ RegistryDep = Annotated[Registry, Depends(get_registry)]
 PredictorsDep = Annotated[PredictorCache, Depends(get_predictors)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
-# An id in a path (``/v1/jobs/{job_id}``): bounded so that no lookup is made for a megabyte of text.
-ResourceId = Annotated[str, PathParam(max_length=64)]
+# An id in a path (``/v1/jobs/{job_id}``): the shape of the ids the service makes (``distill.spec``'s, bounded
+# by the store's column), so that no lookup is made for a megabyte of text and the OpenAPI document says so.
+ID_PATTERN = r"^[a-z]+_[0-9a-z]{8,64}$"
+ResourceId = Annotated[str, PathParam(max_length=64, pattern=ID_PATTERN)]
 
-# Module level: FastAPI resolves the (postponed) annotations of dependencies in module globals.
-BEARER = HTTPBearer(auto_error=False, description="an API key from LDD_API_KEYS")
+# Declares bearer auth in the OpenAPI document; ``create_app`` adds it only when keys are configured. The key
+# itself is checked by :func:`get_caller`, which every resource route depends on.
+BEARER = HTTPBearer(auto_error=False, description="an API key from LDD_API_KEYS or LDD_ADMIN_KEYS")
 
 
-def require_key(
-    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)], settings: SettingsDep
-) -> None:
-    """With ``LDD_API_KEYS`` set, the request must carry ``Authorization: Bearer <one of them>``."""
-    keys = settings.api_keys
-    if not keys:
-        return
-    token = (creds.credentials if creds else "").encode()
-    # compare_digest: the time taken does not tell how much of a key was right.
-    if not any(hmac.compare_digest(token, k.encode()) for k in keys):
+@lru_cache(maxsize=8)
+def _callers(api_keys: tuple[str, ...], admin_keys: tuple[str, ...]) -> dict[str, Caller]:
+    return parse_keys(list(api_keys), list(admin_keys))
+
+
+def callers_of(settings: Settings) -> dict[str, Caller]:
+    """The configured keys and who they are (``worker.tenants``); empty: the service is open."""
+    return _callers(tuple(settings.api_keys), tuple(settings.admin_keys))
+
+
+def get_caller(request: Request, settings: SettingsDep) -> Caller:
+    """Who sends this request. With keys configured it must carry ``Authorization: Bearer <key>`` (else 401);
+    without, every caller is the one open tenant."""
+    callers = callers_of(settings)
+    if not callers:
+        return OPEN
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    found = None
+    if scheme.lower() == "bearer":
+        # compare_digest with every key: the time taken tells neither which key nor how much of one was right.
+        for key, caller in callers.items():
+            if hmac.compare_digest(token.strip().encode(), key.encode()):
+                found = caller
+    if found is None:
         raise APIError(
             401,
             "unauthorized",
             "missing or wrong API key: send 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    return found
 
 
-def get_or_404(get: Callable[[str], dict[str, Any] | None], kind: str, id: str) -> dict[str, Any]:
-    """``get(id)`` (a ``Store.get_*``), or a 404 ``not_found`` naming the ``kind`` of thing missing."""
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def get_or_404(
+    get: Callable[[str], dict[str, Any] | None], kind: str, id: str, scope: str | None = None
+) -> dict[str, Any]:
+    """``get(id)`` (a ``Store.get_*``), or a 404 ``not_found`` naming the ``kind`` of thing missing. ``scope``:
+    the caller's (``Caller.scope``); another tenant's row is missing, word for word."""
     row = get(id)
-    if row is None:
+    if not visible(row, scope):
         raise APIError(404, "not_found", f"no {kind} {id!r}")
+    assert row is not None
     return row

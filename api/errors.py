@@ -59,6 +59,7 @@ _STATUS_CODES = {
     422: "invalid_request",
     429: "too_many_requests",
     503: "unavailable",
+    507: "insufficient_storage",
 }
 
 
@@ -67,8 +68,12 @@ _MEANINGS = {
     400: "malformed request (bad JSON, bad zip, undecodable image)",
     401: "missing or wrong API key",
     404: "not found",
+    409: "conflict with the resource's state",
     413: "upload too large",
+    415: "unsupported media type",
     422: "validation failed (the message says which field and why)",
+    429: "too many active jobs for this tenant (LDD_MAX_ACTIVE_JOBS)",
+    507: "not enough free space in the data folder (LDD_MIN_FREE_BYTES)",
 }
 
 

@@ -17,7 +17,8 @@ def public_model(model: dict[str, Any]) -> dict[str, Any]:
     """The model row's metadata (model.json as published) flattened beside its id, job and date."""
     meta = dict(model.get("meta") or {})
     meta.pop("path", None)
-    return {**meta, "id": model["id"], "job_id": model.get("job_id"), "created_at": model.get("created_at")}
+    return {**meta, "id": model["id"], "job_id": model.get("job_id"), "created_at": model.get("created_at"),
+            "tenant": model.get("tenant")}  # fmt: skip
 
 
 def public_dataset(ds: dict[str, Any]) -> dict[str, Any]:

@@ -234,7 +234,7 @@ def dataset(server: ApiServer, http: httpx.Client) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def model(server: ApiServer) -> dict[str, Any]:
-    return publish_test_model(server.data_dir, server.store_url, ["a", "b"], "mdl_test")  # type: ignore[attr-defined]
+    return publish_test_model(server.data_dir, server.store_url, ["a", "b"], "mdl_testmodel")  # type: ignore[attr-defined]
 
 
 def assert_healthy(http: httpx.Client) -> None:
@@ -268,7 +268,7 @@ def test_dataset_upload_counts_and_layout(server: ApiServer, http: httpx.Client,
     assert (folder / "annotations.json").is_file() and len(list((folder / "images").iterdir())) == 4
     assert http.get(f"/v1/datasets/{dataset['id']}").json()["num_boxes"] == 4
     assert "path" not in http.get(f"/v1/datasets/{dataset['id']}").json()
-    assert error_of(http.get("/v1/datasets/ds_nope"))["code"] == "not_found"
+    assert error_of(http.get("/v1/datasets/ds_nothinghere"))["code"] == "not_found"
 
 
 def _zip_with(path: Path, entries: dict[str, bytes], symlink: str | None = None) -> Path:
@@ -523,8 +523,8 @@ def test_submit_idempotency_cancel_and_events(http: httpx.Client, dataset: dict[
     assert events[-1][0] == "end" and events[-1][1]["state"] == "cancelled"
     again = http.post(f"/v1/jobs/{job['id']}/cancel")
     assert again.status_code == 409 and error_of(again)["code"] == "job_finished"
-    assert error_of(http.get("/v1/jobs/job_nope"))["code"] == "not_found"
-    assert http.get("/v1/jobs/job_nope/events").status_code == 404
+    assert error_of(http.get("/v1/jobs/job_nothinghere"))["code"] == "not_found"
+    assert http.get("/v1/jobs/job_nothinghere/events").status_code == 404
     assert http.get("/v1/jobs", params={"state": "bogus"}).status_code == 422
 
 
@@ -534,12 +534,12 @@ def test_submit_idempotency_cancel_and_events(http: httpx.Client, dataset: dict[
 
 def test_models_list_get_and_onnx(http: httpx.Client, model: dict[str, Any]) -> None:
     listed = http.get("/v1/models").json()["models"]
-    assert [m["id"] for m in listed][:1] == ["mdl_test"]
-    got = http.get("/v1/models/mdl_test").json()
+    assert [m["id"] for m in listed][:1] == ["mdl_testmodel"]
+    got = http.get("/v1/models/mdl_testmodel").json()
     assert got["classes"] == ["a", "b"] and got["sha256"]
-    onnx = http.get("/v1/models/mdl_test/onnx")
+    onnx = http.get("/v1/models/mdl_testmodel/onnx")
     assert onnx.status_code == 200 and hashlib.sha256(onnx.content).hexdigest() == got["sha256"]
-    assert error_of(http.get("/v1/models/mdl_nope"))["code"] == "not_found"
+    assert error_of(http.get("/v1/models/mdl_nothinghere"))["code"] == "not_found"
 
 
 def test_detect_multipart_and_json_agree_in_original_pixels(
@@ -548,10 +548,10 @@ def test_detect_multipart_and_json_agree_in_original_pixels(
     img = png_bytes((300, 170))
     a = http.post("/detect", files={"file": ("x.png", img, "image/png")})
     assert a.status_code == 200, a.text
-    b = http.post("/v1/models/mdl_test/detect", json={"image": base64.b64encode(img).decode()})
+    b = http.post("/v1/models/mdl_testmodel/detect", json={"image": base64.b64encode(img).decode()})
     assert b.status_code == 200, b.text
     a, b = a.json(), b.json()
-    assert a["model"] == b["model"] == "mdl_test" and a["image_size"] == [300, 170]
+    assert a["model"] == b["model"] == "mdl_testmodel" and a["image_size"] == [300, 170]
     assert a["detections"] == b["detections"] and len(a["detections"]) >= 5
     for d in a["detections"]:
         x1, y1, x2, y2 = d["box"]
@@ -560,7 +560,7 @@ def test_detect_multipart_and_json_agree_in_original_pixels(
     # Exactly what the bare predictor says for the same bytes: the API adds no transformation of its own.
     from deploy.runtime import Predictor
 
-    bare = Predictor(server.data_dir / "models" / "mdl_test").predict([img])[0]  # type: ignore[attr-defined]
+    bare = Predictor(server.data_dir / "models" / "mdl_testmodel").predict([img])[0]  # type: ignore[attr-defined]
     assert a["detections"] == bare
     high = http.post("/detect?score_threshold=0.9", files={"file": ("x.png", img, "image/png")}).json()
     assert all(d["score"] >= 0.9 for d in high["detections"])
@@ -590,7 +590,7 @@ def test_detect_bad_inputs(server: ApiServer, http: httpx.Client, model: dict[st
         r = http.post("/detect", **kw)
         assert r.status_code == status, (what, r.text)
         assert error_of(r)["code"] == code, (what, r.text)
-    r = http.post("/v1/models/mdl_nope/detect", files={"file": ("a.png", png_bytes(), "image/png")})
+    r = http.post("/v1/models/mdl_nothinghere/detect", files={"file": ("a.png", png_bytes(), "image/png")})
     assert r.status_code == 404
     # One good request still works, and the server is healthy.
     assert http.post("/detect", files={"file": ("a.png", png_bytes(), "image/png")}).status_code == 200
@@ -719,7 +719,7 @@ def test_tampered_model_is_refused(server: ApiServer, http: httpx.Client, model:
     from worker.store import Store
 
     models: Path = server.data_dir / "models"  # type: ignore[attr-defined]
-    shutil.copytree(models / "mdl_test", models / "mdl_tampered")
+    shutil.copytree(models / "mdl_testmodel", models / "mdl_tampered")
     onnx = models / "mdl_tampered" / "model.onnx"
     data = bytearray(onnx.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -736,5 +736,5 @@ def test_tampered_model_is_refused(server: ApiServer, http: httpx.Client, model:
     ready = http.get("/readyz")
     assert ready.status_code == 503 and "mdl_tampered" in ready.json()["checks"]["model"]
     # The intact model still answers.
-    ok = http.post("/v1/models/mdl_test/detect", files={"file": ("a.png", png_bytes(), "image/png")})
+    ok = http.post("/v1/models/mdl_testmodel/detect", files={"file": ("a.png", png_bytes(), "image/png")})
     assert ok.status_code == 200

@@ -15,10 +15,10 @@ from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from api import schemas
-from api.deps import ResourceId, SettingsDep, StoreDep, get_or_404
+from api.deps import CallerDep, ResourceId, SettingsDep, StoreDep, get_or_404
 from api.errors import APIError, error_docs
 from api.presenters import public_checkpoint
-from api.uploads import save_upload, upload_folder
+from api.uploads import ensure_room, save_upload, upload_folder, upload_size
 from distill.ckpt_reader import CheckpointError, describe_checkpoint
 from worker.store import new_id
 
@@ -31,14 +31,16 @@ router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
     response_model=schemas.Checkpoint,
     summary="Upload a detector checkpoint (ours or mmdetection's GFL) or a ResNet backbone; read without "
     "unpickling code",
-    responses=error_docs(413, 422),
+    responses=error_docs(413, 422, 507),
 )
 async def upload_checkpoint(
     file: Annotated[UploadFile, File(description="a .pt/.pth file written by torch.save")],
     settings: SettingsDep,
     store: StoreDep,
+    caller: CallerDep,
     name: Annotated[str | None, Form(max_length=200)] = None,
 ) -> dict[str, Any]:
+    ensure_room(settings.data_dir, upload_size(file), settings.min_free_bytes)
     async with upload_folder(settings.data_dir) as work:
         tmp = work / "checkpoint.pt"
         await save_upload(file, tmp)
@@ -51,7 +53,9 @@ async def upload_checkpoint(
         final = settings.checkpoints_dir / f"{ckpt_id}.pt"
         os.rename(tmp, final)  # the upload folder is under the same data_dir: one atomic rename
         try:
-            row = await run_in_threadpool(store.add_checkpoint, ckpt_id, str(final), arch, name or file.filename)
+            row = await run_in_threadpool(
+                store.add_checkpoint, ckpt_id, str(final), arch, name or file.filename, caller.tenant
+            )
         except Exception:
             final.unlink(missing_ok=True)  # no file without its row
             raise
@@ -60,5 +64,5 @@ async def upload_checkpoint(
 
 @router.get("/{checkpoint_id}", response_model=schemas.Checkpoint, summary="Describe an uploaded checkpoint",
             responses=error_docs(404))  # fmt: skip
-def get_checkpoint(checkpoint_id: ResourceId, store: StoreDep) -> dict[str, Any]:
-    return public_checkpoint(get_or_404(store.get_checkpoint, "checkpoint", checkpoint_id))
+def get_checkpoint(checkpoint_id: ResourceId, store: StoreDep, caller: CallerDep) -> dict[str, Any]:
+    return public_checkpoint(get_or_404(store.get_checkpoint, "checkpoint", checkpoint_id, caller.scope))

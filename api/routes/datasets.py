@@ -6,7 +6,9 @@ every check is moved under ``datasets/<id>/`` and recorded in the store.
 
 from __future__ import annotations
 
+import errno
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,10 +17,10 @@ from fastapi.concurrency import run_in_threadpool
 
 from api import schemas
 from api.datasets import UploadError, ZipLimits, import_dataset, publish_dataset
-from api.deps import ResourceId, SettingsDep, StoreDep, get_or_404
+from api.deps import CallerDep, ResourceId, SettingsDep, StoreDep, get_or_404
 from api.errors import APIError, error_docs
 from api.presenters import public_dataset
-from api.uploads import save_upload, upload_folder
+from api.uploads import ensure_room, save_upload, upload_folder, upload_size
 from worker.store import new_id
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -29,22 +31,28 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
     status_code=201,
     response_model=schemas.Dataset,
     summary="Upload a dataset (zip: COCO JSON + images, or Pascal VOC XML + images)",
-    responses=error_docs(400, 413, 422),
+    responses=error_docs(400, 413, 422, 507),
 )
 async def upload_dataset(
     file: Annotated[UploadFile, File(description="a .zip with one COCO JSON file or VOC XML files, and images")],
     settings: SettingsDep,
     store: StoreDep,
+    caller: CallerDep,
     name: Annotated[str | None, Form(max_length=200, description="a name for humans")] = None,
 ) -> dict[str, Any]:
+    # Room for the archive and what it unpacks to, checked before either is written.
+    ensure_room(settings.data_dir, upload_size(file), settings.min_free_bytes)
     async with upload_folder(settings.data_dir) as work:
         archive = work / "upload.zip"
         await save_upload(file, archive)
+        ensure_room(settings.data_dir, _unpacked_size(archive), settings.min_free_bytes)
         # The unpacked size may exceed the upload's (images compress little, JSON a lot), within reason.
         limits = ZipLimits(max_total_bytes=max(4 * settings.max_upload_bytes, 64 << 20))
         try:
             imported = await run_in_threadpool(import_dataset, archive, work, limits, settings.max_image_pixels)
         except UploadError as e:
+            if isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.ENOSPC:
+                raise e.__cause__ from e  # the disk filled while unpacking: upload_folder answers 507
             raise APIError(e.status, e.code, e.message, e.details) from e
         dataset_id = new_id("ds")
         final = await run_in_threadpool(publish_dataset, imported, settings.datasets_dir, dataset_id)
@@ -52,7 +60,7 @@ async def upload_dataset(
         try:
             row = await run_in_threadpool(
                 store.add_dataset, dataset_id, ds_name, str(final), imported.classes,
-                imported.num_images, imported.num_boxes, imported.splits, imported.problems,
+                imported.num_images, imported.num_boxes, imported.splits, imported.problems, caller.tenant,
             )  # fmt: skip
         except Exception:
             shutil.rmtree(final, ignore_errors=True)  # no folder without its row
@@ -60,12 +68,21 @@ async def upload_dataset(
         return {**public_dataset(row), "format": imported.format}
 
 
-@router.get("", response_model=schemas.DatasetList, summary="List datasets")
-def list_datasets(store: StoreDep) -> dict[str, Any]:
-    return {"datasets": [public_dataset(d) for d in store.list_datasets()]}
+@router.get("", response_model=schemas.DatasetList, summary="List datasets (the caller's tenant's)")
+def list_datasets(store: StoreDep, caller: CallerDep) -> dict[str, Any]:
+    return {"datasets": [public_dataset(d) for d in store.list_datasets(tenant=caller.scope)]}
 
 
 @router.get("/{dataset_id}", response_model=schemas.Dataset, summary="Describe a dataset",
             responses=error_docs(404))  # fmt: skip
-def get_dataset(dataset_id: ResourceId, store: StoreDep) -> dict[str, Any]:
-    return public_dataset(get_or_404(store.get_dataset, "dataset", dataset_id))
+def get_dataset(dataset_id: ResourceId, store: StoreDep, caller: CallerDep) -> dict[str, Any]:
+    return public_dataset(get_or_404(store.get_dataset, "dataset", dataset_id, caller.scope))
+
+
+def _unpacked_size(archive: Path) -> int:
+    """What the zip declares it unpacks to (0 for a file that is no zip: the import refuses it with the reason)."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            return sum(i.file_size for i in zf.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return 0

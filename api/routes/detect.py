@@ -15,12 +15,13 @@ from fastapi.concurrency import run_in_threadpool
 
 from api import schemas
 from api.batcher import PredictorCache
-from api.deps import PredictorsDep, ResourceId, SettingsDep, StoreDep, get_or_404
+from api.deps import ID_PATTERN, CallerDep, PredictorsDep, ResourceId, SettingsDep, StoreDep, get_or_404
 from api.detect_body import DETECT_OPENAPI, read_detect_body
 from api.errors import APIError, ErrorResponse, error_docs
 from deploy.runtime import ImageError, load_image
 from worker.settings import Settings
 from worker.store import Store
+from worker.tenants import Caller
 
 log = logging.getLogger("ldd.api")
 
@@ -41,9 +42,10 @@ async def detect_with_model(
     store: StoreDep,
     settings: SettingsDep,
     predictors: PredictorsDep,
+    caller: CallerDep,
     score_threshold: Threshold = None,
 ) -> dict[str, Any]:
-    return await _detect(request, model_id, score_threshold, store, settings, predictors)
+    return await _detect(request, model_id, score_threshold, store, settings, predictors, caller)
 
 
 @router.post("/detect", summary="Detect objects with the newest (or the given) model", **_DOC)
@@ -52,27 +54,29 @@ async def detect(
     store: StoreDep,
     settings: SettingsDep,
     predictors: PredictorsDep,
-    model: Annotated[str | None, Query(max_length=64, description="model id; default: the newest")] = None,
+    caller: CallerDep,
+    model: Annotated[str | None, Query(max_length=64, pattern=ID_PATTERN,
+                                       description="model id; default: the caller's newest")] = None,
     score_threshold: Threshold = None,
 ) -> dict[str, Any]:
-    return await _detect(request, model, score_threshold, store, settings, predictors)
+    return await _detect(request, model, score_threshold, store, settings, predictors, caller)
 
 
 async def _detect(
     request: Request, model_id: str | None, score_threshold: float | None, store: Store, settings: Settings,
-    predictors: PredictorCache,
+    predictors: PredictorCache, caller: Caller,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     body = await read_detect_body(request)
     model_id = model_id or body.model  # the query wins over the body
     threshold = score_threshold if score_threshold is not None else body.score_threshold
     if model_id is None:
-        newest = await run_in_threadpool(store.newest_model)
+        newest = await run_in_threadpool(store.newest_model, caller.scope)
         if newest is None:
             raise APIError(404, "no_model", "no model is published yet: run a job first")
         model_id = newest["id"]
     else:
-        await run_in_threadpool(get_or_404, store.get_model, "model", model_id)
+        await run_in_threadpool(get_or_404, store.get_model, "model", model_id, caller.scope)
     try:
         _, batcher = await predictors.get(model_id)
     except Exception as e:

@@ -17,13 +17,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from api import schemas
-from api.deps import ResourceId, SettingsDep, StoreDep, get_or_404
+from api.deps import CallerDep, ResourceId, SettingsDep, StoreDep, get_or_404
 from api.errors import APIError, ErrorResponse, error_docs
 from api.presenters import public_job
 from distill.spec import JobSpec
 from worker.checks import JobRefused, check_job
 from worker.queue import enqueue
-from worker.store import JOB_STATES, TERMINAL_STATES, IdempotencyConflict, Store
+from worker.store import JOB_STATES, TERMINAL_STATES, IdempotencyConflict, Store, TooManyActiveJobs
 
 assert set(schemas.JobState.__args__) == set(JOB_STATES)  # type: ignore[attr-defined]
 
@@ -86,25 +86,32 @@ _EVENT_FIELDS = ("state", "progress", "metrics", "error", "model_id", "attempts"
         "The dataset, the teacher and an initial checkpoint must exist, the teacher must match the student "
         "(reg_max, strides; classes are matched by name for KD) and initial weights must fit it. Returns 202 "
         "with the queued job. With `Idempotency-Key`, the same key and body return the same job (header "
-        "`Idempotent-Replayed: true`); the same key with another body is refused (422)."
+        "`Idempotent-Replayed: true`); the same key with another body is refused (422). Keys are per tenant. "
+        "The dataset, teacher and checkpoints must be the caller's tenant's (another tenant's id is refused as "
+        "one that names nothing). With `LDD_MAX_ACTIVE_JOBS`, a tenant with that many queued or running jobs "
+        "gets 429."
     ),
-    responses=error_docs(400, 422),
+    responses=error_docs(400, 422, 429),
 )
 def submit_job(
     spec: Annotated[JobSpec, Body(openapi_examples=JOB_EXAMPLES)],
     response: Response,
     store: StoreDep,
     settings: SettingsDep,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
+    caller: CallerDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
 ) -> dict[str, Any]:
     try:
-        check_job(spec, store, settings)
+        check_job(spec, store, settings, caller.scope)
     except JobRefused as e:
         raise APIError(e.status, e.code, e.message, e.details) from e
     try:
-        job, created = store.create_job(spec.model_dump(mode="json"), idempotency_key=idempotency_key)
+        job, created = store.create_job(spec.model_dump(mode="json"), idempotency_key=idempotency_key,
+                                        tenant=caller.tenant, max_active=settings.max_active_jobs)  # fmt: skip
     except IdempotencyConflict as e:
         raise APIError(422, "idempotency_conflict", str(e), {"job_id": e.job_id}) from e
+    except TooManyActiveJobs as e:
+        raise APIError(429, "too_many_active_jobs", str(e), {"active": e.active, "limit": e.limit}) from e
     if created:
         # Best effort: if the broker is down, the worker's recovery loop re-sends queued jobs from the store.
         enqueue(job["id"], settings)
@@ -113,19 +120,20 @@ def submit_job(
     return public_job(job)
 
 
-@router.get("", response_model=schemas.JobList, summary="List jobs, newest first")
+@router.get("", response_model=schemas.JobList, summary="List jobs (the caller's tenant's), newest first")
 def list_jobs(
     store: StoreDep,
+    caller: CallerDep,
     state: Annotated[schemas.JobState | None, Query(description="only jobs in this state")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
-    return {"jobs": [public_job(j) for j in store.list_jobs(state=state, limit=limit)]}
+    return {"jobs": [public_job(j) for j in store.list_jobs(state=state, limit=limit, tenant=caller.scope)]}
 
 
 @router.get("/{job_id}", response_model=schemas.Job, summary="A job: state, progress, metrics, model_id, error",
             responses=error_docs(404))  # fmt: skip
-def get_job(job_id: ResourceId, store: StoreDep) -> dict[str, Any]:
-    return public_job(get_or_404(store.get_job, "job", job_id))
+def get_job(job_id: ResourceId, store: StoreDep, caller: CallerDep) -> dict[str, Any]:
+    return public_job(get_or_404(store.get_job, "job", job_id, caller.scope))
 
 
 @router.post(
@@ -135,8 +143,8 @@ def get_job(job_id: ResourceId, store: StoreDep) -> dict[str, Any]:
     description="A queued job is cancelled at once; a running one is stopped by its worker within seconds.",
     responses={**error_docs(404), 409: {"model": ErrorResponse, "description": "the job already ended"}},
 )
-def cancel_job(job_id: ResourceId, store: StoreDep) -> dict[str, Any]:
-    job = get_or_404(store.get_job, "job", job_id)
+def cancel_job(job_id: ResourceId, store: StoreDep, caller: CallerDep) -> dict[str, Any]:
+    job = get_or_404(store.get_job, "job", job_id, caller.scope)
     if job["state"] in TERMINAL_STATES:
         raise APIError(409, "job_finished", f"job {job_id} already ended ({job['state']})")
     return public_job(store.request_cancel(job_id))
@@ -156,9 +164,10 @@ async def job_events(
     job_id: ResourceId,
     request: Request,
     store: StoreDep,
+    caller: CallerDep,
     interval: Annotated[float, Query(ge=0.1, le=10, description="polling period in seconds")] = 0.5,
 ) -> StreamingResponse:
-    await run_in_threadpool(get_or_404, store.get_job, "job", job_id)
+    await run_in_threadpool(get_or_404, store.get_job, "job", job_id, caller.scope)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(_job_stream(job_id, request, store, interval), media_type="text/event-stream",
                              headers=headers)  # fmt: skip

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from api import schemas
-from api.deps import RegistryDep, ResourceId, StoreDep, get_or_404
+from api.deps import CallerDep, RegistryDep, ResourceId, StoreDep, get_or_404
 from api.errors import APIError, error_docs
 from api.presenters import public_model
 
@@ -16,15 +16,15 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 @router.get("", response_model=schemas.ModelList, summary="Published models, newest first")
-def list_models(store: StoreDep) -> dict[str, Any]:
-    return {"models": [public_model(m) for m in store.list_models()]}
+def list_models(store: StoreDep, caller: CallerDep) -> dict[str, Any]:
+    return {"models": [public_model(m) for m in store.list_models(tenant=caller.scope)]}
 
 
 @router.get("/{model_id}", response_model=schemas.Model,
             summary="A published model: classes, input size, metrics, source job, sha256",
             responses=error_docs(404))  # fmt: skip
-def get_model(model_id: ResourceId, store: StoreDep) -> dict[str, Any]:
-    return public_model(get_or_404(store.get_model, "model", model_id))
+def get_model(model_id: ResourceId, store: StoreDep, caller: CallerDep) -> dict[str, Any]:
+    return public_model(get_or_404(store.get_model, "model", model_id, caller.scope))
 
 
 @router.get(
@@ -33,8 +33,8 @@ def get_model(model_id: ResourceId, store: StoreDep) -> dict[str, Any]:
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}}, **error_docs(404)},
 )
-def get_model_onnx(model_id: ResourceId, store: StoreDep, registry: RegistryDep) -> FileResponse:
-    get_or_404(store.get_model, "model", model_id)
+def get_model_onnx(model_id: ResourceId, store: StoreDep, registry: RegistryDep, caller: CallerDep) -> FileResponse:
+    get_or_404(store.get_model, "model", model_id, caller.scope)
     path = registry.path(model_id) / "model.onnx"
     if not path.is_file():
         raise APIError(404, "not_found", f"model {model_id!r} has no ONNX file")
