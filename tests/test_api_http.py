@@ -163,8 +163,11 @@ def png_bytes(size: tuple[int, int] = (200, 150)) -> bytes:
     return buf.getvalue()
 
 
-def publish_test_model(data_dir: Path, store_url: str, classes: list[str], model_id: str) -> dict[str, Any]:
-    """Export an untrained gfl_tiny to ONNX and publish it exactly as the worker does (registry + store)."""
+def publish_test_model(
+    data_dir: Path, store_url: str, classes: list[str], model_id: str, job_id: str | None = None
+) -> dict[str, Any]:
+    """Export an untrained gfl_tiny to ONNX and publish it exactly as the worker does (registry + store); with
+    ``job_id``, as that job's model (its tenant's)."""
     torch = pytest.importorskip("torch")
     from deploy.export import export_model
     from deploy.registry import Registry
@@ -181,7 +184,7 @@ def publish_test_model(data_dir: Path, store_url: str, classes: list[str], model
     store = Store(store_url)
     try:
         return publish_model(store, Registry(data_dir / "models"), work / "export", description, model_id=model_id,
-                             job_id=None)  # fmt: skip
+                             job_id=job_id)  # fmt: skip
     finally:
         store.close()
 
