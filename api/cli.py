@@ -1,6 +1,6 @@
 """``ldd``: run the service and talk to it.
 
-    ldd up [--host 127.0.0.1] [--port 8000] [--data-dir DIR]   API + one worker on this machine
+    ldd up [--host 127.0.0.1] [--port 8000] [--data-dir DIR]   API + one supervised worker on this machine
     ldd api | ldd worker                                        one of the two
     ldd datasets upload PATH [--name N] | ldd datasets list
     ldd checkpoints upload PATH                                 a detector or a ResNet backbone
@@ -19,16 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from api.client import TERMINAL_STATES, APIClientError, Client
+from api.supervisor import Supervisor
+from api.supervisor import stop_processes as stop_processes  # api.demo stops its children the same way
 
 
 def _print(obj: Any) -> None:
@@ -55,56 +54,13 @@ def worker_command() -> list[str]:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    """Start the API and one worker; stop both on Ctrl-C (or when either of them exits)."""
+    """Start the API and one worker, restart the worker when it dies (``api.supervisor``); Ctrl-C stops both."""
     env = _service_env(args)
-    procs = {
-        "worker": subprocess.Popen(worker_command(), env=env, start_new_session=True),
-        "api": subprocess.Popen(api_command(args.host, args.port), env=env, start_new_session=True),
-    }
-    print(f"ldd: API on http://{args.host}:{args.port} (docs at /docs), worker pid {procs['worker'].pid}; "
+    data_dir = Path(env.get("LDD_DATA_DIR") or "./.ldd").absolute()
+    sup = Supervisor(api_command(args.host, args.port), worker_command(), env, data_dir)
+    print(f"ldd: API on http://{args.host}:{args.port} (docs at /docs) and one worker, restarted if it dies; "
           "Ctrl-C stops both", file=sys.stderr)  # fmt: skip
-    code = 0
-    stop = False
-
-    def _on_signal(signum: int, frame: Any) -> None:
-        nonlocal stop
-        stop = True
-
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not stop:
-            for name, p in procs.items():
-                if p.poll() is not None:
-                    print(f"ldd: the {name} exited with code {p.returncode}; stopping", file=sys.stderr)
-                    code = p.returncode or 1
-                    stop = True
-            time.sleep(0.2)
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        stop_processes(list(procs.values()))
-    return code
-
-
-def stop_processes(procs: list[subprocess.Popen], grace: float = 15.0) -> None:
-    """SIGTERM each (its whole session: the worker's training child too), SIGKILL after ``grace``."""
-    for p in procs:
-        if p.poll() is None:
-            _signal_group(p, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            _signal_group(p, signal.SIGKILL)
-            p.wait()
-
-
-def _signal_group(p: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(p.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+    return sup.run()
 
 
 def run_api(args: argparse.Namespace) -> int:
@@ -277,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--data-dir", help="artifact folder (default: $LDD_DATA_DIR or ./.ldd)")
         return s
 
-    s = server("up", "run the API and one worker on this machine (Ctrl-C stops both)")
+    s = server("up", "run the API and one worker on this machine, the worker restarted if it dies (Ctrl-C stops both)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.set_defaults(func=run_up)

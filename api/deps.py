@@ -19,6 +19,7 @@ from fastapi.security import HTTPBearer
 from api.batcher import PredictorCache
 from api.errors import APIError
 from api.metrics import Metrics
+from api.uploads import free_bytes
 from deploy.registry import Registry
 from deploy.runtime import Predictor
 from worker.settings import Settings
@@ -34,7 +35,9 @@ class Services:
     ):
         self.settings, self.store = settings, store
         self.registry = Registry(settings.models_dir)
-        self.metrics = Metrics(store.count_jobs_by_state)
+        self.metrics = Metrics(
+            store.count_jobs_by_state, lambda: free_bytes(settings.data_dir), settings.min_free_bytes
+        )
         self.predictors = PredictorCache(
             self.load_predictor,
             capacity=cache_size,

@@ -5,6 +5,8 @@
 - ``ldd_jobs{state}``: jobs by state and ``ldd_queue_depth``: queued jobs, both read from the job store
   (the source of truth) when scraped.
 - ``ldd_detect_batch_size``: images per ONNX Runtime call of the micro-batcher.
+- ``ldd_data_free_bytes``: free space in the data folder's file system, and ``ldd_data_min_free_bytes``, what
+  writes must leave free (``LDD_MIN_FREE_BYTES``), both read when scraped.
 
 The latency is recorded by ``api.middleware.LatencyMiddleware``.
 """
@@ -40,8 +42,26 @@ class _StoreCollector(Collector):
         yield GaugeMetricFamily("ldd_queue_depth", "Jobs waiting for a worker", value=counts.get("queued", 0))
 
 
+class _DiskCollector(Collector):
+    def __init__(self, free_bytes: Callable[[], int], min_free_bytes: int):
+        self.free_bytes, self.min_free_bytes = free_bytes, min_free_bytes
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            free = self.free_bytes()
+        except OSError as e:
+            log.warning("metrics: cannot read the data folder's free space: %s", e)
+            return
+        yield GaugeMetricFamily("ldd_data_free_bytes", "Free bytes in the data folder's file system", value=free)
+        yield GaugeMetricFamily("ldd_data_min_free_bytes", "Bytes writes must leave free (LDD_MIN_FREE_BYTES)",
+                                value=self.min_free_bytes)  # fmt: skip
+
+
 class Metrics:
-    def __init__(self, job_counts: Callable[[], dict[str, int]]):
+    def __init__(
+        self, job_counts: Callable[[], dict[str, int]], free_bytes: Callable[[], int] | None = None,
+        min_free_bytes: int = 0,
+    ):  # fmt: skip
         self.registry = CollectorRegistry()
         self.latency = Histogram(
             "ldd_http_request_duration_seconds",
@@ -57,6 +77,8 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
         )
         self.registry.register(_StoreCollector(job_counts))
+        if free_bytes is not None:
+            self.registry.register(_DiskCollector(free_bytes, min_free_bytes))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

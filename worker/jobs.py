@@ -152,6 +152,7 @@ class Attempt:
             args = ["-m", "distill", "train", str(spec_path), "--out", str(self.run_dir)]
             if self.settings.weights_dir is not None:
                 args += ["--weights-dir", str(self.settings.weights_dir)]
+            _check_room(self.settings, "training")
             rc = self._child("train", args)
             if rc != 0:
                 return self._child_failed("training", rc)
@@ -160,6 +161,7 @@ class Attempt:
         self._heartbeat({**(self.progress or {}), "phase": "export"})
         export_dir, described = self.run_dir / "export", self.run_dir / "export.json"
         shutil.rmtree(export_dir, ignore_errors=True)
+        _check_room(self.settings, "ONNX export")
         rc = self._child("export", ["-m", "worker.export", str(model_pt), str(export_dir), str(described)])
         if rc != 0:
             return self._child_failed("ONNX export", rc)
@@ -260,13 +262,17 @@ class Attempt:
                 message = json.loads(err_file.read_text()).get("error")
             except (OSError, ValueError):
                 pass
+        tail = _tail(self.run_dir / "worker_child.log", 5)
+        if _out_of_room(message or "", tail):
+            # Retrying cannot help until someone frees space; the atomic writes kept the last good checkpoint.
+            return self._end("failed", error=_no_room(self.settings, f"{what} ran out of room") + (
+                " Its last good checkpoint is kept in the run folder."))
         if rc in (1, 2) and message:
             return self._end("failed", error=message)  # the program's own verdict: retrying won't help
         # Killed by a signal (OOM killer, someone's kill) or crashed without a verdict: maybe transient.
         why = f"{what} process " + (f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}")
         if message:
             why += f": {message}"
-        tail = _tail(self.run_dir / "worker_child.log", 5)
         if tail:
             why += f" (log: {tail})"
         if self.job["attempts"] < self.settings.max_attempts:
@@ -300,6 +306,22 @@ class Attempt:
         done = self.store.finish(self.job_id, self.owner, state, **fields)
         log.info("job %s: %s%s", self.job_id, state, f" ({fields['error']})" if fields.get("error") else "")
         return state if done is not None else "lost"
+
+
+def _out_of_room(*texts: str) -> bool:
+    return any("No space left on device" in t or "[Errno 28]" in t for t in texts)
+
+
+def _no_room(settings: Settings, what: str) -> str:
+    free = shutil.disk_usage(settings.data_dir).free
+    return (f"{what}: the data folder {settings.data_dir} has {free} bytes free (LDD_MIN_FREE_BYTES="
+            f"{settings.min_free_bytes}); free some space, then submit the job again.")  # fmt: skip
+
+
+def _check_room(settings: Settings, what: str) -> None:
+    """Refuse to start a child that writes (checkpoints, exports) when the data folder is below its minimum."""
+    if settings.min_free_bytes > 0 and shutil.disk_usage(settings.data_dir).free < settings.min_free_bytes:
+        raise JobRefused(_no_room(settings, f"not enough room to start {what}"), "no_room")
 
 
 def _tail(path: Path, n: int) -> str:

@@ -12,7 +12,10 @@ from fastapi.responses import Response
 from api import schemas
 from api.deps import MetricsDep, PredictorsDep, SettingsDep, StoreDep
 from api.metrics import CONTENT_TYPE
+from api.supervisor import worker_check
+from api.uploads import free_bytes
 from worker.queue import broker_ok
+from worker.settings import Settings
 
 router = APIRouter(tags=["health"])
 
@@ -25,7 +28,10 @@ async def healthz() -> dict[str, Any]:
 @router.get(
     "/readyz",
     response_model=schemas.Health,
-    summary="Readiness: store and broker reachable, newest model loadable",
+    summary="Readiness: store and broker reachable, newest model loadable, the embedded worker up; free space",
+    description="`checks.worker` appears under `ldd up` only (its supervisor restarts a worker that dies); "
+    "`checks.disk` reports the data folder's free space against `LDD_MIN_FREE_BYTES` (low space refuses "
+    "uploads with 507 but does not make the service unready: it still serves).",
     responses={503: {"model": schemas.Health, "description": "not ready; checks say why"}},
 )
 async def readyz(store: StoreDep, settings: SettingsDep, predictors: PredictorsDep) -> Response:
@@ -42,9 +48,24 @@ async def readyz(store: StoreDep, settings: SettingsDep, predictors: PredictorsD
             checks["model"] = f"ok ({newest['id']})"
         except Exception as e:
             checks["model"] = f"cannot load {newest['id']}: {e}"
+    worker = await run_in_threadpool(worker_check, settings.data_dir)
+    if worker is not None:
+        checks["worker"] = worker
+    checks["disk"] = await run_in_threadpool(_disk_check, settings)
     ok = checks["store"] == "ok" and checks["broker"] == "ok" and not checks["model"].startswith("cannot")
+    ok = ok and checks.get("worker", "ok") == "ok"
     body = {"status": "ok" if ok else "unavailable", "checks": checks}
     return Response(json.dumps(body), status_code=200 if ok else 503, media_type="application/json")
+
+
+def _disk_check(settings: Settings) -> dict[str, Any]:
+    try:
+        free = free_bytes(settings.data_dir)
+    except OSError as e:
+        return {"status": f"unreadable: {e}"}
+    low = free < settings.min_free_bytes
+    return {"status": "low: uploads are refused" if low else "ok", "free_bytes": free,
+            "min_free_bytes": settings.min_free_bytes}  # fmt: skip
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
