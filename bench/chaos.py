@@ -268,6 +268,7 @@ class Stack:
         self.redis: subprocess.Popen[bytes] | None = None
         self.api: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes] | None] = [None] * workers
+        self.worker_started = [0.0] * workers
         self.store_url = f"postgresql://postgres@127.0.0.1:{self.pg_port}/ldd"
         # One client for every thread (its pool is thread-safe): a new one per request costs an SSL context.
         self.http = httpx.Client(base_url=self.api_url)
@@ -367,6 +368,7 @@ class Stack:
     def start_worker(self, slot: int) -> int:
         self.workers[slot] = self._spawn([sys.executable, "-m", "worker", "--name", f"chaos{slot}"],
                                          f"worker{slot}.log", cwd=self.root)  # fmt: skip
+        self.worker_started[slot] = time.time()
         return self.workers[slot].pid  # type: ignore[union-attr]
 
     def worker_slot(self, pid: int, table: dict[int, tuple[int, list[str]]]) -> int | None:
@@ -512,6 +514,12 @@ class Watcher:
     def job(self, job_id: str) -> dict[str, Any] | None:
         with self.lock:
             return self.latest.get(job_id)
+
+    def last_busy(self, slot: int) -> float:
+        """When the worker in ``slot`` last had a child running (or was started, if later)."""
+        with self.lock:
+            seen = [c.get("last", c["first"]) for c in self.children.values() if c["worker"] == slot]
+        return max([self.stack.worker_started[slot], *seen])
 
     def live_children(self, what: str | None = None) -> dict[int, dict[str, Any]]:
         """``{pid: child}`` of the children seen and still alive now."""
@@ -659,7 +667,6 @@ class Chaos:
                  stall_s: float):
         self.stack, self.watcher, self.submitter, self.rng, self.outage_s = stack, watcher, submitter, rng, outage_s
         self.stall_s = stall_s
-        self.idle_since: float | None = None
         self.rescues: list[Disruption] = []
         self.killed: set[str] = set()
         self.targets: dict[str, int] = {}  # job -> the training iteration at which to kill it
@@ -677,23 +684,24 @@ class Chaos:
         return all((self.watcher.job(s["id"]) or {}).get("state") in TERMINAL for s in subs)
 
     def watchdog(self) -> None:
-        """Jobs queued while none runs for ``stall_s``: the workers stopped taking work (a failure the
-        figures must show). Restart them, as an operator would, and record it, so the bench can go on."""
-        subs = list(self.submitter.submitted)  # the submitter's thread appends to it
-        states = [(self.watcher.job(s["id"]) or {}).get("state") for s in subs]
-        if "running" in states or "queued" not in states:
-            self.idle_since = None
-            return
+        """A job queued for ``stall_s`` while a worker took nothing for as long: that worker stopped taking
+        work (a failure the figures must show; normally an idle worker claims a queued job within seconds).
+        Restart it, as an operator would, and record it, so that the bench can go on."""
         now = time.time()
-        self.idle_since = self.idle_since or now
-        if now - self.idle_since < self.stall_s:
+        with self.watcher.lock:
+            waiting = {s["id"]: hist[-1][0] for s in self.submitter.submitted
+                       if (hist := self.watcher.sql.get(s["id"])) and hist[-1][1] == "queued"}  # fmt: skip
+        if not waiting or now - min(waiting.values()) < self.stall_s:
             return
-        queued = [s["id"] for s, st in zip(subs, states, strict=True) if st == "queued"]
-        d = Disruption("rescue", now, affected=queued, at=f"{len(queued)} job(s) queued and none running for "
-                       f"{now - self.idle_since:.0f} s: every worker stopped (SIGTERM) and started again")  # fmt: skip
-        d.extra["stuck_since"] = self.idle_since
+        idle = [slot for slot in range(len(self.stack.workers)) if now - self.watcher.last_busy(slot) > self.stall_s]
+        if not idle:
+            return
+        job = min(waiting, key=waiting.__getitem__)
+        d = Disruption("rescue", now, affected=list(waiting), at=f"job {job[-8:]} queued for {now - waiting[job]:.0f} "
+                       f"s while worker(s) {', '.join(map(str, idle))} took nothing: restarted (SIGTERM)")  # fmt: skip
         print(f"chaos: {d.at}", file=sys.stderr)
-        for slot, w in enumerate(self.stack.workers):
+        for slot in idle:
+            w = self.stack.workers[slot]
             if w is not None:
                 w.terminate()
                 try:
@@ -705,7 +713,6 @@ class Chaos:
             self.stack.start_worker(slot)
         d.t_back = time.time()
         self.rescues.append(d)
-        self.idle_since = None
 
     def running_jobs(self) -> list[str]:
         subs = self.submitter.submitted
@@ -742,8 +749,8 @@ class Chaos:
         for _pid, c in self.candidates("train"):
             p = progress_file(self.stack, c["job"])
             total = p.get("total_iters") or 0
-            if p.get("phase") != "train" or total < 2:
-                continue
+            if p.get("phase") != "train" or total < 2 or p.get("iter", 0) >= total:
+                continue  # not training (yet, or any more)
             # After the first epoch's checkpoint, so that the kill exercises the resume (a kill in epoch 1
             # simply starts again from scratch).
             per_epoch = total // max(1, p.get("epochs") or 1)
@@ -755,7 +762,7 @@ class Chaos:
     def _pick_export(self) -> tuple[str, int, str] | None:
         now = time.time()
         for pid, c in self.candidates("export"):
-            delay = self.delays.setdefault(pid, self.rng.uniform(0.5, 3.0))
+            delay = self.delays.setdefault(pid, self.rng.uniform(1.0, 20.0))
             if now - c["first"] >= delay and alive(pid, c["start"]):
                 return c["job"], c["worker"], f"export, its child running {now - c['first']:.1f} s"
         return None
@@ -1086,7 +1093,7 @@ def verdict(res: dict[str, Any]) -> tuple[bool, list[str]]:
         if r["kind"] == "rescue":
             before = [x["kind"] for x in rows if x["t"] < r["t"] and x["kind"] != "rescue"]
             after = f" after the {before[-1]} disruption" if before else ""
-            problems.append(f"the workers stopped taking jobs{after} ({r['at']})")
+            problems.append(f"a worker stopped taking jobs{after} ({r['at']})")
     if missing := sorted(set(res["settings"]["plan"]) - {r["kind"] for r in rows}):
         problems.append(f"planned disruptions that found no moment: {', '.join(missing)}")
     return not problems, problems
@@ -1232,8 +1239,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=24, help="training images (4 per iteration)")
     p.add_argument("--lease", type=float, default=10.0, help="LDD_LEASE_SECONDS of the stack")
     p.add_argument("--outage", type=float, default=3.0, help="seconds Redis and PostgreSQL stay down")
-    p.add_argument("--stall", type=float, default=90.0,
-                   help="jobs queued and none running this long: restart the workers (recorded as a failure)")
+    p.add_argument("--stall", type=float, default=45.0,
+                   help="a job queued and a worker idle this long: restart that worker (recorded as a failure)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="chaos", help="results name under bench/results/")
     p.add_argument("--keep", action="store_true", help="keep the stack's folders and logs")

@@ -123,5 +123,5 @@ def test_verdict_and_report(chaos):
     ok, problems = chaos.verdict(bad)
     assert not ok
     assert any("without exactly one model" in p for p in problems) and any("ran twice" in p for p in problems)
-    assert any("stopped taking jobs after the redis disruption" in p for p in problems)
+    assert any("a worker stopped taking jobs after the redis disruption" in p for p in problems)
     assert "**Verdict: FAIL.**" in chaos.render(bad)
