@@ -94,7 +94,7 @@ def test_unknown_ids_refused(env, spec, code, message):
     settings, store = env
     with pytest.raises(JobRefused, match=message) as e:
         check_job(JobSpec.model_validate(spec), store, settings)
-    assert e.value.code == code and e.value.status == 422
+    assert e.value.code == code and e.value.status == 404  # as a GET of the id (issue 15)
 
 
 def test_teacher_must_share_reg_max_and_strides_not_classes(env):

@@ -27,6 +27,9 @@ from worker.settings import Settings
 from worker.store import Store
 from worker.tenants import visible
 
+# An id in the job that names nothing the caller may see (none, or another tenant's): 404, as a GET of it.
+NOT_FOUND = 404
+
 
 class JobRefused(ValueError):
     """The job cannot run as specified. ``message`` is shown to the user; ``status`` is the HTTP status the
@@ -61,7 +64,8 @@ def check_job(spec: JobSpec, store: Store, settings: Settings, scope: str | None
     """
     ds = _get(store.get_dataset, spec.dataset, scope)
     if ds is None:
-        raise JobRefused(f"dataset: no dataset {spec.dataset!r} (upload one to /v1/datasets)", "unknown_dataset")
+        raise JobRefused(f"dataset: no dataset {spec.dataset!r} (upload one to /v1/datasets)", "unknown_dataset",
+                         NOT_FOUND)
     dataset_dir = Path(ds["path"])
     student = arch_config(spec.student.arch)
     init_path = _check_init(spec, store, settings, student, scope)
@@ -120,7 +124,7 @@ def _check_init(
     ck = _get(store.get_checkpoint, init.checkpoint, scope)
     if ck is None:
         raise JobRefused(f"student.init: no checkpoint {init.checkpoint!r} (upload one to /v1/checkpoints)",
-                         "unknown_checkpoint")
+                         "unknown_checkpoint", NOT_FOUND)
     facts = ck["arch"] or {}
     layout = (facts.get("depth"), facts.get("base_width"))
     if layout != (student["depth"], student["base_width"]):
@@ -184,7 +188,7 @@ def _teacher(
     if cid := teacher.get("checkpoint"):
         ck = _get(store.get_checkpoint, cid, scope)
         if ck is None:
-            raise JobRefused(f"teacher: no checkpoint {cid!r}", "invalid_teacher")
+            raise JobRefused(f"teacher: no checkpoint {cid!r}", "invalid_teacher", NOT_FOUND)
         facts = ck["arch"] or {}
         if facts.get("kind", "detector") != "detector":
             raise JobRefused(f"teacher: checkpoint {cid} is a {facts.get('kind')}, not a GFL detector",
@@ -193,7 +197,7 @@ def _teacher(
     if mid := teacher.get("model"):
         model = _get(store.get_model, mid, scope)
         if model is None:
-            raise JobRefused(f"teacher: no model {mid!r}", "invalid_teacher")
+            raise JobRefused(f"teacher: no model {mid!r}", "invalid_teacher", NOT_FOUND)
         if not model["job_id"]:
             raise JobRefused(f"teacher: model {mid} was not made by a job here; its PyTorch weights are not "
                              "kept (upload them to /v1/checkpoints)", "invalid_teacher")
@@ -201,7 +205,7 @@ def _teacher(
     jid = teacher["job"]
     job = _get(store.get_job, jid, scope)
     if job is None:
-        raise JobRefused(f"teacher: no job {jid!r}", "invalid_teacher")
+        raise JobRefused(f"teacher: no job {jid!r}", "invalid_teacher", NOT_FOUND)
     if job["state"] != "succeeded":
         raise JobRefused(f"teacher: job {jid} is {job['state']}, not succeeded", "invalid_teacher")
     return _job_checkpoint(jid, settings, f"job {jid}")

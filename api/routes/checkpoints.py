@@ -31,7 +31,7 @@ router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
     response_model=schemas.Checkpoint,
     summary="Upload a detector checkpoint (ours or mmdetection's GFL) or a ResNet backbone; read without "
     "unpickling code",
-    responses=error_docs(413, 422, 507),
+    responses=error_docs(400, 413, 422, 507),
 )
 async def upload_checkpoint(
     file: Annotated[UploadFile, File(description="a .pt/.pth file written by torch.save")],

@@ -91,7 +91,7 @@ _EVENT_FIELDS = ("state", "progress", "metrics", "error", "model_id", "attempts"
         "one that names nothing). With `LDD_MAX_ACTIVE_JOBS`, a tenant with that many queued or running jobs "
         "gets 429."
     ),
-    responses=error_docs(400, 422, 429),
+    responses=error_docs(400, 404, 422, 429),
 )
 def submit_job(
     spec: Annotated[JobSpec, Body(openapi_examples=JOB_EXAMPLES)],
