@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     train.add_argument("--weights-dir", default=None,
                        help="cache of torchvision's ImageNet weights (default: $TORCH_HOME/hub/checkpoints)")
+    train.add_argument("--min-free-bytes", type=int, default=0,
+                       help="stop (exit 1) rather than write a checkpoint that would leave less free space")
     args = parser.parse_args(argv)
 
     try:
@@ -41,14 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValidationError) as e:
         return _fail(args.out, f"invalid job spec {args.spec}: {e}", 2)
 
+    from distill.files import NoRoom
     from distill.train import Stopped, TrainingError, run
 
     (args.out / "error.json").unlink(missing_ok=True)
     try:
-        metrics = run(spec, args.out, device=args.device, weights_dir=args.weights_dir)
+        metrics = run(spec, args.out, device=args.device, weights_dir=args.weights_dir,
+                      min_free_bytes=args.min_free_bytes)
     except Stopped as e:
         return _fail(args.out, str(e), 143)
-    except (TrainingError, ValueError, FileNotFoundError) as e:
+    except (TrainingError, ValueError, FileNotFoundError, NoRoom) as e:
         return _fail(args.out, str(e), 1)
     except Exception as e:  # the worker shows this to the user; keep the trace in the log
         with open(args.out / "train.log", "a") as log:

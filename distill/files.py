@@ -7,12 +7,34 @@ is flushed to disk, and is renamed over the target (``os.replace`` is atomic on 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+
+class NoRoom(OSError):
+    """Less free space than the run may use (a job's ``min_free_bytes``); nothing was written."""
+
+    def __init__(self, folder: Path, free: int, min_free: int, what: str):
+        super().__init__(errno.ENOSPC, f"No space left on device for {what}: {folder} has {free} bytes free, "
+                         f"at least {min_free} must stay free")
+
+
+def ensure_room(folder: str | os.PathLike[str], min_free_bytes: int, what: str) -> None:
+    """Raise :class:`NoRoom` when ``folder``'s file system has less than ``min_free_bytes`` free. Checked
+    before a write, so a full disk stops a run with its last good file intact rather than half a new one."""
+    if min_free_bytes <= 0:
+        return
+    folder = Path(folder)
+    probe = folder if folder.exists() else folder.parent
+    free = shutil.disk_usage(probe).free
+    if free < min_free_bytes:
+        raise NoRoom(folder, free, min_free_bytes, what)
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:

@@ -35,7 +35,7 @@ from distill.criterion import DistillCriterion, GFLCriterion
 from distill.data.annotations import MEAN, STD
 from distill.data.dataset import DetectionDataset, build_loaders, collate, set_epoch
 from distill.evaluate import coco_ap, predict_dataset
-from distill.files import atomic_write_json
+from distill.files import atomic_write_json, ensure_room
 from distill.init import initialise
 from distill.models.gfl import GFL
 from distill.spec import InitPath, JobSpec, LocalJobSpec
@@ -74,7 +74,7 @@ def learning_rate(spec: JobSpec, iteration: int, per_epoch: int) -> float:
 class Trainer:
     def __init__(self, spec: LocalJobSpec, out_dir: str | os.PathLike, progress: Progress | None = None,
                  device: str | torch.device | None = None, report_every_s: float = 2.0,
-                 weights_dir: str | os.PathLike | None = None):
+                 weights_dir: str | os.PathLike | None = None, min_free_bytes: int = 0):
         self.spec, self.out = spec, Path(out_dir)
         self.report_every_s = report_every_s
         self.out.mkdir(parents=True, exist_ok=True)
@@ -82,6 +82,7 @@ class Trainer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.amp = spec.schedule.amp and self.device.type == "cuda"
         self.stop_requested = False
+        self.min_free_bytes = min_free_bytes  # checked before each checkpoint write (distill.files.ensure_room)
         self._log = open(self.out / "train.log", "a", buffering=1)  # noqa: SIM115 (lives with the trainer)
 
         s = spec.schedule
@@ -169,6 +170,7 @@ class Trainer:
             "adapters": None if self.adapters is None else self.adapters.state_dict(),
             "rng": _rng_state(),
         }
+        ensure_room(self.checkpoint_path().parent, self.min_free_bytes, "a checkpoint")
         atomic_save(ckpt, self.checkpoint_path())
 
     def try_resume(self) -> None:
@@ -336,13 +338,13 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 def run(spec: LocalJobSpec, out_dir: str | os.PathLike, progress: Progress | None = None,
         device: str | torch.device | None = None, report_every_s: float = 2.0,
-        weights_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+        weights_dir: str | os.PathLike | None = None, min_free_bytes: int = 0) -> dict[str, Any]:
     """Trains (or distils) one job into ``out_dir``, resuming from its last checkpoint if there is one.
 
     ``progress`` is called with each progress state (at least every ``report_every_s`` seconds and at each
     epoch end); it may set nothing but can raise to abort the run.
     """
-    trainer = Trainer(spec, out_dir, progress, device, report_every_s, weights_dir)
+    trainer = Trainer(spec, out_dir, progress, device, report_every_s, weights_dir, min_free_bytes)
 
     def on_signal(signum: int, frame: Any) -> None:
         trainer.stop_requested = True
