@@ -136,6 +136,12 @@ def next_progress(history: list[tuple[float, tuple[Any, ...]]], t: float, min_at
     return None
 
 
+def last_error_line(log: str) -> str | None:
+    """The last ``CRITICAL`` or ``ERROR`` record of a worker's log (its traceback lines left out)."""
+    found = [ln.strip() for ln in log.splitlines() if re.match(r"^\d{4}-\d\d-\d\d [\d:,]+ (CRITICAL|ERROR) ", ln)]
+    return found[-1][:300] if found else None
+
+
 def first_after(times: Iterable[float], t: float) -> float | None:
     later = [x for x in times if x > t]
     return min(later) if later else None
@@ -269,6 +275,7 @@ class Stack:
         self.api: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes] | None] = [None] * workers
         self.worker_started = [0.0] * workers
+        self.worker_log_from = [0] * workers  # where the current process's lines begin in worker<slot>.log
         self.store_url = f"postgresql://postgres@127.0.0.1:{self.pg_port}/ldd"
         # One client for every thread (its pool is thread-safe): a new one per request costs an SSL context.
         self.http = httpx.Client(base_url=self.api_url)
@@ -369,7 +376,15 @@ class Stack:
         self.workers[slot] = self._spawn([sys.executable, "-m", "worker", "--name", f"chaos{slot}"],
                                          f"worker{slot}.log", cwd=self.root)  # fmt: skip
         self.worker_started[slot] = time.time()
+        log = self.logs / f"worker{slot}.log"
+        self.worker_log_from[slot] = log.stat().st_size if log.exists() else 0
         return self.workers[slot].pid  # type: ignore[union-attr]
+
+    def worker_log(self, slot: int) -> str:
+        """What the worker now in ``slot`` has logged."""
+        with open(self.logs / f"worker{slot}.log", "rb") as f:
+            f.seek(self.worker_log_from[slot])
+            return f.read().decode(errors="replace")
 
     def worker_slot(self, pid: int, table: dict[int, tuple[int, list[str]]]) -> int | None:
         """The slot of the worker whose process tree holds ``pid``."""
@@ -700,6 +715,7 @@ class Chaos:
         d = Disruption("rescue", now, affected=list(waiting), at=f"job {job[-8:]} queued for {now - waiting[job]:.0f} "
                        f"s while worker(s) {', '.join(map(str, idle))} took nothing: restarted (SIGTERM)")  # fmt: skip
         print(f"chaos: {d.at}", file=sys.stderr)
+        d.extra["last_errors"] = {slot: last_error_line(self.stack.worker_log(slot)) for slot in idle}
         for slot in idle:
             w = self.stack.workers[slot]
             if w is not None:
@@ -1091,9 +1107,8 @@ def verdict(res: dict[str, Any]) -> tuple[bool, list[str]]:
         problems.append(f"disruptions without recovery: {', '.join(bad)}")
     for r in rows:
         if r["kind"] == "rescue":
-            before = [x["kind"] for x in rows if x["t"] < r["t"] and x["kind"] != "rescue"]
-            after = f" after the {before[-1]} disruption" if before else ""
-            problems.append(f"a worker stopped taking jobs{after} ({r['at']})")
+            errors = "; ".join(f"worker {k}'s last error: {v}" for k, v in (r.get("last_errors") or {}).items() if v)
+            problems.append(f"a worker stopped taking jobs ({r['at']}{'; ' + errors if errors else ''})")
     if missing := sorted(set(res["settings"]["plan"]) - {r["kind"] for r in rows}):
         problems.append(f"planned disruptions that found no moment: {', '.join(missing)}")
     return not problems, problems
@@ -1122,6 +1137,11 @@ def render(res: dict[str, Any]) -> str:
     one_model = sum((j["models_store"], j["models_registry"]) == (1, 1) for j in jobs)
     twice = sum(bool(j["twice_proc"] or j["twice_progress"]) for j in jobs)
     repeated = [r.get("repeated", 0.0) for r in kills]
+    held = [text for text, holds in [
+        (f"all {n} jobs succeeded", succeeded == n), ("each published exactly one model", one_model == n),
+        ("none ran twice at once", twice == 0),
+        (f"no kill cost more than one epoch (at most {max(repeated, default=0):.2f})", max(repeated, default=0) <= 1),
+    ] if holds]  # fmt: skip
     head = [
         ["jobs that succeeded", f"{succeeded} of {n}", f"{n} of {n}"],
         ["jobs with exactly one model (store rows / registry folders)",
@@ -1153,6 +1173,7 @@ def render(res: dict[str, Any]) -> str:
         f"**Verdict: {'PASS' if ok else 'FAIL'}.** " + ("Every job succeeded and published exactly one model; no job "
                                                         "ran twice at once; no kill cost more than one epoch."
                                                         if ok else "; ".join(problems) + "."),
+        "" if ok or not held else f"Held: {'; '.join(held)}.",
         "",
         md_table(["figure", "measured", "expected"], head),
         "",
@@ -1162,8 +1183,10 @@ def render(res: dict[str, Any]) -> str:
         "the training or export child must die with it (*gone*: when the last of them was gone; *orphans*: "
         "those still alive 15 s later). The worker is then started again. *requeued*: the store puts the job back "
         "in the queue (its lease expired); *claimed*: a worker takes it again; *running again*: the next attempt's "
-        "child process starts. Redis is SIGKILLed (its append-only file kept) and PostgreSQL stopped with `pg_ctl -m "
-        "immediate` (a crash: recovery runs when it starts); both stay down for the time shown (*down*). The API "
+        "child process starts. Redis is SIGKILLed (its append-only file kept) the moment a job's export child exits, "
+        "so that the job's worker acknowledges it and the next job is submitted while the broker is down. "
+        "PostgreSQL is stopped with `pg_ctl -m immediate` (a crash: recovery runs when it starts) while jobs "
+        "train. Both stay down for the time shown (*down*). The API "
         "is SIGKILLed and started again at once; *down* is until it answers. *recovery*: until `GET /v1/jobs` shows "
         "a progress record written after the disruption (or the end) of every job it touched: the killed job; "
         "or the jobs training at the time and those submitted during the outage (a job in export writes no "
@@ -1196,6 +1219,10 @@ def render(res: dict[str, Any]) -> str:
             notes.append(f"- Redis: {len(late)} job(s) submitted while it was down"
                          + (f"; the first was claimed {fmt(r.get('submitted_claimed_after_back_s'))} s after Redis "
                             "came back (its message was re-sent by the recovery loop)" if late else "") + ".")
+        if r["kind"] == "rescue":
+            for slot, line in (r.get("last_errors") or {}).items():
+                notes.append(f"- the watchdog restarted worker {slot} ({r['at']}); an idle worker normally claims a "
+                             f"queued job within seconds. Its last error before: `{line or 'none'}`.")
         if r["kind"] in SERVICES and r.get("attempts_lost"):
             notes.append(f"- {r['kind']}: {r['attempts_lost']} running job(s) lost their attempt (lease) and resumed.")
     if res["registry_leftovers"]:
