@@ -88,6 +88,31 @@ class Job(_Open):
     updated_at: str | None = None
 
 
+class HistoryRecord(_Open):
+    """One progress record as the worker relayed it (``Progress``'s fields), with the attempt that sent it."""
+
+    phase: str | None = Field(None, examples=["train"])
+    iter: int | None = Field(None, examples=[240])
+    epoch: int | None = Field(None, examples=[3])
+    losses: dict[str, Any] | None = Field(None, examples=[{"loss_cls": 0.41, "loss_ld": 0.12}])
+    lr: float | None = Field(None, description="the learning rate, when the trainer reports it", examples=[0.01])
+    time: float | None = Field(None, description="when the trainer wrote it (Unix seconds)")
+    attempt: int = Field(..., examples=[1])
+    recorded_at: str | None = Field(None, examples=["2026-11-01T12:00:00+00:00"])
+
+
+class Evaluation(BaseModel):
+    iter: int | None = Field(None, examples=[960])
+    attempt: int = Field(..., examples=[1])
+    bbox: dict[str, Any] = Field(..., examples=[{"AP": 0.412, "AP50": 0.61, "AP75": 0.44}])
+
+
+class JobHistory(BaseModel):
+    job_id: str = Field(..., examples=["job_5e6f7a8b9c0d1e2f"])
+    records: list[HistoryRecord]
+    evaluations: list[Evaluation]
+
+
 class JobList(BaseModel):
     jobs: list[Job]
 

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from deploy.registry import Registry
 from distill.files import atomic_write_json
+from worker import history
 from worker.checks import JobRefused, resolve_job
 from worker.process import die_with_parent, stop_group
 from worker.publish import publish_model
@@ -108,6 +109,7 @@ class Attempt:
         self._beat_sent = time.monotonic()
         self._progress_sent = 0.0
         self._progress_mtime: float | None = None
+        self._began = time.time()  # a progress.json older than this is an earlier attempt's (history)
 
     def run(self) -> Outcome:
         # Celery resets SIGTERM to "die" in its pool process; a worker being stopped (``ldd up``
@@ -230,6 +232,7 @@ class Attempt:
             try:
                 self.progress = json.loads(path.read_text())
                 self._progress_mtime = mtime
+                history.record(self.store, self.job_id, self.job["attempts"], self.progress, self._began)
             except (OSError, ValueError):  # replaced atomically, but a reader can still race a writer
                 pass
             self._heartbeat(self.progress)

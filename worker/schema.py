@@ -7,6 +7,7 @@ agree. A change here needs a new migration.
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from sqlalchemy import JSON, Boolean, Column, DateTime, Float, Integer, MetaData, String, Table, Text, UniqueConstraint
 
 from worker.tenants import DEFAULT_TENANT
@@ -87,4 +88,17 @@ models = Table(
     Column("meta", JSON, nullable=False),
     Column("created_at", DateTime, nullable=False, index=True),
     tenant_column(),  # the tenant of the job that made it
+)  # fmt: skip
+
+# A job's run over time (``worker.history``): one row per progress record the worker relayed (losses, learning
+# rate, evaluation results), kept apart from ``jobs.progress`` (the latest only) so the curves survive restarts.
+job_history = Table(
+    "job_history", metadata,
+    Column("id", sa.BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("job_id", String(64), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("iter", Integer, nullable=False),
+    Column("record", JSON, nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    sa.Index("ix_job_history_job_id_iter", "job_id", "iter"),
 )  # fmt: skip

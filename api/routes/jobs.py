@@ -21,6 +21,7 @@ from api.deps import CallerDep, ResourceId, SettingsDep, StoreDep, get_or_404
 from api.errors import APIError, ErrorResponse, error_docs
 from api.presenters import public_job
 from distill.spec import JobSpec
+from worker import history
 from worker.checks import JobRefused, check_job
 from worker.queue import enqueue
 from worker.store import JOB_STATES, TERMINAL_STATES, IdempotencyConflict, Store, TooManyActiveJobs
@@ -194,3 +195,29 @@ async def _job_stream(job_id: str, request: Request, store: Store, interval: flo
         if await request.is_disconnected():
             return
         await asyncio.sleep(interval)
+
+
+@router.get(
+    "/{job_id}/history",
+    response_model=schemas.JobHistory,
+    summary="The run over time: losses, learning rate and evaluation results, for curves",
+    description=(
+        "Each progress record the worker relayed while the job ran (about every `LDD_PROGRESS_SECONDS`), in run "
+        "order, with the attempt that relayed it; a resumed attempt continues from its checkpoint's iteration "
+        "(what an earlier attempt recorded past it is gone). `evaluations` are the records of COCO evaluations "
+        "(AP, AP50, AP75, ...). With `after`, only the records past that iteration (to poll for new points)."
+    ),
+    responses=error_docs(404),
+)
+def job_history(
+    job_id: ResourceId,
+    store: StoreDep,
+    caller: CallerDep,
+    after: Annotated[int, Query(ge=-1, le=2**31, description="only records past this iteration")] = -1,
+) -> dict[str, Any]:
+    get_or_404(store.get_job, "job", job_id, caller.scope)
+    records = history.read(store, job_id, after)
+    # distill.train reports its final evaluation as the "done" record, the COCO metrics in place of losses.
+    evaluations = [{"iter": r.get("iter"), "attempt": r["attempt"], "bbox": r.get("losses") or {}}
+                   for r in records if r.get("phase") == "done" and "AP" in (r.get("losses") or {})]  # fmt: skip
+    return {"job_id": job_id, "records": records, "evaluations": evaluations}
