@@ -913,6 +913,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="ldd-chaos-"))
     env = {"LDD_LEASE_SECONDS": str(args.lease), "LDD_HEARTBEAT_SECONDS": "1", "LDD_PROGRESS_SECONDS": "1",
            "LDD_RECOVER_SECONDS": "2", "LDD_MAX_ATTEMPTS": "3", "LDD_KILL_GRACE_SECONDS": "5",
+           # The worker's own watchdog (worker.hooks) acts well before the bench's (--stall): the bench's
+           # restarts count as failures, the worker's as the fix working.
+           "LDD_CONSUMER_STALL_SECONDS": "20",
            # Two workers share the two cores: one thread per training child, not two each.
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # fmt: skip
     stack = Stack(root, 2, env)

@@ -142,3 +142,15 @@ def test_a_worker_app_loads_the_task_and_its_hooks(tmp_path):
     assert out.returncode == 0, out.stderr
     before, registered, hooks = json.loads(out.stdout)
     assert not before and registered and {"start_recovery", "forward_warm_shutdown"} <= set(hooks)
+
+
+def test_consumer_watchdog_decides_stuck_only_when_idle_with_messages_waiting():
+    from worker.hooks import consumer_stalled
+
+    assert consumer_stalled(busy=True, waiting=3, stalled_since=None, now=100.0, limit_s=30) == (None, False)
+    assert consumer_stalled(busy=False, waiting=0, stalled_since=90.0, now=100.0, limit_s=30) == (None, False)
+    # The broker unreachable says nothing about the consumer: the count starts over.
+    assert consumer_stalled(busy=False, waiting=None, stalled_since=90.0, now=100.0, limit_s=30) == (None, False)
+    assert consumer_stalled(busy=False, waiting=2, stalled_since=None, now=100.0, limit_s=30) == (100.0, False)
+    assert consumer_stalled(busy=False, waiting=2, stalled_since=100.0, now=129.0, limit_s=30) == (100.0, False)
+    assert consumer_stalled(busy=False, waiting=2, stalled_since=100.0, now=130.0, limit_s=30) == (100.0, True)

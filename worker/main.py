@@ -11,8 +11,10 @@ import argparse
 import logging
 import os
 import socket
+import sys
 
 from worker.celery_app import QUEUE, configure, get_app
+from worker.hooks import RESTART
 from worker.settings import Settings
 
 
@@ -38,7 +40,15 @@ def run_worker(settings: Settings | None = None, *, name: str | None = None, log
     os.environ.update(settings.to_env())
     configure(settings)
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    get_app(settings).worker_main(worker_argv(name, loglevel))
+    try:
+        get_app(settings).worker_main(worker_argv(name, loglevel))
+    finally:
+        if RESTART.is_set():
+            # The watchdog stopped a stuck consumer (worker.hooks). Celery's state cannot be restarted in
+            # this interpreter, so start afresh in this same process: same pid for whoever supervises it.
+            logging.getLogger("ldd.worker").warning("starting the worker again after a stuck consumer")
+            again = ["--loglevel", loglevel] + (["--name", name] if name else [])
+            os.execv(sys.executable, [sys.executable, "-m", "worker", *again])
 
 
 def main(argv: list[str] | None = None) -> None:
