@@ -20,6 +20,7 @@ from api.batcher import PredictorCache
 from api.errors import APIError
 from api.metrics import Metrics
 from api.uploads import free_bytes
+from deploy.backends import select_providers
 from deploy.registry import Registry
 from deploy.runtime import Predictor
 from worker.settings import Settings
@@ -45,14 +46,33 @@ class Services:
             max_wait_s=max_wait_s,
             on_batch=self.metrics.batch_size.observe,
         )
+        # What serves each model this process has loaded: backend and providers (``serving``).
+        self._serving: dict[str, dict[str, Any]] = {}
 
     def load_predictor(self, model_id: str) -> Predictor:
         # Predictor checks model.onnx against the sha256 in model.json (a tampered model is refused).
         # No spinning: between requests ORT's idle threads would otherwise burn the cores that HTTP
         # handling and image decoding need (measured: about twice the /detect throughput without it).
-        return Predictor(self.registry.path(model_id), max_pixels=self.settings.max_image_pixels,
-                         session_config={"session.intra_op.allow_spinning": "0",
-                                         "session.inter_op.allow_spinning": "0"})  # fmt: skip
+        predictor = Predictor(self.registry.path(model_id), backend=self.settings.backend,
+                              providers=self.settings.providers or None, max_pixels=self.settings.max_image_pixels,
+                              session_config={"session.intra_op.allow_spinning": "0",
+                                              "session.inter_op.allow_spinning": "0"})  # fmt: skip
+        self._serving[model_id] = {"backend": predictor.backend, "providers": predictor.providers, "loaded": True}
+        return predictor
+
+    def serving(self, model_id: str) -> dict[str, Any]:
+        """The backend and providers that serve ``model_id`` here: those of its session once loaded, else
+        those the settings would choose (``loaded`` False)."""
+        if model_id in self._serving:
+            return self._serving[model_id]
+        backend = self.settings.backend
+        if backend == "onnxruntime":
+            import onnxruntime as ort
+
+            providers = select_providers(self.settings.providers, ort.get_available_providers())
+        else:
+            providers = [f"openvino-{next((p.upper() for p in self.settings.providers), 'CPU')}"]
+        return {"backend": backend, "providers": providers, "loaded": False}
 
     async def close(self) -> None:
         await self.predictors.close()
@@ -87,6 +107,7 @@ StoreDep = Annotated[Store, Depends(get_store)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 PredictorsDep = Annotated[PredictorCache, Depends(get_predictors)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ServicesDep = Annotated[Services, Depends(get_services)]
 
 # An id in a path (``/v1/jobs/{job_id}``): the shape of the ids the service makes (``distill.spec``'s, bounded
 # by the store's column), so that no lookup is made for a megabyte of text and the OpenAPI document says so.

@@ -1,4 +1,5 @@
-"""Detections from an exported model with ONNX Runtime. Never imports torch (the serving image has none).
+"""Detections from an exported model with ONNX Runtime or OpenVINO (``deploy.backends``). Never imports torch
+(the serving image has none).
 
 Images go through the training pipeline's own torch-free preprocessing (``distill.data.annotations``):
 EXIF orientation, RGB, keep-ratio resize to the model's ``input_size``, ``(pixel - MEAN) / STD``; then
@@ -20,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from deploy.backends import DEFAULT_BACKEND, make_session, select_providers
 from deploy.registry import read_verified
 from distill.data.annotations import normalize_image, read_image, resize_image
 
@@ -115,19 +117,20 @@ def prepare_batch(
 
 def best_providers() -> list[str]:
     """CUDA when this onnxruntime build has it, then CPU."""
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    return select_providers(None, ort.get_available_providers())
 
 
 class Predictor:
-    """An ONNX Runtime session over an exported model folder (``model.onnx`` + ``model.json``).
+    """A session (``deploy.backends``: ONNX Runtime by default, or OpenVINO) over an exported model folder
+    (``model.onnx`` + ``model.json``).
 
     The sha256 of ``model.onnx`` is checked against model.json before the session is created
     (``deploy.registry.ModelIntegrityError`` otherwise). ``predict`` is safe to call from several threads.
+    ``backend`` and ``providers`` say what serves the model.
     """
 
     def __init__(
-        self, model_dir: str | os.PathLike, *, providers: Sequence[str] | None = None,
+        self, model_dir: str | os.PathLike, *, backend: str = DEFAULT_BACKEND, providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None, inter_op_threads: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS, session_config: dict[str, str] | None = None,
     ):
@@ -138,16 +141,10 @@ class Predictor:
         self.classes: list[str] = list(self.meta["classes"])
         self.input_size = (int(max(self.meta["input_size"])), int(min(self.meta["input_size"])))
         self.max_pixels = max_pixels
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
-        if inter_op_threads:
-            options.inter_op_num_threads = inter_op_threads
-        for key, value in (session_config or {}).items():  # e.g. {"session.intra_op.allow_spinning": "0"}
-            options.add_session_config_entry(key, value)
-        self.session = ort.InferenceSession(data, sess_options=options, providers=list(providers or best_providers()))
-        self.providers: list[str] = self.session.get_providers()
+        self.session = make_session(data, backend=backend, providers=providers, intra_op_threads=intra_op_threads,
+                                    inter_op_threads=inter_op_threads, session_config=session_config)
+        self.backend: str = self.session.backend
+        self.providers: list[str] = self.session.providers
 
     def load(self, images: Sequence[ImageInput]) -> list[Image.Image]:
         """Decode and check every image first, so a bad one fails the call before any compute."""
@@ -156,8 +153,7 @@ class Predictor:
     def run(self, batch: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The bare session call: ``boxes (N, K, 4)``, ``scores (N, K)``, ``labels (N, K)``,
         ``num_detections (N,)`` in padded-input pixels."""
-        boxes, scores, labels, num = self.session.run(None, {"images": batch, "image_sizes": sizes})
-        return boxes, scores, labels, num
+        return self.session.run(batch, sizes)
 
     def predict(self, images: Sequence[ImageInput]) -> list[list[dict[str, Any]]]:
         """Detections per image, ``[{"box": [x1, y1, x2, y2], "score", "label", "class_name"}]`` sorted by

@@ -110,9 +110,14 @@ def infer_config(state: dict[str, Tensor], meta: dict[str, Any] | None = None) -
     )  # fmt: skip
 
 
-def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu") -> GFL:
-    """An eval-mode detector from a project checkpoint or an mmdetection GFL checkpoint."""
-    ckpt = read_checkpoint(path)
+def load_detector(
+    source: str | os.PathLike | dict[str, Any], device: str | torch.device = "cpu", *, name: str | None = None
+) -> GFL:
+    """An eval-mode detector from a project checkpoint or an mmdetection GFL checkpoint: a file, or the dict
+    ``read_checkpoint`` returned (so a caller that also wants ``checkpoint_meta`` reads the file once).
+    ``name`` labels errors about a dict."""
+    ckpt = source if isinstance(source, dict) else read_checkpoint(source)
+    path = name or ("checkpoint" if isinstance(source, dict) else str(source))
     state = detector_tensors(state_dict_of(ckpt))
     if ckpt.get("format") == FORMAT:
         cfg = DetectorConfig.from_dict(ckpt["config"])  # also the inference settings we saved
@@ -128,9 +133,10 @@ def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu") -
     return model.to(device).eval()
 
 
-def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """Architecture facts of a checkpoint (arch, config, meta) without building the model."""
-    ckpt = read_checkpoint(path)
+def checkpoint_meta(source: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
+    """Architecture facts of a checkpoint (arch, config, meta) without building the model; ``source`` is a
+    file or the dict ``read_checkpoint`` returned."""
+    ckpt = source if isinstance(source, dict) else read_checkpoint(source)
     if ckpt.get("format") == FORMAT:
         return {"arch": ckpt.get("arch"), "config": ckpt["config"], "meta": ckpt.get("meta", {})}
     state = detector_tensors(state_dict_of(ckpt))

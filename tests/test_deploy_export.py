@@ -23,13 +23,12 @@ from PIL import Image
 from deploy.export import (
     ExportError,
     compare_detections,
-    export_model,
     export_onnx,
     graph_stats,
     sample_images,
     verify_onnx,
 )
-from deploy.registry import RUNTIME_KEYS, ModelIntegrityError, Registry, read_model_json
+from deploy.registry import FORMAT, RUNTIME_KEYS, ModelIntegrityError, Registry, read_model_json
 from deploy.runtime import ImageError, Predictor, prepare_batch
 from distill.checkpoint import build_detector, detector_state, load_detector
 
@@ -86,10 +85,12 @@ def test_export_writes_a_checked_described_model(exported):
     assert dims[1] == 3 and all(isinstance(d, str) for d in (dims[0], dims[2], dims[3]))  # N, H, W dynamic
     assert info["arch"] == "gfl_tiny" and info["classes"] == CLASSES and info["input_size"] == list(INPUT_SIZE)
     assert info["metrics"] == {"AP": 0.123}  # the checkpoint's
-    assert len(info["sha256"]) == 64 and info["export"]["fp16"] is False
+    assert len(info["sha256"]) == 64 and info["format"] == "fp32" and info["variants"] == {}
+    assert info["export"]["exporter"] == "torchscript" and info["accuracy_warning"] is None
     # The folder keeps what the runtime needs; the rest of the description is the caller's to keep.
     runtime = read_model_json(folder)
-    assert set(runtime) <= set(RUNTIME_KEYS) and runtime == {k: info[k] for k in runtime}
+    # model.json's "format" is its schema tag; the description's is the precision (fp32, int8, fp16).
+    assert set(runtime) <= set(RUNTIME_KEYS) and runtime == {**{k: info[k] for k in runtime}, "format": FORMAT}
     assert runtime["mean"] and runtime["std"] and "export" not in runtime and "metrics" not in runtime
     # The export's own check compared real detections, not empty lists.
     assert info["export"]["verification"]["detections"] > 50
@@ -228,13 +229,3 @@ def test_graph_structure_does_not_depend_on_the_weights(exported, tmp_path):
     assert [tuple(t.dims) for t in fresh_proto.graph.initializer] == [tuple(t.dims) for t in ours.graph.initializer]
 
 
-@pytest.mark.slow
-def test_fp16_export_runs_and_agrees(exported, tmp_path):
-    info = export_model(exported["ckpt"], tmp_path / "fp16", fp16=True)
-    proto = onnx.load(str(tmp_path / "fp16" / "model.onnx"))
-    weights = [t for t in proto.graph.initializer if len(t.dims) == 4]
-    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
-    assert info["export"]["fp16"] is True and info["size_bytes"] < 0.6 * exported["info"]["size_bytes"]
-    assert info["export"]["verification"]["detections"] > 50
-    dets = Predictor(tmp_path / "fp16").predict(sample_images()[:1])[0]
-    assert len(dets) > 0

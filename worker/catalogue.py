@@ -98,11 +98,19 @@ class Catalogue:
     def add_model(
         self, id: str, job_id: str | None, path: str, meta: dict[str, Any], tenant: str | None = None
     ) -> dict[str, Any]:
-        """Record a published model. Idempotent: adding the same id (or a second model for the same
+        """Record a published model. Idempotent: adding the same id (or a second fp32 model for the same
         job) returns the model already recorded. ``tenant``: by default the tenant of the job that made it
-        (the default tenant without a job)."""
+        (the default tenant without a job).
+
+        A job publishes one fp32 model (the row's ``job_id``: one per job) and, when asked, its int8 and fp16
+        siblings: their rows have no ``job_id`` of their own, and their ``meta`` names the job (``job_id``),
+        the ``format`` and the fp32 sibling (``fp32_id``); rows read back carry the job either way.
+        """
+        if job_id is not None and meta.get("format", "fp32") != "fp32":
+            raise ValueError("only a job's fp32 model holds its job_id; an int8 or fp16 model names it in meta")
+        source = job_id or meta.get("job_id")
         if tenant is None:
-            tenant = self._job_tenant(job_id) if job_id else DEFAULT_TENANT
+            tenant = self._job_tenant(source) if source else DEFAULT_TENANT
         values = dict(id=id, job_id=job_id, path=str(path), meta=dict(meta), created_at=utcnow(), tenant=tenant)
         try:
             with self._tx() as conn:
@@ -112,25 +120,39 @@ class Catalogue:
             if existing is None:
                 raise
             return existing
-        return plain(values)
+        return _model(values)
 
     def get_model(self, id: str) -> dict[str, Any] | None:
         return self._one_model(models.c.id == id)
 
     def model_for_job(self, job_id: str) -> dict[str, Any] | None:
+        """The job's fp32 model (its ``model_id``)."""
         return self._one_model(models.c.job_id == job_id)
+
+    def models_for_job(self, job_id: str) -> list[dict[str, Any]]:
+        """Every model the job published: fp32 first, then its siblings in ``meta["variants"]`` order."""
+        fp32 = self.model_for_job(job_id)
+        if fp32 is None:
+            return []
+        siblings = [self.get_model(i) for i in (fp32["meta"].get("variants") or {}).values()]
+        return [fp32, *(m for m in siblings if m is not None)]
 
     def list_models(self, tenant: str | None = None) -> list[dict[str, Any]]:
         """Newest first; only ``tenant``'s unless None."""
         with self._tx() as conn:
             rows = conn.execute(self._models_newest_first(tenant)).all()
-        return [plain(r._mapping) for r in rows]
+        return [_model(r._mapping) for r in rows]
 
     def newest_model(self, tenant: str | None = None) -> dict[str, Any] | None:
-        """The newest model (of ``tenant`` unless None)."""
+        """The newest fp32 model (of ``tenant`` unless None): what ``/detect`` serves by default. A job's
+        int8 and fp16 siblings are published with it and served when asked for by id."""
         with self._tx() as conn:
-            row = conn.execute(self._models_newest_first(tenant).limit(1)).first()
-        return None if row is None else plain(row._mapping)
+            # A sibling is published just before its fp32 model, so the first fp32 row is near the top.
+            for row in conn.execute(self._models_newest_first(tenant)):
+                model = _model(row._mapping)
+                if model["format"] == "fp32":
+                    return model
+        return None
 
     @staticmethod
     def _models_newest_first(tenant: str | None) -> sa.Select:
@@ -145,4 +167,15 @@ class Catalogue:
     def _one_model(self, where: sa.ColumnElement[bool]) -> dict[str, Any] | None:
         with self._tx() as conn:
             row = conn.execute(select(models).where(where)).first()
-        return None if row is None else plain(row._mapping)
+        return None if row is None else _model(row._mapping)
+
+
+def _model(values: Any) -> dict[str, Any]:
+    """A model row as callers see it: ``format`` (fp32 unless its meta says otherwise) and, for an int8 or
+    fp16 sibling, the job that made it (from its meta) and its ``fp32_id``."""
+    model = plain(values)
+    meta = model.get("meta") or {}
+    model["format"] = meta.get("format", "fp32")
+    model["fp32_id"] = meta.get("fp32_id")
+    model["job_id"] = model.get("job_id") or meta.get("job_id")
+    return model

@@ -2,8 +2,10 @@
 
     claim (lease) -> check the job, ids to local paths (worker.checks) -> runs/<job>/spec.json
       -> child: python -m distill train spec.json --out runs/<job>   (resumes from checkpoints/last.pt)
-      -> child: python -m worker.export runs/<job>/model.pt runs/<job>/export runs/<job>/export.json
-      -> worker.publish: Registry(models/).publish(export, model_id=mdl_<job hex>) + the store's model row
+      -> child: python -m worker.export runs/<job>/model.pt runs/<job>/export runs/<job>/export.json --spec ...
+         (every format of the spec's ``export.formats``, each with its AP measured by the serving runtime)
+      -> worker.publish: Registry(models/).publish(export, model_id=mdl_<job hex>[int8|fp16]) + the store's
+         model rows (int8/fp16 first, fp32 last: the fp32 row says the job is published)
       -> succeeded
 
 Both children run in their own process group (killable as a whole, DataLoader workers included) and
@@ -161,17 +163,25 @@ class Attempt:
         metrics = json.loads(metrics_json.read_text())
 
         self._heartbeat({**(self.progress or {}), "phase": "export"})
+        spec_path = self.run_dir / "spec.json"
+        if not spec_path.is_file():  # trained by an attempt from before the spec was kept: resolve it again
+            atomic_write_json(spec_path, resolve_job(self.job["spec"], self.store, self.settings), indent=2)
         export_dir, described = self.run_dir / "export", self.run_dir / "export.json"
         shutil.rmtree(export_dir, ignore_errors=True)
         _check_room(self.settings, "ONNX export")
-        rc = self._child("export", ["-m", "worker.export", str(model_pt), str(export_dir), str(described)])
+        # The formats, the data set (int8 calibration, AP per format) and the serving runtime that measures it.
+        args = ["-m", "worker.export", str(model_pt), str(export_dir), str(described), "--spec", str(spec_path),
+                "--backend", self.settings.backend]
+        if self.settings.providers:
+            args += ["--providers", ",".join(self.settings.providers)]
+        rc = self._child("export", args)
         if rc != 0:
             return self._child_failed("ONNX export", rc)
         self._heartbeat(None)  # fence: still ours right before the one visible side effect
         model = publish_model(
             self.store, Registry(self.settings.models_dir), export_dir, json.loads(described.read_text()),
             model_id=model_id_for(self.job_id), job_id=self.job_id,
-            name=self.job["spec"].get("name"), kind=self.job["kind"], metrics=metrics.get("bbox", metrics),
+            name=self.job["spec"].get("name"), kind=self.job["kind"], training_metrics=metrics.get("bbox", metrics),
         )  # fmt: skip
         return self._succeed(model, metrics)
 

@@ -5,7 +5,10 @@ The two places hold different things (DESIGN section 1, "one place for each thin
 - the registry folder ``models/<id>/`` holds what the runtime needs to serve it: ``model.onnx`` and the
   small ``model.json`` that ``deploy.runtime.Predictor`` reads (classes, input size, mean/std, sha256);
 - the store's model row is the catalogue: everything else that describes the model (architecture,
-  metrics, source job, name, export and verification details, graph statistics), which the API shows.
+  format, metrics measured by the runtime that serves it, source job, name, export and verification
+  details, graph statistics, ``accuracy_warning``), which the API shows.
+
+A job publishes one model per export format: fp32 under its model id, int8 and fp16 beside it.
 """
 
 from __future__ import annotations
@@ -21,20 +24,38 @@ def publish_model(
     store: Store, registry: Registry, export_dir: Path, description: dict[str, Any], *, model_id: str,
     job_id: str | None, **fields: Any,
 ) -> dict[str, Any]:
-    """Publish ``export_dir`` (``model.onnx`` + ``model.json`` from ``deploy.export``) as ``model_id`` and
-    record it in the store; returns the store's model row.
+    """Publish ``export_dir`` (from ``deploy.export``: fp32 in it, each other format in ``<format>/``) as
+    ``model_id`` (fp32) and ``<model_id><format>`` (e.g. ``mdl_5e6f...int8``), and record each in the
+    store, linked to the job and, for int8 and fp16, to the fp32 sibling; returns the fp32 model's row.
 
-    ``description`` is what ``deploy.export.export_model`` returned; ``fields`` (name, kind, metrics, ...)
-    are added to it in the catalogue. Idempotent, so an attempt that died between the two steps is finished
-    by the next one: a model already published under ``model_id`` is recorded as it is, and the store keeps
-    one model per job.
+    ``description`` is what ``deploy.export.export_model`` returned (its ``variants`` describe the other
+    formats); ``fields`` (name, kind, training_metrics, ...) are added to every model in the catalogue.
+    Idempotent, so an attempt that died between steps is finished by the next one: a model already published
+    under an id is recorded as it is, the store keeps one model per job and format, and the fp32 row (which
+    says the job is published) is written last.
     """
+    variants = dict(description.get("variants") or {})
+    ids = {fmt: f"{model_id}{fmt}" for fmt in variants}
+    for fmt, variant in variants.items():
+        variant = {k: v for k, v in variant.items() if k != "dir"}
+        # The job's one row per job is its fp32 model's; a sibling names the job in its meta.
+        meta = {**variant, **fields, "format": fmt, "fp32_id": model_id, "job_id": job_id}
+        _publish_one(store, registry, export_dir / fmt, meta, ids[fmt], None)
+    meta = {k: v for k, v in description.items() if k != "variants"}
+    return _publish_one(store, registry, export_dir, {**meta, **fields, "format": "fp32", "variants": ids}, model_id,
+                        job_id)
+
+
+def _publish_one(
+    store: Store, registry: Registry, folder: Path, meta: dict[str, Any], model_id: str, job_id: str | None
+) -> dict[str, Any]:
     try:
         published = registry.get(model_id)  # an earlier attempt published, then died
     except KeyError:
         try:
-            published = registry.publish(export_dir, model_id=model_id)
+            published = registry.publish(folder, model_id=model_id)
         except FileExistsError:  # a racing publisher won; its model is the job's model
             published = registry.get(model_id)
-    meta = {**description, **fields, **published}
-    return store.add_model(model_id, job_id, str(registry.path(model_id)), meta)
+    # model.json's "format" is its schema tag; the catalogue's is the precision.
+    return store.add_model(model_id, job_id, str(registry.path(model_id)),
+                           {**meta, **published, "format": meta["format"]})

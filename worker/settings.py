@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -59,8 +59,14 @@ class Settings(BaseSettings):
     # Where torchvision's ImageNet weights are cached for the service; None = torchvision's own default
     # (``$TORCH_HOME/hub/checkpoints``).
     weights_dir: Path | None = None
+    # The runtime that serves models (``deploy.backends``) and measures each exported format's AP: ONNX
+    # Runtime, or OpenVINO (the ``openvino`` extra) reading the same ONNX.
+    backend: Literal["onnxruntime", "openvino"] = "onnxruntime"
+    # ONNX Runtime execution providers, best first (``LDD_PROVIDERS=tensorrt,cuda,cpu``; short or full names);
+    # empty: CUDA when this onnxruntime build has it, then CPU. Ones the build lacks are skipped.
+    providers: Annotated[list[str], NoDecode] = []
 
-    @field_validator("api_keys", "admin_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", "providers", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         return [k.strip() for k in value.split(",") if k.strip()] if isinstance(value, str) else value

@@ -28,8 +28,10 @@ async def healthz() -> dict[str, Any]:
 @router.get(
     "/readyz",
     response_model=schemas.Health,
-    summary="Readiness: store and broker reachable, newest model loadable, the embedded worker up; free space",
-    description="`checks.worker` appears under `ldd up` only (its supervisor restarts a worker that dies); "
+    summary="Readiness: store and broker reachable, newest model loadable (and what serves it), the embedded "
+    "worker up; free space",
+    description="`checks.serving` names the backend (`LDD_BACKEND`) and providers (`LDD_PROVIDERS`) serving the "
+    "newest model; `checks.worker` appears under `ldd up` only (its supervisor restarts a worker that dies); "
     "`checks.disk` reports the data folder's free space against `LDD_MIN_FREE_BYTES` (low space refuses "
     "uploads with 507 but does not make the service unready: it still serves).",
     responses={503: {"model": schemas.Health, "description": "not ready; checks say why"}},
@@ -44,8 +46,10 @@ async def readyz(store: StoreDep, settings: SettingsDep, predictors: PredictorsD
     else:
         # Loading it here also warms the cache for the first /detect.
         try:
-            await predictors.get(newest["id"])
+            predictor, _ = await predictors.get(newest["id"])
             checks["model"] = f"ok ({newest['id']})"
+            checks["serving"] = {"model": newest["id"], "backend": predictor.backend,
+                                 "providers": list(predictor.providers)}
         except Exception as e:
             checks["model"] = f"cannot load {newest['id']}: {e}"
     worker = await run_in_threadpool(worker_check, settings.data_dir)

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from api import schemas
-from api.deps import CallerDep, RegistryDep, ResourceId, StoreDep, get_or_404
+from api.deps import CallerDep, RegistryDep, ResourceId, ServicesDep, StoreDep, get_or_404
 from api.errors import APIError, error_docs
 from api.presenters import public_model
 
@@ -21,10 +21,12 @@ def list_models(store: StoreDep, caller: CallerDep) -> dict[str, Any]:
 
 
 @router.get("/{model_id}", response_model=schemas.Model,
-            summary="A published model: classes, input size, metrics, source job, sha256",
+            summary="A published model: classes, input size, format, metrics measured by the runtime that serves "
+                    "it, source job, sha256, and the backend and providers that serve it here",
             responses=error_docs(404))  # fmt: skip
-def get_model(model_id: ResourceId, store: StoreDep, caller: CallerDep) -> dict[str, Any]:
-    return public_model(get_or_404(store.get_model, "model", model_id, caller.scope))
+def get_model(model_id: ResourceId, store: StoreDep, caller: CallerDep, services: ServicesDep) -> dict[str, Any]:
+    return {**public_model(get_or_404(store.get_model, "model", model_id, caller.scope)),
+            "serving": services.serving(model_id)}
 
 
 @router.get(

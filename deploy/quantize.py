@@ -1,0 +1,122 @@
+"""int8 and fp16 variants of an exported fp32 graph, made from the ONNX file itself. Torch-free.
+
+Both change only the network proper (backbone, FPN, head convolutions: ``network_nodes``); the integral,
+box decoding, top-k and NMS stay float32, so thresholds, coordinates and the output layout are exactly
+those of the fp32 graph.
+
+- ``int8``: static post-training quantization with ONNX Runtime's own tools, in QDQ format (a
+  QuantizeLinear/DequantizeLinear pair around each quantized tensor, which every runtime reads: ONNX
+  Runtime fuses the pairs into integer kernels, OpenVINO into its own). Convolutions only, weights per
+  output channel (int8, symmetric), activations per tensor (uint8, the x86 VNNI kernels' operand),
+  ranges from min/max over calibration pictures that go through the runtime's own preprocessing
+  (``deploy.runtime.prepare_batch``).
+- ``fp16``: weights and compute of the network in half precision, for GPUs (ONNX Runtime's
+  ``float16`` converter, inputs and outputs kept float32). On a CPU, ONNX Runtime runs it by casting back.
+
+The names of the network's nodes carry their module scope (``deploy.graph`` traces with it).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from PIL import Image
+
+from deploy.runtime import prepare_batch
+
+FORMATS = ("fp32", "int8", "fp16")
+NETWORK_SCOPES = ("/backbone/", "/neck/", "/bbox_head/")
+DECODE_SCOPES = ("/bbox_head/integral",)
+OUTPUT_CONVS = ("/bbox_head/gfl_cls", "/bbox_head/gfl_reg")  # gfl_cls_1, ... for the other levels
+
+
+def network_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Names of the nodes of the network proper: what int8 quantizes and fp16 halves."""
+    return [n.name for n in proto.graph.node
+            if n.name.startswith(NETWORK_SCOPES) and not n.name.startswith(DECODE_SCOPES)]
+
+
+class _Pictures:
+    """ONNX Runtime's ``CalibrationDataReader`` protocol over pictures, one prepared batch of one at a time."""
+
+    def __init__(self, images: Sequence[Image.Image], input_size: tuple[int, int]):
+        self._feeds: Iterator[dict[str, np.ndarray]] = (
+            dict(zip(("images", "image_sizes"), prepare_batch([im], input_size)[:2], strict=True)) for im in images)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+    def rewind(self) -> None:  # called by some calibrators; ours reads once
+        pass
+
+
+def quantize_int8(
+    src: str | os.PathLike, dst: str | os.PathLike, calibration: Sequence[Image.Image], input_size: tuple[int, int]
+) -> dict[str, object]:
+    """Write the int8 (QDQ) variant of the fp32 graph ``src`` to ``dst``, calibrated on ``calibration``
+    (RGB pictures, preprocessed as the runtime does at ``input_size``). Returns its settings."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not calibration:
+        raise ValueError("int8 needs at least one calibration picture")
+    proto = onnx.load(str(src))
+    # The head's last convolutions give the logits of scores and box distributions: a uint8 step there is a
+    # tenth of a logit, which moves scores and NMS decisions. They stay float (a few % of the compute).
+    convs = {n.name for n in proto.graph.node if n.op_type == "Conv" and not n.name.startswith(OUTPUT_CONVS)}
+    nodes = [n for n in network_nodes(proto) if n in convs]
+    with tempfile.TemporaryDirectory() as tmp:
+        # The calibrator writes its augmented graph next to the working directory's; keep it in a temporary.
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        try:
+            quantize_static(
+                str(Path(src).absolute()), str(Path(dst).absolute()), _Pictures(calibration, input_size),
+                quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+                nodes_to_quantize=nodes, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+            )  # fmt: skip
+        finally:
+            os.chdir(cwd)
+    return {"method": "static post-training quantization, QDQ", "ops": ["Conv"], "weights": "int8 per channel",
+            "activations": "uint8 per tensor", "calibration_method": "minmax", "calibration_images": len(calibration),
+            "quantized_nodes": len(nodes), "float_convs": ["gfl_cls", "gfl_reg"]}
+
+
+def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, object]:
+    """Write the fp16 variant of the fp32 graph ``src`` to ``dst`` (network in half precision, decoding and
+    post-processing in float32, inputs and outputs float32). Returns its settings."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto = onnx.load(str(src))
+    network = set(network_nodes(proto))
+    keep_float = [n.name for n in proto.graph.node if n.name not in network]
+    half = convert_float_to_float16(proto, keep_io_types=True, node_block_list=keep_float)
+    _sort_topologically(half.graph)  # the converter appends its input casts at the end
+    onnx.save(half, str(dst))
+    onnx.checker.check_model(half)
+    return {"method": "onnxruntime float16 converter", "half_nodes": len(network), "float_nodes": len(keep_float)}
+
+
+def _sort_topologically(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph.node`` so that every node follows the producers of its inputs (stable otherwise)."""
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in known for i in n.input)]
+        if not ready:
+            raise ValueError(f"graph has a cycle or a missing input near node {pending[0].name!r}")
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+        for n in ready:
+            ordered.append(n)
+            known.update(n.output)
+    copies = [onnx.NodeProto.FromString(n.SerializeToString()) for n in ordered]
+    del graph.node[:]
+    graph.node.extend(copies)

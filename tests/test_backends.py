@@ -1,0 +1,159 @@
+"""Serving backends: OpenVINO against ONNX Runtime on the same ONNX files (fp32 and int8), the choice of
+ONNX Runtime execution providers (LDD_PROVIDERS) on a machine without a GPU, and the settings that carry both."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from deploy.backends import CPU, OrtSession, make_session, select_providers
+from deploy.evaluate import runtime_ap
+from deploy.export import export_model
+from deploy.runtime import Predictor, best_providers, prepare_batch
+from deploy.verify import compare_detections, sample_images
+from distill.checkpoint import detector_state
+from tests.test_deploy_export import INPUT_SIZE
+from tests.test_quantize import confident_detector, make_dataset
+from worker.settings import Settings
+
+# OpenVINO and ONNX Runtime compute the same fp32 convolutions with different kernels (summation order):
+# boxes within 1e-3 of the image side, scores within 1e-4, as the export holds ONNX Runtime to PyTorch.
+FP32_BOX_TOL, FP32_SCORE_TOL = 1e-3, 1e-4
+# int8: both run integer convolutions with the graph's scales but requantize and round in their own ways,
+# and on the random-weight test model an activation one uint8 step away moves a box by pixels. So int8
+# parity is judged by accuracy: OpenVINO's AP within INT8_AP_POINTS of ONNX Runtime's on the same data, and
+# half of ONNX Runtime's confident detections (>= 0.3) found again within 5% of the side and 0.1 in score.
+INT8_AP_POINTS, INT8_BOX_TOL, INT8_SCORE_TOL, INT8_FOUND = 3.0, 0.05, 0.1, 0.5
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("backends")
+    ckpt = tmp / "tiny.pt"
+    model = confident_detector()
+    torch.save(detector_state(model, {"input_size": list(INPUT_SIZE)}), ckpt)
+    dataset = make_dataset(tmp / "data", model)
+    export_model(ckpt, tmp / "model", formats=["int8"], dataset=dataset)
+    return tmp / "model"
+
+
+def test_openvino_gives_onnx_runtimes_detections_fp32(exported):
+    pytest.importorskip("openvino")
+    ov, ref = Predictor(exported, backend="openvino"), Predictor(exported, backend="onnxruntime")
+    assert ov.backend == "openvino" and ov.providers == ["openvino-CPU"]
+    assert ref.backend == "onnxruntime" and ref.providers == [CPU]
+    images = sample_images(seed=4)
+    for batch in (images, images[:1]):  # a padded batch of three sizes, and one picture alone
+        x, sizes, _ = prepare_batch(batch, INPUT_SIZE)
+        got, want = ov.run(x, sizes), ref.run(x, sizes)
+        assert [a.shape for a in got] == [a.shape for a in want] and got[2].dtype == np.int64
+        total = 0
+        for i in range(len(batch)):
+            k_got, k_want = int(got[3][i]), int(want[3][i])
+            r = compare_detections(
+                {"boxes": want[0][i, :k_want], "scores": want[1][i, :k_want], "labels": want[2][i, :k_want]},
+                {"boxes": got[0][i, :k_got], "scores": got[1][i, :k_got], "labels": got[2][i, :k_got]},
+                tuple(sizes[i]), box_tol=FP32_BOX_TOL, score_tol=FP32_SCORE_TOL, score_thr=0.05, max_dets=100)
+            assert r["problems"] == [], r["problems"][:3]
+            total += r["matched"]
+        assert total > 10
+    # The whole predictor path (decoding, mapping back to original pixels) is backend-independent.
+    a, b = ov.predict(images[:1])[0], ref.predict(images[:1])[0]
+    assert len(a) == len(b) > 0 and [d["label"] for d in a][:5] == [d["label"] for d in b][:5]
+
+
+def test_openvino_int8_is_as_accurate_as_onnx_runtime_int8(exported):
+    pytest.importorskip("openvino")
+    folder, dataset = exported / "int8", exported.parent / "data"
+    ov, ref = Predictor(folder, backend="openvino"), Predictor(folder, backend="onnxruntime")
+    ap_ov, ap_ref = runtime_ap(ov, dataset), runtime_ap(ref, dataset)
+    assert ap_ov["backend"] == "openvino" and ap_ref["backend"] == "onnxruntime" and ap_ref["AP"] > 0.5
+    assert abs(100 * (ap_ov["AP"] - ap_ref["AP"])) <= INT8_AP_POINTS, (ap_ov["AP"], ap_ref["AP"])
+    matched = total = 0
+    for picture in sample_images(seed=4):
+        x, sizes, _ = prepare_batch([picture], INPUT_SIZE)
+        (gb, gs, gl, gn), (wb, ws, wl, wn) = ov.run(x, sizes), ref.run(x, sizes)
+        k, kg = int(wn[0]), int(gn[0])
+        keep = ws[0, :k] >= 0.3
+        r = compare_detections(
+            {"boxes": wb[0, :k][keep], "scores": ws[0, :k][keep], "labels": wl[0, :k][keep]},
+            {"boxes": gb[0, :kg], "scores": gs[0, :kg], "labels": gl[0, :kg]},
+            tuple(sizes[0]), box_tol=INT8_BOX_TOL, score_tol=INT8_SCORE_TOL, score_thr=0.0, max_dets=10**6)
+        matched, total = matched + r["matched"], total + r["expected"]
+    assert total > 10 and matched >= INT8_FOUND * total, (matched, total)
+
+
+def test_openvino_session_is_safe_from_several_threads(exported):
+    pytest.importorskip("openvino")
+    from concurrent.futures import ThreadPoolExecutor
+
+    predictor = Predictor(exported, backend="openvino")
+    images = sample_images(seed=5)
+    alone = [predictor.predict([im])[0] for im in images]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda im: predictor.predict([im])[0], images * 2))
+    for i, dets in enumerate(together):
+        assert [d["label"] for d in dets] == [d["label"] for d in alone[i % 3]]
+        assert np.allclose([d["box"] for d in dets], [d["box"] for d in alone[i % 3]], atol=1e-3)
+
+
+def test_unknown_backend_is_refused(exported):
+    with pytest.raises(ValueError, match="unknown backend 'tensorflow'"):
+        Predictor(exported, backend="tensorflow")
+
+
+# ----------------------------------------------------------------------------------- provider choice
+
+
+def test_default_providers_take_cuda_when_present_then_cpu():
+    assert select_providers(None, ["CPUExecutionProvider"]) == [CPU]
+    assert select_providers([], ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CUDAExecutionProvider", CPU]
+    # TensorRT builds engines for minutes on first use: only when asked for.
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert select_providers(None, gpu) == ["CUDAExecutionProvider", CPU]
+
+
+def test_requested_providers_keep_their_order_skip_the_missing_and_end_with_cpu(caplog):
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert select_providers(["tensorrt", "cuda"], gpu) == ["TensorrtExecutionProvider", "CUDAExecutionProvider", CPU]
+    assert select_providers(["cuda", "TensorrtExecutionProvider"], gpu) == [
+        "CUDAExecutionProvider", "TensorrtExecutionProvider", CPU]
+    assert select_providers(["cpu", "cuda"], gpu) == ["CUDAExecutionProvider", CPU]  # CPU only as the fallback
+    with caplog.at_level("WARNING", logger="ldd.deploy"):
+        assert select_providers(["tensorrt", "cuda", "cpu"], ["CPUExecutionProvider"]) == [CPU]
+    assert "TensorrtExecutionProvider is not available" in caplog.text and "CUDAExecutionProvider" in caplog.text
+    with pytest.raises(ValueError, match="unknown ONNX Runtime provider"):
+        select_providers(["cuda", "rocm-please"], gpu)
+
+
+def test_a_session_asked_for_cuda_on_this_machine_serves_on_what_it_has(exported):
+    """The real ONNX Runtime of this machine: a GPU setting on a CPU build falls back and says so."""
+    available = ort.get_available_providers()
+    with open(exported / "model.onnx", "rb") as f:
+        session = OrtSession(f.read(), providers=["cuda", "cpu"])
+    assert session.providers == select_providers(["cuda", "cpu"], available)
+    assert session.providers[-1] == CPU and best_providers() == select_providers(None, available)
+    if "CUDAExecutionProvider" not in available:
+        assert session.providers == [CPU]
+    predictor = Predictor(exported, providers=["cuda", "cpu"])
+    assert predictor.providers == session.providers and len(predictor.predict(sample_images()[:1])[0]) > 0
+
+
+def test_openvino_device_is_read_from_the_providers(exported):
+    pytest.importorskip("openvino")
+    with open(exported / "model.onnx", "rb") as f:
+        data = f.read()
+    assert make_session(data, backend="openvino", providers=["cpu"]).providers == ["openvino-CPU"]
+    assert make_session(data, backend="openvino").providers == ["openvino-CPU"]
+
+
+def test_settings_carry_backend_and_providers():
+    s = Settings.from_env({"LDD_BACKEND": "openvino", "LDD_PROVIDERS": "tensorrt, cuda,cpu"})
+    assert s.backend == "openvino" and s.providers == ["tensorrt", "cuda", "cpu"]
+    assert s.to_env()["LDD_PROVIDERS"] == "tensorrt,cuda,cpu" and s.to_env()["LDD_BACKEND"] == "openvino"
+    default = Settings.from_env({})
+    assert default.backend == "onnxruntime" and default.providers == []
+    with pytest.raises(ValueError):
+        Settings.from_env({"LDD_BACKEND": "tensorflow"})
