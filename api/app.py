@@ -20,7 +20,7 @@ from fastapi import Depends, FastAPI
 from api.deps import BEARER, Services, callers_of, get_caller
 from api.errors import error_docs, install_error_handlers
 from api.middleware import BodyLimitMiddleware, LatencyMiddleware
-from api.routes import checkpoints, datasets, detect, health, jobs, models
+from api.routes import checkpoints, datasets, detect, health, jobs, models, ui
 from api.uploads import remove_stale_uploads
 from worker.settings import Settings
 from worker.store import Store
@@ -72,6 +72,8 @@ def create_app(
     app.add_middleware(LatencyMiddleware, metrics=services.metrics)
 
     app.include_router(health.router)  # no key: probes and scrapers have none
+    app.include_router(ui.router)  # no key: the page holds no data; its calls to /v1 send the user's key
+    ui.mount_static(app)
     # Every resource route checks the key (get_caller; a route that names no caller still gets the check). The
     # document declares bearer auth and its 401 only when keys are configured: an open service says it is open.
     dependencies = [Depends(get_caller)]

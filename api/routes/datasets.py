@@ -7,12 +7,15 @@ every check is moved under ``datasets/<id>/`` and recorded in the store.
 from __future__ import annotations
 
 import errno
+import io
 import shutil
 import zipfile
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 
 from api import schemas
@@ -21,6 +24,8 @@ from api.deps import CallerDep, ResourceId, SettingsDep, StoreDep, get_or_404
 from api.errors import APIError, error_docs
 from api.presenters import public_dataset
 from api.uploads import ensure_room, save_upload, upload_folder, upload_size
+from deploy.draw import draw_detections
+from distill.data.annotations import CocoData, load_coco
 from worker.store import new_id
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -86,3 +91,43 @@ def _unpacked_size(archive: Path) -> int:
             return sum(i.file_size for i in zf.infolist())
     except (zipfile.BadZipFile, OSError):
         return 0
+
+
+@router.get(
+    "/{dataset_id}/samples/{index}",
+    summary="One image of the dataset with its ground-truth boxes drawn (JPEG)",
+    description=(
+        "Image `index` (0 to `num_images` - 1, in the dataset's order) with its boxes and class names drawn by "
+        "the project's one drawing function (`deploy.draw`; ground truth shows as score 1.00), scaled to fit "
+        "`max_side` pixels."
+    ),
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}, **error_docs(404)},
+)
+def dataset_sample(
+    dataset_id: ResourceId,
+    index: Annotated[int, PathParam(ge=0, le=10_000_000)],
+    store: StoreDep,
+    caller: CallerDep,
+    max_side: Annotated[int, Query(ge=32, le=2048, description="longest side of the picture, pixels")] = 480,
+) -> Response:
+    row = get_or_404(store.get_dataset, "dataset", dataset_id, caller.scope)
+    data = _annotations(row["path"])
+    if index >= len(data.images):
+        raise APIError(404, "not_found", f"dataset {dataset_id!r} has {len(data.images)} images; no image {index}")
+    image = data.images[index]
+    boxes, labels = data.boxes(image["id"])
+    ground_truth = [{"box": box.tolist(), "score": 1.0, "label": int(label), "class_name": data.classes[label]}
+                    for box, label in zip(boxes, labels, strict=True)]  # fmt: skip
+    picture = draw_detections(image["path"], ground_truth)
+    picture.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    picture.save(buf, "JPEG", quality=85)
+    # A dataset never changes once published: the browser may keep the picture.
+    return Response(buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+
+@lru_cache(maxsize=4)
+def _annotations(path: str) -> CocoData:
+    """The published dataset's annotations (checked at upload, so the images are not opened again)."""
+    return load_coco(path, check_images=False)
