@@ -14,9 +14,9 @@ The graph (opset 18, dynamic batch and image size) is the whole of ``GFL.predict
   ``num_detections[i]`` are padding: boxes and scores 0, label -1.
 
 Two exporters make that graph. ``torchscript`` (the default) traces one small example through the model:
-about 4 s for a gfl_r18 on the 2-core CPU. ``dynamo`` (``torch.export``) reasons symbolically about every
-shape of the 2,000-node program: 22-75 s for the same model (``bench/export_speed.py`` times both); it is
-kept callable for that comparison.
+4-6 s for a gfl_r18 on the shared 2-core CPU. ``dynamo`` (``torch.export``) reasons symbolically about every
+shape of the program: 39-49 s for the same model in the same runs (``bench/results/export.md``); it is kept
+callable for that comparison.
 
 Node names carry the module scope (``/backbone/...``, ``/neck/...``, ``/bbox_head/...``); everything else
 (``/bbox_head/integral/...`` included) is decoding and post-processing, which the int8 and fp16 variants

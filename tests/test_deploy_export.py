@@ -1,6 +1,6 @@
 """ONNX export of the tiny detector, checked against PyTorch, and the torch-free predictor on it.
 
-One export per module (tens of seconds on a 2-core CPU); every test below reuses it.
+One export per module (a few seconds on a 2-core CPU); every test below reuses it.
 """
 
 from __future__ import annotations
