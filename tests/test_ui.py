@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.service_fixtures import WorkerProcess
 from tests.test_api_http import coco_zip, png_bytes, publish_test_model, serve_api
 from worker import history
 from worker.store import Store
@@ -412,4 +413,79 @@ def test_with_api_keys(browser: Any, keyed: Any, tmp_path_factory: pytest.TempPa
     page.open("/jobs", "#jobs-card .empty")
     assert "ldd jobs submit" in page.text()
     page.shot("jobs-empty")
+    page.assert_no_console_errors()
+
+
+# --------------------------------------------------------------------------------------------------
+# With a real worker: tiny models trained and distilled while the page watches
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, WorkerProcess]]:
+    pytest.importorskip("torch")
+    srv = serve_api(tmp_path_factory.mktemp("ui_live"), LDD_PROGRESS_SECONDS="0.2")
+    worker = WorkerProcess({"LDD_DATA_DIR": str(srv.data_dir), "LDD_BROKER_URL": srv.env["LDD_BROKER_URL"],
+                            "LDD_PROGRESS_SECONDS": "0.2"}, srv.work / "worker.log").start()  # fmt: skip
+    yield srv, worker
+    worker.kill_all()
+    srv.stop()
+
+
+def _tiny(dataset: str, kind: str = "train", **over: Any) -> dict[str, Any]:
+    return {"kind": kind, "dataset": dataset, "student": {"arch": "gfl_tiny"}, "seed": 0,
+            "schedule": {"epochs": 3, "batch_size": 2, "image_size": [128, 96], "num_workers": 0, "warmup_iters": 2,
+                         "lr": 0.01}, **over}  # fmt: skip
+
+
+def test_real_worker_train_then_distill(browser: Any, live: tuple[Any, WorkerProcess],
+                                        tmp_path_factory: pytest.TempPathFactory) -> None:
+    srv, worker = live
+    page = Page(browser, srv.url, tmp_path_factory.mktemp("screenshots_live"))
+    zip_path = coco_zip(srv.work / "shapes.zip", n=6, size=(160, 120), classes=("cat", "dog"))
+    page.open("/datasets", "#upload-button")
+    page.find("#dataset-file").send_keys(str(zip_path))
+    page.find("#upload-button").click()
+    page.until(lambda: "/datasets/ds_" in page.driver.current_url, "the uploaded dataset's page")
+    dataset = page.driver.current_url.rsplit("/", 1)[1]
+
+    def follow_to_the_end(job_id: str) -> list[int]:
+        """Open the job's page and watch it until it ends; the number of curve points seen along the way."""
+        page.open(f"/jobs/{job_id}", "#loss-chart")
+        seen: list[int] = []
+
+        def ended() -> bool:
+            text = page.find("#job-progress").text
+            if "points on the curve" in text:
+                n = int(text.rsplit(" · ", 1)[1].split()[0])
+                if not seen or seen[-1] != n:
+                    seen.append(n)
+            return page.find("#job-state").text in ("succeeded", "failed", "cancelled")
+
+        try:
+            page.until(ended, f"job {job_id} to end", timeout=300)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{worker.log_tail()}") from None
+        assert page.find("#job-state").text == "succeeded", (page.find("#job-error").text, worker.log_tail())
+        return seen
+
+    with httpx.Client(base_url=srv.url, timeout=30) as http:
+        r = http.post("/v1/jobs", json=_tiny(dataset, name="teacher-and-plain"))
+        assert r.status_code == 202, r.text
+        plain = r.json()["id"]
+        seen = follow_to_the_end(plain)
+        # The curve grew while the page was open (the points arrived over server-sent events).
+        assert len(seen) >= 2 and seen[-1] > seen[0] and seen[-1] >= 3, seen
+        page.wait("#evaluations-table")
+        page.shot("live-train-done")
+        teacher = http.get(f"/v1/jobs/{plain}").json()["model_id"]
+        r = http.post("/v1/jobs", json=_tiny(dataset, "distill", name="distilled", teacher={"model": teacher}))
+        assert r.status_code == 202, r.text
+        distilled = r.json()["id"]
+        follow_to_the_end(distilled)
+    page.open(f"/distill?job={distilled}", ".fig4 rect.bar-rect")
+    assert page.find("#pick-plain").get_attribute("value") == plain
+    assert len(page.all(".fig4[data-metric='box_l1'] rect.bar-rect")) == 10
+    rows = {r.get_attribute("data-row"): r.text for r in page.all("#ap-table tbody tr")}
+    assert all("%" in rows[k] for k in ("teacher", "plain student", "distilled student")), rows
+    page.shot("live-distillation")
     page.assert_no_console_errors()

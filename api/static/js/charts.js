@@ -83,7 +83,7 @@ export class Curves {
 
 // Grouped bars: categories along x, one bar per group in each; values null are left out (and said so).
 export function bars(title, categories, groups, yLabel) {
-  const W = 560, H = 280, left = 52, right = 12, top = 54, bottom = 44;
+  const W = 560, H = 280, left = 64, right = 12, top = 54, bottom = 44;
   const values = groups.flatMap((g) => g.values).filter((v) => typeof v === "number" && Number.isFinite(v));
   const max = values.length ? Math.max(...values) * 1.12 || 1 : 1;
   const ns = "http://www.w3.org/2000/svg";
@@ -99,7 +99,7 @@ export function bars(title, categories, groups, yLabel) {
   for (let t = 0; t <= 4; t++) {
     const v = (max * t) / 4, y = top + plotH - (plotH * t) / 4;
     svg.append(el("line", { x1: left, x2: W - right, y1: y, y2: y, stroke: "#e3e6eb" }));
-    svg.append(el("text", { x: left - 6, y: y + 4, "text-anchor": "end" }, v.toFixed(v < 0.1 ? 3 : 2)));
+    svg.append(el("text", { x: left - 6, y: y + 4, "text-anchor": "end" }, tick(v, max)));
   }
   svg.append(el("text", { x: 12, y: top + plotH / 2, transform: `rotate(-90 12 ${top + plotH / 2})`,
     "text-anchor": "middle" }, yLabel));
@@ -125,4 +125,9 @@ export function bars(title, categories, groups, yLabel) {
     lx += 14 + g.label.length * 7 + 18;
   }
   return h("div", { class: "bars" }, svg);
+}
+
+function tick(v, max) {
+  if (v === 0) return "0";
+  return max < 0.01 ? v.toExponential(1) : v.toFixed(max < 0.1 ? 3 : 2);
 }

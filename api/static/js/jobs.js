@@ -130,7 +130,7 @@ async function renderOne(main, id, signal) {
       ["distillation", j.kind === "distill" && j.state === "succeeded"
         ? h("a", { href: `#/distill?job=${j.id}` }, "teacher vs students, figure 4") : undefined],
     ]));
-    fill(lrNote, lr.points ? "" : "No learning rate in this run's records yet.");
+    fill(lrNote, lr.points ? "" : "This run's progress records carry no learning rate (yet).");
     showEvaluations(evals, hist.evaluations, j);
   };
   show(job);
