@@ -156,6 +156,8 @@ class Attempt:
             args = ["-m", "distill", "train", str(spec_path), "--out", str(self.run_dir)]
             if self.settings.weights_dir is not None:
                 args += ["--weights-dir", str(self.settings.weights_dir)]
+            if self.settings.min_free_bytes > 0:
+                args += ["--min-free-bytes", str(self.settings.min_free_bytes)]
             _check_room(self.settings, "training")
             rc = self._child("train", args)
             if rc != 0:

@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     progress_seconds: float = 2.0  # how often the worker relays progress.json into the store
     kill_grace_seconds: float = 5.0  # SIGTERM -> SIGKILL grace when a job is cancelled
     recover_seconds: float = 0.0  # period of the recovery loop; 0 = lease_seconds / 2
+    # An idle worker with messages waiting this long has a stuck consumer and restarts (worker.hooks); 0: never.
+    consumer_stall_seconds: float = 60.0
     # Where torchvision's ImageNet weights are cached for the service; None = torchvision's own default
     # (``$TORCH_HOME/hub/checkpoints``).
     weights_dir: Path | None = None
