@@ -1,15 +1,20 @@
-"""Inference latency of the exported student against PyTorch eager and the teacher, and the distilled
-student against an undistilled one of the same architecture.
+"""Inference latency of the exported student in every format and runtime we ship, against PyTorch eager and
+the teacher, each row with its AP; and the distilled student against an undistilled one of the same
+architecture.
 
-    python bench/latency.py [--student CKPT] [--distilled CKPT] [--teacher CKPT]
+    python bench/latency.py [--student CKPT] [--distilled CKPT] [--teacher CKPT] [--dataset DIR]
                             [--student-arch gfl_r18] [--teacher-arch gfl_r50] [--input-size 640 384]
-                            [--batches 1 8] [--rounds 12] [--device cpu|cuda] [--threads N]
+                            [--batches 1 8] [--rounds 12] [--device cpu|cuda] [--threads N] [--fp16]
 
-Every checkpoint is exported with ``deploy.export.export_model`` (verified against PyTorch). Rows:
-(a) the student in ONNX Runtime, (b) the same student in PyTorch eager (``GFL.predict``), (c) the teacher in
-ONNX Runtime, each on the same prepared batch (keep-ratio resize, normalise, pad) so that only the model and
-its post-processing are timed; plus the student through ``Predictor.predict`` from JPEG bytes (decode,
-preprocessing and mapping back included), and the distilled student (d) in ONNX Runtime.
+Every checkpoint is exported with ``deploy.export.export_model`` (verified against PyTorch); the student
+also in int8 (calibrated on the data set's training pictures) and, with ``--fp16``, fp16. Rows, each on the
+same prepared batch (keep-ratio resize, normalise, pad) so that only the model and its post-processing are
+timed: (a) student fp32 and (a8) int8 in ONNX Runtime, (o) fp32 and (o8) int8 in OpenVINO (same ONNX files;
+on the CPU, when installed), (b) the student in PyTorch eager (``GFL.predict``; on CUDA also (b16) in fp16),
+(a16) the fp16 export, (c) the teacher, (d) the distilled student, and the student through
+``Predictor.predict`` from JPEG bytes (decode, preprocessing and mapping back included). Each row's AP is
+measured by its own runtime on the validation split of ``--dataset`` (default: the synthetic set), through
+the runtime's preprocessing (``deploy.evaluate``).
 
 Timing: after warm-up, ``--rounds`` rounds each make one call of every row in turn, so load from other
 processes hits all rows alike. Per-image latency = call time / batch size (median and p90 over rounds);
@@ -18,14 +23,15 @@ two graphs, and the ratio of their median call times with a bootstrap 90% interv
 interval holds 1.0 or the ratio is within 3%).
 
 Without checkpoints, untrained ones are built (the student twice, with different seeds, standing in for a
-distilled and an undistilled one until real distillation jobs exist); their head biases are shifted so that
-about 300 candidates per image pass the score threshold (0.05), as with a trained model, so NMS does real
-work. Writes ``bench/results/latency.md|json|png`` (``latency_cuda.*`` with ``--device cuda``).
+distilled and an undistilled one); their head biases are shifted so that about 300 candidates per image pass
+the score threshold (0.05), as with a trained model, so NMS does real work (their AP is about 0). Writes
+``bench/results/latency.md|json|png`` (``latency_cuda.*`` with ``--device cuda``; ``--out`` names others).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import math
 import os
@@ -43,9 +49,10 @@ import torch
 from PIL import Image
 from report import save
 
+from deploy.evaluate import runtime_ap
 from deploy.export import export_model
-from deploy.runtime import Predictor, prepare_batch
-from distill.checkpoint import atomic_save, build_detector, detector_state, load_detector
+from deploy.runtime import DEFAULT_MAX_PIXELS, Predictor, prepare_batch
+from distill.checkpoint import atomic_save, build_detector, checkpoint_meta, detector_state, load_detector
 from distill.data.annotations import load_coco
 from distill.data.synthetic import make_synthetic
 from distill.models.gfl import GFL
@@ -99,6 +106,40 @@ def summarise(times: list[float], batch: int) -> dict[str, float]:
             "throughput_ips": float(batch / np.median(times)), "calls": len(times)}
 
 
+class TorchPredictor:
+    """``Predictor.predict_loaded`` in PyTorch eager (``GFL.predict``), same preprocessing, for the AP column."""
+
+    backend = "pytorch"
+    max_pixels = DEFAULT_MAX_PIXELS
+
+    def __init__(self, model: GFL, input_size: tuple[int, int], device: torch.device, half: bool = False):
+        self.model, self.input_size, self.device, self.half = model, input_size, device, half
+        self.providers = [device.type + (" fp16" if half else "")]
+
+    def predict_loaded(self, images: list[Image.Image]) -> list[list[dict[str, Any]]]:
+        batch, sizes, factors = prepare_batch(images, self.input_size)
+        x = torch.from_numpy(batch).to(self.device)
+        with torch.inference_mode():
+            dets = self.model.predict(x.half() if self.half else x, [(int(h), int(w)) for h, w in sizes])
+        out = []
+        for image, det, (sx, sy) in zip(images, dets, factors, strict=True):
+            boxes = det["boxes"].float().cpu().numpy() / np.array([sx, sy, sx, sy])
+            boxes = np.minimum(boxes, [image.width, image.height, image.width, image.height])
+            out.append([{"box": [float(v) for v in b], "score": float(sc), "label": int(lab)} for b, sc, lab in
+                        zip(boxes, det["scores"].float().cpu().numpy(), det["labels"].cpu().numpy(), strict=True)])
+        return out
+
+
+def ap_dataset(ckpt: Path, dataset: Path, synthetic: Path) -> Path | None:
+    """The data set a checkpoint's AP is measured on: ``dataset`` when its classes are as many as the
+    checkpoint's, else the synthetic set when that fits, else none."""
+    num_classes = checkpoint_meta(ckpt)["config"]["num_classes"]
+    for candidate in (dataset, synthetic):
+        if len(load_coco(candidate).classes) == num_classes:
+            return candidate
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--student", type=Path, help="undistilled student checkpoint")
@@ -112,7 +153,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime intra-op threads")
-    parser.add_argument("--fp16", action="store_true", help="also the student exported with --fp16 (GPU)")
+    parser.add_argument("--fp16", action="store_true", help="also the student's fp16 export (GPU)")
+    parser.add_argument("--dataset", type=Path, default=None,
+                        help="data set folder for the AP column and int8 calibration (default: the synthetic set)")
+    parser.add_argument("--val-split", type=float, default=0.2, help="as the student's training job split --dataset")
+    parser.add_argument("--val", type=int, default=24, help="synthetic validation pictures (AP)")
+    parser.add_argument("--calibration", type=int, default=32, help="synthetic training pictures (int8 calibration)")
     parser.add_argument("--out", default=None, help="results name (default latency / latency_cuda)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -130,9 +176,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        # Real pictures: the synthetic set's validation images (digits on textured backgrounds).
-        data_dir = make_synthetic(tmp / "data", num_train=1, num_val=max(args.batches), image_size=(640, 480), seed=0)
-        coco = load_coco(data_dir / "annotations.json")
+        # Real pictures: the synthetic set's validation images (digits on textured backgrounds); its
+        # training images calibrate int8, its validation images give every row its AP.
+        synthetic = make_synthetic(tmp / "data", num_train=args.calibration, num_val=max(args.val, max(args.batches)),
+                                   image_size=(640, 480), seed=0)
+        dataset = args.dataset or synthetic
+        coco = load_coco(synthetic / "annotations.json")
         pictures = [Image.open(im["path"]).convert("RGB") for im in coco.images if im.get("split") == "val"]
         pictures = (pictures * max(args.batches))[: max(args.batches)]
         jpegs = []
@@ -150,20 +199,28 @@ def main() -> None:
             "teacher": args.teacher or build_checkpoint(args.teacher_arch, 2, tmp / "teacher.pt", input_size, calib),
         }
         exports, predictors = {}, {}
+        ort_options = {"providers": providers, "intra_op_threads": args.threads, "session_config": SESSION_CONFIG}
         for name, ckpt in ckpts.items():
             t0 = time.perf_counter()
-            exports[name] = export_model(ckpt, tmp / name)
-            print(f"exported {name} ({exports[name]['arch']}) in {time.perf_counter() - t0:.0f} s, verified on "
-                  f"{exports[name]['export']['verification']['detections']} detections")
-            predictors[name] = Predictor(tmp / name, providers=providers, intra_op_threads=args.threads,
-                                         session_config=SESSION_CONFIG)
+            formats = (["fp32", "int8"] + (["fp16"] if args.fp16 else [])) if name == "student" else ["fp32"]
+            exports[name] = export_model(ckpt, tmp / name, formats=formats, val_split=args.val_split, seed=0,
+                                         dataset=ap_dataset(ckpt, dataset, synthetic))
+            print(f"exported {name} ({exports[name]['arch']}, {'+'.join(formats)}) in {time.perf_counter() - t0:.0f} s,"
+                  f" verified on {exports[name]['export']['verification']['detections']} detections")
+            predictors[name] = Predictor(tmp / name, **ort_options)
+        predictors["student_int8"] = Predictor(tmp / "student" / "int8", **ort_options)
         if args.fp16:
-            exports["student_fp16"] = export_model(ckpts["student"], tmp / "student_fp16", fp16=True)
-            predictors["student_fp16"] = Predictor(tmp / "student_fp16", providers=providers,
-                                                   intra_op_threads=args.threads, session_config=SESSION_CONFIG)
+            predictors["student_fp16"] = Predictor(tmp / "student" / "fp16", **ort_options)
+        has_openvino = importlib.util.find_spec("openvino") is not None and device.type == "cpu"
+        if has_openvino:
+            predictors["student_ov"] = Predictor(tmp / "student", backend="openvino", intra_op_threads=args.threads)
+            predictors["student_ov_int8"] = Predictor(tmp / "student" / "int8", backend="openvino",
+                                                      intra_op_threads=args.threads)
         student = load_detector(ckpts["student"], device)
+        student_set = ap_dataset(ckpts["student"], dataset, synthetic)
 
         rows: dict[str, Callable[[int], Callable[[], Any]]] = {}
+        aps: dict[str, dict[str, Any]] = {}  # row -> its AP on the validation split, measured by that row
         batches = {b: prepare_batch(pictures[:b], input_size) for b in args.batches}
         torch_batches = {b: (torch.from_numpy(x).to(device), [(int(h), int(w)) for h, w in s])
                          for b, (x, s, _) in batches.items()}
@@ -171,9 +228,10 @@ def main() -> None:
         def ort_row(name: str) -> Callable[[int], Callable[[], Any]]:
             return lambda b: (lambda: predictors[name].run(batches[b][0], batches[b][1]))
 
-        def torch_row(b: int, model: GFL = student, dev: torch.device = device) -> Callable[[], Any]:
+        def torch_row(b: int, model: GFL = student, dev: torch.device = device, half: bool = False
+                      ) -> Callable[[], Any]:
             images, sizes = torch_batches[b]
-            images = images.to(dev)
+            images = images.to(dev).half() if half else images.to(dev)
 
             def call() -> Any:
                 with torch.inference_mode():
@@ -183,17 +241,37 @@ def main() -> None:
             return call
 
         ort_label = "onnxruntime-" + ("cuda" if providers[0].startswith("CUDA") else "cpu")
-        rows[f"(a) student, {ort_label}"] = ort_row("student")
+        rows[f"(a) student fp32, {ort_label}"] = ort_row("student")
+        aps[f"(a) student fp32, {ort_label}"] = exports["student"]["metrics"]
+        rows[f"(a8) student int8, {ort_label}"] = ort_row("student_int8")
+        aps[f"(a8) student int8, {ort_label}"] = exports["student"]["variants"]["int8"]["metrics"]
+        if has_openvino:
+            rows["(o) student fp32, openvino-cpu"] = ort_row("student_ov")
+            rows["(o8) student int8, openvino-cpu"] = ort_row("student_ov_int8")
+            for r, name in (("(o) student fp32, openvino-cpu", "student_ov"),
+                            ("(o8) student int8, openvino-cpu", "student_ov_int8")):
+                aps[r] = runtime_ap(predictors[name], student_set, args.val_split, 0) if student_set else {}
         rows[f"(b) student, pytorch eager {device.type}"] = torch_row
+        aps[f"(b) student, pytorch eager {device.type}"] = runtime_ap(
+            TorchPredictor(student, input_size, device), student_set, args.val_split, 0) if student_set else {}
         if device.type != "cpu":
             student_cpu = load_detector(ckpts["student"], "cpu")
             rows["(b) student, pytorch eager cpu"] = lambda b: torch_row(b, student_cpu, torch.device("cpu"))
+            student_half = load_detector(ckpts["student"], device).half()
+            rows[f"(b16) student fp16, pytorch eager {device.type}"] = (
+                lambda b: torch_row(b, student_half, device, half=True))
+            aps[f"(b16) student fp16, pytorch eager {device.type}"] = runtime_ap(
+                TorchPredictor(student_half, input_size, device, half=True), student_set, args.val_split, 0
+            ) if student_set else {}
         rows[f"(c) teacher, {ort_label}"] = ort_row("teacher")
+        aps[f"(c) teacher, {ort_label}"] = exports["teacher"]["metrics"]
         rows[f"(d) distilled student, {ort_label}"] = ort_row("distilled")
+        aps[f"(d) distilled student, {ort_label}"] = exports["distilled"]["metrics"]
         rows[f"student end-to-end (JPEG bytes -> detections), {ort_label}"] = (
             lambda b: (lambda: predictors["student"].predict(jpegs[:b])))
         if args.fp16:
-            rows[f"student fp16, {ort_label}"] = ort_row("student_fp16")
+            rows[f"(a16) student fp16, {ort_label}"] = ort_row("student_fp16")
+            aps[f"(a16) student fp16, {ort_label}"] = exports["student"]["variants"]["fp16"]["metrics"]
 
         load_before = os.getloadavg()
         times: dict[str, dict[int, list[float]]] = {r: {b: [] for b in args.batches} for r in rows}
@@ -220,6 +298,10 @@ def main() -> None:
             "input_size": list(input_size), "image_size": [640, 480], "rounds": args.rounds,
             "checkpoints": {k: str(given[k]) if given[k] else f"untrained {exports[k]['arch']}" for k in ckpts},
             "rows": {r: {str(b): summarise(ts, b) for b, ts in per_b.items()} for r, per_b in times.items()},
+            "ap": {r: {k: v for k, v in ap.items() if k in ("AP", "AP50", "images", "backend")}
+                   for r, ap in aps.items()},
+            "ap_dataset": str(args.dataset) if args.dataset else "synthetic validation split",
+            "int8_accuracy_warning": exports["student"]["variants"]["int8"]["accuracy_warning"],
         }
         if device.type == "cuda":
             results["gpu"] = torch.cuda.get_device_name(device)
@@ -233,7 +315,7 @@ def main() -> None:
             "teacher_graph": {k: v for k, v in exports["teacher"]["graph"].items() if k != "ops"},
             "latency_ratio": {},
         }
-        a_row, d_row = f"(a) student, {ort_label}", f"(d) distilled student, {ort_label}"
+        a_row, d_row = f"(a) student fp32, {ort_label}", f"(d) distilled student, {ort_label}"
         for b in args.batches:
             ratio, lo, hi = bootstrap_ratio(times[a_row][b], times[d_row][b])
             comparison["latency_ratio"][str(b)] = {"ratio": ratio, "ci90": [lo, hi],
@@ -242,9 +324,14 @@ def main() -> None:
         results["distilled_vs_undistilled"] = comparison
         # ONNX Runtime against eager on the device ORT ran on (an ORT-CPU vs eager-CUDA ratio means nothing).
         eager_row = f"(b) student, pytorch eager {ort_label.rsplit('-', 1)[1]}"
+        med = {r: {b: results["rows"][r][str(b)]["median_ms"] for b in args.batches} for r in results["rows"]}
         results["speedups"] = {
-            str(b): {"ort_vs_eager": results["rows"][eager_row][str(b)]["median_ms"] / a_med[b],
-                     "teacher_vs_student": results["rows"][f"(c) teacher, {ort_label}"][str(b)]["median_ms"] / a_med[b]}
+            str(b): {"ort_vs_eager": med[eager_row][b] / a_med[b],
+                     "teacher_vs_student": med[f"(c) teacher, {ort_label}"][b] / a_med[b],
+                     "int8_vs_fp32": a_med[b] / med[f"(a8) student int8, {ort_label}"][b],
+                     **({"openvino_fp32_vs_ort_fp32": a_med[b] / med["(o) student fp32, openvino-cpu"][b],
+                         "openvino_int8_vs_ort_fp32": a_med[b] / med["(o8) student int8, openvino-cpu"][b]}
+                        if has_openvino else {})}
             for b in args.batches}
 
     md = markdown(results)
@@ -267,19 +354,32 @@ def markdown(res: dict[str, Any]) -> str:
         f"padded to 32); post-processing (top-k, NMS) included in every row; {res['rounds']} interleaved rounds "
         "after warm-up. Checkpoints: " + ", ".join(f"{k} = {v}" for k, v in res["checkpoints"].items()) + ".",
         "",
-        "| row | batch | per-image median (ms) | per-image p90 (ms) | throughput (images/s) |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        f"AP: COCO AP (0-100) on {res.get('ap_dataset', '?')}, measured by the row's own runtime through the "
+        "runtime's preprocessing (`deploy.evaluate`); an untrained checkpoint scores about 0.",
+        "",
+        "| row | batch | per-image median (ms) | per-image p90 (ms) | throughput (images/s) | AP | AP50 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row, per_b in res["rows"].items():
+        ap = res.get("ap", {}).get(row) or {}
+        ap_cells = f"{100 * ap['AP']:.1f} | {100 * ap['AP50']:.1f}" if "AP" in ap else "- | -"
         for b in batches:
             s = per_b[b]
-            lines.append(f"| {row} | {b} | {s['median_ms']:.1f} | {s['p90_ms']:.1f} | {s['throughput_ips']:.1f} |")
+            lines.append(f"| {row} | {b} | {s['median_ms']:.1f} | {s['p90_ms']:.1f} | {s['throughput_ips']:.1f} | "
+                         f"{ap_cells} |")
     lines += ["",
-              "| batch | ORT speed-up over PyTorch eager on the same device (student) | teacher / student (ORT) |",
-              "| ---: | ---: | ---: |"]
+              "| batch | ORT fp32 over PyTorch eager (same device) | teacher / student (ORT) | int8 over fp32 (ORT) "
+              "| OpenVINO fp32 over ORT fp32 | OpenVINO int8 over ORT fp32 |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
     for b in batches:
         sp = res["speedups"][b]
-        lines.append(f"| {b} | {sp['ort_vs_eager']:.2f}x | {sp['teacher_vs_student']:.2f}x |")
+        ov = (f"{sp['openvino_fp32_vs_ort_fp32']:.2f}x | {sp['openvino_int8_vs_ort_fp32']:.2f}x"
+              if "openvino_fp32_vs_ort_fp32" in sp else "- | -")
+        lines.append(f"| {b} | {sp['ort_vs_eager']:.2f}x | {sp['teacher_vs_student']:.2f}x | "
+                     f"{sp.get('int8_vs_fp32', float('nan')):.2f}x | {ov} |")
+    warning = res.get("int8_accuracy_warning")
+    if warning:
+        lines += ["", f"- int8 accuracy warning: {warning['message']}"]
     c = res["distilled_vs_undistilled"]
     lines += [
         "",
