@@ -17,6 +17,7 @@ them with apt when it can).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -368,6 +369,20 @@ def test_ui_serves_without_torch_and_is_static(server: Any) -> None:
         assert "/ui" not in http.get("/openapi.json").json()["paths"]  # no API of its own
 
 
+def test_dataset_samples_endpoint(server: Any, world: dict[str, Any]) -> None:
+    """A sample image with its boxes is a JPEG no larger than asked; past the last image is a 404."""
+    from PIL import Image
+
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        r = http.get(f"/v1/datasets/{world['dataset']}/samples/5", params={"max_side": 100})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        img = Image.open(io.BytesIO(r.content))
+        assert img.format == "JPEG" and max(img.size) == 100 and img.size == (100, 75)
+        r = http.get(f"/v1/datasets/{world['dataset']}/samples/6")
+        assert r.status_code == 404 and "has 6 images" in r.json()["error"]["message"]
+        assert http.get("/v1/datasets/ds_0000000000000000/samples/0").status_code == 404
+
+
 # --------------------------------------------------------------------------------------------------
 # With API keys
 
@@ -488,4 +503,6 @@ def test_real_worker_train_then_distill(browser: Any, live: tuple[Any, WorkerPro
     rows = {r.get_attribute("data-row"): r.text for r in page.all("#ap-table tbody tr")}
     assert all("%" in rows[k] for k in ("teacher", "plain student", "distilled student")), rows
     page.shot("live-distillation")
+    page.open(f"/models/{teacher}", "#model-metrics")  # AP as the serving runtime measured it, and in training
+    assert "measured by the runtime" in page.find("#model-metrics").text
     page.assert_no_console_errors()

@@ -1,7 +1,7 @@
 // Models: the published students (format, backend, metrics, sha256, ONNX download) and "Try it": an image
 // sent to POST /v1/models/{id}/detect, its boxes drawn with scores, with the latency of the call.
 import { api, getKey, objectUrl } from "./api.js";
-import { empty, errorBox, facts, fill, h, labelColour, pct, when } from "./dom.js";
+import { bytes, empty, errorBox, facts, fill, h, labelColour, pct, when } from "./dom.js";
 
 export async function render(main, { id, signal }) {
   if (id) return renderOne(main, id, signal);
@@ -60,11 +60,22 @@ async function renderOne(main, id, signal) {
 }
 
 function metrics(m) {
-  const rows = Object.entries(m.metrics || {}).filter(([, v]) => typeof v !== "object");
-  const bbox = (m.metrics || {}).bbox;
-  const all = [...(bbox ? Object.entries(bbox) : []), ...rows];
-  if (!all.length) return empty("No metrics were measured for this model.");
-  return facts(all.map(([k, v]) => [k, typeof v === "number" && /^AP/.test(k) ? pct(v) : String(v)]));
+  const served = (m.metrics && m.metrics.bbox) || m.metrics || {};
+  const training = m.training_metrics || {};
+  const keys = ["AP", "AP50", "AP75", "APs", "APm", "APl"].filter((k) => k in served || k in training);
+  if (!keys.length) return empty("No metrics were measured for this model.");
+  const runtime = served.backend ? `${served.backend}${served.providers ? ` (${served.providers.join(", ")})` : ""}`
+    : "the serving runtime";
+  return h("div", {},
+    m.accuracy_warning ? h("div", { class: "notice" }, m.accuracy_warning) : null,
+    h("table", { id: "model-metrics" },
+      h("thead", {}, h("tr", {}, h("th", {}, "COCO box"), h("th", { class: "num" }, "measured by the runtime"),
+        h("th", { class: "num" }, "at the end of training"))),
+      h("tbody", {}, keys.map((k) => h("tr", {}, h("td", {}, k), h("td", { class: "num" }, pct(served[k])),
+        h("td", { class: "num" }, pct(training[k])))))),
+    h("p", { class: "muted" }, `Measured by ${runtime}`,
+      typeof served.images === "number" ? ` on ${served.images} validation images` : "",
+      typeof m.size_bytes === "number" ? `; the ONNX file is ${bytes(m.size_bytes)}.` : "."));
 }
 
 function tryIt(m, signal) {
