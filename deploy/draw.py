@@ -35,7 +35,8 @@ def draw_detections(
 ) -> Image.Image:
     """A new RGB image: ``image`` with each detection's box and ``"class_name score"`` label.
 
-    ``detections`` are ``{"box": [x1, y1, x2, y2], "score", "label", "class_name"}`` in the image's pixels,
+    ``detections`` are ``{"box": [x1, y1, x2, y2], "score", "label", "class_name"}`` in the image's pixels
+    (``score`` None for ground truth: the label is the class name alone),
     as ``deploy.runtime.Predictor.predict`` and ``/detect`` return them. Bytes and paths are decoded with
     their EXIF orientation applied, as the runtime decodes them, so the boxes land where they were found;
     a PIL image is taken as it is (``deploy.runtime.load_image``'s output, say). The image is not changed.
@@ -48,13 +49,15 @@ def draw_detections(
     side = min(out.size)
     line = max(1, side // 250)
     font = _font(max(10, side // 40))
-    for det in sorted(detections, key=lambda d: d["score"]):  # best on top
-        if det["score"] < min_score:
+    # Ground-truth boxes come with score None: they are drawn with their class name alone.
+    for det in sorted(detections, key=lambda d: 1.0 if d.get("score") is None else d["score"]):  # best on top
+        if det.get("score") is not None and det["score"] < min_score:
             continue
         colour = label_colour(int(det["label"]))
         x1, y1, x2, y2 = (float(v) for v in det["box"])
         draw.rectangle((x1, y1, x2, y2), outline=colour, width=line)
-        text = f"{det.get('class_name', det['label'])} {det['score']:.2f}"
+        name = det.get("class_name", det["label"])
+        text = str(name) if det.get("score") is None else f"{name} {det['score']:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         tw, th = right - left, bottom - top
         ty = y1 - th - 2 * line if y1 - th - 2 * line >= 0 else y1  # above the box, or inside at the top

@@ -150,7 +150,7 @@ class Trainer:
                  "epochs": self.spec.schedule.epochs, "iter": self.iteration, "total_iters": self.total_iters,
                  "losses": losses or {}, "images_per_s": round(images_per_s, 3),
                  "eta_s": None if eta_s is None else round(eta_s, 1), "resumed_from_iter": self.resumed_from,
-                 "time": time.time()}
+                 "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()}
         atomic_write_json(self.out / "progress.json", state)
         with open(self.out / "progress.jsonl", "a") as f:
             f.write(json.dumps(state) + "\n")

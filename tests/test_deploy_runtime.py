@@ -151,3 +151,15 @@ def test_draw_takes_bytes_or_a_path_decoded_as_the_runtime_decodes(tmp_path: Pat
         assert out.size == (40, 80) and out.mode == "RGB", source
         assert out.getpixel((2, 60)) != (255, 255, 255)  # the box's left edge, inside the portrait image
     assert decoded.getpixel((2, 60)) == (255, 255, 255)  # drawing made a copy
+
+
+def test_ground_truth_is_drawn_without_a_score() -> None:
+    from PIL import Image
+
+    from deploy.draw import draw_detections
+
+    image = Image.new("RGB", (120, 90), (255, 255, 255))
+    gt = [{"box": [10, 30, 60, 80], "score": None, "label": 0, "class_name": "cell"}]
+    drawn = draw_detections(image, gt, min_score=0.5)  # a threshold never hides ground truth
+    assert drawn.getpixel((10, 55)) != (255, 255, 255)  # the box's left edge
+    assert image.getpixel((10, 55)) == (255, 255, 255)  # the input is not changed

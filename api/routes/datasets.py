@@ -98,8 +98,8 @@ def _unpacked_size(archive: Path) -> int:
     summary="One image of the dataset with its ground-truth boxes drawn (JPEG)",
     description=(
         "Image `index` (0 to `num_images` - 1, in the dataset's order) with its boxes and class names drawn by "
-        "the project's one drawing function (`deploy.draw`; ground truth shows as score 1.00), scaled to fit "
-        "`max_side` pixels."
+        "the project's one drawing function (`deploy.draw`; ground truth shows its class name without a score), "
+        "scaled to fit `max_side` pixels."
     ),
     response_class=Response,
     responses={200: {"content": {"image/jpeg": {}}}, **error_docs(404)},
@@ -117,7 +117,7 @@ def dataset_sample(
         raise APIError(404, "not_found", f"dataset {dataset_id!r} has {len(data.images)} images; no image {index}")
     image = data.images[index]
     boxes, labels = data.boxes(image["id"])
-    ground_truth = [{"box": box.tolist(), "score": 1.0, "label": int(label), "class_name": data.classes[label]}
+    ground_truth = [{"box": box.tolist(), "score": None, "label": int(label), "class_name": data.classes[label]}
                     for box, label in zip(boxes, labels, strict=True)]  # fmt: skip
     picture = draw_detections(image["path"], ground_truth)
     picture.thumbnail((max_side, max_side))
