@@ -153,6 +153,10 @@ class Registry:
         final = self.root / model_id
         if final.exists():
             raise FileExistsError(f"model {model_id!r} is already published")
+        # A publisher of this id killed mid-copy (a worker SIGKILLed: bench/chaos.py saw it) left its
+        # folder; only one attempt of a job runs at a time (its lease), so that folder is nobody's now.
+        for stale in self.root.glob(f".tmp-{model_id}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = self.root / f".tmp-{model_id}-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:

@@ -133,3 +133,15 @@ def test_source_damaged_before_publishing_is_refused(tmp_path):
     with pytest.raises(ModelIntegrityError):
         registry.publish(src)
     assert os.listdir(registry.root) == []
+
+
+def test_a_publish_killed_mid_copy_leaves_nothing_after_the_next_attempt(tmp_path):
+    registry = Registry(tmp_path / "models")
+    dead = tmp_path / "models" / ".tmp-mdl_job1-0badc0de"  # what a SIGKILLed publisher leaves
+    dead.mkdir()
+    (dead / "model.onnx").write_bytes(b"half a model")
+    other = tmp_path / "models" / ".tmp-mdl_job2-12345678"  # another job's publish, in flight
+    other.mkdir()
+    registry.publish(make_export(tmp_path / "e1"), model_id="mdl_job1")
+    assert not dead.exists() and other.exists()
+    assert [m["id"] for m in registry.list()] == ["mdl_job1"]
