@@ -129,6 +129,19 @@ def _check_hash(onnx_path: Path, actual: str, info: dict[str, Any]) -> None:
                                   "the file was modified or damaged after export")
 
 
+def _alive(pid: str) -> bool:
+    """Whether process ``pid`` (digits) runs on this machine; True when that cannot be told."""
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
 class Registry:
     """Models under ``root``, one folder each, named by model id."""
 
@@ -153,11 +166,12 @@ class Registry:
         final = self.root / model_id
         if final.exists():
             raise FileExistsError(f"model {model_id!r} is already published")
-        # A publisher of this id killed mid-copy (a worker SIGKILLed: bench/chaos.py saw it) left its
-        # folder; only one attempt of a job runs at a time (its lease), so that folder is nobody's now.
+        # A publisher of this id killed mid-copy (a SIGKILLed worker: bench/chaos.py saw it) left its folder;
+        # the folder names its process, and one whose process is gone is nobody's now.
         for stale in self.root.glob(f".tmp-{model_id}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = self.root / f".tmp-{model_id}-{secrets.token_hex(4)}"
+            if not _alive(stale.name.removeprefix(f".tmp-{model_id}-").split("-")[0]):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = self.root / f".tmp-{model_id}-{os.getpid()}-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
             digest = hashlib.sha256()

@@ -136,12 +136,18 @@ def test_source_damaged_before_publishing_is_refused(tmp_path):
 
 
 def test_a_publish_killed_mid_copy_leaves_nothing_after_the_next_attempt(tmp_path):
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
     registry = Registry(tmp_path / "models")
-    dead = tmp_path / "models" / ".tmp-mdl_job1-0badc0de"  # what a SIGKILLed publisher leaves
+    dead = tmp_path / "models" / f".tmp-mdl_job1-{gone.pid}-0badc0de"  # what a SIGKILLed publisher leaves
     dead.mkdir()
     (dead / "model.onnx").write_bytes(b"half a model")
-    other = tmp_path / "models" / ".tmp-mdl_job2-12345678"  # another job's publish, in flight
+    racing = tmp_path / "models" / f".tmp-mdl_job1-{os.getpid()}-12345678"  # a live publisher of the same id
+    racing.mkdir()
+    other = tmp_path / "models" / f".tmp-mdl_job2-{gone.pid}-12345678"  # another id's: not this publish's business
     other.mkdir()
     registry.publish(make_export(tmp_path / "e1"), model_id="mdl_job1")
-    assert not dead.exists() and other.exists()
+    assert not dead.exists() and racing.exists() and other.exists()
     assert [m["id"] for m in registry.list()] == ["mdl_job1"]
