@@ -60,7 +60,8 @@ def summarize(name: str, latencies_ms: list[float], wall_s: float, n: int, note:
 
 
 def build_model(work: Path, arch: str, size: tuple[int, int]) -> Path:
-    """Export an untrained detector (bias shifted to pass ~hundreds of candidates) and publish it."""
+    """Export an untrained detector (bias shifted to pass ~hundreds of candidates) in fp32 and int8 (calibrated
+    on the sample pictures) and publish both (``mdl_bench``, ``mdl_benchint8``)."""
     import torch
 
     from deploy.export import export_model
@@ -71,8 +72,9 @@ def build_model(work: Path, arch: str, size: tuple[int, int]) -> Path:
     with torch.no_grad():
         model.bbox_head.gfl_cls.bias.fill_(-2.5)  # sigmoid ~0.08: just over the 0.05 threshold
     atomic_save(detector_state(model, meta={"input_size": list(size)}), work / "model.pt")
-    export_model(work / "model.pt", work / "export")
+    export_model(work / "model.pt", work / "export", formats=["fp32", "int8"])
     Registry(work / "data" / "models").publish(work / "export", model_id="mdl_bench")
+    Registry(work / "data" / "models").publish(work / "export" / "int8", model_id="mdl_benchint8")
     return work / "data" / "models" / "mdl_bench"
 
 
@@ -94,8 +96,9 @@ def time_calls(fn: Any, items: list[Any], rounds: int) -> tuple[list[float], flo
     return lat, time.perf_counter() - start
 
 
-def http_clients(url: str, images: list[bytes], clients: int, requests: int) -> tuple[list[float], float, int]:
-    """``clients`` threads, each with its own keep-alive connection, ``requests`` in all."""
+def http_clients(url: str, images: list[bytes], clients: int, requests: int, path: str = "/detect"
+                 ) -> tuple[list[float], float, int]:
+    """``clients`` threads, each with its own keep-alive connection, ``requests`` in all, posting to ``path``."""
     per = max(1, requests // clients)
     lat: list[float] = []
     lock = threading.Lock()
@@ -104,12 +107,12 @@ def http_clients(url: str, images: list[bytes], clients: int, requests: int) -> 
 
     def run(k: int) -> None:
         with httpx.Client(base_url=url, timeout=120) as c:
-            c.post("/detect", files={"file": ("w.png", images[k % len(images)], "image/png")})  # warm connection
+            c.post(path, files={"file": ("w.png", images[k % len(images)], "image/png")})  # warm connection
             barrier.wait()
             for i in range(per):
                 img = images[(k * per + i) % len(images)]
                 t = time.perf_counter()
-                r = c.post("/detect", files={"file": ("i.png", img, "image/png")})
+                r = c.post(path, files={"file": ("i.png", img, "image/png")})
                 dt = (time.perf_counter() - t) * 1000
                 r.raise_for_status()
                 with lock:
@@ -161,6 +164,8 @@ def main() -> None:
         images = make_images(args.images, size, work)
         predictor = Predictor(model_dir)
         meta = predictor.meta
+        int8_dir = model_dir.parent / "mdl_benchint8"
+        int8 = Predictor(int8_dir) if int8_dir.is_dir() else None
 
         prepared = [prepare_batch(predictor.load([im]), predictor.input_size)[:2] for im in images]
         for im in images[:2]:
@@ -190,6 +195,9 @@ def main() -> None:
         try:
             _wait(url)
             _register(work / "data", model_dir, meta)
+            if int8 is not None:
+                _register(work / "data", int8_dir, {**int8.meta, "format": "int8", "fp32_id": "mdl_bench"},
+                          "mdl_benchint8")
             per_round = max(1, args.rounds // args.repeat)
             for _ in range(args.repeat):
                 lat, wall = time_calls(lambda b: predictor.run(*b), prepared, per_round)
@@ -206,6 +214,12 @@ def main() -> None:
                     lat, wall, _ = http_clients(url, images, c, max(c, args.requests // args.repeat))
                     s1, n1 = batch_sizes(url)
                     add(f"/detect, {c} concurrent client(s)", lat, wall, len(lat), batch=(s1 - s0, n1 - n0))
+                if int8 is not None:
+                    lat, wall = time_calls(lambda b: int8.run(*b), prepared, per_round)
+                    add("int8: session (bare ORT call, prepared batch of 1)", lat, wall, per_round)
+                    lat, wall, _ = http_clients(url, images, 1, max(1, args.requests // args.repeat),
+                                                path="/v1/models/mdl_benchint8/detect")
+                    add("int8: /v1/models/{id}/detect, 1 client", lat, wall, len(lat))
         finally:
             server.terminate()
             server.wait(20)
@@ -220,12 +234,19 @@ def main() -> None:
     detect1 = next(r for r in rows if r["row"].startswith("/detect, 1 "))
     overhead = (detect1["median_ms"] - session_ms) / detect1["median_ms"]
     thr = {r["row"]: r["throughput_per_s"] for r in rows if r["row"].startswith("/detect")}
+    int8_rows = {r["row"].split(": ", 1)[1].split(" ")[0]: r for r in rows if r["row"].startswith("int8: ")}
+    int8_overhead = None
+    if len(int8_rows) == 2:
+        d8 = int8_rows["/v1/models/{id}/detect,"]["median_ms"]
+        int8_overhead = round((d8 - int8_rows["session"]["median_ms"]) / d8, 3)
     result = {
         "model": {"arch": meta.get("arch"), "input_size": meta.get("input_size"), "image_size": list(size),
                   "untrained": not args.model_dir},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "providers": predictor.providers},
         "rows": rows,
         "detect_overhead_share": round(overhead, 3),
+        "int8_detect_overhead_share": int8_overhead,
+        "int8_session_speedup": round(session_ms / int8_rows["session"]["median_ms"], 2) if int8_rows else None,
         "throughput_detect": thr,
     }  # fmt: skip
     md = render(result)
@@ -260,6 +281,12 @@ def render(result: dict[str, Any]) -> str:
         + (" (rises with concurrency)" if all(thr[i][1] < thr[i + 1][1] for i in range(len(thr) - 1))
            else " (does NOT rise monotonically with concurrency)"),
     ]  # fmt: skip
+    share8 = result.get("int8_detect_overhead_share")
+    if share8 is not None:
+        verdict = "met" if share8 < 0.2 else "NOT met"
+        lines.append(f"- int8 model: `/v1/models/{{id}}/detect` with one client spends {share8 * 100:.0f}% of its "
+                     f"round trip outside the int8 session call (target < 20%): **{verdict}**; the int8 session "
+                     f"call is {result['int8_session_speedup']:.2f}x as fast as the fp32 one.")
     return "\n".join(lines) + "\n"
 
 
@@ -283,13 +310,13 @@ def _wait(url: str, timeout: float = 60) -> None:
     raise TimeoutError("the API did not start")
 
 
-def _register(data_dir: Path, model_dir: Path, meta: dict[str, Any]) -> None:
+def _register(data_dir: Path, model_dir: Path, meta: dict[str, Any], model_id: str = "mdl_bench") -> None:
     """Record the model in the server's store (as the worker does after publishing)."""
     from worker.store import Store
 
     store = Store(f"sqlite:///{data_dir / 'ldd.db'}")
     try:
-        store.add_model("mdl_bench", None, str(model_dir), meta)
+        store.add_model(model_id, None, str(model_dir), meta)
     finally:
         store.close()
 

@@ -135,3 +135,20 @@ def test_readyz_names_the_backend_and_providers_serving_the_newest_model(publish
             body = http.get("/readyz").json()
         assert body["checks"]["model"] == f"ok ({published['id']})", body
         assert body["checks"]["serving"] == {"model": published["id"], "backend": backend, "providers": providers}
+
+
+def test_a_model_recorded_with_its_model_json_as_meta_is_fp32(tmp_path):
+    """model.json's schema tag is also called "format": a model whose meta is a copy of it is an fp32 model,
+    and /detect's default."""
+    store = Store(f"sqlite:///{tmp_path / 'ldd.db'}")
+    try:
+        store.add_model("mdl_0123456789", "job_0123456789", "/m", {"format": "ld-service-model/1", "classes": ["a"]})
+        store.add_model("mdl_0123456789int8", None, "/m8", {"format": "int8", "fp32_id": "mdl_0123456789",
+                                                           "job_id": "job_0123456789"})
+        assert store.get_model("mdl_0123456789")["format"] == "fp32"
+        assert store.newest_model()["id"] == "mdl_0123456789"
+        assert [m["format"] for m in store.list_models()] == ["int8", "fp32"]
+        with pytest.raises(ValueError, match="only a job's fp32 model"):
+            store.add_model("mdl_0123456789fp16", "job_0123456789", "/m16", {"format": "fp16"})
+    finally:
+        store.close()

@@ -106,7 +106,7 @@ class Catalogue:
         siblings: their rows have no ``job_id`` of their own, and their ``meta`` names the job (``job_id``),
         the ``format`` and the fp32 sibling (``fp32_id``); rows read back carry the job either way.
         """
-        if job_id is not None and meta.get("format", "fp32") != "fp32":
+        if job_id is not None and meta.get("format") in ("int8", "fp16"):
             raise ValueError("only a job's fp32 model holds its job_id; an int8 or fp16 model names it in meta")
         source = job_id or meta.get("job_id")
         if tenant is None:
@@ -175,7 +175,8 @@ def _model(values: Any) -> dict[str, Any]:
     fp16 sibling, the job that made it (from its meta) and its ``fp32_id``."""
     model = plain(values)
     meta = model.get("meta") or {}
-    model["format"] = meta.get("format", "fp32")
+    # A meta copied from model.json carries its schema tag under "format": that is an fp32 model too.
+    model["format"] = meta.get("format") if meta.get("format") in ("int8", "fp16") else "fp32"
     model["fp32_id"] = meta.get("fp32_id")
     model["job_id"] = model.get("job_id") or meta.get("job_id")
     return model
