@@ -190,7 +190,7 @@ def test_embedded_mode_through_the_cli(tmp_path: Path) -> None:
         assert det["model"] == result["model_id"] and det["image_size"] == list(Image.open(photo).size)
         assert Image.open(drawn).size == Image.open(photo).size
 
-        out = ldd("jobs", "status", "job_missing")
+        out = ldd("jobs", "status", "job_0000000000000000")  # well formed, unknown
         assert out.returncode == 2 and "404" in out.stderr
     finally:
         up.send_signal(signal.SIGINT)  # Ctrl-C stops the API and the worker
