@@ -25,7 +25,7 @@ class Dataset(_Open):
 
 
 class Architecture(_Open):
-    """What ``distill.ckpt_reader`` inferred from an upload's tensor shapes (no code was run).
+    """What ``distill.ckpt_layout`` inferred from an upload's tensor shapes (no code was run).
 
     A ``detector`` can be a teacher or a student's initial weights; a ``backbone`` (a ResNet state dict)
     only the latter. Fields marked "detector" are absent for a backbone, and ``layout`` for a detector.

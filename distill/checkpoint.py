@@ -21,13 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distill.ckpt_reader import (
-    CheckpointError,
-    InertUnpickler,
-    backbone_tensors,
-    detector_tensors,
-    infer_gfl_architecture,
-)
+from distill.ckpt_layout import backbone_tensors, detector_tensors, infer_gfl_architecture
+from distill.ckpt_reader import CheckpointError, InertUnpickler
 from distill.files import atomic_write
 from distill.models.gfl import GFL, DetectorConfig
 from distill.spec import ARCHITECTURES, arch_config

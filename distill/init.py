@@ -22,7 +22,7 @@ import torchvision
 from torch import Tensor
 
 from distill.checkpoint import read_checkpoint, state_dict_of
-from distill.ckpt_reader import backbone_tensors, describe_state, detector_tensors, resnet_layout
+from distill.ckpt_layout import backbone_tensors, describe_state, detector_tensors, resnet_layout
 from distill.models.gfl import GFL
 from distill.spec import Init, InitCheckpoint, InitPath
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from distill.ckpt_reader import CheckpointError, describe_checkpoint, read_checkpoint
+from distill.ckpt_layout import describe_checkpoint
+from distill.ckpt_reader import CheckpointError, read_checkpoint
 
 FIXTURE = Path("/work/shared/fixtures/mmdet_gfl_r18_c64.pth")
 

@@ -11,7 +11,7 @@ import torch
 import torchvision
 
 from distill.checkpoint import atomic_save, build_detector, detector_state, read_checkpoint
-from distill.ckpt_reader import describe_checkpoint
+from distill.ckpt_layout import describe_checkpoint
 from distill.init import initialise
 from distill.models.gfl import GFL, DetectorConfig
 from distill.spec import IMAGENET_URLS, InitPath, LocalJobSpec

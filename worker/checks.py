@@ -20,7 +20,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from distill.ckpt_reader import CheckpointError, describe_checkpoint
+from distill.ckpt_layout import describe_checkpoint
+from distill.ckpt_reader import CheckpointError
 from distill.class_map import ClassMapError, map_classes
 from distill.spec import IMAGENET_URLS, InitCheckpoint, JobSpec, arch_config
 from worker.settings import Settings
