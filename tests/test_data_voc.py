@@ -230,3 +230,17 @@ def test_imagesets_conflicts_unknown_ids_and_unlisted_images(tmp_path: Path) -> 
     assert coco["warnings"] == ["ImageSets/Main/train.txt: 1 id(s) match no annotated image, ignored: ghost",
                                 "1 annotated image(s) are in no ImageSets list, so they train: JPEGImages/d.jpg"]
     assert _splits(coco) == {"a": "train", "b": None, "c": "test", "d": None}
+
+
+def test_command_line_image_sets_and_warnings(tmp_path: Path) -> None:
+    root = _voc_with_image_sets(tmp_path / "voc", {"trainval": ["a", "b"], "test": ["c"]}, ["a", "b", "c"])
+    (root / "Annotations/b.xml").write_text(_xml("b.jpg", (40, 30), [("x", (3, 4, 20, 25), 0),
+                                                                   ("x", (7, 7, 7, 7), 0)]))
+    run = subprocess.run(
+        [sys.executable, "-m", "distill.data", "import-voc", str(root), str(tmp_path / "out"),
+         "--image-set", "trainval=train", "--image-set", "test=val"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert run.returncode == 0, run.stderr
+    assert '"train": 2' in run.stdout and '"val": 1' in run.stdout
+    assert "warning: Annotations/b.xml: object 1 (x 7,7,7,7) is a point" in run.stdout
