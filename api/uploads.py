@@ -24,6 +24,7 @@ from fastapi import UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from api.errors import APIError
+from distill import files
 
 UPLOAD_CHUNK = 1 << 20
 
@@ -63,16 +64,15 @@ def free_bytes(data_dir: Path) -> int:
 
 def ensure_room(data_dir: Path, need: int, min_free: int) -> None:
     """Raise a 507 if writing ``need`` more bytes would leave less than ``min_free`` free in ``data_dir``."""
-    if min_free <= 0 and need <= 0:
-        return
-    free = free_bytes(data_dir)
-    if free - need < min_free:
+    try:
+        files.ensure_room(data_dir, min_free, "an upload", need)
+    except files.NoRoom as e:
         raise APIError(
             507, "insufficient_storage",
-            f"not enough free space in the data folder: {free} bytes free, this upload needs {need} and "
+            f"not enough free space in the data folder: {e.free} bytes free, this upload needs {need} and "
             f"{min_free} must stay free (LDD_MIN_FREE_BYTES); nothing was stored",
-            {"free_bytes": free, "needed_bytes": need, "min_free_bytes": min_free},
-        )  # fmt: skip
+            {"free_bytes": e.free, "needed_bytes": need, "min_free_bytes": min_free},
+        ) from e  # fmt: skip
 
 
 def _full(e: OSError, data_dir: Path) -> APIError:

@@ -20,21 +20,23 @@ from typing import IO, Any
 class NoRoom(OSError):
     """Less free space than the run may use (a job's ``min_free_bytes``); nothing was written."""
 
-    def __init__(self, folder: Path, free: int, min_free: int, what: str):
+    def __init__(self, folder: Path, free: int, need: int, min_free: int, what: str):
         super().__init__(errno.ENOSPC, f"No space left on device for {what}: {folder} has {free} bytes free, "
-                         f"at least {min_free} must stay free")
+                         f"{need} are needed and at least {min_free} must stay free")
+        self.free, self.need, self.min_free = free, need, min_free
 
 
-def ensure_room(folder: str | os.PathLike[str], min_free_bytes: int, what: str) -> None:
-    """Raise :class:`NoRoom` when ``folder``'s file system has less than ``min_free_bytes`` free. Checked
-    before a write, so a full disk stops a run with its last good file intact rather than half a new one."""
-    if min_free_bytes <= 0:
+def ensure_room(folder: str | os.PathLike[str], min_free_bytes: int, what: str, need: int = 0) -> None:
+    """Raise :class:`NoRoom` when writing ``need`` bytes would leave less than ``min_free_bytes`` free in
+    ``folder``'s file system. Checked before a write (uploads, checkpoints, exports), so a full disk stops the
+    work with the last good file intact rather than half a new one. The one room check of every room."""
+    if min_free_bytes <= 0 and need <= 0:
         return
     folder = Path(folder)
     probe = folder if folder.exists() else folder.parent
     free = shutil.disk_usage(probe).free
-    if free < min_free_bytes:
-        raise NoRoom(folder, free, min_free_bytes, what)
+    if free - need < min_free_bytes:
+        raise NoRoom(folder, free, need, min_free_bytes, what)
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:

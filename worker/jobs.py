@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from deploy.registry import Registry
-from distill.files import atomic_write_json
+from distill.files import NoRoom, atomic_write_json, ensure_room
 from worker import history
 from worker.checks import JobRefused, resolve_job
 from worker.process import die_with_parent, stop_group
@@ -335,8 +335,10 @@ def _no_room(settings: Settings, what: str) -> str:
 
 def _check_room(settings: Settings, what: str) -> None:
     """Refuse to start a child that writes (checkpoints, exports) when the data folder is below its minimum."""
-    if settings.min_free_bytes > 0 and shutil.disk_usage(settings.data_dir).free < settings.min_free_bytes:
-        raise JobRefused(_no_room(settings, f"not enough room to start {what}"), "no_room")
+    try:
+        ensure_room(settings.data_dir, settings.min_free_bytes, what)
+    except NoRoom as e:
+        raise JobRefused(_no_room(settings, f"not enough room to start {what}"), "no_room") from e
 
 
 def _tail(path: Path, n: int) -> str:
