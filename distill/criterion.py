@@ -15,6 +15,7 @@ caller sums them. ``losses(outputs, gt)`` is the same without the forward passes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -146,16 +147,21 @@ class DistillCriterion:
         adapters = distillation.build_adapters(student, teacher, spec)
         self.adapters = None if adapters is None else adapters.to(next(student.parameters()).device)
         self._columns: dict[str, tuple[Tensor, Tensor] | None] = {}
+        # Where the teacher's outputs come from: None = its live forward pass; the teacher cache sets this to a
+        # callable ``(images, targets) -> HeadOutputs`` that answers from (or fills) the cache.
+        self.teacher_source: Callable[[Tensor, list[dict]], HeadOutputs] | None = None
 
     def class_report(self) -> dict:
         """KD's class correspondence for the job's metrics: mapping, unmapped classes, KD on or off."""
-        w = self.spec.weights
-        return self.classes.report(kd_weighted=w.main_kd > 0 or w.vlr_kd > 0)
+        w = self.spec.weights.value
+        return self.classes.report(kd_weighted=w("main_kd") > 0 or w("vlr_kd") > 0)
 
     def __call__(self, images: Tensor, targets: list[dict]) -> dict[str, Tensor]:
         """Weighted GFL and distillation losses of a batch: ``images (B, 3, H, W)``, per-image ``targets``."""
         student = self.gfl.forward(images, self.keep_feats)
-        return self.losses(student, self.teacher_forward(images), pad_targets(targets, images.device))
+        gt = pad_targets(targets, images.device)
+        teacher = self.teacher_source(images, targets) if self.teacher_source else self.teacher_forward(images)
+        return self.losses(student, teacher, gt)
 
     @torch.no_grad()
     def teacher_forward(self, images: Tensor) -> HeadOutputs:
@@ -165,34 +171,34 @@ class DistillCriterion:
         """``qfl``, ``giou``, ``dfl``, then ``main_ld``, ``main_kd``, ``vlr_ld``, ``vlr_kd``, ``tbr``,
         ``fitnets``: those whose weight is above 0 (KD also needs a class pair; LD/TBR need no classes)."""
         losses, state = self.gfl.losses(student, gt)
-        spec, w = self.spec, self.spec.weights
-        ld_on, kd_on = spec.method == "ld", self.classes.kd_possible
+        spec, w = self.spec, self.spec.weights.value
+        kd_on = self.classes.kd_possible
         columns = self._kd_columns(student.cls.device) if kd_on else None
         pos = state.positives
-        if ld_on and w.main_ld > 0:
-            losses["main_ld"] = w.main_ld * distillation.region_ld(student.reg, teacher.reg, pos.b, pos.a, None,
-                                                                   spec.tau)
-        if kd_on and w.main_kd > 0:
-            losses["main_kd"] = w.main_kd * distillation.region_kd(student.cls, teacher.cls, pos.b, pos.a, None,
-                                                                   spec.kd_tau, columns)
-        vlr_ld, vlr_kd = ld_on and w.vlr_ld > 0, kd_on and w.vlr_kd > 0
+        if w("main_ld") > 0:
+            losses["main_ld"] = w("main_ld") * distillation.region_ld(student.reg, teacher.reg, pos.b, pos.a, None,
+                                                                      spec.tau)
+        if kd_on and w("main_kd") > 0:
+            losses["main_kd"] = w("main_kd") * distillation.region_kd(student.cls, teacher.cls, pos.b, pos.a, None,
+                                                                      spec.kd_tau, columns)
+        vlr_ld, vlr_kd = w("vlr_ld") > 0, kd_on and w("vlr_kd") > 0
         if vlr_ld or vlr_kd:
             regions = self.regions(state, gt)
             vlr_b, vlr_a = regions.vlr.nonzero(as_tuple=True)
             vlr_w = regions.vlr_weight[vlr_b, vlr_a]
             if vlr_ld:
-                losses["vlr_ld"] = w.vlr_ld * distillation.region_ld(student.reg, teacher.reg, vlr_b, vlr_a, vlr_w,
-                                                                     spec.tau)
+                losses["vlr_ld"] = w("vlr_ld") * distillation.region_ld(student.reg, teacher.reg, vlr_b, vlr_a,
+                                                                        vlr_w, spec.tau)
             if vlr_kd:
-                losses["vlr_kd"] = w.vlr_kd * distillation.region_kd(student.cls, teacher.cls, vlr_b, vlr_a, vlr_w,
-                                                                     spec.kd_tau, columns)
-        if spec.method == "tbr" and w.tbr > 0:
-            losses["tbr"] = w.tbr * distillation.tbr_loss(teacher.reg, pos, self.gfl.model.bbox_head.integral,
-                                                          spec.tbr_margin)
-        if spec.method == "fitnets" and w.fitnets > 0:
+                losses["vlr_kd"] = w("vlr_kd") * distillation.region_kd(student.cls, teacher.cls, vlr_b, vlr_a,
+                                                                        vlr_w, spec.kd_tau, columns)
+        if w("tbr") > 0:
+            losses["tbr"] = w("tbr") * distillation.tbr_loss(teacher.reg, pos, self.gfl.model.bbox_head.integral,
+                                                             spec.tbr_margin)
+        if w("fitnets") > 0:
             if student.feats is None or teacher.feats is None or self.adapters is None:
-                raise ValueError("method 'fitnets' needs student and teacher features and the adapters")
-            losses["fitnets"] = w.fitnets * distillation.fitnets_loss(student.feats, teacher.feats, self.adapters)
+                raise ValueError("FitNets needs student and teacher features and the adapters")
+            losses["fitnets"] = w("fitnets") * distillation.fitnets_loss(student.feats, teacher.feats, self.adapters)
         return losses
 
     def regions(self, state: GFLState, gt: GroundTruth) -> Regions:

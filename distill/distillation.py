@@ -44,7 +44,7 @@ def check_teacher(teacher: GFL, student: GFL) -> None:
 
 def needs_features(spec: DistillSpec) -> bool:
     """Whether the step must keep FPN features (only FitNets imitates them)."""
-    return spec.method == "fitnets" and spec.weights.fitnets > 0
+    return spec.weights.value("fitnets") > 0
 
 
 def build_adapters(student: GFL, teacher: GFL, spec: DistillSpec) -> nn.Module | None:

@@ -155,22 +155,51 @@ class GFLWeights(_Strict):
     dfl: float = Field(0.25, ge=0, description="l2: distribution focal loss")
 
 
-class LossWeights(_Strict):
-    """The distillation weights l3..l6 of the paper's eq. 5 (and of the comparison methods). A weight of 0
-    switches the term off and skips its computation."""
+Method = Literal["ld", "crosskd", "bckd", "tbr", "fitnets"]
 
-    # Settled by bench/ablation.py (bench/results/tuning/): with our per-region means, LD at 1.0 did not
-    # help on its own (AP 55.7 vs 56.6 alone), at 0.25 it did (59.4); KD at 1.0 beat 0.5 and 0.25 beside it.
-    main_ld: float = Field(0.25, ge=0, description="l3: LD on the main region")
-    vlr_ld: float = Field(0.25, ge=0, description="l4: LD on the valuable localization region")
-    main_kd: float = Field(1.0, ge=0, description="l5: classification KD on the main region")
-    vlr_kd: float = Field(0.0, ge=0, description="l6: classification KD on the VLR")
-    tbr: float = Field(1.0, ge=0, description="pseudo-box regression weight (method 'tbr')")
-    fitnets: float = Field(1.0, ge=0, description="feature imitation weight (method 'fitnets')")
+# The weights each method switches on by default (every other distillation weight defaults to 0). A job may
+# set any weight whatever its method, so combinations (CrossKD + VLR LD, BCKD + Main LD) are ordinary jobs.
+# LD's were settled by bench/ablation.py (bench/results/tuning/): with our per-region means, LD at 1.0 did not
+# help on its own (AP 55.7 vs 56.6 alone), at 0.25 it did (59.4); KD at 1.0 beat 0.5 and 0.25 beside it.
+METHOD_WEIGHTS: dict[str, dict[str, float]] = {
+    "ld": {"main_ld": 0.25, "vlr_ld": 0.25, "main_kd": 1.0},
+    "crosskd": {"crosskd_cls": 1.0, "crosskd_reg": 1.0},
+    "bckd": {"bckd_cls": 1.0, "bckd_loc": 1.0},
+    "tbr": {"main_kd": 1.0, "tbr": 1.0},
+    "fitnets": {"main_kd": 1.0, "fitnets": 1.0},
+}
+
+
+class LossWeights(_Strict):
+    """The distillation weights: l3..l6 of the paper's eq. 5, and the terms of the methods that followed it
+    or that it compared against. A weight of 0 switches its term off and skips its computation; a weight left
+    out takes the default of the job's ``distill.method`` (:data:`METHOD_WEIGHTS`), 0 for the others."""
+
+    main_ld: float | None = Field(None, ge=0, description="l3: LD on the main region")
+    vlr_ld: float | None = Field(None, ge=0, description="l4: LD on the valuable localization region")
+    main_kd: float | None = Field(None, ge=0, description="l5: classification KD on the main region")
+    vlr_kd: float | None = Field(None, ge=0, description="l6: classification KD on the VLR")
+    crosskd_cls: float | None = Field(None, ge=0, description="CrossKD: cross-head classification imitation")
+    crosskd_reg: float | None = Field(None, ge=0, description="CrossKD: cross-head edge-distribution imitation")
+    bckd_cls: float | None = Field(None, ge=0, description="BCKD: binary classification distillation")
+    bckd_loc: float | None = Field(None, ge=0, description="BCKD: GIoU to the teacher's boxes")
+    tbr: float | None = Field(None, ge=0, description="TBR: teacher-bounded pseudo-box regression")
+    fitnets: float | None = Field(None, ge=0, description="FitNets: FPN feature imitation")
+
+    def filled(self, method: str) -> LossWeights:
+        """These weights with every weight left out set to ``method``'s default."""
+        defaults = METHOD_WEIGHTS[method]
+        return LossWeights(**{k: v if v is not None else defaults.get(k, 0.0)
+                              for k, v in self.model_dump().items()})
+
+    def value(self, name: str) -> float:
+        """A term's weight (0 when left out and not yet filled)."""
+        return float(getattr(self, name) or 0.0)
 
 
 class DistillSpec(_Strict):
-    method: Literal["ld", "tbr", "fitnets"] = "ld"
+    method: Method = Field("ld", description="which terms are on by default: 'ld' (Main LD + VLR LD + Main KD), "
+                           "'crosskd', 'bckd', 'tbr', 'fitnets'; any weight may still be set")
     tau: float = Field(10.0, gt=0, description="LD temperature")
     gamma: float = Field(0.25, ge=0, le=1, description="VLR lower bound as a fraction of alpha_pos")
     kd_tau: float = Field(2.0, gt=0, description="classification KD temperature")
@@ -180,6 +209,15 @@ class DistillSpec(_Strict):
         None, description="dataset class -> teacher class for KD; default: classes with the same name "
         "(case-insensitive). Dataset classes without a teacher class get no KD; LD needs no classes.",
     )
+    teacher_cache: Literal["auto", "on", "off"] = Field(
+        "auto", description="reuse the teacher's outputs per (image, flip) across epochs: 'auto' where the "
+        "schedule and terms allow it, 'on' refuses a job where they do not, 'off' never",
+    )
+
+    @model_validator(mode="after")
+    def _fill_weights(self) -> DistillSpec:
+        self.weights = self.weights.filled(self.method)
+        return self
 
 
 class ScheduleSpec(_Strict):
@@ -200,6 +238,8 @@ class ScheduleSpec(_Strict):
     checkpoint_every: int | None = Field(
         None, ge=1, description="also checkpoint every N iterations (always at each epoch end)"
     )
+    gpus: int = Field(1, ge=1, le=64, description="processes of one job (torch.distributed: NCCL on GPUs, gloo on "
+                      "CPU); batch_size is the global batch, split evenly between them")
 
     @field_validator("image_size")
     @classmethod
@@ -207,6 +247,12 @@ class ScheduleSpec(_Strict):
         if min(v) < 32 or max(v) > 4096:
             raise ValueError("image_size sides must be within [32, 4096]")
         return (max(v), min(v))
+
+    @model_validator(mode="after")
+    def _even_split(self) -> ScheduleSpec:
+        if self.batch_size % self.gpus:
+            raise ValueError(f"batch_size {self.batch_size} does not split evenly over {self.gpus} processes")
+        return self
 
     @property
     def base_lr(self) -> float:

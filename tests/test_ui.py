@@ -468,12 +468,16 @@ def test_real_worker_train_then_distill(browser: Any, live: tuple[Any, WorkerPro
         page.open(f"/jobs/{job_id}", "#loss-chart")
         seen: list[int] = []
 
-        def ended() -> bool:
+        def points() -> int:
             text = page.find("#job-progress").text
             if "points on the curve" in text:
                 n = int(text.rsplit(" · ", 1)[1].split()[0])
                 if not seen or seen[-1] != n:
                     seen.append(n)
+            return seen[-1] if seen else 0
+
+        def ended() -> bool:
+            points()
             return page.find("#job-state").text in ("succeeded", "failed", "cancelled")
 
         try:
@@ -481,6 +485,8 @@ def test_real_worker_train_then_distill(browser: Any, live: tuple[Any, WorkerPro
         except AssertionError as e:
             raise AssertionError(f"{e}\n{worker.log_tail()}") from None
         assert page.find("#job-state").text == "succeeded", (page.find("#job-error").text, worker.log_tail())
+        # The state can turn "succeeded" between two reads of the curve; its last points still arrive.
+        page.until(lambda: points() >= 3, f"job {job_id}'s last curve points", timeout=20)
         return seen
 
     with httpx.Client(base_url=srv.url, timeout=30) as http:

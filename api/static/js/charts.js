@@ -46,6 +46,16 @@ export class Curves {
     else this.plot.setData(this.data());
   }
 
+  // Start again from these records (the history is the whole truth; events may skip some points).
+  reset() {
+    this.names = [];
+    this.xs = [];
+    this.ys = {};
+    if (this.plot) this.plot.destroy();
+    this.plot = null;
+    this.container.replaceChildren();
+  }
+
   data() {
     return [this.xs, ...this.names.map((k) => this.ys[k])];
   }

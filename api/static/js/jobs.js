@@ -144,11 +144,22 @@ async function renderOne(main, id, signal) {
   });
   if (!ACTIVE.includes(job.state)) return;
   // Live: each change of the job arrives as an event; its progress record extends the curves.
-  follow(`${path}/events`, (name, j) => {
+  // Events are throttled, so some records never arrive live; at the end the stored history redraws the curves.
+  follow(`${path}/events`, async (name, j) => {
     if (j.progress) addRecord({ ...j.progress });
-    if (name === "end" && j.metrics && j.metrics.bbox) {
-      hist.evaluations = [...hist.evaluations.filter((e) => e.iter !== j.progress?.iter),
-        { iter: j.progress?.iter, attempt: j.attempts, bbox: j.metrics.bbox }];
+    if (name === "end") {
+      try {
+        const full = await api(`${path}/history`, { signal });
+        losses.reset();
+        lr.reset();
+        for (const r of full.records) addRecord(r);
+        hist.evaluations = full.evaluations;
+      } catch (err) {
+        if (signal.aborted) return;
+      }
+      if (j.metrics && j.metrics.bbox && !hist.evaluations.length) {
+        hist.evaluations = [{ iter: j.progress?.iter, attempt: j.attempts, bbox: j.metrics.bbox }];
+      }
     }
     show(j);
   }, signal).catch((err) => {
