@@ -61,7 +61,7 @@ def test_migration_adds_the_table_keeps_rows_and_goes_down(url: str) -> None:
         history.append(store, job["id"], 1, _progress(5))
         store.close()
         with engine.connect() as conn:
-            assert current_revision(conn) == head_revision() == "0003"
+            assert current_revision(conn) == head_revision()  # 0003 and any later migration
             command.downgrade(alembic_config(conn), "0002")
             conn.commit()
         with engine.begin() as conn:
@@ -87,6 +87,8 @@ def _write_progress(attempt: Attempt, record: dict[str, Any]) -> None:
     path = attempt.run_dir / "progress.json"
     path.write_text(json.dumps(record))
     os.utime(path, (record["time"], record["time"]))  # a new mtime however fast the test runs
+    with open(attempt.run_dir / "progress.jsonl", "a") as f:  # as distill.train writes: latest + every record
+        f.write(json.dumps(record) + "\n")
 
 
 def test_relay_records_history_that_survives_restarts_and_resumes(url: str, tmp_path: Path) -> None:
@@ -153,5 +155,26 @@ def test_route_is_tenant_scoped(tmp_path: Path) -> None:
             assert client.get(f"/v1/jobs/{mine['id']}/history").status_code == 401
             assert client.get("/v1/jobs/job_0000000000000000/history",
                               headers={"Authorization": "Bearer KA"}).status_code == 404  # fmt: skip
+    finally:
+        store.close()
+
+
+def test_a_throttled_relay_still_records_every_record(url: str, tmp_path: Path) -> None:
+    """The relay to ``jobs.progress`` sends the latest record at most every ``progress_seconds``; records
+    written in between (a fast epoch) still reach the history, and a half-written last line waits."""
+    store = Store(url)
+    try:
+        job, _ = store.create_job(SPEC)
+        attempt = _attempt(store, tmp_path, job["id"])
+        for it in (1, 2, 3):
+            _write_progress(attempt, _progress(it))
+        attempt._relay_progress(force=True)
+        for it in (4, 5):
+            _write_progress(attempt, _progress(it))
+        with open(attempt.run_dir / "progress.jsonl", "a") as f:
+            f.write(json.dumps(_progress(6))[:20])  # the trainer is halfway through this line
+        attempt._relay_progress(force=True)
+        assert [r["iter"] for r in history.read(store, job["id"])] == [1, 2, 3, 4, 5]
+        assert attempt.progress is not None and attempt.progress["iter"] == 5  # the latest, for jobs.progress
     finally:
         store.close()

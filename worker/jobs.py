@@ -111,6 +111,7 @@ class Attempt:
         self._beat_sent = time.monotonic()
         self._progress_sent = 0.0
         self._progress_mtime: float | None = None
+        self._history_offset = 0  # bytes of progress.jsonl already copied into the job's history
         self._began = time.time()  # a progress.json older than this is an earlier attempt's (history)
 
     def run(self) -> Outcome:
@@ -244,13 +245,31 @@ class Attempt:
             try:
                 self.progress = json.loads(path.read_text())
                 self._progress_mtime = mtime
-                history.record(self.store, self.job_id, self.job["attempts"], self.progress, self._began)
             except (OSError, ValueError):  # replaced atomically, but a reader can still race a writer
                 pass
+            self._copy_history()
             self._heartbeat(self.progress)
             self._progress_sent = now
         elif now - self._beat_sent >= self.settings.heartbeat_seconds:
             self._heartbeat(None)
+
+    def _copy_history(self) -> None:
+        """Append every complete record of ``progress.jsonl`` not yet copied to the job's history: the relay
+        to ``jobs.progress`` is throttled and keeps the latest record only, but a curve needs them all."""
+        try:
+            with open(self.run_dir / "progress.jsonl", "rb") as f:
+                f.seek(self._history_offset)
+                chunk = f.read()
+        except OSError:
+            return
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # the trainer may be halfway through its last line
+        self._history_offset += len(complete)
+        for line in complete.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            history.record(self.store, self.job_id, self.job["attempts"], record, self._began)
 
     def _heartbeat(self, progress: dict[str, Any] | None) -> None:
         try:
