@@ -5,8 +5,9 @@ import * as datasets from "./datasets.js";
 import * as distill from "./distill.js";
 import * as jobs from "./jobs.js";
 import * as models from "./models.js";
+import * as studies from "./studies.js";
 
-const PAGES = { datasets, jobs, distill, models };
+const PAGES = { datasets, jobs, distill, models, studies };
 const main = document.getElementById("main");
 let current = null; // the AbortController of the page on screen: leaving it stops its polls and streams
 

@@ -67,7 +67,7 @@ export async function render(main, { id, signal }) {
 }
 
 // Refresh every 2 s while something is active, every 10 s otherwise, until the page is left.
-function poll(refresh, active, signal) {
+export function poll(refresh, active, signal) {
   const timer = setTimeout(async () => {
     if (signal.aborted) return;
     try {
@@ -127,6 +127,7 @@ async function renderOne(main, id, signal) {
       ["kind", j.kind], ["attempts", j.attempts], ["submitted", when(j.created_at)],
       ["started", when(j.started_at)], ["finished", when(j.finished_at)],
       ["model", j.model_id ? h("a", { href: `#/models/${j.model_id}` }, j.model_id) : null],
+      ["study", j.study_id ? h("a", { href: `#/studies/${j.study_id}`, id: "job-study" }, j.study_id) : undefined],
       ["distillation", j.kind === "distill" && j.state === "succeeded"
         ? h("a", { href: `#/distill?job=${j.id}` }, "teacher vs students, figure 4") : undefined],
     ]));
