@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from distill.boxes import distance_to_box
 from distill.class_map import ClassMap
+from distill.ddp import mean_denominator
 from distill.losses.gfl import Positives, giou_loss
 from distill.losses.ld import ld_loss, sigmoid_kd_loss
 from distill.models.gfl import GFL
@@ -61,10 +62,12 @@ def build_adapters(student: GFL, teacher: GFL, spec: DistillSpec) -> nn.Module |
 
 def weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
     """``sum(w * v) / sum(w)`` over rows ``(K,)`` (a plain mean without weights); 0, still differentiable,
-    when the region is empty."""
+    when the region is empty. Over several processes the divisor is the global batch's
+    (:func:`distill.ddp.mean_denominator`): every rank must call this for every enabled term, even when its
+    own region is empty."""
     if weights is None:
-        return values.sum() / max(values.shape[0], 1)
-    return (values * weights).sum() / weights.sum().clamp(min=1e-6)
+        return values.sum() / mean_denominator(values.new_tensor(float(values.shape[0])), 1.0)
+    return (values * weights).sum() / mean_denominator(weights.sum(), 1e-6)
 
 
 def region_ld(s_reg: Tensor, t_reg: Tensor, b: Tensor, a: Tensor, weights: Tensor | None, tau: float) -> Tensor:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from distill import distillation
+from distill import ddp, distillation
 from distill.checkpoint import atomic_save, build_detector, detector_state, load_detector, read_checkpoint
 from distill.class_map import ClassMap, ClassMapError, map_classes
 from distill.criterion import DistillCriterion, GFLCriterion
@@ -39,6 +39,7 @@ from distill.files import atomic_write_json, ensure_room
 from distill.init import initialise
 from distill.models.gfl import GFL
 from distill.spec import InitPath, JobSpec, LocalJobSpec
+from distill.teacher_cache import CacheOff, CacheRefused, TeacherCache, attach
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -87,7 +88,8 @@ class Trainer:
 
         s = spec.schedule
         self.train_loader, self.val_loader, self.data = build_loaders(
-            spec.dataset, spec.val_split, spec.seed, s.image_size, s.batch_size, s.num_workers)
+            spec.dataset, spec.val_split, spec.seed, s.image_size, ddp.local_batch(s.batch_size), s.num_workers,
+            scales=s.scales, rank=ddp.rank(), world=ddp.world(), pin_memory=self.device.type == "cuda")
         for problem in self.data.problems:
             self.log(f"dataset: {problem}")
         self.val_ids = list(self.val_loader.dataset.image_ids)
@@ -124,6 +126,14 @@ class Trainer:
         self.iteration = 0
         self.resumed_from: int | None = None
         self.fingerprint = run_fingerprint(spec, self.data.fingerprint())
+        # Teacher cache (issue 13): answers the criterion's teacher pass from the run folder where it can.
+        self.teacher_cache: TeacherCache | CacheOff | None = None
+        if isinstance(self.criterion, DistillCriterion):
+            try:
+                self.teacher_cache = attach(self.criterion, spec, self.out / "teacher_cache", self.fingerprint,
+                                            self.log)
+            except CacheRefused as e:
+                raise TrainingError(str(e)) from e
 
     def _distill_criterion(self, teacher: GFL) -> DistillCriterion:
         """The distillation criterion, with KD's class correspondence (logged, and kept for metrics.json)."""
@@ -142,10 +152,14 @@ class Trainer:
     # -- bookkeeping
 
     def log(self, line: str) -> None:
+        if not ddp.is_main():  # rank 0 alone logs, reports and checkpoints (one job over several processes)
+            return
         self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
     def report(self, phase: str, losses: dict[str, float] | None = None, images_per_s: float = 0.0,
                eta_s: float | None = None) -> None:
+        if not ddp.is_main():
+            return
         state = {"phase": phase, "epoch": min(self.iteration // self.per_epoch + 1, self.spec.schedule.epochs),
                  "epochs": self.spec.schedule.epochs, "iter": self.iteration, "total_iters": self.total_iters,
                  "losses": losses or {}, "images_per_s": round(images_per_s, 3),
@@ -161,6 +175,8 @@ class Trainer:
         return self.out / "checkpoints" / "last.pt"
 
     def save_checkpoint(self) -> None:
+        if not ddp.is_main():
+            return
         ckpt = detector_state(self.model, self.meta())
         ckpt["training"] = {
             "fingerprint": self.fingerprint,
@@ -217,34 +233,39 @@ class Trainer:
                     group["lr"] = learning_rate(self.spec, self.iteration, self.per_epoch)
                 images = images.to(self.device, non_blocking=True)
                 step = self.step(images, targets)
-                if not torch.isfinite(step.total):
-                    values = {k: float(v.detach()) for k, v in step.losses.items()}
-                    total = float(step.total.detach())
+                # The global batch's terms (the mean of the ranks'): what is reported, and one verdict for all.
+                means = ddp.all_mean(torch.stack([step.total, *step.losses.values()]))
+                if not torch.isfinite(means[0]):
+                    values = {k: float(v) for k, v in zip(step.losses, means[1:], strict=True)}
+                    total = float(means[0])
                     raise TrainingError(f"training diverged: loss is {total} at epoch {epoch + 1}, "
                                         f"iteration {self.iteration + 1} ({values}); lower the learning rate")
                 self.optimizer.zero_grad(set_to_none=True)
                 step.total.backward()
+                ddp.average_gradients(self.params)
                 if s.grad_clip:
                     nn.utils.clip_grad_norm_(self.params, s.grad_clip)
                 self.optimizer.step()
                 self.iteration += 1
-                window_images += images.shape[0]
+                window_images += images.shape[0] * ddp.world()
+                stop = ddp.any_rank(self.stop_requested, self.device)  # every rank stops after the same step
 
                 now = time.monotonic()
                 epoch_end = self.iteration % self.per_epoch == 0
                 if s.checkpoint_every and self.iteration % s.checkpoint_every == 0 or epoch_end:
                     self.save_checkpoint()
-                if epoch_end or now - last_report >= self.report_every_s or self.stop_requested:
+                if epoch_end or now - last_report >= self.report_every_s or stop:
                     rate = window_images / max(now - window_start, 1e-6)
                     eta = (self.total_iters - self.iteration) * s.batch_size / max(rate, 1e-6)
-                    losses = {k: round(float(v.detach()), 5) for k, v in step.losses.items()}
-                    losses["total"] = round(float(step.total.detach()), 5)
+                    losses = {k: round(float(v), 5) for k, v in zip(step.losses, means[1:], strict=True)}
+                    losses["total"] = round(float(means[0]), 5)
                     self.report("train", losses, rate, eta)
                     self.log(f"epoch {epoch + 1} iter {self.iteration}/{self.total_iters} "
                              f"lr {self.optimizer.param_groups[0]['lr']:.5f} {losses} {rate:.2f} img/s")
                     last_report, window_start, window_images = now, now, 0
-                if self.stop_requested:
+                if stop:
                     self.save_checkpoint()
+                    ddp.barrier()  # no rank exits (which would make torchrun stop the rest) before it is written
                     raise Stopped(f"stopped at iteration {self.iteration}")
 
     def evaluate(self, model: GFL, classes: ClassMap | None = None) -> dict[str, float]:
@@ -273,14 +294,18 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         self.try_resume()
+        ddp.broadcast_state(self.model, self.adapters)
         diagnostics_before = None
-        if self.teacher is not None and self.resumed_from is None:
+        if self.teacher is not None and self.resumed_from is None and ddp.is_main():
             diagnostics_before = distillation.diagnostics(self.model, self.teacher, self.val_loader, self.device,
                                                           self._classes())
             atomic_write_json(self.out / "diagnostics_before.json", diagnostics_before)
+        ddp.barrier()  # the other ranks wait for rank 0's diagnostics (within the group's timeout)
         self.report("train")
         started = time.monotonic()
         self.train()
+        if not ddp.is_main():  # rank 0 alone evaluates and writes the model; the others are done
+            return {}
         self.report("eval")
         metrics: dict[str, Any] = {"bbox": self.evaluate(self.model), "iterations": self.total_iters,
                                    "init": self.init_report.summary(),
@@ -296,6 +321,9 @@ class Trainer:
                                                   self._classes())}
             assert isinstance(self.criterion, DistillCriterion)
             metrics["class_map"] = self.criterion.class_report()
+            if self.teacher_cache is not None:
+                metrics["teacher_cache"] = self.teacher_cache.report()
+                self.log(f"teacher cache: {metrics['teacher_cache']}")
             # The teacher's AP on the dataset's classes it knows (None when it knows none of them).
             classes = self._classes()
             metrics["teacher_bbox"] = self.evaluate(self.teacher, classes) if classes.kd_possible else None
@@ -313,6 +341,7 @@ def run_fingerprint(spec: LocalJobSpec, data_digest: str) -> dict[str, Any]:
     # Paths are replaced by digests of what they hold: a moved dataset still resumes, a rewritten one not.
     fields = spec.model_dump(mode="json", exclude={"name", "dataset", "export"})  # export comes after training
     fields["schedule"].pop("num_workers", None)  # loading is seeded per (seed, epoch, image): no effect
+    fields["schedule"].pop("gpus", None)  # the global batch is the same over any number of processes
     fields["data_sha256"] = data_digest
     if spec.teacher is not None:
         fields["teacher"] = {"sha256": _file_sha256(spec.teacher.path)}

@@ -1,37 +1,29 @@
 """Child processes of a job: tying them to the worker's life, and stopping them (no Celery in here).
 
 The training and export children run in their own process group, so that one signal reaches the child
-and anything it started (DataLoader workers), and they die with the pool process that runs the job.
+and anything it started (DataLoader workers), and they die with the pool process that runs the job
+(``die_with_parent``, a ``preexec_fn``: the pool process is their parent).
+
+A job on several GPUs runs ``torchrun`` as its training child. ``torchrun`` starts each rank in a session of
+its own, so the group signal reaches the agent only: on SIGTERM the agent passes SIGTERM to every rank (they
+agree to stop, rank 0 checkpoints) and SIGKILLs them after its own grace; on SIGKILL (``stop_group``'s
+second signal) the agent dies and each rank, bound to it by ``die_with_parent`` in ``distill.ddp.setup``,
+dies with it.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Callable
 
-_PR_SET_PDEATHSIG = 1
+from distill.lifetime import die_with_parent
+
+__all__ = ["die_with_parent", "stop_group"]
+
 POLL_SECONDS = 0.1
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (a ``preexec_fn`` for the children).
-
-    The parent is the Celery pool process that runs the job, which Celery itself makes die with the
-    worker's main process: a SIGKILLed worker leaves no orphan training on in the background, writing
-    into the run folder the next attempt resumes from.
-    """
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except OSError:  # not Linux: the lease still fences the job, the orphan just wastes time
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def stop_group(proc: subprocess.Popen[bytes], grace: float, keep_lease: Callable[[], None]) -> None:

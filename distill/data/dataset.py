@@ -36,8 +36,8 @@ from distill.data.annotations import (
     split,
 )
 
-__all__ = ["MEAN", "STD", "DetectionDataset", "EpochSampler", "build_loaders", "collate", "hflip", "normalize",
-           "resize", "set_epoch"]
+__all__ = ["MEAN", "STD", "DetectionDataset", "EpochSampler", "build_loaders", "collate", "default_workers", "hflip",
+           "normalize", "resize", "set_epoch"]
 
 Target = dict[str, Any]
 _MIX = 1_000_003  # combines (seed, epoch, image id) into one generator seed
@@ -83,10 +83,13 @@ class DetectionDataset(Dataset[tuple[Tensor, Target]]):
     - ``target``: ``boxes (K, 4)`` float32 x1y1x2y2 in resized pixels (iscrowd boxes left out),
       ``labels (K,)`` int64 in ``0..C-1``, ``image_id`` int, ``orig_size (h, w)`` and ``size (h, w)`` ints
       (original and resized), ``scale`` float (nominal resized / original) and ``scale_xy (sx, sy)``, the
-      exact per-axis factors: divide predicted x by ``sx`` and y by ``sy`` to get original pixels.
+      exact per-axis factors: divide predicted x by ``sx`` and y by ``sy`` to get original pixels;
+      ``flipped`` bool (image and boxes mirrored). ``(image_id, flipped)`` and the size name the pixels the
+      model sees, which is what the teacher cache (``distill.teacher_cache``) keys on.
 
-    With ``train=True`` each image is flipped with probability ``flip_prob``, decided by
-    ``(seed, epoch, image id)`` (``set_epoch`` before each epoch).
+    With ``train=True`` each image is flipped with probability ``flip_prob``, and resized to one of ``scales``
+    (``(long, short)`` limits) when given, both decided by ``(seed, epoch, image id)`` (``set_epoch`` before
+    each epoch).
     """
 
     def __init__(
@@ -98,14 +101,26 @@ class DetectionDataset(Dataset[tuple[Tensor, Target]]):
         train: bool = False,
         flip_prob: float = 0.5,
         seed: int = 0,
+        scales: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         self.data = data
+        self.scales = list(scales) if scales else None
         self.image_ids = list(image_ids)
         self.image_size = image_size
         self.train = train
         self.flip_prob = flip_prob
         self.seed = seed
-        self.epoch = 0
+        # In shared memory: persistent loader workers hold their own copy of the dataset, made once, and
+        # must still see each new epoch (its flips).
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -122,12 +137,18 @@ class DetectionDataset(Dataset[tuple[Tensor, Target]]):
             raise DatasetError(f"{info['file_name']}: image is {image.width}x{image.height}, "
                                f"annotations say {info['width']}x{info['height']}")
         orig_size = (image.height, image.width)
-        image, box_t, scale = resize(image, torch.from_numpy(boxes), self.image_size)
+        image_size = self.image_size
+        if self.train and self.scales:  # its own draw, so adding scales leaves the flips as they were
+            pick = torch.randint(len(self.scales), (), generator=_generator(self.seed, self.epoch, image_id, 1))
+            image_size = self.scales[int(pick)]
+        image, box_t, scale = resize(image, torch.from_numpy(boxes), image_size)
         tensor = normalize(image)
+        flipped = False
         if self.train and self.flip_prob > 0:
             u = torch.rand((), generator=_generator(self.seed, self.epoch, image_id)).item()
             if u < self.flip_prob:
                 tensor, box_t = hflip(tensor, box_t)
+                flipped = True
         target = {
             "boxes": box_t,
             "labels": torch.from_numpy(labels),
@@ -136,6 +157,7 @@ class DetectionDataset(Dataset[tuple[Tensor, Target]]):
             "size": (image.height, image.width),
             "scale": scale,
             "scale_xy": (image.width / orig_size[1], image.height / orig_size[0]),
+            "flipped": flipped,
         }
         return tensor, target
 
@@ -160,10 +182,20 @@ def collate(
 
 class EpochSampler(Sampler[int]):
     """Indices ``0..n-1``, shuffled by ``(seed, epoch)`` when ``shuffle``; ``set_epoch(epoch, start)``
-    also skips the first ``start`` indices, to resume in the middle of an epoch."""
+    also skips the first ``start`` indices, to resume in the middle of an epoch.
 
-    def __init__(self, n: int, *, shuffle: bool = True, seed: int = 0) -> None:
+    One job over ``world`` processes (``distill.ddp``): the same global order is cut into global batches of
+    ``batch_size * world`` indices and rank ``rank`` takes its ``batch_size`` slice of each, so the ranks
+    together see exactly the batches one process with the global batch sees, and ``start`` counts global
+    indices (a run resumed with another number of processes goes on with the same order). A short last
+    global batch is split as evenly as possible; a rank left without an index repeats that batch's first one
+    (only when fewer images than processes remain), so every rank takes the same number of steps.
+    """
+
+    def __init__(self, n: int, *, shuffle: bool = True, seed: int = 0, batch_size: int = 1, rank: int = 0,
+                 world: int = 1) -> None:
         self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.batch_size, self.rank, self.world = batch_size, rank, world
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -175,16 +207,36 @@ class EpochSampler(Sampler[int]):
         return torch.randperm(self.n, generator=_generator(self.seed, self.epoch)).tolist()
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.start:])
+        order = self.order()[self.start:]
+        if self.world == 1:
+            return iter(order)
+        g = self.batch_size * self.world
+        mine: list[int] = []
+        for i in range(0, len(order), g):
+            chunk = order[i:i + g]
+            share = self._share(len(chunk))
+            mine += chunk[share] if share.stop > share.start else chunk[:1]
+        return iter(mine)
+
+    def _share(self, m: int) -> slice:
+        """This rank's slice of a global batch of ``m`` indices."""
+        if m == self.batch_size * self.world:
+            return slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return slice(self.rank * m // self.world, (self.rank + 1) * m // self.world)
 
     def __len__(self) -> int:
-        return max(0, self.n - self.start)
+        remaining = max(0, self.n - self.start)
+        if self.world == 1:
+            return remaining
+        full, rest = divmod(remaining, self.batch_size * self.world)
+        share = self._share(rest)
+        return full * self.batch_size + (max(1, share.stop - share.start) if rest else 0)
 
 
 def set_epoch(loader: DataLoader, epoch: int, start_iter: int = 0) -> None:
     """Prepare ``loader`` (from ``build_loaders``) for ``epoch``, starting at batch ``start_iter``."""
-    if isinstance(loader.sampler, EpochSampler):
-        loader.sampler.set_epoch(epoch, start_iter * (loader.batch_size or 1))
+    if isinstance(loader.sampler, EpochSampler):  # start_iter counts global batches (all ranks' together)
+        loader.sampler.set_epoch(epoch, start_iter * (loader.batch_size or 1) * loader.sampler.world)
     if isinstance(loader.dataset, DetectionDataset):
         loader.dataset.set_epoch(epoch)
 
@@ -196,13 +248,26 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+def default_workers(world: int = 1) -> int:
+    """Loader workers per process when the spec leaves it open: this machine's cores shared between the
+    ``world`` processes of the job, one kept for the training process itself, at least 1 and at most 8 (more
+    mostly hold memory; ``bench/train_speed.py`` measures the share of a step spent waiting for data)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // max(world, 1) - 1))
+
+
 def build_loaders(
     data_dir: str | os.PathLike[str],
     val_split: float,
     seed: int,
     image_size: tuple[int, int],
     batch_size: int,
-    num_workers: int,
+    num_workers: int | None,
+    scales: Sequence[tuple[int, int]] | None = None,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    pin_memory: bool | None = None,
 ) -> tuple[DataLoader, DataLoader, CocoData]:
     """Load and validate the dataset folder, split it, and return ``(train_loader, val_loader, data)``.
 
@@ -211,23 +276,38 @@ def build_loaders(
     ``val``), else a seeded ``val_split`` draw.
 
     Batches are ``collate``'s ``(images, targets)``. The training loader shuffles with an ``EpochSampler``
-    and flips; call ``set_epoch(loader, epoch)`` before each epoch. ``data.problems`` lists what was
+    and flips (and draws one of ``scales`` per image when given); call ``set_epoch(loader, epoch)`` before
+    each epoch. ``data.problems`` lists what was
     dropped. Raises ``DatasetError`` when no usable training image is left.
+
+    One job over ``world`` processes: ``batch_size`` is this process's share of the global batch and the
+    training loader reads rank ``rank``'s shard (``EpochSampler``); validation is rank 0's, whole.
+
+    Loading defaults, so that the device does not wait for data: ``num_workers`` None means
+    ``default_workers(world)``; ``pin_memory`` (None: when CUDA is present) lets the copy to the GPU run
+    asynchronously; the training loader's workers persist across epochs (no fork and refill of the pipeline
+    at each epoch: on a small data set that is a large share of an epoch); each worker keeps
+    ``prefetch_factor = 2`` batches ready (more would hold more memory, up to 200 MB per batch of 16 at
+    1333x800, without feeding the device faster: throughput comes from the number of workers).
     """
     data = load_coco(data_dir)
     train_ids, val_ids = split(data, val_split, seed)
     if not train_ids:
         raise DatasetError("no usable training images" + (f": {data.problems[0]}" if data.problems else ""))
+    workers = default_workers(world) if num_workers is None else num_workers
     common: dict[str, Any] = {
         "batch_size": batch_size,
-        "num_workers": num_workers,
+        "num_workers": workers,
         "collate_fn": collate,
         "worker_init_fn": _seed_worker,
         "generator": torch.Generator().manual_seed(seed),
-        "pin_memory": torch.cuda.is_available(),
+        "pin_memory": torch.cuda.is_available() if pin_memory is None else pin_memory,
+        "prefetch_factor": 2 if workers else None,
     }
-    train_set = DetectionDataset(data, train_ids, image_size=image_size, train=True, seed=seed)
+    train_set = DetectionDataset(data, train_ids, image_size=image_size, train=True, seed=seed,
+                                 scales=scales)
     val_set = DetectionDataset(data, val_ids, image_size=image_size, train=False, seed=seed)
-    train_loader = DataLoader(train_set, sampler=EpochSampler(len(train_set), shuffle=True, seed=seed), **common)
+    sampler = EpochSampler(len(train_set), shuffle=True, seed=seed, batch_size=batch_size, rank=rank, world=world)
+    train_loader = DataLoader(train_set, sampler=sampler, persistent_workers=workers > 0, **common)
     val_loader = DataLoader(val_set, shuffle=False, **common)
     return train_loader, val_loader, data

@@ -2,7 +2,8 @@
 
 Normalisation follows mmdetection's ``GFLHead``: QFL is summed and divided by the number of positives;
 GIoU and DFL are weighted per positive by the (detached) max class score and divided by the sum of those
-weights (DFL also by its 4 edges).
+weights (DFL also by its 4 edges). Over several processes both divisors are the global batch's
+(:func:`distill.ddp.mean_denominator`), so the loss scale does not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from distill.assigners import Assignment
 from distill.boxes import aligned_giou, aligned_iou, box_to_distance, distance_to_box
+from distill.ddp import mean_denominator
 from distill.spec import GFLWeights
 
 
@@ -102,10 +104,11 @@ def gfl_losses(cls: Tensor, pos: Positives, gt_labels: Tensor, weights: GFLWeigh
     """
     b, a, num_classes = cls.shape
     reg_max = pos.reg.shape[-1] - 1
-    num_pos = max(float(pos.b.numel()), 1.0)
+    # Both divisors are all-reduced over the processes of a job, on every rank, whatever weights are set.
+    num_pos = mean_denominator(torch.tensor(float(pos.b.numel()), device=cls.device), 1.0)
     # GIoU and DFL weight each positive by its (detached) best class score, as mmdetection's GFLHead.
     score_weight = cls[pos.b, pos.a].detach().sigmoid().max(1).values  # (P,)
-    weight_sum = score_weight.sum().clamp(min=1e-6)
+    weight_sum = mean_denominator(score_weight.sum(), 1e-6)
 
     losses: dict[str, Tensor] = {}
     if weights.cls > 0:
