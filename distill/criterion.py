@@ -7,7 +7,8 @@ needs besides the batch, so that the training step is ``losses = criterion(image
 - :class:`DistillCriterion`: a :class:`GFLCriterion` plus a frozen teacher (DESIGN section 3). It owns the
   teacher's forward pass (``eval()``, ``no_grad``, autocast on GPU), the regions (Main = the assigner's
   positives, VLR), the class correspondence of KD and the weighted LD / KD / TBR / FitNets terms
-  (:mod:`distill.distillation`), and FitNets' adapters.
+  (:mod:`distill.distillation`), the CrossKD (:mod:`distill.losses.crosskd`) and BCKD
+  (:mod:`distill.losses.bckd`) terms, and the trainable adapters of FitNets and CrossKD.
 
 Both return the weighted terms by name (a term whose weight is 0 is absent and was not computed); the
 caller sums them. ``losses(outputs, gt)`` is the same without the forward passes, for given outputs.
@@ -25,10 +26,11 @@ from distill import distillation
 from distill.assigners import Assignment, atss_assign
 from distill.class_map import ClassMap
 from distill.locations import grid_locations, square_anchors
+from distill.losses import bckd, crosskd
 from distill.losses.gfl import Positives, find_positives, gfl_losses
 from distill.models.gfl import GFL
 from distill.regions import Regions, find_regions
-from distill.spec import DistillSpec, GFLWeights
+from distill.spec import DistillSpec, GFLWeights, crosskd_default_layer, crosskd_layer_problem
 
 
 @dataclass
@@ -38,10 +40,12 @@ class GroundTruth:
     boxes: Tensor  # (B, G, 4) x1y1x2y2 in input pixels, zeros for padding
     labels: Tensor  # (B, G) long: contiguous class index, 0 for padding
     valid: Tensor  # (B, G) bool: False for padding
+    image_sizes: Tensor | None = None  # (B, 2) float (h, w) of each image before padding, when the loader gives it
 
 
 def pad_targets(targets: list[dict], device: torch.device | str) -> GroundTruth:
-    """The loader's per-image targets (``boxes (G_i, 4)``, ``labels (G_i,)``) -> a padded :class:`GroundTruth`."""
+    """The loader's per-image targets (``boxes (G_i, 4)``, ``labels (G_i,)``, optional unpadded ``size (h,
+    w)``) -> a padded :class:`GroundTruth`."""
     g = max((len(t["labels"]) for t in targets), default=0)
     b = len(targets)
     boxes = torch.zeros((b, g, 4), device=device)
@@ -52,7 +56,10 @@ def pad_targets(targets: list[dict], device: torch.device | str) -> GroundTruth:
         boxes[i, :k] = t["boxes"].to(device)
         labels[i, :k] = t["labels"].to(device)
         valid[i, :k] = True
-    return GroundTruth(boxes, labels, valid)
+    sizes = None
+    if targets and all("size" in t for t in targets):
+        sizes = torch.tensor([list(t["size"]) for t in targets], dtype=torch.float32, device=device)
+    return GroundTruth(boxes, labels, valid, sizes)
 
 
 @dataclass
@@ -63,16 +70,25 @@ class HeadOutputs:
     reg: Tensor  # (B, A, 4, R + 1) edge logits
     sizes: tuple[tuple[int, int], ...]  # (H_l, W_l) of each level's map
     feats: list[Tensor] | None = None  # FPN levels (B, channels, H_l, W_l), only when a term needs them
+    # CrossKD: the (cls, reg) tower features after layer k, per level (B, channels, H_l, W_l), before the ReLU
+    tower: tuple[list[Tensor], list[Tensor]] | None = None
 
 
-def head_outputs(model: GFL, images: Tensor, amp: bool, keep_feats: bool = False) -> HeadOutputs:
-    """``model``'s outputs for normalised ``images (B, 3, H, W)``; ``amp``: bfloat16 autocast (GPU)."""
+def head_outputs(model: GFL, images: Tensor, amp: bool, keep_feats: bool = False,
+                 tower_layer: int | None = None) -> HeadOutputs:
+    """``model``'s outputs for normalised ``images (B, 3, H, W)``; ``amp``: bfloat16 autocast (GPU);
+    ``tower_layer``: also keep the head's tower features after that layer (CrossKD)."""
+    tower = None
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
         feats = model.features(images)
-        cls_maps, reg_maps = model.bbox_head(feats)
+        if tower_layer is None:
+            cls_maps, reg_maps = model.bbox_head(feats)
+        else:
+            cls_maps, reg_maps, cls_feats, reg_feats = model.bbox_head.forward_tower(feats, tower_layer)
+            tower = (cls_feats, reg_feats)
         cls, reg = model.flatten(cls_maps, reg_maps)
     sizes = tuple((int(c.shape[-2]), int(c.shape[-1])) for c in cls_maps)
-    return HeadOutputs(cls.float(), reg.float(), sizes, feats if keep_feats else None)
+    return HeadOutputs(cls.float(), reg.float(), sizes, feats if keep_feats else None, tower)
 
 
 @dataclass
@@ -107,9 +123,10 @@ class GFLCriterion:
         losses, _ = self.losses(self.forward(images), pad_targets(targets, images.device))
         return losses
 
-    def forward(self, images: Tensor, keep_feats: bool = False) -> HeadOutputs:
-        """The student's outputs for ``images (B, 3, H, W)``; ``keep_feats``: also its FPN levels (FitNets)."""
-        return head_outputs(self.model, images, self.amp, keep_feats)
+    def forward(self, images: Tensor, keep_feats: bool = False, tower_layer: int | None = None) -> HeadOutputs:
+        """The student's outputs for ``images (B, 3, H, W)``; ``keep_feats``: also its FPN levels (FitNets);
+        ``tower_layer``: also its tower features after that layer (CrossKD)."""
+        return head_outputs(self.model, images, self.amp, keep_feats, tower_layer)
 
     def locations(self, sizes: tuple[tuple[int, int], ...], device: torch.device) -> Locations:
         """The locations and anchors of maps of these ``sizes``, computed once per input size."""
@@ -128,6 +145,19 @@ class GFLCriterion:
         return gfl_losses(out.cls, pos, gt.labels, self.weights), GFLState(loc, assignment, pos)
 
 
+# The terms that compare class scores: they need a student class paired with a teacher class.
+_CLASS_TERMS = ("main_kd", "vlr_kd", "crosskd_cls", "bckd_cls", "bckd_loc")
+
+
+def valid_locations(points: Tensor, gt: GroundTruth, batch: int) -> Tensor:
+    """``(B, A)`` bool: the locations ``points (A, 2)`` inside each image's unpadded area (all of them when the
+    loader gave no sizes)."""
+    if gt.image_sizes is None:
+        return torch.ones((batch, points.shape[0]), dtype=torch.bool, device=points.device)
+    h, w = gt.image_sizes[:, 0:1], gt.image_sizes[:, 1:2]  # (B, 1) each
+    return (points[None, :, 0] < w) & (points[None, :, 1] < h)
+
+
 class DistillCriterion:
     """A student's GFL losses (``gfl``) plus the distillation terms from a frozen ``teacher``, configured by
     ``spec`` (``JobSpec.distill``); ``classes`` pairs the student's classes with the teacher's for KD (the
@@ -144,8 +174,22 @@ class DistillCriterion:
         for p in teacher.parameters():
             p.requires_grad_(False)
         self.keep_feats = distillation.needs_features(spec)
-        adapters = distillation.build_adapters(student, teacher, spec)
-        self.adapters = None if adapters is None else adapters.to(next(student.parameters()).device)
+        # CrossKD's tower layer (None: CrossKD off): the student's features after it run through the teacher.
+        self.crosskd_layer: int | None = None
+        s_convs, t_convs = student.cfg.stacked_convs, teacher.cfg.stacked_convs
+        if spec.crosskd_layer is not None and (problem := crosskd_layer_problem(spec.crosskd_layer, s_convs,
+                                                                                t_convs)) is not None:
+            raise ValueError(problem)
+        if spec.weights.value("crosskd_cls") > 0 or spec.weights.value("crosskd_reg") > 0:
+            self.crosskd_layer = spec.crosskd_layer if spec.crosskd_layer is not None \
+                else crosskd_default_layer(s_convs, t_convs)
+        # Trainable parts of the criterion (optimised and checkpointed with the student, never exported).
+        adapters: dict[str, nn.Module] = {}
+        if (fitnets := distillation.build_adapters(student, teacher, spec)) is not None:
+            adapters["fitnets"] = fitnets
+        if self.crosskd_layer is not None and student.cfg.channels != teacher.cfg.channels:
+            adapters["crosskd"] = crosskd.CrossKDAdapter(student.cfg.channels, teacher.cfg.channels)
+        self.adapters = nn.ModuleDict(adapters).to(next(student.parameters()).device) if adapters else None
         self._columns: dict[str, tuple[Tensor, Tensor] | None] = {}
         # Where the teacher's outputs come from: None = its live forward pass; the teacher cache sets this to a
         # callable ``(images, targets) -> HeadOutputs`` that answers from (or fills) the cache.
@@ -154,22 +198,26 @@ class DistillCriterion:
     def class_report(self) -> dict:
         """KD's class correspondence for the job's metrics: mapping, unmapped classes, KD on or off."""
         w = self.spec.weights.value
-        return self.classes.report(kd_weighted=w("main_kd") > 0 or w("vlr_kd") > 0)
+        return self.classes.report(kd_weighted=any(w(k) > 0 for k in _CLASS_TERMS))
 
     def __call__(self, images: Tensor, targets: list[dict]) -> dict[str, Tensor]:
         """Weighted GFL and distillation losses of a batch: ``images (B, 3, H, W)``, per-image ``targets``."""
-        student = self.gfl.forward(images, self.keep_feats)
+        student = self.gfl.forward(images, self.keep_feats, self.crosskd_layer)
         gt = pad_targets(targets, images.device)
-        teacher = self.teacher_source(images, targets) if self.teacher_source else self.teacher_forward(images)
+        # CrossKD is never cached: its cross head needs the teacher's tower features of this very batch, so
+        # with CrossKD on the teacher always runs live (the cache, if set, is bypassed).
+        cached = self.teacher_source is not None and self.crosskd_layer is None
+        teacher = self.teacher_source(images, targets) if cached else self.teacher_forward(images)
         return self.losses(student, teacher, gt)
 
     @torch.no_grad()
     def teacher_forward(self, images: Tensor) -> HeadOutputs:
-        return head_outputs(self.teacher, images, self.gfl.amp, self.keep_feats)
+        return head_outputs(self.teacher, images, self.gfl.amp, self.keep_feats, self.crosskd_layer)
 
     def losses(self, student: HeadOutputs, teacher: HeadOutputs, gt: GroundTruth) -> dict[str, Tensor]:
         """``qfl``, ``giou``, ``dfl``, then ``main_ld``, ``main_kd``, ``vlr_ld``, ``vlr_kd``, ``tbr``,
-        ``fitnets``: those whose weight is above 0 (KD also needs a class pair; LD/TBR need no classes)."""
+        ``fitnets``, ``crosskd_cls``, ``crosskd_reg``, ``bckd_cls``, ``bckd_loc``: those whose weight is above 0
+        (the terms of :data:`_CLASS_TERMS` also need a class pair; LD, TBR and CrossKD's reg need no classes)."""
         losses, state = self.gfl.losses(student, gt)
         spec, w = self.spec, self.spec.weights.value
         kd_on = self.classes.kd_possible
@@ -198,8 +246,50 @@ class DistillCriterion:
         if w("fitnets") > 0:
             if student.feats is None or teacher.feats is None or self.adapters is None:
                 raise ValueError("FitNets needs student and teacher features and the adapters")
-            losses["fitnets"] = w("fitnets") * distillation.fitnets_loss(student.feats, teacher.feats, self.adapters)
+            losses["fitnets"] = w("fitnets") * distillation.fitnets_loss(student.feats, teacher.feats,
+                                                                         self.adapters["fitnets"])
+        if any(w(k) > 0 for k in ("crosskd_cls", "crosskd_reg", "bckd_cls", "bckd_loc")):
+            valid = valid_locations(state.locations.points, gt, student.cls.shape[0])
+            losses.update(self._crosskd(student, teacher, valid, columns, kd_on))
+            losses.update(self._bckd(student, teacher, state.locations, valid, columns, kd_on))
         return losses
+
+    def _crosskd(self, student: HeadOutputs, teacher: HeadOutputs, valid: Tensor,
+                 columns: tuple[Tensor, Tensor] | None, kd_on: bool) -> dict[str, Tensor]:
+        """``crosskd_cls`` (only over paired classes; off without a pair) and ``crosskd_reg``, weighted."""
+        w, k = self.spec.weights.value, self.crosskd_layer
+        cls_on, reg_on = kd_on and w("crosskd_cls") > 0, w("crosskd_reg") > 0
+        if k is None or not (cls_on or reg_on):
+            return {}
+        if student.tower is None or teacher.tower is None:
+            raise ValueError("CrossKD needs the student's and the teacher's tower features (a live teacher pass)")
+        adapter = self.adapters["crosskd"] if self.adapters is not None and "crosskd" in self.adapters else None
+        # Autograd stays on: the teacher's layers are frozen (requires_grad False) but pass the gradient on.
+        with torch.autocast(student.cls.device.type, dtype=torch.bfloat16, enabled=self.gfl.amp):
+            cross = self.teacher.flatten(*crosskd.cross_head(self.teacher.bbox_head, student.tower, teacher.tower,
+                                                             k, adapter))
+        cross_cls, cross_reg = cross[0].float(), cross[1].float()
+        out = {}
+        if cls_on:  # the cross head speaks the teacher's classes: compare the teacher's paired columns
+            out["crosskd_cls"] = w("crosskd_cls") * crosskd.crosskd_cls_loss(
+                cross_cls, teacher.cls, valid, self.spec.crosskd_beta, None if columns is None else columns[1])
+        if reg_on:
+            out["crosskd_reg"] = w("crosskd_reg") * crosskd.crosskd_reg_loss(cross_reg, teacher.reg, teacher.cls,
+                                                                              valid, self.spec.tau)
+        return out
+
+    def _bckd(self, student: HeadOutputs, teacher: HeadOutputs, loc: Locations, valid: Tensor,
+              columns: tuple[Tensor, Tensor] | None, kd_on: bool) -> dict[str, Tensor]:
+        """``bckd_cls`` and ``bckd_loc``, weighted; both need a class pair (the box weight is a class gap)."""
+        w, out = self.spec.weights.value, {}
+        if kd_on and w("bckd_cls") > 0:
+            out["bckd_cls"] = w("bckd_cls") * bckd.bckd_cls_loss(student.cls, teacher.cls, valid, self.spec.bckd_beta,
+                                                                 columns)
+        if kd_on and w("bckd_loc") > 0:
+            out["bckd_loc"] = w("bckd_loc") * bckd.bckd_loc_loss(
+                student.reg, teacher.reg, student.cls, teacher.cls, loc.points / loc.strides[:, None], valid,
+                self.gfl.model.bbox_head.integral, columns)
+        return out
 
     def regions(self, state: GFLState, gt: GroundTruth) -> Regions:
         """Main region and VLR of the batch, from the student's ATSS assignment (``state.assignment``)."""

@@ -204,6 +204,13 @@ class DistillSpec(_Strict):
     gamma: float = Field(0.25, ge=0, le=1, description="VLR lower bound as a fraction of alpha_pos")
     kd_tau: float = Field(2.0, gt=0, description="classification KD temperature")
     tbr_margin: float = Field(0.0, ge=0, description="TBR margin epsilon (eq. 6)")
+    crosskd_layer: int | None = Field(
+        None, ge=0, description="CrossKD: the student's head features after this tower layer (0 = the FPN "
+        "level) go through the teacher's layers after it; at most both heads' stacked convs; default: one "
+        "before the last layer both heads have (3 for two 4-conv heads, the paper's choice)",
+    )
+    crosskd_beta: float = Field(1.0, ge=0, description="CrossKD: classification weight |p_cross - p_T|^beta")
+    bckd_beta: float = Field(1.0, ge=0, description="BCKD: classification weight |p_S - p_T|^beta")
     weights: LossWeights = Field(default_factory=LossWeights)
     class_map: dict[str, str] | None = Field(
         None, description="dataset class -> teacher class for KD; default: classes with the same name "
@@ -227,6 +234,10 @@ class ScheduleSpec(_Strict):
     image_size: tuple[int, int] = Field(
         (1333, 800), description="(long side, short side) limits of the keep-ratio resize"
     )
+    scales: list[tuple[int, int]] | None = Field(
+        None, min_length=1, description="multi-scale training: each training image is resized, each epoch, to "
+        "one of these (long side, short side) limits drawn at random; validation keeps image_size",
+    )
     warmup_iters: int = Field(500, ge=0)
     warmup_ratio: float = Field(0.001, gt=0, le=1)
     steps: tuple[int, ...] | None = Field(
@@ -247,6 +258,11 @@ class ScheduleSpec(_Strict):
         if min(v) < 32 or max(v) > 4096:
             raise ValueError("image_size sides must be within [32, 4096]")
         return (max(v), min(v))
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, v: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
+        return None if v is None else [cls._size(s) for s in v]
 
     @model_validator(mode="after")
     def _even_split(self) -> ScheduleSpec:
@@ -314,6 +330,46 @@ class LocalJobSpec(JobSpec):
     dataset: str = Field(..., min_length=1, description="a local dataset folder")
     student: LocalStudentSpec = Field(default_factory=LocalStudentSpec)
     teacher: LocalTeacherSpec | None = None  # type: ignore[assignment]
+
+
+def teacher_cache_blocker(job: JobSpec) -> str | None:
+    """Why the teacher's outputs of ``job`` cannot be computed once per (image, flip) and reused in later
+    epochs (``distill.teacher_cache``, DESIGN section 3); None when they can. The loader's only random
+    augmentations are the flip (part of the cache key) and ``schedule.scales``."""
+    if job.distill is None:
+        return "not a distillation: there is no teacher"
+    w = job.distill.weights.value
+    if job.schedule.scales and len(set(job.schedule.scales)) > 1:
+        return (f"random scales (schedule.scales {[list(s) for s in job.schedule.scales]}): the teacher sees an "
+                "image at another size in each epoch")
+    if w("crosskd_cls") > 0 or w("crosskd_reg") > 0:
+        return "CrossKD passes the student's features through the teacher's head: its outputs change every step"
+    if w("fitnets") > 0:
+        return "FitNets imitates the teacher's FPN features, which the cache does not hold"
+    return None
+
+
+def crosskd_layer_problem(k: int, student_convs: int, teacher_convs: int) -> str | None:
+    """Why CrossKD cannot read tower layer ``k`` (None if it can): the layer must exist in the student's tower
+    and the teacher must have it too, i.e. ``0 <= k <= min(student_convs, teacher_convs)``. Shared by the job
+    check (torch-free) and the criterion."""
+    if 0 <= k <= min(student_convs, teacher_convs):
+        return None
+    return (f"distill.crosskd_layer {k} is outside the heads' towers: the student has {student_convs} stacked "
+            f"convs and the teacher {teacher_convs}, so it must be within [0, {min(student_convs, teacher_convs)}]")
+
+
+def crosskd_default_layer(student_convs: int, teacher_convs: int) -> int:
+    """CrossKD's tower layer when the job leaves it out: one before the last layer both heads have, so the
+    teacher's last conv and its predictors are reused; 3 for two 4-conv GFL heads, the paper's choice."""
+    return max(min(student_convs, teacher_convs) - 1, 0)
+
+
+def teacher_cache_refusal(job: JobSpec) -> str | None:
+    """Why ``distill.teacher_cache: "on"`` is refused for ``job`` (None: it is not "on", or it can apply)."""
+    if job.distill is None or job.distill.teacher_cache != "on" or not (why := teacher_cache_blocker(job)):
+        return None
+    return f"distill.teacher_cache is 'on' but the teacher's outputs cannot be cached: {why}; use 'auto' or 'off'"
 
 
 def arch_config(arch: str) -> dict[str, int | tuple[int, ...]]:

@@ -217,15 +217,15 @@ def test_fitnets_adapters_and_loss(pair):
     adapters = build_adapters(student, teacher, spec)
     assert len(adapters) == 5 and adapters[0].weight.shape == (48, 32, 1, 1)
     criterion = _criterion(student, teacher, spec)
-    assert criterion.keep_feats and len(criterion.adapters) == 5
-    criterion.adapters.load_state_dict(adapters.state_dict())
+    assert criterion.keep_feats and list(criterion.adapters) == ["fitnets"] and len(criterion.adapters["fitnets"]) == 5
+    criterion.adapters["fitnets"].load_state_dict(adapters.state_dict())
     s_out = _outputs(student, images, feats=True)
     t_out = criterion.teacher_forward(images)
     assert t_out.feats is not None and not t_out.feats[0].requires_grad
     losses = criterion.losses(s_out, t_out, _gt())
     assert set(losses) == {"qfl", "giou", "dfl", "fitnets"} and losses["fitnets"] > 0
     losses["fitnets"].backward()
-    assert criterion.adapters[0].weight.grad.abs().sum() > 0
+    assert criterion.adapters["fitnets"][0].weight.grad.abs().sum() > 0
     assert student.neck.fpn_convs[0].conv.weight.grad is not None
     assert all(p.grad is None for p in teacher.parameters())
 

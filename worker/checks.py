@@ -23,7 +23,14 @@ from pydantic import ValidationError
 from distill.ckpt_layout import describe_checkpoint
 from distill.ckpt_reader import CheckpointError
 from distill.class_map import ClassMapError, map_classes
-from distill.spec import IMAGENET_URLS, InitCheckpoint, JobSpec, arch_config
+from distill.spec import (
+    IMAGENET_URLS,
+    InitCheckpoint,
+    JobSpec,
+    arch_config,
+    crosskd_layer_problem,
+    teacher_cache_refusal,
+)
 from worker.settings import Settings
 from worker.store import Store
 from worker.tenants import visible
@@ -58,7 +65,7 @@ def check_job(spec: JobSpec, store: Store, settings: Settings, scope: str | None
     """Refuse (raise :class:`JobRefused`) a job the worker could not run: unknown dataset, checkpoint or
     teacher, a teacher job that did not succeed, initial weights that do not fit the student or are
     neither cached nor downloadable, a teacher whose ``reg_max`` or strides differ from the student's,
-    a class map naming unknown classes.
+    a class map naming unknown classes, ``distill.teacher_cache: "on"`` where the cache cannot apply.
 
     ``scope``: the tenant whose datasets, checkpoints, jobs and models the job may name (``worker.tenants``;
     None: any). Another tenant's id is refused exactly as an id that names nothing.
@@ -68,12 +75,19 @@ def check_job(spec: JobSpec, store: Store, settings: Settings, scope: str | None
         raise JobRefused(f"dataset: no dataset {spec.dataset!r} (upload one to /v1/datasets)", "unknown_dataset",
                          NOT_FOUND)
     dataset_dir = Path(ds["path"])
+    if refusal := teacher_cache_refusal(spec):
+        raise JobRefused(refusal, "invalid_teacher_cache")
     student = arch_config(spec.student.arch)
     init_path = _check_init(spec, store, settings, student, scope)
     teacher_path, facts = None, None
     if spec.teacher is not None:
         teacher_path, facts = _teacher(spec.teacher.model_dump(), store, settings, scope)
         _check_teacher(facts, student, spec.student.arch)
+        if spec.distill is not None and spec.distill.crosskd_layer is not None and facts.get("stacked_convs"):
+            problem = crosskd_layer_problem(spec.distill.crosskd_layer, int(student["stacked_convs"]),
+                                            int(facts["stacked_convs"]))
+            if problem:
+                raise JobRefused(problem, "invalid_crosskd_layer", details={"field": "distill.crosskd_layer"})
         if spec.distill is not None and spec.distill.class_map:
             # The rule training applies (distill.class_map); a teacher without names has "0".."N-1", as GFL.classes.
             teacher_classes = facts.get("classes") or [str(i) for i in range(int(facts.get("num_classes") or 0))]

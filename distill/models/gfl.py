@@ -117,6 +117,46 @@ class GFLHead(nn.Module):
             bbox_preds.append(scale(self.gfl_reg(reg_feat)).float())
         return cls_scores, bbox_preds
 
+    def forward_tower(self, feats: list[Tensor], k: int) -> tuple[list[Tensor], list[Tensor], list[Tensor],
+                                                                   list[Tensor]]:
+        """:meth:`forward`'s outputs, plus each level's cls and reg tower features after layer ``k`` (1-based;
+        0 = the FPN level itself), taken before that layer's ReLU (CrossKD aligns them before the activation,
+        as its authors do). Returns ``(cls_scores, bbox_preds, cls_feats, reg_feats)``, the last two
+        ``(N, channels, H_l, W_l)`` per level."""
+        cls_scores, bbox_preds, cls_feats, reg_feats = [], [], [], []
+        for x, scale in zip(feats, self.scales, strict=True):
+            cls_feat, cls_held = _tower(self.cls_convs, x, k)
+            reg_feat, reg_held = _tower(self.reg_convs, x, k)
+            cls_feats.append(cls_held)
+            reg_feats.append(reg_held)
+            cls_scores.append(self.gfl_cls(cls_feat))
+            bbox_preds.append(scale(self.gfl_reg(reg_feat)).float())
+        return cls_scores, bbox_preds, cls_feats, reg_feats
+
+    def from_tower(self, cls_feat: Tensor, reg_feat: Tensor, k: int, level: int) -> tuple[Tensor, Tensor]:
+        """The rest of this head from tower features after layer ``k`` (as :meth:`forward_tower` holds them,
+        before the ReLU) of FPN level ``level``: layers ``k+1..`` of both towers, ``gfl_cls`` and
+        ``gfl_reg`` with the level's scale. ``(N, channels, H, W)`` each -> ``cls (N, C, H, W)``,
+        ``reg (N, 4 * (reg_max + 1), H, W)``."""
+        if k > 0:
+            cls_feat, reg_feat = F.relu(cls_feat), F.relu(reg_feat)
+        for conv in self.cls_convs[k:]:
+            cls_feat = conv(cls_feat)
+        for conv in self.reg_convs[k:]:
+            reg_feat = conv(reg_feat)
+        return self.gfl_cls(cls_feat), self.scales[level](self.gfl_reg(reg_feat)).float()
+
+
+def _tower(convs: nn.ModuleList, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``x`` through the ``convs`` -> (the tower's output, its pre-activation features after layer ``k``)."""
+    held = x
+    for i, conv in enumerate(convs):
+        x = conv.gn(conv.conv(x))
+        if i + 1 == k:
+            held = x
+        x = F.relu(x)
+    return x, held
+
 
 class GFL(nn.Module):
     """The detector. Images in are normalised ``(N, 3, H, W)`` with H, W multiples of 32."""
