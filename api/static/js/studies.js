@@ -94,7 +94,7 @@ function studyForm(datasets, models, finished, signal) {
     finished.length ? h("optgroup", { label: "finished jobs (their trained model)" }, finished.map((j) =>
       h("option", { value: `job:${j.id}` }, `${j.name || j.id} · ${(j.spec.student || {}).arch || "?"}`))) : null,
     h("option", { value: "" }, "a checkpoint id (type it on the right)"));
-  const checkpoint = input("study-teacher-checkpoint", { type: "text", placeholder: "ck_… (an uploaded teacher)",
+  const checkpoint = input("study-teacher-checkpoint", { type: "text", placeholder: "ckpt_… (an uploaded teacher)",
     size: 22 });
   const arch = input("study-arch", { type: "text", list: "study-archs", placeholder: "gfl_r18 (default)", size: 14 });
   const archs = h("datalist", { id: "study-archs" }, ARCHS.map((a) => h("option", { value: a })));
@@ -229,7 +229,7 @@ function specFacts(spec) {
     ["student", (spec.student || {}).arch],
     ["methods", (spec.methods || []).map((m) => (typeof m === "string" ? m : m.name)).join(", ")],
     ["seeds", spec.seeds],
-    ["schedule", sch.epochs ? `${sch.epochs} epochs · batch ${sch.batch_size} · ` +
+    ["schedule", sch.epochs ? `${sch.epochs} epoch${sch.epochs === 1 ? "" : "s"} · batch ${sch.batch_size} · ` +
       `${(sch.image_size || []).join(" × ")} px` : null],
   ]));
 }
@@ -269,6 +269,7 @@ function gain(row) {
 function verdict(row) {
   if (row.significant === true) return h("span", { class: "verdict significant" }, "significant (> 2× spread)");
   if (row.significant === false) return h("span", { class: "verdict noise" }, "within noise");
+  if (row.gain) return h("span", { class: "verdict noise" }, "one pair: no spread to judge by");
   return "";
 }
 
@@ -292,8 +293,8 @@ function report(r, signal) {
       "Mean ± std over seeds. Gain: each seed's AP minus the student alone's with the same seed, mean ± std. ",
       "Significant when the mean gain exceeds twice the spread (the larger std of the two rows). cls L1 / box L1: ",
       "the student's mean distance to the teacher after distillation (the paper's figure 4), lower is closer.")));
-  const chart = h("div", { id: "study-chart", class: "study-chart" }, intervals("AP per row, mean ± std over seeds", rows.map((row) => ({
-    label: row.row, mean: row.AP && typeof row.AP.mean === "number" ? 100 * row.AP.mean : NaN,
+  const chart = h("div", { id: "study-chart", class: "study-chart" }, intervals("AP per row, mean ± std over seeds",
+    rows.map((row) => ({ label: row.row, mean: row.AP && typeof row.AP.mean === "number" ? 100 * row.AP.mean : NaN,
     std: row.AP ? 100 * (row.AP.std || 0) : 0, highlight: rec && rec.row === row.row,
     colour: row.row === PLAIN ? "#9aa5b8" : undefined })), "AP (%)"));
   const failures = r.failures || [];
