@@ -14,16 +14,19 @@ One teacher (a wider and deeper model, ``--teacher-arch``) is trained once; then
     a  student alone                  d  Main LD + VLR LD
     b  Main KD                        e  Main KD + Main LD + VLR LD (the defaults of DistillSpec)
     c  Main LD                        f  TBR (teacher-bounded pseudo box regression, paper eq. 6)
+    g  CrossKD (method "crosskd")     h  BCKD (method "bckd")
+    i  CrossKD + Main KD + Main LD + VLR LD (the best combination found, bench/results/tuning/README.md)
 
 Rows b-f take ``DistillSpec()``'s default weights and switch the other terms off, so row e checks the
-defaults a job gets. The seed changes the student's initialisation and the data order, not the data or
-the teacher. Runs go to ``--jobs`` worker processes, each with ``--threads`` torch threads: on a small
-shared CPU, one thread per process avoids OpenMP's spin-waiting under load, which was measured to make a
-step up to 10x slower.
+defaults a job gets; rows g and h take their method's default weights (``distill.spec.METHOD_WEIGHTS``).
+The seed changes the student's initialisation and the data order, not the data or the teacher. Runs go to
+``--jobs`` worker processes, each with ``--threads`` torch threads: on a small shared CPU, one thread per
+process avoids OpenMP's spin-waiting under load, which was measured to make a step up to 10x slower.
 
 Writes ``bench/results/ablation[_raccoon|_bccd].md|json|png``: AP, AP50, AP75 mean and standard deviation over
-the seeds, the difference to row a paired by seed, and a verdict on whether (d) and (e) beat (a) by more
-than the spread.
+the seeds, the difference to row a paired by seed, and a verdict on whether each distilled row beats (a) by
+>= 2 AP beyond twice the spread, and the best one by >= 3 AP (DESIGN section 7). ``--merge OLD.json`` takes
+the rows this run did not train from an earlier run of the same settings (and says so in the table).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from typing import Any
 
 from report import save
 
+from distill.spec import METHOD_WEIGHTS
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared/data"
 RACCOON = Path(os.environ.get("LDD_RACCOON", SHARED / "raccoon-voc"))
 BCCD = Path(os.environ.get("LDD_BCCD", SHARED / "bccd-voc"))
@@ -55,8 +60,15 @@ ROWS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "d": ("Main LD + VLR LD", {"weights": {"main_kd": 0, "vlr_kd": 0}}),
     "e": ("Main KD + Main LD + VLR LD", {}),
     "f": ("TBR", {"method": "tbr", "weights": {"main_kd": 0, "vlr_kd": 0}}),
+    "g": ("CrossKD", {"method": "crosskd"}),
+    "h": ("BCKD", {"method": "bckd"}),
+    "i": ("CrossKD + Main KD + Main LD + VLR LD", {"method": "crosskd", "weights": METHOD_WEIGHTS["ld"]}),
 }
 METRICS = ("AP", "AP50", "AP75")
+# The table's term columns, in this order, for the terms some row switches on.
+TERMS = {"main_kd": "Main KD", "main_ld": "Main LD", "vlr_ld": "VLR LD", "vlr_kd": "VLR KD", "tbr": "TBR",
+         "fitnets": "FitNets", "crosskd_cls": "CrossKD cls", "crosskd_reg": "CrossKD reg", "bckd_cls": "BCKD cls",
+         "bckd_loc": "BCKD loc"}
 
 
 @dataclass
@@ -153,10 +165,13 @@ def prepare_data(plan: Plan, work: Path) -> Path:
                           max_objects=plan.max_objects, seed=0)
 
 
-def summarise(plan: Plan, runs: dict[str, list[dict]], teacher: dict, wall_s: float) -> dict[str, Any]:
+def summarise(plan: Plan, runs: dict[str, list[dict]], teacher: dict, wall_s: float,
+              merged: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The rows' statistics over seeds, their comparison with (a) and the verdict's facts. ``merged``: an
+    earlier summary of the same settings whose rows this run did not train are taken as they are."""
     from distill.spec import DistillSpec
 
-    rows = {}
+    rows: dict[str, Any] = {}
     for row, results in runs.items():
         by_seed = sorted(results, key=lambda r: r["spec"]["seed"])
         stats = {}
@@ -167,31 +182,42 @@ def summarise(plan: Plan, runs: dict[str, list[dict]], teacher: dict, wall_s: fl
         distill_spec = by_seed[0]["spec"].get("distill")
         terms = {}
         if distill_spec is not None:
-            d = DistillSpec.model_validate(distill_spec)
-            ld = d.method == "ld"
-            terms = {"main_kd": d.weights.main_kd, "main_ld": d.weights.main_ld if ld else 0.0,
-                     "vlr_ld": d.weights.vlr_ld if ld else 0.0, "vlr_kd": d.weights.vlr_kd,
-                     "tbr": d.weights.tbr if d.method == "tbr" else 0.0}
+            weights = DistillSpec.model_validate(distill_spec).weights.model_dump()
+            terms = {k: v for k, v in weights.items() if v}
         diag = [r["diagnostics"]["after"] for r in by_seed if r.get("diagnostics")]
+        cls_diag = [x["cls_l1_mean"] for x in diag if x.get("cls_l1_mean") is not None]
         rows[row] = {"name": ROWS[row][0], "terms": terms, **stats,
                      "box_l1_after": statistics.mean(x["box_l1_mean"] for x in diag) if diag else None,
-                     "cls_l1_after": statistics.mean(x["cls_l1_mean"] for x in diag) if diag else None,
+                     "cls_l1_after": statistics.mean(cls_diag) if cls_diag else None,
                      "wall_s": [r["wall_s"] for r in by_seed]}
-    if "a" in rows:
-        base = statistics.mean(rows["a"]["AP"]["values"])
-        for row, r in rows.items():
-            if row == "a":
-                continue
-            diffs = {m: [x - y for x, y in zip(r[m]["values"], rows["a"][m]["values"], strict=True)] for m in METRICS}
-            r["paired_diff"] = {m: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
-                                for m, v in diffs.items()}
-            spread = max(rows["a"]["AP"]["std"], r["AP"]["std"])
-            gain = r["AP"]["mean"] - base
-            # DESIGN section 7: a gain of at least 2 AP, beyond twice the spread over seeds.
-            r["beats_a"] = {"AP_gain": gain, "spread": spread, "by_more_than_spread": gain > spread,
-                            "by_2AP_and_twice_spread": gain >= 0.02 and gain > 2 * spread}
+    if merged is not None:
+        for row, r in merged["rows"].items():
+            if row not in rows:
+                rows[row] = {**r, "from": merged.get("source", "an earlier run")}
+        rows = dict(sorted(rows.items()))
+    compare(rows)
     return {"plan": asdict(plan), "defaults": DistillSpec().model_dump(), "teacher": teacher, "rows": rows,
             "wall_s": round(wall_s, 1)}
+
+
+def compare(rows: dict[str, Any]) -> None:
+    """Adds to every row but (a): ``paired_diff`` (the per-seed AP differences to (a): mean and std) and
+    ``beats_a`` (the gain, the spread = the larger std of the two rows, and whether the gain clears it: by more
+    than the spread; by >= 2 AP and twice the spread; by >= 3 AP and twice the spread, DESIGN section 7)."""
+    if "a" not in rows:
+        return
+    base = rows["a"]
+    for row, r in rows.items():
+        if row == "a":
+            continue
+        diffs = {m: [x - y for x, y in zip(r[m]["values"], base[m]["values"], strict=True)] for m in METRICS}
+        r["paired_diff"] = {m: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
+                            for m, v in diffs.items()}
+        spread = max(base["AP"]["std"], r["AP"]["std"])
+        gain = r["paired_diff"]["AP"]["mean"]
+        r["beats_a"] = {"AP_gain": gain, "spread": spread, "by_more_than_spread": gain > spread,
+                        "by_2AP_and_twice_spread": gain >= 0.02 and gain > 2 * spread,
+                        "by_3AP_and_twice_spread": gain >= 0.03 and gain > 2 * spread}
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -203,6 +229,7 @@ def markdown(summary: dict[str, Any]) -> str:
                           f"{plan['num_classes']} class(es), digits {plan['object_size'][0]}-{plan['object_size'][1]} "
                           f"px, 1-{plan['max_objects']} per image)"}
     name = names[plan["dataset"]]
+    used = [k for k in TERMS if any(r["terms"].get(k, 0) > 0 for r in rows.values())]
     lines = [
         f"# LD ablation on {name}",
         "",
@@ -214,40 +241,55 @@ def markdown(summary: dict[str, Any]) -> str:
         + f"). Images {plan['image_size'][0]}x{plan['image_size'][1]}, batch "
         f"{plan['batch']}, student {plan['epochs']} epochs at lr {plan['lr']}; {plan['seeds']} seeds; "
         f"tau {d['tau']}, gamma {d['gamma']}, kd_tau {d['kd_tau']}; weights main_ld {d['weights']['main_ld']}, "
-        f"vlr_ld {d['weights']['vlr_ld']}, main_kd {d['weights']['main_kd']}, tbr {d['weights']['tbr']}"
+        f"vlr_ld {d['weights']['vlr_ld']}, main_kd {d['weights']['main_kd']}, tbr {d['weights']['tbr']}; "
+        f"other methods' weights: {json.dumps({m: w for m, w in METHOD_WEIGHTS.items() if m != 'ld'})}"
         + (f"; job changes {json.dumps(plan['distill'])}" if plan["distill"] else "") + ".",
         f"Whole run: {summary['wall_s'] / 60:.1f} min on {plan['device']} ({plan['jobs']} process(es) x "
         f"{plan['threads']} thread(s)).",
         "",
-        "| row | Main KD | Main LD | VLR LD | TBR | AP | AP50 | AP75 | AP - AP(a), paired by seed "
+        "| row | " + " | ".join(TERMS[k] for k in used) + " | AP | AP50 | AP75 | AP - AP(a), paired by seed "
         "| box L1 to teacher |",
-        "|---|:-:|:-:|:-:|:-:|---:|---:|---:|---:|---:|",
+        "|---|" + ":-:|" * len(used) + "---:|---:|---:|---:|---:|",
     ]
     for row, r in rows.items():
         t = r["terms"]
-        marks = ["✓" if t.get(k, 0) > 0 else "" for k in ("main_kd", "main_ld", "vlr_ld", "tbr")]
+        marks = [f"{t[k]:g}" if t.get(k, 0) > 0 else "" for k in used]
         cells = [f"{100 * r[m]['mean']:.1f} ± {100 * r[m]['std']:.1f}" for m in METRICS]
         diff = r.get("paired_diff", {}).get("AP")
         diff_cell = f"{100 * diff['mean']:+.1f} ± {100 * diff['std']:.1f}" if diff else ""
         box = f"{r['box_l1_after']:.3f}" if r["box_l1_after"] is not None else ""
-        lines.append(f"| ({row}) {r['name']} | " + " | ".join(marks) + " | " + " | ".join(cells)
+        name = r["name"] + (" *" if r.get("from") else "")
+        lines.append(f"| ({row}) {name} | " + " | ".join(marks) + (" | " if marks else "") + " | ".join(cells)
                      + f" | {diff_cell} | {box} |")
-    lines += ["", "AP in percent, mean ± standard deviation over seeds. Box L1: mean L1 distance between the "
-              "student's and the teacher's edge distributions on the validation images after training "
-              "(paper fig. 4; in [0, 2]).", ""]
+    lines += ["", "Term columns: the weight of each term a row switches on. AP in percent, mean ± standard "
+              "deviation over seeds. Box L1: mean L1 distance between the student's and the teacher's edge "
+              "distributions on the validation images after training (paper fig. 4; in [0, 2])."]
+    merged = sorted({r["from"] for r in rows.values() if r.get("from")})
+    if merged:
+        lines.append(f"Rows marked * were not trained in this run: they come from {', '.join(merged)} (same "
+                     "settings and seeds).")
+    lines.append("")
     lines.append("## Verdict")
     lines.append("")
     if "a" in rows:
         lead = teacher["bbox"]["AP"] - rows["a"]["AP"]["mean"]
         lines.append(f"- Teacher vs (a): the teacher leads the student alone by {100 * lead:+.1f} AP (wanted: >= 5).")
-    for row in ("d", "e"):
-        if row in rows and "beats_a" in rows[row]:
-            b = rows[row]["beats_a"]
+    for row, r in rows.items():
+        if "beats_a" in r and row in "deghi":
+            b = r["beats_a"]
             ok = "yes" if b["by_more_than_spread"] else "NO"
             ok2 = "yes" if b.get("by_2AP_and_twice_spread") else "NO"
-            lines.append(f"- ({row}) {rows[row]['name']} vs (a): AP gain {100 * b['AP_gain']:+.1f} points, spread "
-                         f"(larger std of the two rows) {100 * b['spread']:.1f}: above (a) by more than the spread: "
-                         f"**{ok}**; by >= 2 AP and more than twice the spread (DESIGN section 7): **{ok2}**.")
+            lines.append(f"- ({row}) {r['name']} vs (a): AP gain {100 * b['AP_gain']:+.1f} points (paired by seed), "
+                         f"spread (larger std of the two rows) {100 * b['spread']:.1f}: above (a) by more than the "
+                         f"spread: **{ok}**; by >= 2 AP and more than twice the spread (DESIGN section 7): **{ok2}**.")
+    distilled = {row: r for row, r in rows.items() if "beats_a" in r}
+    if distilled:
+        best = max(distilled, key=lambda row: distilled[row]["beats_a"]["AP_gain"])
+        b = distilled[best]["beats_a"]
+        ok3 = "yes" if b.get("by_3AP_and_twice_spread") else "NO"
+        lines.append(f"- Best row: ({best}) {distilled[best]['name']}, {100 * b['AP_gain']:+.1f} AP over (a) "
+                     f"(spread {100 * b['spread']:.1f}): >= 3 AP and more than twice the spread (DESIGN section 7, "
+                     f"the best method): **{ok3}**.")
     order = [r for r in ("a", "c", "d", "e") if r in rows]
     if len(order) > 1:
         means = [rows[r]["AP"]["mean"] for r in order]
@@ -266,7 +308,7 @@ def chart(summary: dict[str, Any], path: Path) -> None:
 
     rows = summary["rows"]
     labels = [f"({k}) {v['name']}" for k, v in rows.items()]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(max(9, 1.2 * len(rows)), 4.5))
     width = 0.27
     for i, m in enumerate(METRICS):
         xs = [j + (i - 1) * width for j in range(len(rows))]
@@ -275,7 +317,7 @@ def chart(summary: dict[str, Any], path: Path) -> None:
     ax.axhline(100 * summary["teacher"]["bbox"]["AP"], color="k", ls="--", lw=1, label="teacher AP")
     ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("percent")
-    ax.set_title(f"LD ablation ({summary['plan']['dataset']}, {summary['plan']['seeds']} seeds, mean ± std)")
+    ax.set_title(f"Distillation ablation ({summary['plan']['dataset']}, {summary['plan']['seeds']} seeds, mean ± std)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -308,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--out", default=None, help="results name (default: ablation[_raccoon|_bccd])")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run of the whole pipeline")
+    parser.add_argument("--merge", type=Path, default=None,
+                        help="an earlier summary (.json) of the same settings: its rows this run does not train "
+                        "are kept")
     args = parser.parse_args(argv)
 
     plan = Plan(dataset=args.dataset, jobs=args.jobs, threads=args.threads, device=args.device)
@@ -377,7 +422,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"({row}) seed {seed}: AP {result['bbox']['AP']:.4f} AP50 {result['bbox']['AP50']:.4f} "
                   f"AP75 {result['bbox']['AP75']:.4f} ({result['wall_s']} s)", flush=True)
 
-    summary = summarise(plan, runs, teacher, time.monotonic() - started)
+    merged = None
+    if args.merge:
+        merged = json.loads(args.merge.read_text())
+        merged["source"] = f"{args.merge.name} (whole run {merged['wall_s'] / 60:.1f} min)"
+    summary = summarise(plan, runs, teacher, time.monotonic() - started, merged)
     text = markdown(summary)
     print(text)
     md_path = save(out_name, summary, text)
