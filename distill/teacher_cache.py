@@ -16,6 +16,8 @@ On disk (the run folder's ``teacher_cache/``), append-only::
     locs.i32      sparse entries' location indices (flat, levels concatenated), int32
     entries.bin   one fixed-size record per finished entry, written last: its key, where its data lies,
                   the data's CRC32 and the record's own CRC32
+    lock          flock'ed while an entry is appended: the processes of one DDP job share the cache, and
+                  each takes in the others' entries when it misses
 
 A record is the entry's completion marker: a process killed mid-entry leaves data without a record (cut off
 on the next open) or a torn record (bad CRC: cut off). The data CRC is checked at each read, so an entry
@@ -29,12 +31,14 @@ teacher pass, as a pre-pass over both flips would, without a second pass over th
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,7 @@ VERSION = 1
 # image id, flipped, padded h, padded w, first row, rows, first location, data CRC32; then the record's CRC32.
 _BODY = struct.Struct("<qBHHQIQI")
 _RECORD = _BODY.size + 4
+_DATA = ("entries.bin", "rows.f16", "locs.i32")
 Key = tuple[int, bool, int, int]
 
 
@@ -114,23 +119,42 @@ class TeacherCache:
     def _path(self, name: str) -> Path:
         return self.folder / name
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive hold of the folder: the processes of one job (DDP ranks) share one cache, and each
+        entry is appended whole under the lock. A killed holder's lock is released by the kernel."""
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+
     def _open(self, meta: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = os.open(self._path("lock"), os.O_CREAT | os.O_RDWR)
         meta = _jsonable(meta)
-        old = None
-        if self._path("meta.json").exists():
+        with self._locked():
             try:
                 old = json.loads(self._path("meta.json").read_text())
-            except ValueError:
+            except (OSError, ValueError):
                 old = None
-        if old != meta:  # another layout or run (or none yet): start afresh
-            for name in ("entries.bin", "rows.f16", "locs.i32"):
-                self._path(name).unlink(missing_ok=True)
-            atomic_write_json(self._path("meta.json"), meta)
-        for name in ("entries.bin", "rows.f16", "locs.i32"):
-            self._path(name).touch()
-        raw = self._path("entries.bin").read_bytes()
-        rows_end = locs_end = good = 0
+            if old != meta:  # another layout or run (or none yet): start afresh
+                for name in _DATA:
+                    self._path(name).unlink(missing_ok=True)
+                atomic_write_json(self._path("meta.json"), meta)
+            for name in _DATA:
+                self._path(name).touch()
+            self._read_at = self._rows_end = self._locs_end = 0
+            self._sync()
+        self.recovered = len(self.index)
+
+    def _sync(self) -> None:
+        """Under the lock: take in the records appended since the last call (by any process), then cut what an
+        unfinished entry left behind (data without a record, a torn record), so the next entry follows the
+        last finished one."""
+        with open(self._path("entries.bin"), "rb") as f:
+            f.seek(self._read_at)
+            raw = f.read()
         rows_size = self._path("rows.f16").stat().st_size // (2 * self.layout.width)
         locs_size = self._path("locs.i32").stat().st_size // 4
         for at in range(0, len(raw) - _RECORD + 1, _RECORD):
@@ -142,13 +166,11 @@ class TeacherCache:
             if row0 + n > rows_size or loc0 + n_locs > locs_size:
                 break
             self.index[(image_id, bool(flipped), h, w)] = (row0, n, loc0, crc)
-            rows_end, locs_end, good = max(rows_end, row0 + n), max(locs_end, loc0 + n_locs), at + _RECORD
-        self.recovered = len(self.index)
-        # Cut what unfinished entries left behind, so new entries follow the last finished one.
-        os.truncate(self._path("entries.bin"), good)
-        os.truncate(self._path("rows.f16"), rows_end * 2 * self.layout.width)
-        os.truncate(self._path("locs.i32"), locs_end * 4)
-        self._rows_end, self._locs_end = rows_end, locs_end
+            self._rows_end, self._locs_end = max(self._rows_end, row0 + n), max(self._locs_end, loc0 + n_locs)
+            self._read_at += _RECORD
+        os.truncate(self._path("entries.bin"), self._read_at)
+        os.truncate(self._path("rows.f16"), self._rows_end * 2 * self.layout.width)
+        os.truncate(self._path("locs.i32"), self._locs_end * 4)
 
     def _rows(self, row0: int, n: int) -> np.ndarray:
         if n == 0:  # numpy cannot map an empty file
@@ -182,17 +204,17 @@ class TeacherCache:
         rows = np.ascontiguousarray(rows, dtype=np.float16)
         locs = None if locs is None else np.ascontiguousarray(locs, dtype=np.int32)
         crc = _crc(rows, locs)
-        with open(self._path("rows.f16"), "ab") as f:
-            f.write(rows.tobytes())
-        if locs is not None:
-            with open(self._path("locs.i32"), "ab") as f:
-                f.write(locs.tobytes())
-        body = _BODY.pack(key[0], int(key[1]), key[2], key[3], self._rows_end, len(rows), self._locs_end, crc)
-        with open(self._path("entries.bin"), "ab") as f:
-            f.write(body + struct.pack("<I", zlib.crc32(body)))
-        self.index[key] = (self._rows_end, len(rows), self._locs_end, crc)
-        self._rows_end += len(rows)
-        self._locs_end += 0 if locs is None else len(locs)
+        with self._locked():
+            self._sync()  # other processes' entries, and the end of the last finished one
+            with open(self._path("rows.f16"), "ab") as f:
+                f.write(rows.tobytes())
+            if locs is not None:
+                with open(self._path("locs.i32"), "ab") as f:
+                    f.write(locs.tobytes())
+            body = _BODY.pack(key[0], int(key[1]), key[2], key[3], self._rows_end, len(rows), self._locs_end, crc)
+            with open(self._path("entries.bin"), "ab") as f:
+                f.write(body + struct.pack("<I", zlib.crc32(body)))
+            self._sync()
 
     # -- the criterion's teacher source
 
@@ -207,6 +229,9 @@ class TeacherCache:
         reg = images.new_full((b, a, 4, lay.bins), self.fill)
         columns = torch.tensor(lay.columns, dtype=torch.long, device=dev)
         keys = [(int(t["image_id"]), bool(t["flipped"]), h, w) for t in targets]
+        if any(k not in self.index for k in keys):
+            with self._locked():  # another process (DDP rank) may have computed it since
+                self._sync()
         miss = []
         for i, key in enumerate(keys):
             got = self.read(key)
@@ -255,7 +280,7 @@ class TeacherCache:
     # -- reporting
 
     def bytes(self) -> int:
-        return sum(self._path(n).stat().st_size for n in ("meta.json", "entries.bin", "rows.f16", "locs.i32"))
+        return sum(self._path(n).stat().st_size for n in ("meta.json", *_DATA))
 
     def report(self) -> dict[str, Any]:
         """For the job's metrics: on, why, size on disk, entries, and this attempt's hit rate."""

@@ -221,6 +221,21 @@ def test_resume_with_a_partial_and_a_torn_cache(data_dir, tmp_path):
     for images, targets in batches:
         _same(cached(images, targets), live(images, targets))
     assert second.hits == 3 and len(second.index) == 6
+    # Two processes of one job (DDP ranks) share a folder: each appends whole entries under the lock, and takes
+    # in the other's when it misses instead of running the teacher.
+    shared = tmp_path / "shared"
+    rank0, rank1 = (TeacherCache(shared, _criterion(student, teacher, spec)) for _ in range(2))
+    rank0(*batches[0])
+    rank1(*batches[0])
+    rank1(*batches[1])
+    rank0(*batches[1])
+    rank0(*batches[2])
+    assert (rank0.hits, rank1.hits) == (2, 2)
+    merged = TeacherCache(shared, cached)
+    assert merged.recovered == 6
+    for key in merged.index:
+        owner = rank0 if key in rank0.index else rank1
+        assert (merged.read(key)[1] == owner.read(key)[1]).all()
     # Another run's fingerprint (teacher, data, sizes) starts afresh.
     assert TeacherCache(folder, cached, fingerprint={"run": 2}).recovered == 0
 
