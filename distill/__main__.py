@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as e:  # not a verdict on the job: no error.json
         print(f"stopped: {e}", file=sys.stderr)
         return 143
-    except dist.DistError as e:
+    except (ddp.GroupLost, dist.DistError) as e:
         # Another rank died or hung (torchrun stops the group next): no verdict, so the attempt is retried.
         print(f"lost the process group: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -48,6 +49,19 @@ from distill.lifetime import die_with_parent
 
 TIMEOUT_ENV = "LDD_DDP_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 1800.0
+
+
+class GroupLost(RuntimeError):
+    """A collective failed: another rank died or hung. No verdict on the job (``python -m distill`` exits 1
+    without ``error.json``, so the worker tries the attempt again, from the last checkpoint)."""
+
+
+@contextmanager
+def _collective() -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError as e:  # gloo reports a dead peer as a plain RuntimeError, NCCL as DistBackendError
+        raise GroupLost(f"{type(e).__name__}: {e}") from e
 
 
 def launched() -> bool:
@@ -68,6 +82,9 @@ def setup(device: str | None = None) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local if launched() else torch.cuda.current_device())
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"this job runs {os.environ.get('WORLD_SIZE', 1)} processes (schedule.gpus), one per GPU, "
+                         f"but this machine shows {torch.cuda.device_count()} GPU(s) (CUDA_VISIBLE_DEVICES)")
     if not launched() or dist.is_initialized():
         return dev
     die_with_parent()
@@ -108,7 +125,8 @@ def local_batch(global_batch: int) -> int:
 
 def barrier() -> None:
     if world() > 1:
-        dist.barrier()
+        with _collective():
+            dist.barrier()
 
 
 def mean_denominator(local: Tensor, floor: float) -> Tensor:
@@ -122,7 +140,8 @@ def mean_denominator(local: Tensor, floor: float) -> Tensor:
     if world() == 1:
         return local.clamp(min=floor)
     total = local.detach().clone().float()
-    dist.all_reduce(total)
+    with _collective():
+        dist.all_reduce(total)
     return total.clamp(min=floor) / world()
 
 
@@ -131,7 +150,8 @@ def all_mean(values: Tensor) -> Tensor:
     the mean of the ranks' terms is the term of the global batch (what progress reports)."""
     values = values.detach().clone()
     if world() > 1:
-        dist.all_reduce(values)
+        with _collective():
+            dist.all_reduce(values)
         values /= world()
     return values
 
@@ -141,7 +161,8 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     if world() == 1:
         return flag
     t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    with _collective():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
@@ -159,7 +180,8 @@ def average_gradients(params: Iterable[nn.Parameter]) -> None:
         groups.setdefault((p.dtype, p.device), []).append(p)
     for ps in groups.values():
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
-        dist.all_reduce(flat)
+        with _collective():
+            dist.all_reduce(flat)
         flat /= n
         offset = 0
         for p in ps:
@@ -177,7 +199,7 @@ def broadcast_state(*modules: nn.Module | None) -> None:
     start from the same weights whatever each one initialised or loaded."""
     if world() == 1:
         return
-    with torch.no_grad():
+    with torch.no_grad(), _collective():
         for module in modules:
             if module is not None:
                 for t in [*module.parameters(), *module.buffers()]:

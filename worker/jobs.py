@@ -1,7 +1,8 @@
 """One attempt at one job: the body of the Celery task ``worker.tasks.run_job`` (no Celery or torch in here).
 
     claim (lease) -> check the job, ids to local paths (worker.checks) -> runs/<job>/spec.json
-      -> child: python -m distill train spec.json --out runs/<job>   (resumes from checkpoints/last.pt)
+      -> child: python -m distill train spec.json --out runs/<job>   (resumes from checkpoints/last.pt;
+         with schedule.gpus = N > 1: python -m torch.distributed.run --standalone --nproc_per_node N -m distill ...)
       -> child: python -m worker.export runs/<job>/model.pt runs/<job>/export runs/<job>/export.json --spec ...
          (every format of the spec's ``export.formats``, each with its AP measured by the serving runtime)
       -> worker.publish: Registry(models/).publish(export, model_id=mdl_<job hex>[int8|fp16]) + the store's
@@ -36,7 +37,7 @@ from typing import Any, Literal
 
 from deploy.registry import Registry
 from distill.files import NoRoom, atomic_write_json, ensure_room
-from worker import history
+from worker import history, studies
 from worker.checks import JobRefused, resolve_job
 from worker.process import die_with_parent, stop_group
 from worker.publish import publish_model
@@ -88,7 +89,10 @@ def run_job(job_id: str, settings: Settings, store: Store | None = None) -> Outc
         log.info("job %s not claimable; message dropped", job_id)
         return "skipped"
     log.info("job %s: attempt %d by %s", job_id, job["attempts"], owner)
-    return Attempt(store, settings, job, owner).run()
+    outcome = Attempt(store, settings, job, owner).run()
+    if outcome in ("succeeded", "failed", "cancelled"):
+        studies.job_ended(store, settings, job_id)  # the study's report, if that was its last job
+    return outcome
 
 
 class Lost(Exception):
@@ -154,12 +158,14 @@ class Attempt:
         if not (model_pt.is_file() and metrics_json.is_file()):
             local = resolve_job(self.job["spec"], self.store, self.settings)
             spec_path = atomic_write_json(self.run_dir / "spec.json", local, indent=2)
-            args = ["-m", "distill", "train", str(spec_path), "--out", str(self.run_dir)]
+            args = [*_launcher(local), "-m", "distill", "train", str(spec_path), "--out", str(self.run_dir)]
             if self.settings.weights_dir is not None:
                 args += ["--weights-dir", str(self.settings.weights_dir)]
             if self.settings.min_free_bytes > 0:
                 args += ["--min-free-bytes", str(self.settings.min_free_bytes)]
             _check_room(self.settings, "training")
+            # error.json holds the child's verdict; a stale one (an earlier attempt's) would pass for this one's.
+            (self.run_dir / "error.json").unlink(missing_ok=True)
             rc = self._child("train", args)
             if rc != 0:
                 return self._child_failed("training", rc)
@@ -340,6 +346,16 @@ class Attempt:
         done = self.store.finish(self.job_id, self.owner, state, **fields)
         log.info("job %s: %s%s", self.job_id, state, f" ({fields['error']})" if fields.get("error") else "")
         return state if done is not None else "lost"
+
+
+def _launcher(spec: dict[str, Any]) -> list[str]:
+    """Python's arguments before ``-m distill``: nothing for one process; ``torchrun`` (``standalone``: its
+    own rendezvous on a free local port) for ``schedule.gpus`` > 1. The ranks run in sessions of their own
+    (``worker.process`` explains how a stop still reaches every one)."""
+    gpus = int(spec.get("schedule", {}).get("gpus", 1))
+    if gpus <= 1:
+        return []
+    return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus)]
 
 
 def _out_of_room(*texts: str) -> bool:
