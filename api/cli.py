@@ -6,6 +6,7 @@
     ldd checkpoints upload PATH                                 a detector or a ResNet backbone
     ldd jobs submit SPEC.json | ldd jobs submit --kind train --dataset ID [--arch A] [--init I] [--epochs N] ...
     ldd jobs status ID | watch ID | cancel ID | list
+    ldd studies submit STUDY.json [--watch] | status ID | watch ID | report ID [--chart OUT.png] | cancel ID | list
     ldd models list | ldd models download ID OUT.onnx
     ldd detect IMAGE [--model ID] [--score-threshold T] [--draw OUT.png]
 
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +199,49 @@ def watch(c: Client, job_id: str, out: Any = None) -> int:
     return 1
 
 
+def cmd_studies(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.action == "submit":
+            study = c.submit_study(json.loads(Path(args.spec).read_text()), idempotency_key=args.idempotency_key)
+            print(f"study {study['id']}: {study['progress']['jobs']} jobs queued", file=sys.stderr)
+            if args.watch:
+                return watch_study(c, study["id"])
+            _print(study)
+            return 0
+        if args.action == "watch":
+            return watch_study(c, args.id)
+        if args.action == "report":
+            if args.chart:
+                Path(args.chart).write_bytes(c.study_report(args.id, chart=True))
+            print(c.study_report(args.id).decode(), end="")
+        elif args.action == "list":
+            for st in c.list_studies():
+                print(f"{st['id']}  {st['state']:10s} {st['progress']['ended']}/{st['progress']['jobs']} jobs  "
+                      f"{st.get('name') or ''}")  # fmt: skip
+        else:
+            _print(c.cancel_study(args.id) if args.action == "cancel" else c.get_study(args.id))
+    return 0
+
+
+def watch_study(c: Client, study_id: str, poll: float = 2.0) -> int:
+    """One line each time the study's jobs move, then its report table; exit code 0 only if it succeeded."""
+    last = ""
+    while True:
+        st = c.get_study(study_id)
+        running = [f"{j['row']} seed {j['seed']} {100 * (j.get('progress') or 0):.0f}%" for j in st["jobs"]
+                   if j["state"] == "running"]  # fmt: skip
+        line = (f"study {study_id} {st['state']}: {st['progress']['ended']}/{st['progress']['jobs']} jobs ended"
+                + (f"; running: {', '.join(running)}" if running else ""))  # fmt: skip
+        if line != last:
+            print(line, file=sys.stderr, flush=True)
+            last = line
+        if st["state"] != "running":
+            break
+        time.sleep(poll)
+    print(c.study_report(study_id).decode(), end="")
+    return 0 if st["state"] == "succeeded" else 1
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     with _client(args) as c:
         if args.action == "list":
@@ -287,6 +332,20 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_parser(action).add_argument("id")
     a.add_parser("list").add_argument("--state")
     c.set_defaults(func=cmd_jobs)
+
+    c = client("studies", "compare the plain student and distillation methods over seeds, as ordinary jobs")
+    a = c.add_subparsers(dest="action", required=True)
+    s = a.add_parser("submit", help="submit STUDY.json (the body of POST /v1/studies)")
+    s.add_argument("spec")
+    s.add_argument("--idempotency-key")
+    s.add_argument("--watch", action="store_true", help="then follow it and print its report")
+    for action in ("status", "watch", "cancel"):
+        a.add_parser(action).add_argument("id")
+    r = a.add_parser("report", help="print the report's table (report.md)")
+    r.add_argument("id")
+    r.add_argument("--chart", metavar="OUT.png", help="also save the report's chart")
+    a.add_parser("list")
+    c.set_defaults(func=cmd_studies)
 
     c = client("models", "published models")
     a = c.add_subparsers(dest="action", required=True)

@@ -174,6 +174,25 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {job['state']} after {timeout:.0f} s")
             time.sleep(poll)
 
+    # -- studies --------------------------------------------------------------------------------
+
+    def submit_study(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._json("POST", "/v1/studies", json=spec, headers=headers)
+
+    def get_study(self, study_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/studies/{study_id}")
+
+    def list_studies(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self._json("GET", "/v1/studies", params={"limit": limit})["studies"]
+
+    def cancel_study(self, study_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/studies/{study_id}/cancel")
+
+    def study_report(self, study_id: str, chart: bool = False) -> bytes:
+        """The study's report.md (or with ``chart`` its report.png); 404 until every job ended."""
+        return self.request("GET", f"/v1/studies/{study_id}/report.{'png' if chart else 'md'}").content
+
     # -- models and detection -------------------------------------------------------------------
 
     def list_models(self) -> list[dict[str, Any]]:

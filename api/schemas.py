@@ -82,6 +82,7 @@ class Job(_Open):
     cancel_requested: bool = False
     model_id: str | None = Field(None, description="the published model, once succeeded",
                                  examples=["mdl_5e6f7a8b9c0d1e2f"])  # fmt: skip
+    study_id: str | None = Field(None, description="the study this job belongs to (POST /v1/studies), if any")
     created_at: str | None = None
     started_at: str | None = None
     finished_at: str | None = None

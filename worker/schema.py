@@ -102,3 +102,33 @@ job_history = Table(
     Column("created_at", DateTime, nullable=False),
     sa.Index("ix_job_history_job_id_iter", "job_id", "iter"),
 )  # fmt: skip
+
+# A study (``worker.studies``): the plain student and each method row, each over N seeds, run as ordinary jobs;
+# ``report`` is written once, when every one of its jobs has ended (``finished_at`` set at the same moment).
+studies = Table(
+    "studies", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=True),
+    Column("state", String(16), nullable=False),
+    Column("spec", JSON, nullable=False),
+    Column("spec_sha256", String(64), nullable=False),
+    Column("idempotency_key", String(255), nullable=True),
+    Column("cancel_requested", Boolean, nullable=False),
+    Column("report", JSON, nullable=True),
+    Column("created_at", DateTime, nullable=False, index=True),
+    Column("finished_at", DateTime, nullable=True),
+    tenant_column(),
+    UniqueConstraint("tenant", "idempotency_key", name="uq_studies_tenant_idempotency_key"),
+)  # fmt: skip
+
+# Which study a job belongs to, and its place there: the row (a method row's name, or "student alone") and seed.
+# A table of its own rather than columns on ``jobs``: jobs stay as they are, and most have no study.
+study_jobs = Table(
+    "study_jobs", metadata,
+    Column("job_id", String(64), primary_key=True),
+    Column("study_id", String(64), nullable=False, index=True),
+    Column("position", Integer, nullable=False),
+    Column("row_name", String(200), nullable=False),
+    Column("method", String(32), nullable=True),
+    Column("seed", Integer, nullable=False),
+)  # fmt: skip

@@ -30,7 +30,7 @@ from sqlalchemy.exc import IntegrityError
 
 from worker.catalogue import Catalogue
 from worker.db import plain, utcnow
-from worker.schema import jobs
+from worker.schema import jobs, study_jobs
 from worker.tenants import DEFAULT_TENANT
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -66,6 +66,22 @@ def spec_digest(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def job_row(spec: dict[str, Any], idempotency_key: str | None, tenant: str) -> dict[str, Any]:
+    """The values of a new ``queued`` job's row (``Store.create_job``; a study inserts its jobs with these)."""
+    now = utcnow()
+    return dict(
+        id=new_id("job"), kind=str(spec.get("kind", "")), name=spec.get("name"), state="queued",
+        spec=spec, spec_sha256=spec_digest(spec), attempts=0, cancel_requested=False,
+        idempotency_key=idempotency_key, created_at=now, updated_at=now, tenant=tenant,
+    )  # fmt: skip
+
+
+# A job row with the study it belongs to (``worker.studies``; None for most jobs).
+_JOB_WITH_STUDY = select(jobs, study_jobs.c.study_id).select_from(
+    jobs.outerjoin(study_jobs, study_jobs.c.job_id == jobs.c.id)
+)
+
+
 def _job(row: Any) -> dict[str, Any]:
     d = plain(row._mapping)
     d.pop("spec_sha256")
@@ -95,16 +111,11 @@ class Store(Catalogue):
             existing = self._job_by_key(tenant, idempotency_key)
             if existing is not None:
                 return self._same_or_conflict(existing, digest, idempotency_key), False
-        now = utcnow()
-        values = dict(
-            id=new_id("job"), kind=str(spec.get("kind", "")), name=spec.get("name"), state="queued",
-            spec=spec, spec_sha256=digest, attempts=0, cancel_requested=False,
-            idempotency_key=idempotency_key, created_at=now, updated_at=now, tenant=tenant,
-        )  # fmt: skip
+        values = job_row(spec, idempotency_key, tenant)
         try:
-            with self._tenant_tx(tenant if max_active > 0 else None) as conn:
+            with self.tenant_tx(tenant if max_active > 0 else None) as conn:
                 if max_active > 0:
-                    active = self._count_active(conn, tenant)
+                    active = self.count_active(conn, tenant)
                     if active >= max_active:
                         raise TooManyActiveJobs(tenant, active, max_active)
                 conn.execute(insert(jobs).values(**values))
@@ -121,7 +132,7 @@ class Store(Catalogue):
         return job, True
 
     @contextmanager
-    def _tenant_tx(self, tenant: str | None) -> Iterator[Connection]:
+    def tenant_tx(self, tenant: str | None) -> Iterator[Connection]:
         """A transaction that, given a ``tenant``, no other submit of that tenant runs beside: the count of its
         active jobs and the insert that follows are one step. PostgreSQL: a transaction-scoped advisory lock
         on the tenant; SQLite: the database's write lock, taken at BEGIN."""
@@ -142,14 +153,14 @@ class Store(Catalogue):
             conn.commit()
 
     @staticmethod
-    def _count_active(conn: Connection, tenant: str) -> int:
+    def count_active(conn: Connection, tenant: str) -> int:
         q = select(sa.func.count()).where(jobs.c.tenant == tenant, jobs.c.state.in_(ACTIVE_STATES))
         return int(conn.execute(q).scalar_one())
 
     def count_active_jobs(self, tenant: str) -> int:
         """The tenant's queued and running jobs (what ``LDD_MAX_ACTIVE_JOBS`` limits)."""
         with self._tx() as conn:
-            return self._count_active(conn, tenant)
+            return self.count_active(conn, tenant)
 
     def _job_by_key(self, tenant: str, key: str) -> Any:
         with self._tx() as conn:
@@ -163,14 +174,14 @@ class Store(Catalogue):
 
     def get_job(self, id: str) -> dict[str, Any] | None:
         with self._tx() as conn:
-            row = conn.execute(select(jobs).where(jobs.c.id == id)).first()
+            row = conn.execute(_JOB_WITH_STUDY.where(jobs.c.id == id)).first()
         return None if row is None else _job(row)
 
     def list_jobs(
         self, state: str | None = None, limit: int = 100, offset: int = 0, tenant: str | None = None
     ) -> list[dict[str, Any]]:
         """Newest first; only ``tenant``'s unless None."""
-        q = select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc())
+        q = _JOB_WITH_STUDY.order_by(jobs.c.created_at.desc(), jobs.c.id.desc())
         if state is not None:
             q = q.where(jobs.c.state == state)
         if tenant is not None:
