@@ -4,15 +4,17 @@ computed once and reused in every later epoch.
 
 What is stored. The Main region (ATSS positives) and the VLR come from the preset anchors and the ground-truth
 boxes, never from predictions, so they are fixed per key too, and the LD / KD / TBR terms read the teacher
-only there. An entry holds those locations' rows in fp16: the class logits of the columns KD reads, then the
-``4 x (R + 1)`` edge logits. Terms that read every location (BCKD) make every entry dense (all locations, all
-classes). The padded size is part of the key because the batch's padding changes the locations (and the
-head's GroupNorm statistics): with one image size, as BCCD or the synthetic sets, it never varies.
+only there. An entry holds those locations' ``4 x (R + 1)`` edge logits in fp16, and the class logits of the
+columns KD reads only where KD reads them (by default the Main region: the VLR, most of the rows, is LD's
+alone). Terms that read every location (BCKD) make every entry dense (all locations, all classes). The padded
+size is part of the key because the batch's padding changes the locations (and the head's GroupNorm
+statistics): with one image size, as BCCD or the synthetic sets, it never varies.
 
 On disk (the run folder's ``teacher_cache/``), append-only::
 
     meta.json     layout and the run's fingerprint (atomic write); another layout or run starts afresh
-    rows.f16      entries' rows, (N, width) float16, read through a numpy memmap
+    reg.f16       edge logits, (N, 4 (R + 1)) float16, one row per stored location, read through a memmap
+    cls.f16       class logits, (M, C_k) float16, for an entry's first locations (those KD reads)
     locs.i32      sparse entries' location indices (flat, levels concatenated), int32
     entries.bin   one fixed-size record per finished entry, written last: its key, where its data lies,
                   the data's CRC32 and the record's own CRC32
@@ -53,11 +55,12 @@ from distill.files import atomic_write_json
 from distill.regions import find_regions
 from distill.spec import JobSpec, teacher_cache_blocker, teacher_cache_refusal
 
-VERSION = 1
-# image id, flipped, padded h, padded w, first row, rows, first location, data CRC32; then the record's CRC32.
-_BODY = struct.Struct("<qBHHQIQI")
+VERSION = 2
+# image id, flipped, padded h, padded w, first reg row, reg rows, first cls row, cls rows, first location,
+# data CRC32; then the record's own CRC32.
+_BODY = struct.Struct("<qBHHQIQIQI")
 _RECORD = _BODY.size + 4
-_DATA = ("entries.bin", "rows.f16", "locs.i32")
+_DATA = ("entries.bin", "reg.f16", "cls.f16", "locs.i32")
 Key = tuple[int, bool, int, int]
 
 
@@ -67,36 +70,59 @@ class CacheRefused(ValueError):
 
 @dataclass(frozen=True)
 class Layout:
-    """What one row holds and which locations an entry keeps."""
+    """Which locations an entry keeps, and what it holds for them."""
 
     columns: tuple[int, ...]  # teacher class columns stored (KD's), in this order
     num_classes: int  # the teacher's C_T
     bins: int  # R + 1
-    dense: bool  # every location and class (BCKD terms on); else the Main region and/or the VLR
-    main: bool  # Main region stored (Main LD / KD, TBR)
-    vlr: bool  # VLR stored (VLR LD / KD)
+    dense: bool  # every location, edges and every class (BCKD terms on); else the regions below
+    reg_main: bool  # edge logits of the Main region (Main LD, TBR)
+    reg_vlr: bool  # edge logits of the VLR (VLR LD)
+    cls_main: bool  # class logits of the Main region (Main KD)
+    cls_vlr: bool  # class logits of the VLR (VLR KD)
     gamma: float  # the VLR's lower bound (decides its locations)
-
-    @property
-    def width(self) -> int:
-        return len(self.columns) + 4 * self.bins
 
 
 def layout_for(criterion: DistillCriterion) -> Layout:
-    """The rows the criterion's enabled terms read."""
+    """What the criterion's enabled terms read."""
     spec, w = criterion.spec, criterion.spec.weights.value
-    teacher = criterion.teacher
+    teacher, kd = criterion.teacher, criterion.classes.kd_possible
     dense = w("bckd_cls") > 0 or w("bckd_loc") > 0
-    kd = criterion.classes.kd_possible and (w("main_kd") > 0 or w("vlr_kd") > 0)
-    if dense:
-        columns = tuple(range(teacher.num_classes))
-    elif kd:
-        columns = tuple(range(teacher.num_classes)) if criterion.classes.identity else tuple(criterion.classes.teacher)
+    cls_main, cls_vlr = kd and w("main_kd") > 0, kd and w("vlr_kd") > 0
+    if dense or criterion.classes.identity:
+        columns = tuple(range(teacher.num_classes)) if dense or cls_main or cls_vlr else ()
     else:
-        columns = ()
+        columns = tuple(criterion.classes.teacher) if cls_main or cls_vlr else ()
     return Layout(columns, teacher.num_classes, teacher.reg_max + 1, dense,
-                  main=w("main_ld") > 0 or w("main_kd") > 0 or w("tbr") > 0,
-                  vlr=w("vlr_ld") > 0 or w("vlr_kd") > 0, gamma=spec.gamma)
+                  reg_main=w("main_ld") > 0 or w("tbr") > 0, reg_vlr=w("vlr_ld") > 0,
+                  cls_main=cls_main, cls_vlr=cls_vlr, gamma=spec.gamma)
+
+
+class _Rows:
+    """An append-only file of ``(N, width)`` rows of one dtype, read through a numpy memmap."""
+
+    def __init__(self, path: Path, dtype: type, width: int):
+        self.path, self.dtype, self.width = path, np.dtype(dtype), width
+        self.end = 0  # rows that finished entries own
+        self._map: np.memmap | None = None
+
+    def on_disk(self) -> int:
+        return self.path.stat().st_size // max(self.dtype.itemsize * self.width, 1)
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        if n == 0 or self.width == 0:  # numpy cannot map an empty file
+            return np.zeros((n, self.width), self.dtype)
+        if self._map is None or self._map.shape[0] < start + n:
+            self._map = np.memmap(self.path, self.dtype, "r", shape=(self.end, self.width))
+        return self._map[start:start + n]
+
+    def append(self, rows: np.ndarray) -> None:
+        with open(self.path, "ab") as f:
+            f.write(np.ascontiguousarray(rows, self.dtype).tobytes())
+
+    def cut(self) -> None:
+        """Drop what follows the finished entries' rows."""
+        os.truncate(self.path, self.end * self.dtype.itemsize * self.width)
 
 
 class TeacherCache:
@@ -107,12 +133,14 @@ class TeacherCache:
     def __init__(self, folder: str | os.PathLike, criterion: DistillCriterion, fingerprint: Any = None,
                  fill: float = 0.0, reason: str = ""):
         self.folder, self.criterion, self.fill, self.reason = Path(folder), criterion, fill, reason
-        self.layout = layout_for(criterion)
+        self.layout = lay = layout_for(criterion)
         self.hits = self.lookups = self.recovered = 0
-        self.index: dict[Key, tuple[int, int, int, int]] = {}  # key -> (first row, rows, first loc, data crc)
-        self._map: np.memmap | None = None
-        self._locs_map: np.memmap | None = None
-        self._open({"version": VERSION, "layout": asdict(self.layout), "fingerprint": fingerprint})
+        # key -> (first reg row, reg rows, first cls row, cls rows, first location, data CRC)
+        self.index: dict[Key, tuple[int, int, int, int, int, int]] = {}
+        self._reg = _Rows(self.folder / "reg.f16", np.float16, 4 * lay.bins)
+        self._cls = _Rows(self.folder / "cls.f16", np.float16, len(lay.columns))
+        self._locs = _Rows(self.folder / "locs.i32", np.int32, 0 if lay.dense else 1)
+        self._open({"version": VERSION, "layout": asdict(lay), "fingerprint": fingerprint})
 
     # -- files
 
@@ -144,7 +172,7 @@ class TeacherCache:
                 atomic_write_json(self._path("meta.json"), meta)
             for name in _DATA:
                 self._path(name).touch()
-            self._read_at = self._rows_end = self._locs_end = 0
+            self._read_at = 0
             self._sync()
         self.recovered = len(self.index)
 
@@ -155,63 +183,53 @@ class TeacherCache:
         with open(self._path("entries.bin"), "rb") as f:
             f.seek(self._read_at)
             raw = f.read()
-        rows_size = self._path("rows.f16").stat().st_size // (2 * self.layout.width)
-        locs_size = self._path("locs.i32").stat().st_size // 4
+        reg_size, cls_size, locs_size = self._reg.on_disk(), self._cls.on_disk(), self._locs.on_disk()
         for at in range(0, len(raw) - _RECORD + 1, _RECORD):
             body = raw[at:at + _BODY.size]
             if zlib.crc32(body) != struct.unpack_from("<I", raw, at + _BODY.size)[0]:
                 break  # torn record: the entry never finished
-            image_id, flipped, h, w, row0, n, loc0, crc = _BODY.unpack(body)
+            image_id, flipped, h, w, reg0, n, cls0, m, loc0, crc = _BODY.unpack(body)
             n_locs = 0 if self.layout.dense else n
-            if row0 + n > rows_size or loc0 + n_locs > locs_size:
+            m_cls = m if self._cls.width else 0
+            if reg0 + n > reg_size or cls0 + m_cls > cls_size or loc0 + n_locs > locs_size:
                 break
-            self.index[(image_id, bool(flipped), h, w)] = (row0, n, loc0, crc)
-            self._rows_end, self._locs_end = max(self._rows_end, row0 + n), max(self._locs_end, loc0 + n_locs)
+            self.index[(image_id, bool(flipped), h, w)] = (reg0, n, cls0, m, loc0, crc)
+            self._reg.end = max(self._reg.end, reg0 + n)
+            self._cls.end = max(self._cls.end, cls0 + m_cls)
+            self._locs.end = max(self._locs.end, loc0 + n_locs)
             self._read_at += _RECORD
         os.truncate(self._path("entries.bin"), self._read_at)
-        os.truncate(self._path("rows.f16"), self._rows_end * 2 * self.layout.width)
-        os.truncate(self._path("locs.i32"), self._locs_end * 4)
+        for rows in (self._reg, self._cls, self._locs):
+            rows.cut()
 
-    def _rows(self, row0: int, n: int) -> np.ndarray:
-        if n == 0:  # numpy cannot map an empty file
-            return np.zeros((0, self.layout.width), np.float16)
-        if self._map is None or self._map.shape[0] < row0 + n:
-            self._map = np.memmap(self._path("rows.f16"), np.float16, "r", shape=(self._rows_end, self.layout.width))
-        return self._map[row0:row0 + n]
-
-    def _locs(self, loc0: int, n: int) -> np.ndarray:
-        if n == 0:
-            return np.zeros((0,), np.int32)
-        if self._locs_map is None or self._locs_map.shape[0] < loc0 + n:
-            self._locs_map = np.memmap(self._path("locs.i32"), np.int32, "r", shape=(self._locs_end,))
-        return self._locs_map[loc0:loc0 + n]
-
-    def read(self, key: Key) -> tuple[np.ndarray | None, np.ndarray] | None:
-        """An entry's ``(locations (K,) or None when dense, rows (K, width) fp16)``, or None (absent or
-        its bytes do not match their CRC)."""
+    def read(self, key: Key) -> tuple[np.ndarray | None, np.ndarray, np.ndarray] | None:
+        """An entry's ``(locations (K,) int32 or None when dense, edge rows (K, 4 (R + 1)), class rows
+        (K_c, C_k))`` in fp16, the class rows belonging to the first ``K_c`` locations; None when absent or
+        when its bytes do not match their CRC."""
         if key not in self.index:
             return None
-        row0, n, loc0, crc = self.index[key]
-        rows = self._rows(row0, n)
-        locs = None if self.layout.dense else self._locs(loc0, n)
-        if _crc(rows, locs) != crc:
+        reg0, n, cls0, m, loc0, crc = self.index[key]
+        locs = None if self.layout.dense else self._locs.read(loc0, n)[:, 0]
+        reg, cls = self._reg.read(reg0, n), self._cls.read(cls0, m)
+        if _crc(reg, cls, locs) != crc:
             del self.index[key]
             return None
-        return locs, rows
+        return locs, reg, cls
 
-    def write(self, key: Key, locs: np.ndarray | None, rows: np.ndarray) -> None:
+    def write(self, key: Key, locs: np.ndarray | None, reg: np.ndarray, cls: np.ndarray) -> None:
         """Append an entry: data first, its record last (the completion marker)."""
-        rows = np.ascontiguousarray(rows, dtype=np.float16)
-        locs = None if locs is None else np.ascontiguousarray(locs, dtype=np.int32)
-        crc = _crc(rows, locs)
+        reg, cls = np.ascontiguousarray(reg, np.float16), np.ascontiguousarray(cls, np.float16)
+        locs = None if locs is None else np.ascontiguousarray(locs, np.int32)
+        crc = _crc(reg, cls, locs)
         with self._locked():
             self._sync()  # other processes' entries, and the end of the last finished one
-            with open(self._path("rows.f16"), "ab") as f:
-                f.write(rows.tobytes())
+            self._reg.append(reg)
+            if self._cls.width:
+                self._cls.append(cls)
             if locs is not None:
-                with open(self._path("locs.i32"), "ab") as f:
-                    f.write(locs.tobytes())
-            body = _BODY.pack(key[0], int(key[1]), key[2], key[3], self._rows_end, len(rows), self._locs_end, crc)
+                self._locs.append(locs)
+            body = _BODY.pack(key[0], int(key[1]), key[2], key[3], self._reg.end, len(reg), self._cls.end,
+                              len(cls), self._locs.end, crc)
             with open(self._path("entries.bin"), "ab") as f:
                 f.write(body + struct.pack("<I", zlib.crc32(body)))
             self._sync()
@@ -238,11 +256,11 @@ class TeacherCache:
             if got is None:
                 miss.append(i)
                 continue
-            locs, rows = got
-            row = torch.from_numpy(np.array(rows, dtype=np.float32)).to(dev)
+            locs, reg_rows, cls_rows = got
             at = torch.arange(a, device=dev) if locs is None else torch.from_numpy(locs.astype(np.int64)).to(dev)
-            cls[i, at[:, None], columns[None]] = row[:, :len(lay.columns)]
-            reg[i, at] = row[:, len(lay.columns):].reshape(-1, 4, lay.bins)
+            reg[i, at] = torch.from_numpy(reg_rows.astype(np.float32)).to(dev).reshape(-1, 4, lay.bins)
+            if len(columns):
+                cls[i, at[:len(cls_rows), None], columns[None]] = torch.from_numpy(cls_rows.astype(np.float32)).to(dev)
         self.lookups += b
         self.hits += b - len(miss)
         if miss:
@@ -255,27 +273,33 @@ class TeacherCache:
 
     def _store(self, keys: list[Key], targets: list[dict], live: HeadOutputs) -> None:
         lay = self.layout
-        rows = torch.cat([live.cls[..., list(lay.columns)], live.reg.flatten(2)], -1)  # (M, A, width)
+        reg = live.reg.flatten(2).half()  # (M, A, 4 (R + 1))
+        cls = live.cls[..., list(lay.columns)].half()  # (M, A, C_k)
         if lay.dense:
-            for key, r in zip(keys, rows.half().cpu().numpy(), strict=True):
-                self.write(key, None, r)
+            for i, key in enumerate(keys):
+                self.write(key, None, reg[i].cpu().numpy(), cls[i].cpu().numpy())
             return
-        keep = self.stored_locations(targets, live.sizes, live.cls.device)
+        with_cls, without_cls = self.stored_locations(targets, live.sizes, live.cls.device)
         for i, key in enumerate(keys):
-            at = keep[i].nonzero().flatten()
-            self.write(key, at.cpu().numpy(), rows[i, at].half().cpu().numpy())
+            first, rest = with_cls[i].nonzero().flatten(), without_cls[i].nonzero().flatten()
+            at = torch.cat([first, rest])  # the locations with class rows first
+            self.write(key, at.cpu().numpy(), reg[i, at].cpu().numpy(), cls[i, first].cpu().numpy())
 
     def stored_locations(self, targets: list[dict], sizes: tuple[tuple[int, int], ...],
-                         device: torch.device) -> Tensor:
-        """``(M, A)`` bool: the locations the enabled terms read, from anchors and boxes only."""
+                         device: torch.device) -> tuple[Tensor, Tensor]:
+        """The locations the enabled terms read, from anchors and boxes only: ``(M, A)`` bool masks of those
+        whose class logits are read too (KD) and of the others (edges only)."""
+        lay = self.layout
         loc = self.criterion.gfl.locations(sizes, device)
         gt = pad_targets(targets, device)
         assignment = atss_assign(loc.anchors, loc.counts, gt.boxes, gt.valid)
-        keep = assignment.positive if self.layout.main else torch.zeros_like(assignment.positive)
-        if self.layout.vlr:
-            keep = keep | find_regions(loc.anchors, gt.boxes, gt.valid, assignment.positive, assignment.threshold,
-                                       self.layout.gamma).vlr
-        return keep
+        main = assignment.positive
+        vlr = torch.zeros_like(main)
+        if lay.reg_vlr or lay.cls_vlr:
+            vlr = find_regions(loc.anchors, gt.boxes, gt.valid, main, assignment.threshold, lay.gamma).vlr
+        with_cls = (main & lay.cls_main) | (vlr & lay.cls_vlr)
+        read = (main & (lay.reg_main or lay.cls_main)) | (vlr & (lay.reg_vlr or lay.cls_vlr))
+        return with_cls, read & ~with_cls
 
     # -- reporting
 
@@ -318,9 +342,10 @@ def attach(criterion: DistillCriterion, job: JobSpec, folder: str | os.PathLike,
               "outputs are computed once per (image, flip) and reused")
     cache = TeacherCache(folder, criterion, _outputs_identity(fingerprint), reason=reason)
     criterion.teacher_source = cache
-    what = "every location (BCKD)" if cache.layout.dense else " and ".join(
-        n for n, on in (("Main region", cache.layout.main), ("VLR", cache.layout.vlr)) if on) or "no location"
-    log(f"teacher cache: on: {reason}; stores {what}, {len(cache.layout.columns)} class columns, fp16; "
+    lay = cache.layout
+    what = "every location (BCKD)" if lay.dense else " and ".join(
+        n for n, on in (("Main region", lay.reg_main or lay.cls_main), ("VLR", lay.reg_vlr or lay.cls_vlr)) if on)
+    log(f"teacher cache: on: {reason}; stores {what or 'no location'}, {len(lay.columns)} class columns, fp16; "
         f"{cache.recovered} entries reused from a previous attempt")
     return cache
 
@@ -336,8 +361,8 @@ def _outputs_identity(fingerprint: Any) -> Any:
             "image_size": schedule.get("image_size"), "scales": schedule.get("scales")}
 
 
-def _crc(rows: np.ndarray, locs: np.ndarray | None) -> int:
-    crc = zlib.crc32(np.ascontiguousarray(rows).data)
+def _crc(reg: np.ndarray, cls: np.ndarray, locs: np.ndarray | None) -> int:
+    crc = zlib.crc32(np.ascontiguousarray(cls).data, zlib.crc32(np.ascontiguousarray(reg).data))
     return crc if locs is None else zlib.crc32(np.ascontiguousarray(locs).data, crc)
 
 

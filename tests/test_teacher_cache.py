@@ -60,6 +60,14 @@ def _loader(data_dir: Path, n: int, seed: int = 1) -> DataLoader:
     return DataLoader(ds, batch_size=2, sampler=EpochSampler(len(ds), seed=seed), collate_fn=collate)
 
 
+def _close(reg, cls, out, i: int, at: torch.Tensor) -> None:
+    """Stored fp16 rows ``reg (K, 68)``, ``cls (K_c, C)`` against live outputs of image ``i`` at ``at (K,)``."""
+    torch.testing.assert_close(torch.from_numpy(reg.astype("float32")).reshape(-1, 4, 17), out.reg[i, at],
+                               rtol=1e-3, atol=2e-3)
+    torch.testing.assert_close(torch.from_numpy(cls.astype("float32")), out.cls[i, at[:len(cls)]],
+                               rtol=1e-3, atol=2e-3)
+
+
 def _same(cached: dict, live: dict) -> None:
     """Per-term losses equal within what fp16 teacher logits change (relative 1e-3 of a logit)."""
     assert list(cached) == list(live)
@@ -95,12 +103,10 @@ def test_cached_losses_equal_live_both_flips(data_dir, tmp_path, weights):
     images, targets = next(iter(loader))
     out = cached.teacher_forward(images)
     key = (targets[0]["image_id"], targets[0]["flipped"], images.shape[2], images.shape[3])
-    locs, rows = cache.read(key)
+    locs, reg, cls = cache.read(key)
     at = torch.arange(out.reg.shape[1]) if locs is None else torch.from_numpy(locs.astype("int64"))
-    assert len(at) > 0
-    k = len(cache.layout.columns)
-    torch.testing.assert_close(torch.from_numpy(rows[:, k:].astype("float32")).reshape(-1, 4, 17),
-                               out.reg[0, at], rtol=1e-3, atol=1e-3)
+    assert len(at) > 0 and 0 < len(cls) <= len(at)  # class rows where KD reads them
+    _close(reg, cls, out, 0, at)
 
 
 def test_flip_mirrors_boxes_and_is_in_the_target(data_dir):
@@ -203,14 +209,15 @@ def test_resume_with_a_partial_and_a_torn_cache(data_dir, tmp_path):
     first(*batches[1])
     assert len(first.index) == 4
     # What a kill mid-entry leaves: rows of an entry without its record, then half a record.
-    with open(folder / "rows.f16", "ab") as f:
-        f.write(b"\x01" * 2 * first.layout.width * 3)
+    for name in ("reg.f16", "cls.f16", "locs.i32"):
+        with open(folder / name, "ab") as f:
+            f.write(b"\x01" * 2 * 68 * 3)
     with open(folder / "entries.bin", "ab") as f:
         f.write(b"\x02" * (_RECORD // 2))
     # And one finished entry whose bytes went bad on disk (its data CRC no longer matches).
-    bad_key, (row0, _, _, _) = next(iter(first.index.items()))
-    with open(folder / "rows.f16", "r+b") as f:
-        f.seek(row0 * 2 * first.layout.width)
+    bad_key, (row0, *_) = next(iter(first.index.items()))
+    with open(folder / "reg.f16", "r+b") as f:
+        f.seek(row0 * 2 * 68)
         f.write(b"\xff\x7f" * 4)
     size = (folder / "entries.bin").stat().st_size
 
@@ -221,6 +228,11 @@ def test_resume_with_a_partial_and_a_torn_cache(data_dir, tmp_path):
     for images, targets in batches:
         _same(cached(images, targets), live(images, targets))
     assert second.hits == 3 and len(second.index) == 6
+    # Default terms: class rows only where Main KD reads them (the Main region), edge rows there and on the VLR.
+    images, targets = batches[0]
+    locs, reg, cls = second.read((targets[0]["image_id"], targets[0]["flipped"], *images.shape[2:]))
+    with_cls, edges_only = second.stored_locations(targets[:1], cached.teacher_forward(images[:1]).sizes, "cpu")
+    assert 0 < len(cls) == int(with_cls.sum()) < len(reg) == len(cls) + int(edges_only.sum())
     # Two processes of one job (DDP ranks) share a folder: each appends whole entries under the lock, and takes
     # in the other's when it misses instead of running the teacher.
     shared = tmp_path / "shared"
@@ -235,7 +247,8 @@ def test_resume_with_a_partial_and_a_torn_cache(data_dir, tmp_path):
     assert merged.recovered == 6
     for key in merged.index:
         owner = rank0 if key in rank0.index else rank1
-        assert (merged.read(key)[1] == owner.read(key)[1]).all()
+        for got, want in zip(merged.read(key), owner.read(key), strict=True):
+            assert (got == want).all()
     # Another run's fingerprint (teacher, data, sizes) starts afresh.
     assert TeacherCache(folder, cached, fingerprint={"run": 2}).recovered == 0
 
@@ -305,9 +318,5 @@ def test_a_process_killed_while_filling_loses_nothing_but_time(data_dir, tmp_pat
         padded[0, :, :image.shape[1], :image.shape[2]] = image
         with torch.no_grad():
             out = resumed.criterion.teacher_forward(padded)
-        locs, rows = cache.read((image_id, flipped, h, w))
-        at = torch.from_numpy(locs.astype("int64"))
-        torch.testing.assert_close(torch.from_numpy(rows[:, 10:].astype("float32")).reshape(-1, 4, 17),
-                                   out.reg[0, at], rtol=1e-3, atol=2e-3)
-        torch.testing.assert_close(torch.from_numpy(rows[:, :10].astype("float32")), out.cls[0, at],
-                                   rtol=1e-3, atol=2e-3)
+        locs, reg, cls = cache.read((image_id, flipped, h, w))
+        _close(reg, cls, out, 0, torch.from_numpy(locs.astype("int64")))
