@@ -93,7 +93,7 @@ function studyForm(datasets, models, finished, signal) {
       { value: `model:${m.id}` }, `${m.name || m.id} · ${m.arch || "?"} · ${m.format || "fp32"}`))) : null,
     finished.length ? h("optgroup", { label: "finished jobs (their trained model)" }, finished.map((j) =>
       h("option", { value: `job:${j.id}` }, `${j.name || j.id} · ${(j.spec.student || {}).arch || "?"}`))) : null,
-    h("option", { value: "" }, "a checkpoint id (type it on the right)"));
+    h("option", { value: "" }, "a checkpoint id (type it in the box)"));
   const checkpoint = input("study-teacher-checkpoint", { type: "text", placeholder: "ckpt_… (an uploaded teacher)",
     size: 22 });
   const arch = input("study-arch", { type: "text", list: "study-archs", placeholder: "gfl_r18 (default)", size: 14 });
@@ -326,7 +326,8 @@ function recommended(rec) {
       h("code", {}, `POST /v1/models/${rec.model_id}/detect`)));
 }
 
-// A link to a report file. With an API key, a plain link cannot send it: fetch the file, then open it.
+// A link to a report file. With an API key, a plain link cannot send it: fetch the file, then hand it over (a
+// download started from the click; a window opened after the fetch would meet the pop-up blocker).
 function reportLink(href, text, id, signal) {
   if (!href) return null;
   const a = h("a", { href, id, target: "_blank", rel: "noopener", class: "button" }, text);
@@ -334,8 +335,8 @@ function reportLink(href, text, id, signal) {
     if (!getKey()) return;
     e.preventDefault();
     objectUrl(href, signal).then((url) => {
-      window.open(url, "_blank", "noopener");
-      setTimeout(() => URL.revokeObjectURL(url), 60000);
+      h("a", { href: url, download: text }).click();
+      setTimeout(() => URL.revokeObjectURL(url), 10000);
     }).catch((err) => a.after(errorBox(err)));
   });
   return a;
