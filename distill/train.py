@@ -248,13 +248,12 @@ class Trainer:
                 self.optimizer.step()
                 self.iteration += 1
                 window_images += images.shape[0] * ddp.world()
-                stop = ddp.any_rank(self.stop_requested, self.device)  # every rank stops after the same step
 
                 now = time.monotonic()
                 epoch_end = self.iteration % self.per_epoch == 0
                 if s.checkpoint_every and self.iteration % s.checkpoint_every == 0 or epoch_end:
                     self.save_checkpoint()
-                if epoch_end or now - last_report >= self.report_every_s or stop:
+                if epoch_end or now - last_report >= self.report_every_s or self.stop_requested:
                     rate = window_images / max(now - window_start, 1e-6)
                     eta = (self.total_iters - self.iteration) * s.batch_size / max(rate, 1e-6)
                     losses = {k: round(float(v), 5) for k, v in zip(step.losses, means[1:], strict=True)}
@@ -263,7 +262,7 @@ class Trainer:
                     self.log(f"epoch {epoch + 1} iter {self.iteration}/{self.total_iters} "
                              f"lr {self.optimizer.param_groups[0]['lr']:.5f} {losses} {rate:.2f} img/s")
                     last_report, window_start, window_images = now, now, 0
-                if stop:
+                if ddp.any_rank(self.stop_requested, self.device):  # every rank stops after the same step
                     self.save_checkpoint()
                     ddp.barrier()  # no rank exits (which would make torchrun stop the rest) before it is written
                     raise Stopped(f"stopped at iteration {self.iteration}")
