@@ -16,7 +16,6 @@ const METHODS = [
   ["fitnets", "FitNets (for comparison)", false],
 ];
 const ARCHS = ["gfl_tiny", "gfl_small", "gfl_r18", "gfl_r34", "gfl_r50", "gfl_r101"]; // suggestions; the server checks
-const ACTIVE = ["queued", "running"];
 const PLAIN = "student alone";
 
 export async function render(main, { id, signal }) {
