@@ -51,7 +51,7 @@ from torch import Tensor
 
 from distill.assigners import atss_assign
 from distill.criterion import DistillCriterion, HeadOutputs, pad_targets
-from distill.files import atomic_write_json
+from distill.files import NoRoom, atomic_write_json, ensure_room
 from distill.regions import find_regions
 from distill.spec import JobSpec, teacher_cache_blocker, teacher_cache_refusal
 
@@ -131,8 +131,11 @@ class TeacherCache:
     NaN to show that no term reads them)."""
 
     def __init__(self, folder: str | os.PathLike, criterion: DistillCriterion, fingerprint: Any = None,
-                 fill: float = 0.0, reason: str = ""):
+                 fill: float = 0.0, reason: str = "", min_free_bytes: int = 0):
         self.folder, self.criterion, self.fill, self.reason = Path(folder), criterion, fill, reason
+        # The cache never takes the room a checkpoint needs: short of it, it stops growing (misses stay live).
+        self.min_free_bytes = min_free_bytes
+        self.full: str | None = None  # why it stopped growing
         self.layout = lay = layout_for(criterion)
         self.hits = self.lookups = self.recovered = 0
         # key -> (first reg row, reg rows, first cls row, cls rows, first location, data CRC)
@@ -221,6 +224,12 @@ class TeacherCache:
         reg, cls = np.ascontiguousarray(reg, np.float16), np.ascontiguousarray(cls, np.float16)
         locs = None if locs is None else np.ascontiguousarray(locs, np.int32)
         crc = _crc(reg, cls, locs)
+        try:
+            ensure_room(self.folder, self.min_free_bytes, "the teacher cache",
+                        reg.nbytes + cls.nbytes + (0 if locs is None else locs.nbytes) + _RECORD)
+        except NoRoom as e:
+            self.full = str(e)
+            return
         with self._locked():
             self._sync()  # other processes' entries, and the end of the last finished one
             self._reg.append(reg)
@@ -268,7 +277,8 @@ class TeacherCache:
             if live.sizes != sizes:
                 raise RuntimeError(f"teacher maps {live.sizes} for input {h}x{w}, expected {sizes}")
             cls[miss], reg[miss] = live.cls, live.reg
-            self._store([keys[i] for i in miss], [targets[i] for i in miss], live)
+            if self.full is None:
+                self._store([keys[i] for i in miss], [targets[i] for i in miss], live)
         return HeadOutputs(cls, reg, sizes)
 
     def _store(self, keys: list[Key], targets: list[dict], live: HeadOutputs) -> None:
@@ -310,7 +320,8 @@ class TeacherCache:
         """For the job's metrics: on, why, size on disk, entries, and this attempt's hit rate."""
         return {"enabled": True, "reason": self.reason, "bytes": self.bytes(), "entries": len(self.index),
                 "recovered_entries": self.recovered, "hit_rate": round(self.hits / max(self.lookups, 1), 4),
-                "lookups": self.lookups, "dense": self.layout.dense, "columns": len(self.layout.columns)}
+                "lookups": self.lookups, "dense": self.layout.dense, "columns": len(self.layout.columns),
+                "full": self.full}
 
 
 @dataclass
@@ -324,10 +335,11 @@ class CacheOff:
 
 
 def attach(criterion: DistillCriterion, job: JobSpec, folder: str | os.PathLike, fingerprint: Any = None,
-           log: Callable[[str], None] = print) -> TeacherCache | CacheOff:
+           log: Callable[[str], None] = print, min_free_bytes: int = 0) -> TeacherCache | CacheOff:
     """Decide for ``job`` (``distill.teacher_cache`` and :func:`distill.spec.teacher_cache_blocker`), set
     ``criterion.teacher_source`` when on, and log the decision. ``fingerprint``: the run's
     (``distill.train.run_fingerprint``); a cache made for other teacher weights, data or sizes is rebuilt.
+    ``min_free_bytes``: the room the cache leaves free (the run's checkpoints need it).
     Raises :class:`CacheRefused` for ``"on"`` where the cache cannot apply."""
     assert job.distill is not None
     mode, blocker = job.distill.teacher_cache, teacher_cache_blocker(job)
@@ -340,7 +352,8 @@ def attach(criterion: DistillCriterion, job: JobSpec, folder: str | os.PathLike,
     sizes = job.schedule.scales or [job.schedule.image_size]
     reason = (f"fixed scale (keep-ratio resize to {sizes[0][0]}x{sizes[0][1]}, random flip): the teacher's "
               "outputs are computed once per (image, flip) and reused")
-    cache = TeacherCache(folder, criterion, _outputs_identity(fingerprint), reason=reason)
+    cache = TeacherCache(folder, criterion, _outputs_identity(fingerprint), reason=reason,
+                         min_free_bytes=min_free_bytes)
     criterion.teacher_source = cache
     lay = cache.layout
     what = "every location (BCKD)" if lay.dense else " and ".join(

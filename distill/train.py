@@ -131,7 +131,7 @@ class Trainer:
         if isinstance(self.criterion, DistillCriterion):
             try:
                 self.teacher_cache = attach(self.criterion, spec, self.out / "teacher_cache", self.fingerprint,
-                                            self.log)
+                                            self.log, min_free_bytes)
             except CacheRefused as e:
                 raise TrainingError(str(e)) from e
 

@@ -320,3 +320,19 @@ def test_a_process_killed_while_filling_loses_nothing_but_time(data_dir, tmp_pat
             out = resumed.criterion.teacher_forward(padded)
         locs, reg, cls = cache.read((image_id, flipped, h, w))
         _close(reg, cls, out, 0, torch.from_numpy(locs.astype("int64")))
+
+
+@torch.no_grad()
+def test_the_cache_leaves_the_room_checkpoints_need(data_dir, tmp_path):
+    loader = _loader(data_dir, 2)
+    classes = loader.dataset.data.classes
+    student, teacher = _tiny(0, classes, 4), _tiny(1, classes, 2)
+    live, cached = _criterion(student, teacher, DistillSpec()), _criterion(student, teacher, DistillSpec())
+    cached.teacher_source = cache = TeacherCache(tmp_path / "cache", cached, min_free_bytes=2**62)
+    set_epoch(loader, 0)
+    images, targets = next(iter(loader))
+    for _ in range(2):  # the misses stay live, nothing is written
+        _same(cached(images, targets), live(images, targets))
+    report = cache.report()
+    assert report["entries"] == 0 and report["hit_rate"] == 0 and "No space left" in report["full"]
+    assert (tmp_path / "cache" / "reg.f16").stat().st_size == 0
