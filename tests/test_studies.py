@@ -25,6 +25,7 @@ import pytest
 from pydantic import ValidationError
 
 from api.client import APIClientError, Client
+from api.routes.studies import STUDY_EXAMPLES
 from tests.service_fixtures import WorkerProcess, postgres_database, wait_for
 from tests.test_api_http import ApiServer, coco_zip, private_redis_url
 from worker import study_report
@@ -113,6 +114,8 @@ def test_plan_and_refused_bodies() -> None:
                 {"methods": ["ld"] * 9}, {"dataset": "/data/mine"}, {"methods": ["nope"]}, {"path": "/x"}):
         with pytest.raises(ValidationError):
             StudySpec.model_validate({**body, **bad})
+    for example in STUDY_EXAMPLES.values():  # the OpenAPI document's examples are bodies that pass
+        assert len(plan(StudySpec.model_validate(example["value"]))) == 3 * 5
     assert final_state({"cancel_requested": False}, ["succeeded", "running"]) == "running"
     assert final_state({"cancel_requested": True}, ["succeeded", "cancelled"]) == "cancelled"
     assert final_state({"cancel_requested": False}, ["succeeded", "failed", "cancelled"]) == "failed"
@@ -175,10 +178,10 @@ def test_studies_over_http(service: Any) -> None:
     assert refused.value.status == 404 and "row 'ld', seed 0" in refused.value.message
     assert a.list_studies() == [] and len(a.list_jobs()) == 1
 
-    # Cancelled while its first job trains: every job ends, the study says cancelled, its report says why.
+    # Cancelled while its first job runs: every job ends, the study says cancelled, its report says why.
     c_study = a.submit_study({**base, "name": "to cancel", "methods": ["ld"], "seeds": 1, "schedule": schedule(300)})
     assert c_study["state"] == "running" and [j["state"] for j in c_study["jobs"]] == ["queued", "queued"]
-    wait_for(lambda: (a.get_study(c_study["id"])["jobs"][0]["progress"] or 0) > 0, 120, "the first job to train")
+    wait_for(lambda: a.get_study(c_study["id"])["jobs"][0]["state"] == "running", 120, "the first job to start")
     a.cancel_study(c_study["id"])
     cancelled = wait_study(a, c_study["id"], 30, worker)
     assert cancelled["state"] == "cancelled" and {j["state"] for j in cancelled["jobs"]} == {"cancelled"}
