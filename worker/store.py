@@ -68,18 +68,13 @@ def spec_digest(spec: dict[str, Any]) -> str:
 
 def job_row(spec: dict[str, Any], idempotency_key: str | None, tenant: str) -> dict[str, Any]:
     """The values of a new ``queued`` job's row (``Store.create_job``; a study inserts its jobs with these)."""
-    now = utcnow()
-    return dict(
-        id=new_id("job"), kind=str(spec.get("kind", "")), name=spec.get("name"), state="queued",
-        spec=spec, spec_sha256=spec_digest(spec), attempts=0, cancel_requested=False,
-        idempotency_key=idempotency_key, created_at=now, updated_at=now, tenant=tenant,
-    )  # fmt: skip
+    return dict(id=new_id("job"), kind=str(spec.get("kind", "")), name=spec.get("name"), state="queued", spec=spec,
+                spec_sha256=spec_digest(spec), attempts=0, cancel_requested=False, idempotency_key=idempotency_key,
+                created_at=(now := utcnow()), updated_at=now, tenant=tenant)  # fmt: skip
 
 
 # A job row with the study it belongs to (``worker.studies``; None for most jobs).
-_JOB_WITH_STUDY = select(jobs, study_jobs.c.study_id).select_from(
-    jobs.outerjoin(study_jobs, study_jobs.c.job_id == jobs.c.id)
-)
+_JOB_WITH_STUDY = select(jobs, study_jobs.c.study_id).outerjoin(study_jobs, study_jobs.c.job_id == jobs.c.id)
 
 
 def _job(row: Any) -> dict[str, Any]:

@@ -44,9 +44,7 @@ from worker.settings import Settings
 from worker.store import (
     ACTIVE_STATES,
     TERMINAL_STATES,
-    IdempotencyConflict,
     Store,
-    TooManyActiveJobs,
     job_row,
     new_id,
     spec_digest,
@@ -63,7 +61,7 @@ class MethodRow(BaseModel):
     """A named row: any distillation spec (a method's preset weights, or a combination of terms)."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(..., min_length=1, max_length=60, examples=["crosskd+vlr"])
+    name: str = Field(..., min_length=1, max_length=60, pattern=r"^[^|\r\n\t]+$", examples=["crosskd+vlr"])
     distill: DistillSpec = Field(default_factory=DistillSpec)
 
 
@@ -128,22 +126,20 @@ def plan(spec: StudySpec) -> list[PlannedJob]:
     return out
 
 
-class StudyConflict(IdempotencyConflict):
+class StudyConflict(Exception):
     """The idempotency key was already used for a study with a different body."""
 
     def __init__(self, key: str, study_id: str):
-        Exception.__init__(self, f"Idempotency-Key {key!r} was already used by study {study_id} with a different "
-                                 "body")  # fmt: skip
-        self.key, self.job_id, self.study_id = key, study_id, study_id
+        super().__init__(f"Idempotency-Key {key!r} was already used by study {study_id} with a different body")
+        self.key, self.study_id = key, study_id
 
 
-class StudyTooBig(TooManyActiveJobs):
+class StudyTooBig(Exception):
     """The study's jobs would take the tenant past its limit of queued or running jobs."""
 
     def __init__(self, tenant: str, active: int, limit: int, needed: int):
-        Exception.__init__(self, f"this study needs {needed} jobs; tenant {tenant!r} has {active} queued or running "
-                                 f"and the limit is {limit} (LDD_MAX_ACTIVE_JOBS): wait for some to end, or run "
-                                 "fewer methods or seeds")  # fmt: skip
+        super().__init__(f"this study needs {needed} jobs; tenant {tenant!r} has {active} queued or running and the "
+                         f"limit is {limit} (LDD_MAX_ACTIVE_JOBS): wait for some to end, or run fewer methods or seeds")
         self.tenant, self.active, self.limit, self.needed = tenant, active, limit, needed
 
 
@@ -167,9 +163,8 @@ def submit(
         try:
             check_job(p.spec, store, settings, scope)
         except JobRefused as e:
-            e.message = f"row {p.row!r}, seed {p.seed}: {e.message}"
-            e.details = {**(e.details or {}), "row": p.row, "seed": p.seed}
-            raise
+            raise JobRefused(f"row {p.row!r}, seed {p.seed}: {e.message}", e.code, e.status,
+                             {**(e.details or {}), "row": p.row, "seed": p.seed}) from e
     now = utcnow()
     study = dict(id=new_id("st"), name=spec.name, state="running", spec=body, spec_sha256=digest,
                  idempotency_key=idempotency_key, cancel_requested=False, report=None, created_at=now, tenant=tenant)
@@ -246,7 +241,10 @@ def study_of_job(store: Store, job_id: str) -> str | None:
 
 def cancel(store: Store, settings: Settings, study_id: str) -> dict[str, Any]:
     """Mark the study cancelled and cancel each of its jobs still queued or running (``Store.request_cancel``:
-    queued ones at once, running ones by their worker within seconds); the report follows when all ended."""
+    queued ones at once, running ones by their worker within seconds); the report follows when all ended. A study
+    whose jobs have all ended already is only finished, as it stands."""
+    if not any(m["state"] in ACTIVE_STATES for m in members(store, study_id)):
+        return refresh(store, settings, study_id) or {}
     with store.engine.begin() as conn:
         conn.execute(update(studies).where(studies.c.id == study_id, studies.c.finished_at.is_(None))
                      .values(cancel_requested=True))  # fmt: skip

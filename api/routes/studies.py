@@ -157,7 +157,7 @@ def get_study(study_id: ResourceId, store: StoreDep, settings: SettingsDep, call
     responses={**error_docs(404, 507), 409: {"model": ErrorResponse, "description": "the study already ended"}},
 )
 def cancel_study(study_id: ResourceId, store: StoreDep, settings: SettingsDep, caller: CallerDep) -> dict[str, Any]:
-    study = get_or_404(lambda i: studies.get_study(store, i), "study", study_id, caller.scope)
+    study = _view(store, settings, get_or_404(lambda i: studies.get_study(store, i), "study", study_id, caller.scope))
     if study["finished_at"] is not None:
         raise APIError(409, "study_finished", f"study {study_id} already ended ({study['state']})")
     return _view(store, settings, studies.cancel(store, settings, study_id))
