@@ -244,3 +244,32 @@ def test_collective_timeout_ends_a_hung_group(tmp_path) -> None:
     waited = float(text.split("TIMEOUT after ")[1].split(" s")[0])
     assert 2.5 <= waited < 30, waited
     assert time.monotonic() - t0 < 90  # not the sleeping rank's 120 s
+
+
+# ------------------------------------------------------------------------------------------- the service
+
+
+@pytest.mark.slow
+def test_worker_runs_and_cancels_two_process_jobs(tmp_path) -> None:
+    """A real worker (embedded broker, SQLite store) runs ``schedule.gpus: 2`` jobs under torchrun: a cancel
+    ends the launcher and both ranks; another job trains, exports and publishes its model."""
+    from tests.service_fixtures import DATASET, IMAGE_SIZE, Service, train_spec, training_children
+
+    dataset = make_synthetic(tmp_path / "synthetic", num_train=8, num_val=2, image_size=IMAGE_SIZE, num_classes=2,
+                             seed=0)
+    service = Service(tmp_path, "filesystem://", dataset)
+    try:
+        worker = service.start_worker()
+        cancelled = service.submit(train_spec(DATASET, epochs=50, gpus=2))
+        service.wait_training(cancelled, min_iter=1, timeout=120)
+        family = training_children(worker)
+        assert len(family) == 3, service.logs()  # torchrun and its 2 ranks
+        assert service.store.request_cancel(cancelled)["cancel_requested"]
+        assert service.wait_end(cancelled, timeout=30)["state"] == "cancelled"
+        wait_for(lambda: not any(pid_alive(p) for p in family), 10, "every rank to exit")
+
+        done = service.wait_end(service.submit(train_spec(DATASET, epochs=2, gpus=2)), timeout=240)
+        assert done["state"] == "succeeded" and done["model_id"], f"{done}\n{service.logs()}"
+        assert done["progress"]["phase"] == "done" and done["metrics"]["iterations"] == 4  # 8 images, batch 4
+    finally:
+        service.close()
