@@ -244,7 +244,10 @@ class ScheduleSpec(_Strict):
         None, description="epochs at which the lr drops x0.1; default: 2/3 and 11/12 of the run (8, 11 of 12)"
     )
     grad_clip: float | None = Field(35.0, gt=0)
-    num_workers: int = Field(2, ge=0, le=32)
+    num_workers: int | None = Field(
+        None, ge=0, le=32, description="data loader workers per process; default: the machine's cores shared "
+        "between the job's processes, one left for training, 1 to 8 (results do not depend on it)",
+    )
     amp: bool = Field(True, description="mixed precision (used on GPU only)")
     checkpoint_every: int | None = Field(
         None, ge=1, description="also checkpoint every N iterations (always at each epoch end)"
