@@ -87,6 +87,7 @@ def run_job(job_id: str, settings: Settings, store: Store | None = None) -> Outc
     if job is None:
         # Finished, cancelled, held by a live worker, or out of attempts: a duplicate message.
         log.info("job %s not claimable; message dropped", job_id)
+        studies.job_ended(store, settings, job_id)  # claim may have just failed it (attempts used up)
         return "skipped"
     log.info("job %s: attempt %d by %s", job_id, job["attempts"], owner)
     outcome = Attempt(store, settings, job, owner).run()
