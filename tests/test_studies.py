@@ -4,11 +4,11 @@
   verdict, figure 4 averages, failures, the recommended model) and its files;
 - a study's plan and the bodies it refuses;
 - end to end over HTTP (PostgreSQL store, Redis broker, a uvicorn API with torch blocked, one Celery worker):
-  a tiny teacher trained by a job; a study cancelled while its first job trains (every job ends, the study is
-  cancelled); a study of 2 methods x 2 seeds followed with ``ldd studies watch`` (every row, gains, figure 4, a
-  PNG chart, a recommended model that exists); a study whose distillation job fails for real (its teacher's
-  file removed after submit) reporting the failure beside the row it could compute; idempotency, the tenant's
-  active-job limit, and another tenant that sees none of it.
+  a tiny teacher trained by a job; a study cancelled while its first job runs (every job ends, the study is
+  cancelled); a study of 2 methods (CrossKD; BCKD + Main LD) x 2 seeds followed with ``ldd studies watch`` (every
+  row, gains, figure 4, a PNG chart, a recommended model that exists); a study whose distillation job fails for
+  real (its teacher's file removed after submit) reporting the failure beside the row it could compute;
+  idempotency, the tenant's active-job limit, and another tenant that sees none of it.
 """
 
 from __future__ import annotations
@@ -191,9 +191,9 @@ def test_studies_over_http(service: Any) -> None:
         a.cancel_study(c_study["id"])
     assert again.value.status == 409
 
-    # The main study: 2 methods x 2 seeds (+ the plain student), with an idempotency key.
-    spec = {**base, "name": "which method", "seeds": 2,
-            "methods": ["ld", {"name": "main-kd-only", "distill": {"weights": {"main_ld": 0, "vlr_ld": 0}}}]}
+    # The main study: 2 methods x 2 seeds (+ the plain student), with an idempotency key; a combination row.
+    combo = {"name": "bckd+main-ld", "distill": {"method": "bckd", "weights": {"main_ld": 0.25}}}
+    spec = {**base, "name": "which method", "seeds": 2, "methods": ["crosskd", combo]}
     study = a.submit_study(spec, idempotency_key="study-1")
     assert study["progress"] == {"jobs": 6, "ended": 0} and study["report"] is None
     assert a.submit_study(spec, idempotency_key="study-1")["id"] == study["id"]  # replayed, nothing new
@@ -205,6 +205,8 @@ def test_studies_over_http(service: Any) -> None:
     assert too_many.value.status == 429 and too_many.value.details["needed"] == 3
     member = a.get_job(study["jobs"][1]["job_id"])
     assert member["study_id"] == study["id"] and member["kind"] == "distill" and member["spec"]["seed"] == 0
+    combo_job = a.get_job(study["jobs"][2]["job_id"])["spec"]["distill"]
+    assert combo_job["method"] == "bckd" and combo_job["weights"]["main_ld"] == 0.25 > combo_job["weights"]["vlr_ld"]
 
     # The failing study: its teacher is an uploaded checkpoint whose file is gone by the time its job runs.
     ck = a.upload_checkpoint(tmp / "data" / "runs" / teacher["id"] / "model.pt", name="teacher.pt")
@@ -234,8 +236,8 @@ def test_studies_over_http(service: Any) -> None:
     report = final["report"]
     assert final["state"] == "succeeded" and final["finished_at"] and report["failures"] == []
     rows = {r["row"]: r for r in report["rows"]}
-    assert list(rows) == [PLAIN_ROW, "ld", "main-kd-only"] and [r["method"] for r in report["rows"]] == [None, "ld",
-                                                                                                        "ld"]
+    assert list(rows) == [PLAIN_ROW, "crosskd", "bckd+main-ld"]
+    assert [r["method"] for r in report["rows"]] == [None, "crosskd", "bckd"]
     aps = {(j["row"], j["seed"]): j["AP"] for j in final["jobs"]}
     for name, r in rows.items():
         assert r["AP"]["n"] == 2 and r["AP"]["mean"] == pytest.approx((aps[name, 0] + aps[name, 1]) / 2)

@@ -173,22 +173,29 @@ def chart(study: dict[str, Any], report: dict[str, Any]) -> bytes:
         means = [100 * (r[key]["mean"] or 0.0) for r in rows]
         stds = [100 * (r[key]["std"] or 0.0) for r in rows]
         ax.bar([i + (k - 1) * width for i in range(len(rows))], means, width, yerr=stds, capsize=3, label=key)
+    for i, r in enumerate(rows):  # the paired gain over the student alone above each AP bar; * beyond 2x spread
+        if r["gain"] is not None:
+            top = 100 * ((r["AP"]["mean"] or 0.0) + (r["AP"]["std"] or 0.0))
+            ax.annotate(f"{100 * r['gain']['mean']:+.1f}{' *' if r['significant'] else ''}", (i - width, top),
+                        xytext=(0, 3), textcoords="offset points", ha="center", fontsize=8)  # fmt: skip
     ax.set_xticks(range(len(rows)), [r["row"] + ("" if r["AP"]["n"] else "\n(no result)") for r in rows],
                   rotation=15, ha="right")  # fmt: skip
     ax.set_ylabel("COCO AP x 100 (mean ± std over seeds)")
-    ax.set_title(f"Study {study.get('name') or study['id']}")
+    ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1]))
+    ax.set_title(f"Study {study.get('name') or study['id']}: gain vs alone, * beyond 2x spread", fontsize=10)
     ax.legend(fontsize=8)
-    drawn = False
+    drawn: list[int] = []
     for r in rows:
         d = r["diagnostics"]
         if d and d.get("box_l1") and d.get("strides"):
             ax2.plot(d["strides"], d["box_l1"], marker="o", label=r["row"])
-            drawn = True
+            drawn = d["strides"]
     ax2.set_title("Figure 4 after distillation: box L1 per level")
     ax2.set_xlabel("FPN stride")
     ax2.set_ylabel("L1(teacher, student) of edge distributions")
     if drawn:
         ax2.set_xscale("log", base=2)
+        ax2.set_xticks(drawn, [str(s) for s in drawn])
         ax2.legend(fontsize=8)
     else:
         ax2.text(0.5, 0.5, "no distilled row succeeded", ha="center", va="center", transform=ax2.transAxes)

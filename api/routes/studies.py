@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import CallerDep, ResourceId, SettingsDep, StoreDep, get_or_404
 from api.errors import APIError, ErrorResponse, error_docs
+from api.schemas import JobState
 from worker import studies
 from worker.checks import JobRefused
 from worker.queue import enqueue
@@ -52,7 +53,7 @@ class StudyJob(_Open):
                                examples=["ld"])  # fmt: skip
     seed: int = Field(..., examples=[0])
     job_id: str = Field(..., examples=["job_5e6f7a8b9c0d1e2f"])
-    state: str = Field(..., examples=["queued"])
+    state: JobState = Field(..., examples=["queued"])
     AP: float | None = Field(None, description="the job's COCO AP (0-1) once it succeeded")
     model_id: str | None = None
     progress: float | None = Field(None, description="how far its training got, 0-1")
