@@ -252,7 +252,8 @@ def test_collective_timeout_ends_a_hung_group(tmp_path) -> None:
 @pytest.mark.slow
 def test_worker_runs_and_cancels_two_process_jobs(tmp_path) -> None:
     """A real worker (embedded broker, SQLite store) runs ``schedule.gpus: 2`` jobs under torchrun: a cancel
-    ends the launcher and both ranks; another job trains, exports and publishes its model."""
+    ends the launcher and both ranks; a killed rank makes the attempt retry, and the next one resumes,
+    exports and publishes the model."""
     from tests.service_fixtures import DATASET, IMAGE_SIZE, Service, train_spec, training_children
 
     dataset = make_synthetic(tmp_path / "synthetic", num_train=8, num_val=2, image_size=IMAGE_SIZE, num_classes=2,
@@ -268,8 +269,17 @@ def test_worker_runs_and_cancels_two_process_jobs(tmp_path) -> None:
         assert service.wait_end(cancelled, timeout=30)["state"] == "cancelled"
         wait_for(lambda: not any(pid_alive(p) for p in family), 10, "every rank to exit")
 
-        done = service.wait_end(service.submit(train_spec(DATASET, epochs=2, gpus=2)), timeout=240)
+        # A rank killed mid-run (the OOM killer): the attempt ends without a verdict and is retried; the next
+        # attempt resumes from the epoch checkpoint and publishes.
+        job_id = service.submit(train_spec(DATASET, epochs=3, gpus=2))  # 8 images, batch 4: 6 iterations
+        service.wait_training(job_id, min_iter=3, timeout=120)
+        ranks = [p for p in training_children(worker) if b"torch.distributed.run" not in
+                 Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(ranks) == 2, service.logs()
+        os.kill(ranks[1], signal.SIGKILL)
+        done = service.wait_end(job_id, timeout=240)
         assert done["state"] == "succeeded" and done["model_id"], f"{done}\n{service.logs()}"
-        assert done["progress"]["phase"] == "done" and done["metrics"]["iterations"] == 4  # 8 images, batch 4
+        assert done["attempts"] == 2 and "training process exited with code 1" in done["last_error"], done
+        assert done["metrics"]["resumed_from_iter"] >= 2 and done["metrics"]["iterations"] == 6
     finally:
         service.close()
