@@ -8,6 +8,9 @@ Run layout (``out_dir``)::
     model.pt              the final detector (``distill.load_detector`` reads it)
     metrics.json          COCO metrics (+ distillation diagnostics)
     progress.json(l)      latest progress / its history; train.log: human-readable log
+
+One job over several processes (``torchrun``, :mod:`distill.ddp`): each rank trains on its slice of every
+global batch with the same weights; rank 0 alone writes all of the above, and evaluates.
 """
 
 from __future__ import annotations
