@@ -3,6 +3,9 @@
 - the report's numbers on hand-made job results (means, sample std, gains paired by seed, the twice-the-spread
   verdict, figure 4 averages, failures, the recommended model) and its files;
 - a study's plan and the bodies it refuses;
+- on a store alone (no worker): refusals (a job check, the tenant's limit) store nothing, Idempotency-Key, a study
+  cancelled while all its jobs are queued finishes at once, and jobs that ended without a worker's hook finish
+  their study on the first read, once;
 - end to end over HTTP (PostgreSQL store, Redis broker, a uvicorn API with torch blocked, two Celery workers):
   a tiny teacher trained by a job; a study cancelled while its first job runs (every job ends, the study is
   cancelled); a study of 2 methods (CrossKD; BCKD + Main LD) x 2 seeds followed with ``ldd studies watch`` (every
@@ -29,7 +32,22 @@ from api.routes.studies import STUDY_EXAMPLES
 from tests.service_fixtures import WorkerProcess, postgres_database, wait_for
 from tests.test_api_http import ApiServer, coco_zip, private_redis_url
 from worker import study_report
-from worker.studies import PLAIN_ROW, StudySpec, final_state, plan
+from worker.checks import JobRefused
+from worker.settings import Settings
+from worker.store import Store
+from worker.studies import (
+    PLAIN_ROW,
+    StudyConflict,
+    StudySpec,
+    StudyTooBig,
+    cancel,
+    final_state,
+    list_studies,
+    plan,
+    refresh,
+    study_dir,
+    submit,
+)  # fmt: skip
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -119,6 +137,58 @@ def test_plan_and_refused_bodies() -> None:
     assert final_state({"cancel_requested": False}, ["succeeded", "running"]) == "running"
     assert final_state({"cancel_requested": True}, ["succeeded", "cancelled"]) == "cancelled"
     assert final_state({"cancel_requested": False}, ["succeeded", "failed", "cancelled"]) == "failed"
+
+
+def test_store_level_all_or_nothing_cancel_and_finish_without_worker(tmp_path: Path) -> None:
+    """What the API does when no worker is involved (SQLite store): refusals store nothing, a cancelled study of
+    queued jobs is finished at once with its report, and a study whose jobs ended elsewhere is finished by the
+    first reader, once."""
+    settings = Settings.from_env({"LDD_DATA_DIR": str(tmp_path / "data"), "LDD_MAX_ACTIVE_JOBS": "5"})
+    settings.make_dirs()
+    store = Store(settings.store_url)
+    try:
+        store.add_dataset("ds_0123456789abcdef", "d", str(tmp_path), ["a"], 4, 4, {}, [])
+        teacher = tmp_path / "teacher.pt"
+        teacher.write_bytes(b"the check only needs the file to exist; facts come from the row")
+        store.add_checkpoint("ckpt_0123456789abcdef", str(teacher), {"kind": "detector", "reg_max": 16,
+                             "strides": [8, 16, 32, 64, 128], "num_classes": 1, "classes": ["a"]}, "t")  # fmt: skip
+        body = {"dataset": "ds_0123456789abcdef", "teacher": {"checkpoint": "ckpt_0123456789abcdef"},
+                "student": {"arch": "gfl_tiny"}, "methods": ["ld", "bckd"], "seeds": 1}  # fmt: skip
+
+        with pytest.raises(StudyTooBig):  # 2 seeds x 3 rows = 6 > 5
+            submit(store, settings, StudySpec.model_validate({**body, "seeds": 2}))
+        with pytest.raises(JobRefused, match="row 'ld', seed 0: teacher: no checkpoint"):
+            submit(store, settings, StudySpec.model_validate({**body, "teacher": {"checkpoint": "ckpt_00000000"}}))
+        assert list_studies(store) == [] and store.list_jobs() == []  # nothing of either was stored
+
+        study, created, job_ids = submit(store, settings, StudySpec.model_validate(body), idempotency_key="k")
+        assert created and len(job_ids) == 3 and study["state"] == "running"
+        assert submit(store, settings, StudySpec.model_validate(body), idempotency_key="k")[:3:2] == (study, [])
+        with pytest.raises(StudyConflict):
+            submit(store, settings, StudySpec.model_validate({**body, "methods": ["ld"]}), idempotency_key="k")
+        assert {store.get_job(j)["study_id"] for j in job_ids} == {study["id"]}
+        assert [j["study_id"] for j in store.list_jobs()] == [study["id"]] * 3
+
+        done = cancel(store, settings, study["id"])  # every job was queued: cancelled at once, then finished
+        assert done["state"] == "cancelled" and done["finished_at"] is not None
+        assert {store.get_job(j)["state"] for j in job_ids} == {"cancelled"}
+        assert [f["error"] for f in done["report"]["failures"]] == ["cancelled before it started"] * 3
+        assert refresh(store, settings, study["id"]) == done  # finished once: later reads change nothing
+        files = study_dir(settings, study["id"])
+        assert (files / "report.png").read_bytes().startswith(PNG)
+        assert "| bckd | bckd |" in (files / "report.md").read_text()
+
+        # Jobs that end without a worker's hook (here: claimed and failed directly) finish the study on refresh.
+        other, _, ids = submit(store, settings, StudySpec.model_validate({**body, "seeds": 1, "name": "b"}))
+        for i, job_id in enumerate(ids):
+            assert refresh(store, settings, other["id"])["state"] == "running"
+            store.claim(job_id, "elsewhere", 30)
+            store.finish(job_id, "elsewhere", "failed", error=f"broke {i}")
+        finished = refresh(store, settings, other["id"])
+        assert finished["state"] == "failed" and [f["error"] for f in finished["report"]["failures"]] == [
+            "broke 0", "broke 1", "broke 2"]  # fmt: skip
+    finally:
+        store.close()
 
 
 # ----------------------------------------------------------------------------------------- over HTTP
