@@ -33,6 +33,7 @@ from tests.service_fixtures import WorkerProcess, postgres_database, wait_for
 from tests.test_api_http import ApiServer, coco_zip, private_redis_url
 from worker import study_report
 from worker.checks import JobRefused
+from worker.recovery import recover
 from worker.settings import Settings
 from worker.store import Store
 from worker.studies import (
@@ -42,6 +43,7 @@ from worker.studies import (
     StudyTooBig,
     cancel,
     final_state,
+    get_study,
     list_studies,
     plan,
     refresh,
@@ -178,13 +180,18 @@ def test_store_level_all_or_nothing_cancel_and_finish_without_worker(tmp_path: P
         assert (files / "report.png").read_bytes().startswith(PNG)
         assert "| bckd | bckd |" in (files / "report.md").read_text()
 
-        # Jobs that end without a worker's hook (here: claimed and failed directly) finish the study on refresh.
+        # Jobs that end without a worker's hook (here: claimed and failed directly).
         other, _, ids = submit(store, settings, StudySpec.model_validate({**body, "seeds": 1, "name": "b"}))
         for i, job_id in enumerate(ids):
             assert refresh(store, settings, other["id"])["state"] == "running"
+            assert recover(store, settings)["studies_finished"] == []
             store.claim(job_id, "elsewhere", 30)
             store.finish(job_id, "elsewhere", "failed", error=f"broke {i}")
-        finished = refresh(store, settings, other["id"])
+        # Nobody reads it: the workers' recovery sweep finishes it (report written), once.
+        assert recover(store, settings)["studies_finished"] == [other["id"]]
+        assert recover(store, settings)["studies_finished"] == []
+        finished = get_study(store, other["id"])
+        assert finished is not None and (study_dir(settings, other["id"]) / "report.md").is_file()
         assert finished["state"] == "failed" and [f["error"] for f in finished["report"]["failures"]] == [
             "broke 0", "broke 1", "broke 2"]  # fmt: skip
     finally:

@@ -92,7 +92,7 @@ def test_recovery_resends_lost_messages_and_requeues_expired(broker_settings):
     a, _ = store.create_job({"kind": "train", "dataset": "ds_1"})  # its message was never sent (lost)
     b, _ = store.create_job({"kind": "train", "dataset": "ds_1"})
     assert enqueue(b["id"], s) and queue_depth(s) == 1
-    assert recover(store, s) == {"requeued": [], "resent": []}  # both too recent to call lost
+    assert recover(store, s) == {"requeued": [], "resent": [], "studies_finished": []}  # both too recent to call lost
     time.sleep(0.4)
     out = recover(store, s)
     assert out["requeued"] == [] and len(out["resent"]) == 1 and queue_depth(s) == 2

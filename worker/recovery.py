@@ -8,7 +8,8 @@ Every worker runs it in a thread of its main process, at start and every ``recov
 2. queued jobs whose message the broker lost (a broker restarted without persistence, a crash
    between ``create_job`` and ``enqueue``) get a new one. The broker cannot tell which messages it
    holds, so when it holds fewer than there are queued jobs, the jobs waiting longest since their
-   last message are re-sent; a duplicate costs a claim that fails, nothing more.
+   last message are re-sent; a duplicate costs a claim that fails, nothing more;
+3. studies whose jobs have all ended are finished (report written) even when no worker ran the last one.
 
 Any number of workers may run it at once: every change is a conditional UPDATE in the store.
 """
@@ -19,6 +20,7 @@ import logging
 import threading
 from typing import Any
 
+from worker import studies
 from worker.queue import enqueue, queue_depth
 from worker.settings import Settings
 from worker.store import Store
@@ -29,7 +31,8 @@ _loop: threading.Thread | None = None
 
 
 def recover(store: Store, settings: Settings) -> dict[str, list[str]]:
-    """One pass; returns the job ids requeued (worker lost) and re-sent (message lost)."""
+    """One pass; returns the job ids requeued (worker lost) and re-sent (message lost), and the studies it
+    finished (their last job ended without a worker to say so)."""
     requeued = store.requeue_expired(settings.max_attempts)
     for job_id in requeued:
         log.warning("job %s: its worker stopped heartbeating; queued again", job_id)
@@ -44,7 +47,8 @@ def recover(store: Store, settings: Settings) -> dict[str, list[str]]:
             store.mark_enqueued(resent)
             if resent:
                 log.warning("re-sent lost broker messages for %s", ", ".join(resent))
-    return {"requeued": requeued, "resent": resent}
+    finished = studies.finish_ended(store, settings)  # e.g. its last job just failed above, with no worker
+    return {"requeued": requeued, "resent": resent, "studies_finished": finished}
 
 
 def start_recovery_loop(settings: Settings, stop: threading.Event | None = None) -> threading.Thread:

@@ -298,6 +298,17 @@ def refresh(store: Store, settings: Settings, study_id: str) -> dict[str, Any] |
     return get_study(store, study_id)
 
 
+def finish_ended(store: Store, settings: Settings) -> list[str]:
+    """Finish every unfinished study none of whose jobs is still queued or running: the recovery loop's sweep
+    for jobs that ended without a worker's hook (failed by an expired lease, cancelled while queued)."""
+    active = select(study_jobs.c.study_id).join(jobs, jobs.c.id == study_jobs.c.job_id) \
+        .where(jobs.c.state.in_(("queued", "running")))
+    q = select(studies.c.id).where(studies.c.finished_at.is_(None), studies.c.id.not_in(active))
+    with store.engine.connect() as conn:
+        ids = list(conn.execute(q).scalars())
+    return [i for i in ids if (s := refresh(store, settings, i)) is not None and s["finished_at"] is not None]
+
+
 def job_ended(store: Store, settings: Settings, job_id: str) -> None:
     """The worker's hook when a job ends: finish its study if that was the study's last job. Never raises (the
     job's own end is recorded already; a failure here is retried by the next reader of the study)."""
