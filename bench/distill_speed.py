@@ -1,21 +1,35 @@
-"""Cost of a distillation step against a student step plus a teacher forward pass, and the share of the
-distillation step spent finding the regions (Main + VLR).
+"""Cost of a distillation step against a student step plus a teacher forward pass, with and without the
+teacher cache; the share of the step spent finding the regions (Main + VLR); and the cache's size.
 
-    python bench/distill_speed.py [--student gfl_r18] [--teacher gfl_r34] [--size 512 320] [--batch 2]
-                                  [--iters 6] [--device cpu] [--threads N]
+    python bench/distill_speed.py [--student gfl_r18] [--teacher gfl_r101] [--size 512 320] [--batch 2]
+                                  [--iters 10] [--warmup 5] [--device cpu] [--threads N] [--no-sizes]
 
-Both steps are the training loop's own (``Trainer.step`` + backward + optimiser step) on the same batches;
-the teacher forward pass is timed as the loop runs it (eval mode, ``no_grad``, autocast on GPU). The three
-are timed in turn on each batch, so load from other processes hits them alike; medians are reported.
-Targets (DESIGN section 7): ``distill / (student + teacher) <= 1.10`` and regions < 5% of the step.
-Prints a table and writes ``bench/results/distill_speed_<device>.json|md``.
+Steps are the training loop's own (``Trainer.step`` + backward + optimiser step) on the same batches:
+
+- student: a ``kind: train`` step; teacher: the teacher's forward pass as the loop runs it;
+- LD live: the distillation step with the teacher's live pass (``criterion.teacher_source = None``);
+- LD filling: the step of the epoch that fills the cache (every image misses: teacher pass + rows stored);
+- LD cached: the same batch again, answered from the cache (what every later epoch costs);
+- pre-pass: what filling by a separate pass would cost per batch (load the batch, teacher pass, store).
+
+They are timed in turn on each batch, so load from other processes hits them alike; medians are reported.
+Targets (DESIGN section 7): ``LD live / (student + teacher) <= 1.10``, ``LD cached / student <= 1.10``,
+regions < 5% of the step.
+
+Cache size (``--no-sizes`` skips it): bytes on disk with the default terms (Main LD + VLR LD + Main KD), both
+flips of every image, measured by filling a real cache (a small teacher: the bytes depend on the classes and
+the regions, not on the teacher's depth) for the BCCD training split at 640x480 (3 classes) and for synthetic
+1333x800 images with COCO's 7.3 boxes per image and 80 classes, scaled on paper to COCO train2017's 118287
+images. Prints tables and writes ``bench/results/distill_speed_<device>.json|md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,10 +38,19 @@ import torch
 from report import device_tag, save
 
 from distill.checkpoint import atomic_save, build_detector, detector_state
-from distill.criterion import DistillCriterion, pad_targets
+from distill.class_map import map_classes
+from distill.criterion import DistillCriterion, GFLCriterion, pad_targets
+from distill.data.annotations import load_coco, split
+from distill.data.dataset import DetectionDataset, collate
 from distill.data.synthetic import make_synthetic
-from distill.spec import LocalJobSpec
+from distill.data.voc import import_voc
+from distill.spec import DistillSpec, GFLWeights, LocalJobSpec
+from distill.teacher_cache import TeacherCache
 from distill.train import Trainer
+
+BCCD = Path(__file__).resolve().parents[2] / "shared" / "data" / "bccd-voc"
+COCO_TRAIN_IMAGES = 118287
+COCO_BOXES_PER_IMAGE = 7.3
 
 
 def _sync(device: torch.device) -> None:
@@ -67,12 +90,15 @@ def measure(student: str, teacher: str, size: tuple[int, int], batch: int, iters
         distilled = Trainer(spec, tmp_path / "distill", device=device)
         dev = distilled.device
         criterion = distilled.criterion
-        assert isinstance(criterion, DistillCriterion)
+        assert isinstance(criterion, DistillCriterion) and isinstance(distilled.teacher_cache, TeacherCache)
+        cache = distilled.teacher_cache  # filled by the "filling" step of each batch, read by the "cached" one
+        prepass = TeacherCache(tmp_path / "prepass", criterion)
         plain.model.train()
         distilled.model.train()
 
-        def teacher_forward(images: torch.Tensor) -> None:
-            criterion.teacher_forward(images)
+        def distill_step(source, images: torch.Tensor, targets: list[dict]) -> None:
+            criterion.teacher_source = source
+            _train_step(distilled, images, targets)
 
         def regions(images: torch.Tensor, targets: list[dict]) -> tuple[float, int, int]:
             with torch.no_grad():
@@ -82,46 +108,149 @@ def measure(student: str, teacher: str, size: tuple[int, int], batch: int, iters
                 elapsed = _timed(lambda: found.append(criterion.regions(state, gt)), dev)
                 return elapsed, int(found[0].main.sum()), int(found[0].vlr.sum())
 
-        times: dict[str, list[float]] = {"student": [], "teacher": [], "distill": [], "regions": []}
+        times: dict[str, list[float]] = {k: [] for k in ("student", "teacher", "live", "filling", "cached",
+                                                         "prepass", "load", "regions")}
         sizes = {"main": [], "vlr": []}
-        for i, (images, targets) in enumerate(distilled.train_loader):
+        batches = iter(distilled.train_loader)
+        for i in range(warmup + iters):
+            load_start = time.perf_counter()
+            images, targets = next(batches)
+            load = time.perf_counter() - load_start
             images = images.to(dev)
+            # Batches of one epoch never repeat an image: "filling" misses every image, "cached" hits every one.
             sample = {
                 "student": _timed(lambda: _train_step(plain, images, targets), dev),  # noqa: B023
-                "teacher": _timed(lambda: teacher_forward(images), dev),  # noqa: B023
-                "distill": _timed(lambda: _train_step(distilled, images, targets), dev),  # noqa: B023
+                "teacher": _timed(lambda: criterion.teacher_forward(images), dev),  # noqa: B023
+                "live": _timed(lambda: distill_step(None, images, targets), dev),  # noqa: B023
+                "filling": _timed(lambda: distill_step(cache, images, targets), dev),  # noqa: B023
+                "cached": _timed(lambda: distill_step(cache, images, targets), dev),  # noqa: B023
+                "prepass": load + _timed(lambda: prepass(images, targets), dev),  # noqa: B023
+                "load": load,
             }
             sample["regions"], n_main, n_vlr = regions(images, targets)
+            print(f"batch {i + 1}/{warmup + iters}: " + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in sample.items()),
+                  file=sys.stderr, flush=True)
             if i >= warmup:
                 for k, v in sample.items():
                     times[k].append(v)
                 sizes["main"].append(n_main)
                 sizes["vlr"].append(n_vlr)
-            if i + 1 >= warmup + iters:
-                break
+        assert cache.hits == cache.lookups / 2, "each batch must miss once (filling), then hit (cached)"
         med = {k: statistics.median(v) for k, v in times.items()}
+        low = {k: min(v) for k, v in times.items()}
+
+        def paired(a: str, b: str) -> float:
+            """Median over batches of ``a / b`` on the same batch, timed seconds apart (shared load cancels)."""
+            return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
         return {
             "student": student, "teacher": teacher, "image_size": list(size), "batch": batch, "iters": iters,
-            "device": str(dev),
+            "warmup": warmup, "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "amp": distilled.amp,
             "median_ms": {k: 1000 * v for k, v in med.items()},
-            "ratio": med["distill"] / (med["student"] + med["teacher"]),
-            "regions_share": med["regions"] / med["distill"],
+            "min_ms": {k: 1000 * v for k, v in low.items()},
+            "samples_ms": {k: [round(1000 * x, 1) for x in v] for k, v in times.items()},
+            "ratio": med["live"] / (med["student"] + med["teacher"]),
+            "cached_ratio": med["cached"] / med["student"],
+            "cached_ratio_paired": paired("cached", "student"),
+            "cached_ratio_min": low["cached"] / low["student"],
+            "live_ratio_paired": statistics.median(
+                x / (y + z) for x, y, z in zip(times["live"], times["student"], times["teacher"], strict=True)),
+            "filling_extra_ms": 1000 * (med["filling"] - med["live"]),
+            # A pre-pass pays its own pass per batch, then epoch 1 runs at the cached speed instead of filling.
+            "prepass_net_ms": 1000 * (med["prepass"] - (med["filling"] - med["cached"])),
+            "regions_share": med["regions"] / med["live"],
             "locations_per_batch": {k: statistics.mean(v) for k, v in sizes.items()},
+            "cache": cache.report(),
         }
+
+
+# ----------------------------------------------------------------------------------------------- cache size
+
+
+def _criterion(classes: list[str], spec: DistillSpec) -> DistillCriterion:
+    """A narrow student and teacher with ``classes``: the rows' width and the regions decide the bytes, the
+    networks' depth does not."""
+    student = build_detector("gfl_tiny", len(classes), classes)
+    teacher = build_detector("gfl_tiny", len(classes), classes)
+    return DistillCriterion(GFLCriterion(student, GFLWeights()), teacher, spec, map_classes(classes, classes))
+
+
+@torch.no_grad()
+def _fill(cache: TeacherCache, samples) -> tuple[int, float]:
+    """Both flips of every ``(image (3, H, W), target)``; returns (images, mean boxes per image)."""
+    n, boxes = 0, 0
+    for image, target in samples:
+        width = image.shape[-1]
+        b = target["boxes"]
+        mirrored = torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], 1)
+        for flipped, im, bx in ((False, image, b), (True, image.flip(-1), mirrored)):
+            cache(*collate([(im, {**target, "boxes": bx, "flipped": flipped})]))
+        n, boxes = n + 1, boxes + len(b)
+    return n, boxes / max(n, 1)
+
+
+def _coco_like(n: int, size: tuple[int, int], seed: int):
+    """``n`` noise images of ``size = (w, h)`` with 7 or 8 boxes (7.3 on average), box areas drawn from COCO's
+    mix (41% small < 32^2, 34% medium < 96^2, 24% large, at COCO's ~640x480, scaled with the resize)."""
+    g = torch.Generator().manual_seed(seed)
+    w, h = size
+    scale = h / 480
+    for i in range(n):
+        k = 8 if i % 10 < 3 else 7
+        u = torch.rand(k, generator=g)
+        lo = torch.where(u < 0.41, 8.0, torch.where(u < 0.75, 32.0, 96.0))
+        hi = torch.where(u < 0.41, 32.0, torch.where(u < 0.75, 96.0, 400.0))
+        side = torch.exp(torch.log(lo) + torch.rand(k, generator=g) * (torch.log(hi) - torch.log(lo))) * scale
+        aspect = torch.exp((torch.rand(k, generator=g) - 0.5) * math.log(4))  # 1/2 .. 2
+        bw, bh = (side * aspect.sqrt()).clamp(4, w - 1), (side / aspect.sqrt()).clamp(4, h - 1)
+        x1, y1 = torch.rand(k, generator=g) * (w - bw), torch.rand(k, generator=g) * (h - bh)
+        boxes = torch.stack([x1, y1, x1 + bw, y1 + bh], 1)
+        image = torch.randn((3, h, w), generator=g)
+        yield image, {"boxes": boxes, "labels": torch.randint(80, (k,), generator=g), "image_id": i + 1,
+                      "size": (h, w)}
+
+
+def cache_sizes(coco_images: int = 20) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        if BCCD.is_dir():
+            import_voc(BCCD, tmp_path / "bccd")
+            data = load_coco(tmp_path / "bccd")
+            train_ids, _ = split(data, 0.2, 0)
+            dataset = DetectionDataset(data, train_ids, image_size=(640, 480))
+            cache = TeacherCache(tmp_path / "bccd_cache", _criterion(data.classes, DistillSpec()))
+            n, boxes = _fill(cache, (dataset[i] for i in range(len(dataset))))
+            rows.append({"dataset": "BCCD train split (measured)", "input": "640x480", "classes": len(data.classes),
+                         "images": n, "boxes_per_image": boxes, "entries": len(cache.index),
+                         "bytes_per_image": cache.bytes() / n, "total_gb": cache.bytes() / 1e9, "dense": False})
+        coco_classes = [f"c{i}" for i in range(80)]
+        for dense in (False, True):
+            # BCKD's terms read every location: every entry holds them all (two images tell the size).
+            spec = DistillSpec.model_validate({"method": "bckd"} if dense else {})
+            cache = TeacherCache(tmp_path / f"coco_cache_{dense}", _criterion(coco_classes, spec))
+            n, boxes = _fill(cache, _coco_like(2 if dense else coco_images, (1333, 800), seed=0))
+            per_image = cache.bytes() / n
+            rows.append({"dataset": "COCO train2017 (on paper" + (", BCKD terms: dense)" if dense else ")"),
+                         "input": "1333x800", "classes": 80, "images": COCO_TRAIN_IMAGES,
+                         "measured_on": f"{n} synthetic images", "boxes_per_image": boxes,
+                         "entries": len(cache.index), "bytes_per_image": per_image,
+                         "total_gb": per_image * COCO_TRAIN_IMAGES / 1e9, "dense": dense})
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", default="gfl_r18")
-    parser.add_argument("--teacher", default="gfl_r34")
+    parser.add_argument("--teacher", default="gfl_r101")
     parser.add_argument("--size", type=int, nargs=2, default=(512, 320), metavar=("LONG", "SHORT"))
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-sizes", action="store_true", help="skip the cache size table")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,14 +261,46 @@ def main() -> None:
         f"batch {r['batch']}",
         "",
         f"device: {r['device']} ({r['device_name']}), torch {r['torch']}, threads {r['threads']}, amp {r['amp']}; "
-        f"medians of {r['iters']} steps",
+        f"medians of {r['iters']} steps after {r['warmup']} warm-up steps, all rows in the same run",
         "",
-        "| student step (ms) | teacher forward (ms) | distill step (ms) | distill / (student + teacher) | "
-        "regions (ms) | regions share of the step |",
-        "|---:|---:|---:|---:|---:|---:|",
-        f"| {ms['student']:.1f} | {ms['teacher']:.1f} | {ms['distill']:.1f} | {r['ratio']:.3f} "
-        f"(target <= 1.10) | {ms['regions']:.2f} | {100 * r['regions_share']:.2f}% (target < 5%) |",
+        "| student step (ms) | teacher forward (ms) | LD step, live teacher (ms) | live / (student + teacher) | "
+        "LD step, cached teacher (ms) | cached / student | regions (ms) | regions share of the step |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {ms['student']:.1f} | {ms['teacher']:.1f} | {ms['live']:.1f} | {r['ratio']:.3f} (target <= 1.10) "
+        f"| {ms['cached']:.1f} | {r['cached_ratio']:.3f} (target <= 1.10) | {ms['regions']:.2f} "
+        f"| {100 * r['regions_share']:.2f}% (target < 5%) |",
+        "",
+        "Filling the cache: in the first epoch, or by a pre-pass?",
+        "",
+        "| LD step while filling (ms) | extra over a live step (ms) | pre-pass per batch: load + teacher + store "
+        "(ms) | pre-pass net of the cached epoch 1 it buys (ms) |",
+        "|---:|---:|---:|---:|",
+        f"| {ms['filling']:.1f} | {r['filling_extra_ms']:.1f} | {ms['prepass']:.1f} (load {ms['load']:.1f}) "
+        f"| {r['prepass_net_ms']:.1f} |",
+        "",
+        "The same ratios three ways (this CPU is shared: load from other processes moves single steps by tens of "
+        "per cent):",
+        "",
+        "| | ratio of medians | median of per-batch ratios (same batch, seconds apart) | ratio of fastest steps |",
+        "|---|---:|---:|---:|",
+        f"| LD cached / student | {r['cached_ratio']:.3f} | {r['cached_ratio_paired']:.3f} "
+        f"| {r['cached_ratio_min']:.3f} |",
+        f"| LD live / (student + teacher) | {r['ratio']:.3f} | {r['live_ratio_paired']:.3f} "
+        f"| {r['min_ms']['live'] / (r['min_ms']['student'] + r['min_ms']['teacher']):.3f} |",
     ]
+    if not args.no_sizes:
+        r["cache_sizes"] = cache_sizes()
+        lines += [
+            "",
+            "## Teacher cache size (default terms: Main LD + VLR LD + Main KD; fp16; both flips of every image)",
+            "",
+            "| data | input | classes | images | boxes per image | bytes per image | total (GB) |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for s in r["cache_sizes"]:
+            measured = f" (measured on {s['measured_on']})" if "measured_on" in s else ""
+            lines.append(f"| {s['dataset']}{measured} | {s['input']} | {s['classes']} | {s['images']} "
+                         f"| {s['boxes_per_image']:.2f} | {s['bytes_per_image']:,.0f} | {s['total_gb']:.3f} |")
     print("\n".join(lines))
     save(f"distill_speed_{device_tag(r['device'])}", r, "\n".join(lines))
 
