@@ -58,12 +58,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device: torch.device) -> float:
+def _timed(fn, device: torch.device) -> tuple[float, float]:
+    """Wall seconds and this process's CPU seconds (all threads) of ``fn()``. On a shared CPU the second is the
+    steadier measure of cost: time spent waiting for a core counts in the first only."""
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _train_step(trainer: Trainer, images: torch.Tensor, targets: list[dict]) -> None:
@@ -105,11 +107,13 @@ def measure(student: str, teacher: str, size: tuple[int, int], batch: int, iters
                 gt = pad_targets(targets, dev)
                 _, state = criterion.gfl.losses(criterion.gfl.forward(images), gt)
                 found = []
-                elapsed = _timed(lambda: found.append(criterion.regions(state, gt)), dev)
+                elapsed = _timed(lambda: found.append(criterion.regions(state, gt)), dev)[0]
                 return elapsed, int(found[0].main.sum()), int(found[0].vlr.sum())
 
         times: dict[str, list[float]] = {k: [] for k in ("student", "teacher", "live", "filling", "cached",
                                                          "prepass", "load", "regions")}
+        cpu_times: dict[str, list[float]] = {k: [] for k in ("student", "teacher", "live", "filling", "cached",
+                                                             "prepass")}
         sizes = {"main": [], "vlr": []}
         batches = iter(distilled.train_loader)
         for i in range(warmup + iters):
@@ -118,30 +122,36 @@ def measure(student: str, teacher: str, size: tuple[int, int], batch: int, iters
             load = time.perf_counter() - load_start
             images = images.to(dev)
             # Batches of one epoch never repeat an image: "filling" misses every image, "cached" hits every one.
-            sample = {
-                "student": _timed(lambda: _train_step(plain, images, targets), dev),  # noqa: B023
-                "teacher": _timed(lambda: criterion.teacher_forward(images), dev),  # noqa: B023
-                "live": _timed(lambda: distill_step(None, images, targets), dev),  # noqa: B023
-                "filling": _timed(lambda: distill_step(cache, images, targets), dev),  # noqa: B023
-                "cached": _timed(lambda: distill_step(cache, images, targets), dev),  # noqa: B023
-                "prepass": load + _timed(lambda: prepass(images, targets), dev),  # noqa: B023
-                "load": load,
+            steps = {
+                "student": lambda: _train_step(plain, images, targets),  # noqa: B023
+                "teacher": lambda: criterion.teacher_forward(images),  # noqa: B023
+                "live": lambda: distill_step(None, images, targets),  # noqa: B023
+                "filling": lambda: distill_step(cache, images, targets),  # noqa: B023
+                "cached": lambda: distill_step(cache, images, targets),  # noqa: B023
+                "prepass": lambda: prepass(images, targets),  # noqa: B023
             }
+            sample, cpu_sample = {}, {}
+            for name, fn in steps.items():
+                sample[name], cpu_sample[name] = _timed(fn, dev)
+            sample["prepass"] += load
+            sample["load"] = load
             sample["regions"], n_main, n_vlr = regions(images, targets)
             print(f"batch {i + 1}/{warmup + iters}: " + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in sample.items()),
                   file=sys.stderr, flush=True)
             if i >= warmup:
                 for k, v in sample.items():
                     times[k].append(v)
+                for k, v in cpu_sample.items():
+                    cpu_times[k].append(v)
                 sizes["main"].append(n_main)
                 sizes["vlr"].append(n_vlr)
         assert cache.hits == cache.lookups / 2, "each batch must miss once (filling), then hit (cached)"
         med = {k: statistics.median(v) for k, v in times.items()}
         low = {k: min(v) for k, v in times.items()}
 
-        def paired(a: str, b: str) -> float:
+        def paired(a: str, b: str, t: dict[str, list[float]] = times) -> float:
             """Median over batches of ``a / b`` on the same batch, timed seconds apart (shared load cancels)."""
-            return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+            return statistics.median(x / y for x, y in zip(t[a], t[b], strict=True))
         return {
             "student": student, "teacher": teacher, "image_size": list(size), "batch": batch, "iters": iters,
             "warmup": warmup, "device": str(dev),
@@ -150,6 +160,12 @@ def measure(student: str, teacher: str, size: tuple[int, int], batch: int, iters
             "median_ms": {k: 1000 * v for k, v in med.items()},
             "min_ms": {k: 1000 * v for k, v in low.items()},
             "samples_ms": {k: [round(1000 * x, 1) for x in v] for k, v in times.items()},
+            "cpu_median_ms": {k: 1000 * statistics.median(v) for k, v in cpu_times.items()},
+            "cpu_samples_ms": {k: [round(1000 * x, 1) for x in v] for k, v in cpu_times.items()},
+            "cached_ratio_cpu_paired": paired("cached", "student", cpu_times),
+            "live_ratio_cpu_paired": statistics.median(
+                x / (y + z) for x, y, z in zip(cpu_times["live"], cpu_times["student"], cpu_times["teacher"],
+                                               strict=True)),
             "ratio": med["live"] / (med["student"] + med["teacher"]),
             "cached_ratio": med["cached"] / med["student"],
             "cached_ratio_paired": paired("cached", "student"),
@@ -281,12 +297,14 @@ def main() -> None:
         "The same ratios three ways (this CPU is shared: load from other processes moves single steps by tens of "
         "per cent):",
         "",
-        "| | ratio of medians | median of per-batch ratios (same batch, seconds apart) | ratio of fastest steps |",
-        "|---|---:|---:|---:|",
+        "| | ratio of medians | median of per-batch ratios (same batch, seconds apart) | ratio of fastest steps "
+        "| median of per-batch ratios of CPU time |",
+        "|---|---:|---:|---:|---:|",
         f"| LD cached / student | {r['cached_ratio']:.3f} | {r['cached_ratio_paired']:.3f} "
-        f"| {r['cached_ratio_min']:.3f} |",
+        f"| {r['cached_ratio_min']:.3f} | {r['cached_ratio_cpu_paired']:.3f} |",
         f"| LD live / (student + teacher) | {r['ratio']:.3f} | {r['live_ratio_paired']:.3f} "
-        f"| {r['min_ms']['live'] / (r['min_ms']['student'] + r['min_ms']['teacher']):.3f} |",
+        f"| {r['min_ms']['live'] / (r['min_ms']['student'] + r['min_ms']['teacher']):.3f} "
+        f"| {r['live_ratio_cpu_paired']:.3f} |",
     ]
     if not args.no_sizes:
         r["cache_sizes"] = cache_sizes()
