@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from distill.files import atomic_write, atomic_write_json
+from distill.files import atomic_write, atomic_write_json, sha256_file
 
 FORMAT = "ld-service-model/1"
 ONNX_FILE, META_FILE = "model.onnx", "model.json"
@@ -40,14 +40,6 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 class ModelIntegrityError(ValueError):
     """``model.onnx`` is missing, or its sha256 is not the one recorded in ``model.json``."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sha256_bytes(data: bytes) -> str:

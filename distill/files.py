@@ -8,6 +8,7 @@ is flushed to disk, and is renamed over the target (``os.replace`` is atomic on 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -71,3 +72,12 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 1) -> Path:
     separators = None if indent is not None else (",", ":")
     return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, separators=separators))
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """The hex sha256 of a file's bytes, read in chunks (a checkpoint may not fit in memory twice)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -338,7 +338,7 @@ def attach(criterion: DistillCriterion, job: JobSpec, folder: str | os.PathLike,
            log: Callable[[str], None] = print, min_free_bytes: int = 0) -> TeacherCache | CacheOff:
     """Decide for ``job`` (``distill.teacher_cache`` and :func:`distill.spec.teacher_cache_blocker`), set
     ``criterion.teacher_source`` when on, and log the decision. ``fingerprint``: the run's
-    (``distill.train.run_fingerprint``); a cache made for other teacher weights, data or sizes is rebuilt.
+    (``distill.run_state.run_fingerprint``); a cache made for other teacher weights, data or sizes is rebuilt.
     ``min_free_bytes``: the room the cache leaves free (the run's checkpoints need it).
     Raises :class:`CacheRefused` for ``"on"`` where the cache cannot apply."""
     assert job.distill is not None
@@ -364,7 +364,7 @@ def attach(criterion: DistillCriterion, job: JobSpec, folder: str | os.PathLike,
 
 
 def _outputs_identity(fingerprint: Any) -> Any:
-    """What decides the teacher's outputs in a run's fingerprint (``distill.train.run_fingerprint``): its
+    """What decides the teacher's outputs in a run's fingerprint (``distill.run_state.run_fingerprint``): its
     weights, the data and the resize; not the schedule's length, lr or process count, so a resumed run
     with another number of GPUs keeps its cache."""
     if not isinstance(fingerprint, dict):

@@ -15,10 +15,8 @@ global batch with the same weights; rank 0 alone writes all of the above, and ev
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
 import signal
 import time
 from collections.abc import Callable
@@ -26,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -41,7 +38,8 @@ from distill.evaluate import coco_ap, predict_dataset
 from distill.files import atomic_write_json, ensure_room
 from distill.init import initialise
 from distill.models.gfl import GFL
-from distill.spec import InitPath, JobSpec, LocalJobSpec
+from distill.run_state import differences, rng_state, run_fingerprint, seed_everything, set_rng_state
+from distill.spec import JobSpec, LocalJobSpec
 from distill.teacher_cache import CacheOff, CacheRefused, TeacherCache, attach
 
 Progress = Callable[[dict[str, Any]], None]
@@ -102,7 +100,7 @@ class Trainer:
         self.per_epoch = len(self.train_loader)
         self.total_iters = self.per_epoch * spec.schedule.epochs
 
-        _seed_everything(spec.seed)
+        seed_everything(spec.seed)
         self.model = build_detector(spec.student.arch, len(self.data.classes), self.data.classes,
                                     frozen_stages=spec.student.backbone_frozen_stages,
                                     norm_eval=spec.student.backbone_norm_eval)
@@ -187,7 +185,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": {"kind": "warmup+step", "iteration": self.iteration},  # lr is a function of iteration
             "adapters": None if self.adapters is None else self.adapters.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
         }
         ensure_room(self.checkpoint_path().parent, self.min_free_bytes, "a checkpoint")
         atomic_save(ckpt, self.checkpoint_path())
@@ -200,7 +198,7 @@ class Trainer:
         training = ckpt["training"]
         if (theirs := training.get("fingerprint")) is not None and theirs != self.fingerprint:
             # Resuming another job's weights would silently mix two runs: refuse, and say what differs.
-            differs = ", ".join(_differences(theirs, self.fingerprint)) or "?"
+            differs = ", ".join(differences(theirs, self.fingerprint)) or "?"
             raise TrainingError(f"{self.out} holds a checkpoint of a different run (differs in: {differs}); "
                                 f"use another output folder, or delete {path} to start this run afresh")
         self.model.load_state_dict(ckpt["state_dict"])
@@ -208,7 +206,7 @@ class Trainer:
         if self.adapters is not None and training.get("adapters") is not None:
             self.adapters.load_state_dict(training["adapters"])
         self.iteration = self.resumed_from = int(training["iteration"])
-        _set_rng_state(training["rng"])
+        set_rng_state(training["rng"])
         self.log(f"resumed from {path} at iteration {self.iteration}")
 
     def meta(self) -> dict[str, Any]:
@@ -336,37 +334,6 @@ class Trainer:
         return metrics
 
 
-def run_fingerprint(spec: LocalJobSpec, data_digest: str) -> dict[str, Any]:
-    """What decides a run's result: the spec without its cosmetic fields, the data's digest and the
-    teacher checkpoint's sha256 (a path can be overwritten by another teacher). Stored in each checkpoint;
-    a checkpoint is resumed only by a run with an equal fingerprint."""
-    # Paths are replaced by digests of what they hold: a moved dataset still resumes, a rewritten one not.
-    fields = spec.model_dump(mode="json", exclude={"name", "dataset", "export"})  # export comes after training
-    fields["schedule"].pop("num_workers", None)  # loading is seeded per (seed, epoch, image): no effect
-    fields["schedule"].pop("gpus", None)  # the global batch is the same over any number of processes
-    fields["data_sha256"] = data_digest
-    if spec.teacher is not None:
-        fields["teacher"] = {"sha256": _file_sha256(spec.teacher.path)}
-    if isinstance(spec.student.init, InitPath):
-        fields["student"]["init"] = {"sha256": _file_sha256(spec.student.init.path)}
-    return fields
-
-
-def _file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted paths where two JSON-like values differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]
-
-
 def run(spec: LocalJobSpec, out_dir: str | os.PathLike, progress: Progress | None = None,
         device: str | torch.device | None = None, report_every_s: float = 2.0,
         weights_dir: str | os.PathLike | None = None, min_free_bytes: int = 0) -> dict[str, Any]:
@@ -396,37 +363,3 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": _python_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _numpy_state() -> list[Any]:
-    # Plain lists and ints so the checkpoint loads with weights_only=True.
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
-
-
-def _python_state() -> list[Any]:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
