@@ -159,3 +159,33 @@ def test_weights_cache_dir_follows_torch_hub(monkeypatch, tmp_path):
     assert weights_cache_dir(tmp_path / "w") == tmp_path / "w"
     torch_hub = pytest.importorskip("torch.hub")
     assert Path(torch_hub.get_dir()) / "checkpoints" == weights_cache_dir(None)
+
+
+def test_crosskd_layer_outside_the_towers_refused(env):
+    settings, store = env
+    _checkpoint(settings, store, CK, {**TINY_DETECTOR, "base_width": 32, "channels": 64, "stacked_convs": 4,
+                                      "num_classes": 1, "classes": ["cat"]})
+
+    def job(layer: int) -> JobSpec:
+        return JobSpec.model_validate({"kind": "distill", "dataset": DS, "student": {"arch": "gfl_tiny"},
+                                       "teacher": {"checkpoint": CK},
+                                       "distill": {"method": "crosskd", "crosskd_layer": layer}})
+
+    check_job(job(2), store, settings)  # gfl_tiny has 2 stacked convs, the teacher 4
+    with pytest.raises(JobRefused) as e:
+        check_job(job(3), store, settings)
+    assert e.value.status == 422 and e.value.code == "invalid_crosskd_layer"
+    assert "distill.crosskd_layer 3" in e.value.message and "[0, 2]" in e.value.message
+    with pytest.raises(ValueError, match="crosskd_layer"):
+        job(-1)
+
+
+def test_teacher_cache_on_refused_where_it_cannot_apply(env):
+    settings, store = env
+    _checkpoint(settings, store, CK, {**TINY_DETECTOR, "num_classes": 1, "classes": ["cat"]})
+    spec = JobSpec.model_validate({"kind": "distill", "dataset": DS, "teacher": {"checkpoint": CK},
+                                   "student": {"arch": "gfl_tiny"},
+                                   "distill": {"teacher_cache": "on", "weights": {"crosskd_cls": 1.0}}})
+    with pytest.raises(JobRefused, match="CrossKD") as refused:
+        check_job(spec, store, settings)
+    assert refused.value.status == 422 and refused.value.code == "invalid_teacher_cache"

@@ -173,27 +173,6 @@ def test_off_with_the_reason_and_on_refused_where_it_cannot_apply(data_dir, tmp_
     assert "off by the job" in attach(trainer.criterion, off, tmp_path / "unused", log=lambda _: None).reason
 
 
-def test_on_refused_at_submit(tmp_path):
-    from worker.checks import JobRefused, check_job
-    from worker.settings import Settings
-    from worker.store import Store
-
-    settings = Settings(data_dir=tmp_path / "ldd", weights_dir=tmp_path / "weights")
-    settings.make_dirs()
-    store = Store(settings.store_url)
-    try:
-        ds = "ds_00000000000000d1"
-        (settings.datasets_dir / ds).mkdir()
-        store.add_dataset(ds, "d", str(settings.datasets_dir / ds), ["a"], 3, 4, {"train": 2, "val": 1}, [])
-        job = _job(distill__teacher_cache="on", distill__crosskd_cls=1.0)
-        job["dataset"] = ds
-        with pytest.raises(JobRefused, match="CrossKD") as refused:
-            check_job(JobSpec.model_validate(job), store, settings)
-        assert refused.value.status == 422 and refused.value.code == "invalid_teacher_cache"
-    finally:
-        store.close()
-
-
 @torch.no_grad()
 def test_resume_with_a_partial_and_a_torn_cache(data_dir, tmp_path):
     loader = _loader(data_dir, 6)
