@@ -12,7 +12,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from fastapi import Path as PathParam
 from fastapi.security import HTTPBearer
 
@@ -104,6 +104,8 @@ def get_metrics(request: Request) -> Metrics:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
+# The header that makes a POST of a job or a study safe to retry (same key and body: the same resource).
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 PredictorsDep = Annotated[PredictorCache, Depends(get_predictors)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

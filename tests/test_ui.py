@@ -120,9 +120,18 @@ class Page:
         errors = [e for e in self.console() if e["level"] == "SEVERE" and not any(a in e["message"] for a in allowed)]
         assert errors == [], errors
 
-    def shot(self, name: str) -> Path:
+    def shot(self, name: str, whole_page: bool = False) -> Path:
+        """A screenshot into the screenshots folder; ``whole_page``: the window grown to the page's height
+        for the picture (and set back to 1280x900 after)."""
         path = self.shots / f"{name}.png"
-        self.driver.save_screenshot(str(path))
+        if whole_page:
+            height = self.driver.execute_script("return document.body.scrollHeight") + 120
+            self.driver.set_window_size(1280, height)
+        try:
+            self.driver.save_screenshot(str(path))
+        finally:
+            if whole_page:
+                self.driver.set_window_size(1280, 900)
         return path
 
 
@@ -435,15 +444,21 @@ def test_with_api_keys(browser: Any, keyed: Any, tmp_path_factory: pytest.TempPa
 # With a real worker: tiny models trained and distilled while the page watches
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, WorkerProcess]]:
+def live_service(folder: Path) -> Iterator[tuple[Any, WorkerProcess]]:
+    """A real API server and a real worker on its data folder and broker (progress relayed every 0.2 s), stopped
+    after the caller's tests: the body of the modules' ``live`` fixtures."""
     pytest.importorskip("torch")
-    srv = serve_api(tmp_path_factory.mktemp("ui_live"), LDD_PROGRESS_SECONDS="0.2")
+    srv = serve_api(folder, LDD_PROGRESS_SECONDS="0.2")
     worker = WorkerProcess({"LDD_DATA_DIR": str(srv.data_dir), "LDD_BROKER_URL": srv.env["LDD_BROKER_URL"],
                             "LDD_PROGRESS_SECONDS": "0.2"}, srv.work / "worker.log").start()  # fmt: skip
     yield srv, worker
     worker.kill_all()
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, WorkerProcess]]:
+    yield from live_service(tmp_path_factory.mktemp("ui_live"))
 
 
 def _tiny(dataset: str, kind: str = "train", **over: Any) -> dict[str, Any]:

@@ -22,9 +22,9 @@ import httpx
 import pytest
 
 from tests.service_fixtures import WorkerProcess
-from tests.test_api_http import coco_zip, serve_api
+from tests.test_api_http import coco_zip
 from tests.test_studies import schedule
-from tests.test_ui import Page, browser  # noqa: F401  (browser: this module's Chromium, a fixture)
+from tests.test_ui import Page, browser, live_service  # noqa: F401  (browser: this module's Chromium, a fixture)
 
 SEEDS = 1
 METHODS = ["ld", "crosskd"]
@@ -34,13 +34,7 @@ REPORT_TIMEOUT_S = 300  # the worker runs (1 + len(METHODS)) * SEEDS jobs one af
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, WorkerProcess]]:
-    pytest.importorskip("torch")
-    srv = serve_api(tmp_path_factory.mktemp("ui_studies"), LDD_PROGRESS_SECONDS="0.2")
-    worker = WorkerProcess({"LDD_DATA_DIR": str(srv.data_dir), "LDD_BROKER_URL": srv.env["LDD_BROKER_URL"],
-                            "LDD_PROGRESS_SECONDS": "0.2"}, srv.work / "worker.log").start()  # fmt: skip
-    yield srv, worker
-    worker.kill_all()
-    srv.stop()
+    yield from live_service(tmp_path_factory.mktemp("ui_studies"))
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +92,7 @@ def test_list_and_form(page: Page, world: dict[str, Any]) -> None:
     checked = [c.get_attribute("value") for c in page.all("#study-form input[name='method']") if c.is_selected()]
     assert checked and set(checked) <= {"ld", "crosskd", "bckd", "tbr", "fitnets"}
     assert page.find("#study-seeds").get_attribute("value") == "3"
-    page.driver.set_window_size(1280, page.driver.execute_script("return document.body.scrollHeight") + 120)
-    try:
-        page.shot("studies-list")
-    finally:
-        page.driver.set_window_size(1280, 900)
+    page.shot("studies-list", whole_page=True)
     page.assert_no_console_errors()
 
 
@@ -216,11 +206,7 @@ def test_study_page_follows_its_jobs_to_the_report(
     assert page.find("#recommended-model").get_attribute("href").endswith(f"#/models/{rec['model_id']}")
     assert "recommended" in page.find(f"#study-table tr[data-row='{rec['row']}']").get_attribute("class")
     assert not page.all("#study-failures") if not report["failures"] else page.all("#study-failures")
-    page.driver.set_window_size(1280, page.driver.execute_script("return document.body.scrollHeight") + 120)
-    try:
-        page.shot("studies-report")
-    finally:
-        page.driver.set_window_size(1280, 900)
+    page.shot("studies-report", whole_page=True)
     page.assert_no_console_errors()
 
     page.driver.set_window_size(390, 844)  # a phone: the wide table scrolls inside its card, the page does not

@@ -12,12 +12,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from api import schemas
-from api.deps import CallerDep, ResourceId, SettingsDep, StoreDep, get_or_404
+from api.deps import CallerDep, IdempotencyKey, ResourceId, SettingsDep, StoreDep, get_or_404
 from api.errors import APIError, ErrorResponse, error_docs
 from api.presenters import public_job
 from distill.spec import JobSpec
@@ -100,7 +100,7 @@ def submit_job(
     store: StoreDep,
     settings: SettingsDep,
     caller: CallerDep,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
     try:
         check_job(spec, store, settings, caller.scope)

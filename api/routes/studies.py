@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Response
+from fastapi import APIRouter, Body, Query, Response
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import CallerDep, ResourceId, SettingsDep, StoreDep, get_or_404
+from api.deps import CallerDep, IdempotencyKey, ResourceId, SettingsDep, StoreDep, get_or_404
 from api.errors import APIError, ErrorResponse, error_docs
 from api.schemas import JobState
 from worker import studies
@@ -116,7 +116,7 @@ def submit_study(
     store: StoreDep,
     settings: SettingsDep,
     caller: CallerDep,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
     try:
         study, created, job_ids = studies.submit(store, settings, spec, tenant=caller.tenant, scope=caller.scope,
