@@ -52,13 +52,15 @@ def kill_after_first_epoch(service: Service, worker: WorkerProcess, job_id: str)
     Returns the iterations per epoch."""
     first = service.wait_training(job_id, min_iter=1)
     per_epoch = first["total_iters"] // first["epochs"]
+    # The relay into the store is throttled (progress_seconds), so the store may lag the file by that much.
+    wait_for(lambda: ((service.job(job_id).get("progress") or {}).get("iter") or 0) >= 1,
+             4 * service.settings.progress_seconds + 5, "progress to be relayed into the store")  # fmt: skip
     service.wait_training(job_id, min_iter=per_epoch + 1)
     assert (service.settings.run_dir(job_id) / "checkpoints" / "last.pt").is_file()
     children = training_children(worker)
     assert len(children) == 1, service.logs()
     running = service.job(job_id)
     assert running["state"] == "running" and running["attempts"] == 1
-    assert running["progress"] and running["progress"]["iter"] >= 1  # progress relayed into the store
 
     worker.kill()  # the main process only: the pool child and the training child must follow it
     wait_for(lambda: not any(pid_alive(p) for p in children), 10, "the orphaned training child to die")
