@@ -160,9 +160,10 @@ def test_cancel(store):
 def test_requeue_expired_attempts_and_max_attempts(store):
     job, _ = store.create_job(SPEC)
     jid = job["id"]
-    assert store.claim(jid, "w1", lease_seconds=0.2)["attempts"] == 1
+    # A lease long enough that a stalled CI machine cannot see it expire before the next line runs.
+    assert store.claim(jid, "w1", lease_seconds=1.0)["attempts"] == 1
     assert store.requeue_expired() == []  # lease still valid
-    time.sleep(0.3)
+    time.sleep(1.1)
     assert store.claim(jid, "w2", lease_seconds=0.2, max_attempts=3)["attempts"] == 2  # expired: taken over
     assert store.finish(jid, "w1", "failed") is None  # w1 lost its lease
     time.sleep(0.3)
