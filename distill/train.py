@@ -32,8 +32,8 @@ from distill import ddp, distillation
 from distill.checkpoint import atomic_save, build_detector, detector_state, load_detector, read_checkpoint
 from distill.class_map import ClassMap, ClassMapError, map_classes
 from distill.criterion import DistillCriterion, GFLCriterion
-from distill.data.annotations import MEAN, STD
 from distill.data.dataset import DetectionDataset, build_loaders, collate, set_epoch
+from distill.data.images import MEAN, STD
 from distill.evaluate import coco_ap, predict_dataset
 from distill.files import atomic_write_json, ensure_room
 from distill.init import initialise

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from distill.data.annotations import DatasetError, load_coco, read_image, split, write_coco
+from distill.data.annotations import DatasetError, load_coco, split, write_coco
+from distill.data.images import read_image
 
 
 def _png(path: Path, size: tuple[int, int], colour: tuple[int, int, int] = (200, 50, 50)) -> None:
@@ -234,8 +235,9 @@ def test_readers_need_no_torch(tmp_path: Path) -> None:
     _dataset(tmp_path, [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}], [_ann(1, 1, [1, 1, 4, 4])])
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any 'import torch' now fails
-        "import distill.data.annotations as a, distill.data.voc, distill.data.synthetic, distill.data.__main__\n"
-        f"d = a.load_coco({str(tmp_path)!r}); print(d.num_boxes, a.MEAN, a.STD)\n"
+        "import distill.data.annotations as a, distill.data.images as i, distill.data.voc, distill.data.synthetic\n"
+        "import distill.data.__main__\n"
+        f"d = a.load_coco({str(tmp_path)!r}); print(d.num_boxes, i.MEAN, i.STD)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1])

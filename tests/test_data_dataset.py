@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.data.annotations import MEAN, STD, load_coco, rescale_size, write_coco
+from distill.data.annotations import load_coco, write_coco
 from distill.data.dataset import (
     DetectionDataset,
     EpochSampler,
@@ -21,6 +21,7 @@ from distill.data.dataset import (
     resize,
     set_epoch,
 )
+from distill.data.images import MEAN, STD, rescale_size
 
 
 @pytest.mark.parametrize(("size", "limits", "expected"), [

@@ -1,4 +1,4 @@
 """Datasets: COCO JSON (the one format inside the project), VOC import, the synthetic benchmark set.
 
-``annotations``, ``voc`` and ``synthetic`` are torch-free; ``dataset`` holds the torch Dataset and batching.
+``annotations``, ``images``, ``voc`` and ``synthetic`` are torch-free; ``dataset`` holds the torch Dataset and batching.
 """

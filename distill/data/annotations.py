@@ -1,4 +1,5 @@
-"""COCO JSON datasets: reading with validation, splitting, writing; the preprocessing constants.
+"""COCO JSON datasets: reading with validation (of the JSON, the image files and the boxes), splitting,
+writing.
 
 A dataset is a folder ``DIR`` with ``DIR/annotations.json`` (COCO: ``images``, ``annotations``,
 ``categories``; an image may carry ``"split": "train" | "val" | "test"``) and its images under ``DIR``. Optional
@@ -6,8 +7,8 @@ top-level lists (not COCO) hold what was found when the file was made, e.g. by t
 reports them again: ``"problems"`` (data that is wrong: an upload with any is refused) and ``"warnings"``
 (things handled on the way, such as a degenerate box dropped: reported, the dataset stays usable).
 
-Torch-free (json, numpy, Pillow): the API validates uploads with it and the ONNX runtime takes ``MEAN``,
-``STD``, ``read_image`` and ``rescale_size`` from here, so serving prepares images exactly as training does.
+Torch-free (json, numpy, Pillow): the API validates uploads with it. How images are decoded and prepared
+(``MEAN``, ``STD``, ``read_image``, ``resize_image``, ...) is ``distill.data.images``.
 """
 
 from __future__ import annotations
@@ -19,22 +20,24 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
 
+# MEAN ... resize_image are re-exported (``as`` the same name), not used here: deploy/ and
+# tests/test_deploy_runtime.py import them from this module.
+from distill.data.images import MEAN as MEAN
+from distill.data.images import STD as STD
+from distill.data.images import normalize_image as normalize_image
+from distill.data.images import probe_image
+from distill.data.images import read_image as read_image
+from distill.data.images import resize_image as resize_image
 from distill.files import atomic_write_json
-
-# mmdetection's GFL preprocessing (RGB, 0-255 scale), so mmdetection checkpoints see what they expect.
-MEAN = (123.675, 116.28, 103.53)
-STD = (58.395, 57.12, 57.375)
 
 # Boxes may stick out of the image by this many pixels (rounding, 0/1-based tools) without a problem line.
 CLIP_TOLERANCE = 2.0
 VAL_SPLIT_NAMES = frozenset({"val", "valid", "validation"})
 TEST_SPLIT_NAMES = frozenset({"test"})
-_EXIF_ORIENTATION = 0x0112
 
 
 class DatasetError(ValueError):
@@ -129,55 +132,7 @@ class CocoData:
         }
 
 
-# ----------------------------------------------------------------------------------------------- images
-
-
-def read_image(src: str | os.PathLike[str] | IO[bytes] | Image.Image) -> Image.Image:
-    """Decode an image file (or take a PIL image), apply its EXIF orientation, convert to RGB."""
-    image = src if isinstance(src, Image.Image) else Image.open(src)
-    return ImageOps.exif_transpose(image).convert("RGB")
-
-
-def rescale_size(width: int, height: int, image_size: tuple[int, int]) -> tuple[int, int, float]:
-    """mmdetection's keep-ratio rule: ``scale = min(long_max / long_side, short_max / short_side)``.
-
-    ``image_size`` is ``(long_max, short_max)`` in either order, e.g. ``(1333, 800)``; neither limit is
-    exceeded. Returns ``(new_width, new_height, scale)`` with sides rounded as mmdetection does.
-    """
-    long_max, short_max = max(image_size), min(image_size)
-    scale = min(long_max / max(width, height), short_max / min(width, height))
-    return max(1, int(width * scale + 0.5)), max(1, int(height * scale + 0.5)), scale
-
-
-def resize_image(image: Image.Image, image_size: tuple[int, int]) -> tuple[Image.Image, tuple[float, float]]:
-    """Keep-ratio resize (``rescale_size``) with bilinear filtering. Returns the image and the exact
-    per-axis factors ``(new_w / w, new_h / h)``: multiply boxes by them, divide predictions by them."""
-    w, h = image.size
-    new_w, new_h, _ = rescale_size(w, h, image_size)
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    return image, (new_w / w, new_h / h)
-
-
-def normalize_image(image: Image.Image) -> np.ndarray:
-    """RGB image -> ``(3, H, W)`` float32, ``(pixel - MEAN) / STD`` per channel on the 0-255 scale."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    pixels = (pixels - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
-
-
-def probe_image(path: Path, max_pixels: int | None) -> tuple[int, int]:
-    """EXIF-oriented ``(width, height)`` of an image file, after decoding it cheaply (JPEGs at 1/8 scale)
-    so truncated or corrupt files are caught. Raises on any failure."""
-    with Image.open(path) as im:
-        w, h = im.size
-        if max_pixels is not None and w * h > max_pixels:
-            raise ValueError(f"{w}x{h} exceeds the limit of {max_pixels} pixels")
-        if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
-            w, h = h, w
-        im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-        im.load()
-    return w, h
+# ------------------------------------------------------------------------------------------------ boxes
 
 
 def degenerate_box(width: float, height: float) -> str | None:

@@ -23,18 +23,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from distill.data.annotations import (
-    MEAN,
-    STD,
-    CocoData,
-    DatasetError,
-    load_coco,
-    normalize_image,
-    read_image,
-    rescale_size,
-    resize_image,
-    split,
-)
+from distill.data.annotations import CocoData, DatasetError, load_coco, split
+from distill.data.images import MEAN, STD, normalize_image, read_image, rescale_size, resize_image
 
 __all__ = ["MEAN", "STD", "DetectionDataset", "EpochSampler", "build_loaders", "collate", "default_workers", "hflip",
            "normalize", "resize", "set_epoch"]

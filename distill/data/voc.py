@@ -31,7 +31,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from distill.data.annotations import DatasetError, check_box, degenerate_box, probe_image, write_coco
+from distill.data.annotations import DatasetError, check_box, degenerate_box, write_coco
+from distill.data.images import probe_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # Which ImageSets/Main list gives which split (VOC's layout); trainval only where train/val are absent.
