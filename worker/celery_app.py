@@ -5,6 +5,10 @@ the job in the store (``worker.store``), which is the source of truth. So a lost
 message is harmless: the recovery loop (``worker.recovery``) re-sends lost ones, and a duplicate
 finds the job already claimed and returns.
 
+Jobs are routed by size: a job of N processes goes to queue ``gpu`` (N = 1) or ``gpu.N``, and a worker takes
+the queues of the sizes it can run (``worker.routing``). Only ``gpu`` is declared here; the others are declared
+by whoever sends to or consumes them first (Celery creates missing queues, the same way on both sides).
+
 The broker is ``redis://...`` in production and, by default, kombu's filesystem transport with its
 folders under ``data_dir/broker`` (nothing to install); both go through this same code.
 
@@ -19,9 +23,9 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
+from worker.routing import QUEUE
 from worker.settings import Settings
 
-QUEUE = "gpu"
 TASK_RUN_JOB = "ldd.run_job"
 # What a worker imports at start (by name, so that this module, which the API imports too, needs neither):
 # the task, and the hooks on the worker's own signals.

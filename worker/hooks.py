@@ -8,8 +8,9 @@ through the app's ``include``, see ``worker.celery_app``).
 - ready: start the consumer watchdog. After a broker outage, Celery's Redis consumer sometimes stays
   connected but never takes another message (measured by bench/chaos.py in 3 of 4 Redis restarts timed
   at a job's end; upstream celery#9054, #8030, #10302, unfixed). A worker that holds no job while
-  messages wait in its queue for ``consumer_stall_seconds`` is stuck that way: it shuts down warm (it is
-  idle, so nothing is lost) and ``worker.main`` starts it again in the same process (``RESTART``).
+  messages wait in its queues for ``consumer_stall_seconds`` is stuck that way: it shuts down warm (it is
+  idle, so nothing is lost) and ``worker.main`` starts it again in the same process (``RESTART``). Its
+  queues are those it consumes: a job too big for it (another size's queue) is no reason to restart.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +71,8 @@ def consumer_stalled(busy: bool, waiting: int | None, stalled_since: float | Non
     return since, now - since >= limit_s
 
 
-def start_consumer_watchdog(settings: Settings) -> threading.Thread | None:
+def start_consumer_watchdog(settings: Settings, queues: Collection[str]) -> threading.Thread | None:
+    """Watch this worker's consumer on ``queues`` (the queues it takes)."""
     if settings.consumer_stall_seconds <= 0:
         return None
     period = min(5.0, settings.consumer_stall_seconds / 3)
@@ -79,10 +82,10 @@ def start_consumer_watchdog(settings: Settings) -> threading.Thread | None:
         while not RESTART.is_set():
             time.sleep(period)
             busy = bool(worker_state.active_requests or worker_state.reserved_requests)
-            since, stuck = consumer_stalled(busy, None if busy else queue_depth(settings), since,
+            since, stuck = consumer_stalled(busy, None if busy else queue_depth(settings, queues), since,
                                             time.monotonic(), settings.consumer_stall_seconds)
             if stuck:
-                log.error("this worker has taken no message for %.0f s while messages wait in its queue (a "
+                log.error("this worker has taken no message for %.0f s while messages wait in its queues (a "
                           "consumer stuck after a broker outage, celery#9054): restarting it",
                           settings.consumer_stall_seconds)
                 RESTART.set()
@@ -94,5 +97,6 @@ def start_consumer_watchdog(settings: Settings) -> threading.Thread | None:
 
 
 @signals.worker_ready.connect(weak=False)
-def start_watchdog(**_: Any) -> None:
-    start_consumer_watchdog(current_settings())
+def start_watchdog(sender: Any = None, **_: Any) -> None:
+    # The sender is the worker's consumer; its app consumes the queues of ``--queues`` (worker.main).
+    start_consumer_watchdog(current_settings(), list(sender.app.amqp.queues.consume_from))

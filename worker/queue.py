@@ -8,36 +8,54 @@ is submitted delays the job instead of losing it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from worker.celery_app import QUEUE, TASK_RUN_JOB, get_app
+from worker.celery_app import TASK_RUN_JOB, get_app
+from worker.routing import QUEUE, queue_for
 from worker.settings import Settings
 
 log = logging.getLogger("ldd.queue")
 
 
-def enqueue(job_id: str, settings: Settings | None = None) -> bool:
-    """Send the ``run_job`` message for ``job_id`` to queue ``gpu``. False if the broker refused."""
+def enqueue(job_id: str, settings: Settings | None = None, *, spec: Mapping[str, Any] | None = None) -> bool:
+    """Send the ``run_job`` message for ``job_id`` to its queue (``worker.routing.queue_for(spec)``). False if
+    the broker refused.
+
+    Without ``spec`` the message goes to queue ``gpu``, as every message did before jobs were routed by size; a
+    worker that takes a job it cannot run sends it on to the right queue (``worker.tasks``), at the cost of a hop.
+    """
+    queue = queue_for(spec or {})
     try:
-        get_app(settings).send_task(TASK_RUN_JOB, args=[job_id], queue=QUEUE, routing_key=QUEUE)
+        get_app(settings).send_task(TASK_RUN_JOB, args=[job_id], queue=queue, routing_key=queue)
         return True
     except Exception as e:  # kombu raises many kinds for an unreachable broker
         log.warning("could not send job %s to the broker (the recovery loop will retry): %s", job_id, e)
         return False
 
 
-def queue_depth(settings: Settings | None = None) -> int | None:
-    """Messages waiting in queue ``gpu`` (not those a worker holds); None if the broker is unreachable."""
+def queue_depths(queues: Iterable[str], settings: Settings | None = None) -> dict[str, int] | None:
+    """Messages waiting in each of ``queues`` (not those a worker holds); None if the broker is unreachable."""
     try:
         with get_app(settings).connection_for_read() as conn:
             _connect(conn)
-            try:
-                _, count, _ = conn.default_channel.queue_declare(queue=QUEUE, passive=True)
-            except conn.channel_errors:
-                return 0  # nobody declared the queue yet: it is empty
-            return int(count)
+            depths = {}
+            for queue in queues:
+                try:
+                    _, count, _ = conn.default_channel.queue_declare(queue=queue, passive=True)
+                except conn.channel_errors:
+                    count = 0  # nobody declared the queue yet: it is empty
+                depths[queue] = int(count)
+            return depths
     except Exception:
         return None
+
+
+def queue_depth(settings: Settings | None = None, queues: Iterable[str] = (QUEUE,)) -> int | None:
+    """Messages waiting in ``queues`` together (default: ``gpu``, one-process jobs); None if the broker is
+    unreachable."""
+    depths = queue_depths(queues, settings)
+    return None if depths is None else sum(depths.values())
 
 
 def broker_ok(settings: Settings | None = None) -> bool:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "LDD_"
@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     recover_seconds: float = 0.0  # period of the recovery loop; 0 = lease_seconds / 2
     # An idle worker with messages waiting this long has a stuck consumer and restarts (worker.hooks); 0: never.
     consumer_stall_seconds: float = 60.0
+    # The processes one job may run on this worker (``schedule.gpus``): it takes jobs of up to this many
+    # (``worker.routing``). 0 = detect: the GPUs it sees (CUDA_VISIBLE_DEVICES, else nvidia-smi), or its CPU
+    # cores when it sees none (gloo).
+    worker_gpus: Count = Field(0, ge=0)
     # Where torchvision's ImageNet weights are cached for the service; None = torchvision's own default
     # (``$TORCH_HOME/hub/checkpoints``).
     weights_dir: Path | None = None

@@ -115,7 +115,7 @@ def submit_job(
         raise APIError(429, "too_many_active_jobs", str(e), {"active": e.active, "limit": e.limit}) from e
     if created:
         # Best effort: if the broker is down, the worker's recovery loop re-sends queued jobs from the store.
-        enqueue(job["id"], settings)
+        enqueue(job["id"], settings, spec=job["spec"])
     else:
         response.headers["Idempotent-Replayed"] = "true"
     return public_job(job)

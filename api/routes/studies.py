@@ -129,7 +129,9 @@ def submit_study(
         raise APIError(429, "too_many_active_jobs", str(e),
                        {"active": e.active, "limit": e.limit, "needed": e.needed}) from e  # fmt: skip
     for job_id in job_ids:
-        enqueue(job_id, settings)  # best effort, as POST /v1/jobs: the recovery loop re-sends lost messages
+        job = store.get_job(job_id)  # its spec picks its queue (worker.routing)
+        # Best effort, as POST /v1/jobs: the recovery loop re-sends lost messages.
+        enqueue(job_id, settings, spec=job and job["spec"])
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return _view(store, settings, study)
