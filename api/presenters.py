@@ -14,11 +14,11 @@ def public_job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def public_model(model: dict[str, Any]) -> dict[str, Any]:
-    """The model row's metadata (model.json as published) flattened beside its id, job and date."""
+    """The model row's metadata (model.json as published) flattened beside its id, job, precision and date."""
     meta = dict(model.get("meta") or {})
     meta.pop("path", None)
-    return {**meta, "id": model["id"], "job_id": model.get("job_id"), "created_at": model.get("created_at"),
-            "tenant": model.get("tenant")}  # fmt: skip
+    return {**meta, "id": model["id"], "job_id": model.get("job_id"), "format": model.get("format", "fp32"),
+            "fp32_id": model.get("fp32_id"), "created_at": model.get("created_at"), "tenant": model.get("tenant")}
 
 
 def public_dataset(ds: dict[str, Any]) -> dict[str, Any]:

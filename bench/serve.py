@@ -196,8 +196,7 @@ def main() -> None:
             _wait(url)
             _register(work / "data", model_dir, meta)
             if int8 is not None:
-                _register(work / "data", int8_dir, {**int8.meta, "format": "int8", "fp32_id": "mdl_bench"},
-                          "mdl_benchint8")
+                _register(work / "data", int8_dir, int8.meta, "mdl_benchint8", format="int8", fp32_id="mdl_bench")
             per_round = max(1, args.rounds // args.repeat)
             for _ in range(args.repeat):
                 lat, wall = time_calls(lambda b: predictor.run(*b), prepared, per_round)
@@ -310,13 +309,16 @@ def _wait(url: str, timeout: float = 60) -> None:
     raise TimeoutError("the API did not start")
 
 
-def _register(data_dir: Path, model_dir: Path, meta: dict[str, Any], model_id: str = "mdl_bench") -> None:
-    """Record the model in the server's store (as the worker does after publishing)."""
+def _register(
+    data_dir: Path, model_dir: Path, meta: dict[str, Any], model_id: str = "mdl_bench", **precision: Any
+) -> None:
+    """Record the model in the server's store (as the worker does after publishing); ``precision``: the
+    ``format`` and ``fp32_id`` of an int8 or fp16 model."""
     from worker.store import Store
 
     store = Store(f"sqlite:///{data_dir / 'ldd.db'}")
     try:
-        store.add_model(model_id, None, str(model_dir), meta)
+        store.add_model(model_id, None, str(model_dir), meta, **precision)
     finally:
         store.close()
 

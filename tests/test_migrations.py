@@ -109,14 +109,28 @@ def make_legacy_store(url: str, with_late_columns: bool = True) -> dict[str, lis
     return rows
 
 
-def table_contents(url: str) -> dict[str, list[tuple]]:
+def table_contents(url: str) -> dict[str, list[dict[str, object]]]:
+    """Every row of the four first tables, by column name."""
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
-            return {t: [tuple(r) for r in conn.execute(sa.text(f"SELECT * FROM {t} ORDER BY id"))]
+            return {t: [dict(r._mapping) for r in conn.execute(sa.text(f"SELECT * FROM {t} ORDER BY id"))]
                     for t in ("datasets", "checkpoints", "jobs", "models")}  # fmt: skip
     finally:
         engine.dispose()
+
+
+# Columns later revisions added to rows that already existed, and the value an old row gets.
+ADDED_COLUMNS = {"tenant": DEFAULT_TENANT, "format": "fp32", "fp32_id": None}
+
+
+def kept(before: list[dict[str, object]], after: list[dict[str, object]]) -> bool:
+    """Every row and value of ``before`` is still in ``after``; a column added since is empty, or holds what
+    its revision gives an old row (``ADDED_COLUMNS``)."""
+    return len(before) == len(after) and all(
+        all(new[k] == old[k] for k in old) and all(v == ADDED_COLUMNS.get(k) for k, v in new.items() if k not in old)
+        for old, new in zip(before, after, strict=True)
+    )
 
 
 def schema_differences(url: str) -> list:
@@ -150,7 +164,7 @@ def test_fresh_database_is_migrated_to_head_with_the_declared_schema(url):
         store.close()
     assert schema_differences(url) == []
     Store(url).close()  # a store at head opens without migrating again
-    assert table_contents(url)["datasets"][0][0] == "ds_1"
+    assert table_contents(url)["datasets"][0]["id"] == "ds_1"
 
 
 @pytest.mark.parametrize("with_late_columns", [True, False], ids=["todays-store", "without-altered-columns"])
@@ -165,11 +179,9 @@ def test_store_made_before_migrations_keeps_every_row(url, with_late_columns):
             assert current_revision(conn) == head_revision()
         after = table_contents(url)
         for table, contents in before.items():
-            # Every row and value is still there. Columns added by the migrations come last: the ones the old
-            # code added with ALTER TABLE empty, and the tenant (0002, last) the default one.
-            assert [r[: len(contents[0])] for r in after[table]] == contents, table
-            assert all(v is None for r in after[table] for v in r[len(contents[0]) : -1]), table
-            assert {r[-1] for r in after[table]} == {DEFAULT_TENANT}, table
+            # Every row and value is still there; the columns the old code added with ALTER TABLE are empty,
+            # the tenant (0002) is the default one and a model's format (0005) fp32.
+            assert kept(contents, after[table]), table
 
         # The service reads the old rows ...
         assert store.get_dataset("ds_old")["classes"] == ["cat", "dog"]
@@ -243,8 +255,8 @@ def test_upgrade_to_tenants_keeps_rows_and_scopes_idempotency_keys(url):
     try:
         after = table_contents(url)
         for table, contents in before.items():
-            assert [r[:-1] for r in after[table]] == contents, table
-            assert {r[-1] for r in after[table]} == {DEFAULT_TENANT}, table
+            assert kept(contents, after[table]), table
+            assert {r["tenant"] for r in after[table]} == {DEFAULT_TENANT}, table
         assert len(store.list_jobs(tenant=DEFAULT_TENANT)) == 5 and store.list_jobs(tenant="team-a") == []
         assert store.count_active_jobs(DEFAULT_TENANT) == 2  # the queued and the running job
         # The default tenant's keys still hold; another tenant may use the same key for its own job.
@@ -257,6 +269,43 @@ def test_upgrade_to_tenants_keeps_rows_and_scopes_idempotency_keys(url):
         # A model takes the tenant of the job that made it.
         assert store.add_model("mdl_a", theirs["id"], "/m/a", {})["tenant"] == "team-a"
         assert [m["id"] for m in store.list_models(tenant="team-a")] == ["mdl_a"]
+    finally:
+        store.close()
+    assert schema_differences(url) == []
+
+
+def test_upgrade_to_model_formats_links_siblings_to_their_job(url):
+    """A store at revision 0004, where a job's int8 model was a row without a job (its meta named the job, its
+    precision and its fp32 sibling), upgraded to head: every model carries its job and precision as columns,
+    and the uniqueness is per job and precision."""
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        command.upgrade(alembic_config(conn), "0004")
+        conn.commit()
+    old = [dict(id="mdl_a", job_id="job_a", meta={"classes": ["x"], "format": "onnx-detector/1", "variants":
+                                                  {"int8": "mdl_aint8"}}),
+           dict(id="mdl_aint8", job_id=None, meta={"classes": ["x"], "format": "int8", "fp32_id": "mdl_a",
+                                                   "job_id": "job_a"}),
+           dict(id="mdl_free", job_id=None, meta={"classes": ["y"]})]  # fmt: skip
+    with engine.begin() as conn:
+        for row in old:
+            insert = "INSERT INTO models (id, job_id, path, meta, created_at) VALUES (:id, :job_id, '/m', :meta, :t)"
+            conn.execute(sa.text(insert), {**row, "meta": json.dumps(row["meta"]), "t": T0})
+    engine.dispose()
+
+    store = Store(url)
+    try:
+        by_id = {m["id"]: m for m in store.list_models()}
+        assert [(by_id[i]["job_id"], by_id[i]["format"], by_id[i]["fp32_id"]) for i in sorted(by_id)] == [
+            ("job_a", "fp32", None), ("job_a", "int8", "mdl_a"), (None, "fp32", None)]  # fmt: skip
+        assert [m["id"] for m in store.models_for_job("job_a")] == ["mdl_a", "mdl_aint8"]
+        assert store.model_for_job("job_a")["id"] == "mdl_a"
+        # One model per job and precision: a second int8 model of the job is the one already there ...
+        assert store.add_model("mdl_b", "job_a", "/m", {}, format="int8", fp32_id="mdl_a")["id"] == "mdl_aint8"
+        # ... and an fp16 one is new.
+        assert store.add_model("mdl_afp16", "job_a", "/m", {}, format="fp16", fp32_id="mdl_a")["job_id"] == "job_a"
+        with pytest.raises(ValueError, match="fp32 sibling"):
+            store.add_model("mdl_c", "job_c", "/m", {}, format="int8")
     finally:
         store.close()
     assert schema_differences(url) == []

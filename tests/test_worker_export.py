@@ -137,18 +137,21 @@ def test_readyz_names_the_backend_and_providers_serving_the_newest_model(publish
         assert body["checks"]["serving"] == {"model": published["id"], "backend": backend, "providers": providers}
 
 
-def test_a_model_recorded_with_its_model_json_as_meta_is_fp32(tmp_path):
-    """model.json's schema tag is also called "format": a model whose meta is a copy of it is an fp32 model,
-    and /detect's default."""
+def test_a_models_precision_is_its_rows_not_its_metas(tmp_path):
+    """model.json's schema tag is also called "format": whatever a model's meta says under that name, the
+    precision is the row's own column, and /detect's default is the newest fp32 model."""
     store = Store(f"sqlite:///{tmp_path / 'ldd.db'}")
     try:
         store.add_model("mdl_0123456789", "job_0123456789", "/m", {"format": "ld-service-model/1", "classes": ["a"]})
-        store.add_model("mdl_0123456789int8", None, "/m8", {"format": "int8", "fp32_id": "mdl_0123456789",
-                                                           "job_id": "job_0123456789"})
+        store.add_model("mdl_0123456789int8", "job_0123456789", "/m8", {"format": "ld-service-model/1"},
+                        format="int8", fp32_id="mdl_0123456789")  # fmt: skip
         assert store.get_model("mdl_0123456789")["format"] == "fp32"
         assert store.newest_model()["id"] == "mdl_0123456789"
-        assert [m["format"] for m in store.list_models()] == ["int8", "fp32"]
-        with pytest.raises(ValueError, match="only a job's fp32 model"):
-            store.add_model("mdl_0123456789fp16", "job_0123456789", "/m16", {"format": "fp16"})
+        assert [(m["format"], m["job_id"]) for m in store.list_models()] == [("int8", "job_0123456789"),
+                                                                            ("fp32", "job_0123456789")]  # fmt: skip
+        with pytest.raises(ValueError, match="fp32 sibling"):
+            store.add_model("mdl_0123456789fp16", "job_0123456789", "/m16", {}, format="fp16")
+        with pytest.raises(ValueError, match="fp32 sibling"):
+            store.add_model("mdl_other", "job_0123456789", "/m", {}, fp32_id="mdl_0123456789")
     finally:
         store.close()

@@ -96,63 +96,58 @@ class Catalogue:
     # -- models ---------------------------------------------------------------------------------
 
     def add_model(
-        self, id: str, job_id: str | None, path: str, meta: dict[str, Any], tenant: str | None = None
-    ) -> dict[str, Any]:
-        """Record a published model. Idempotent: adding the same id (or a second fp32 model for the same
-        job) returns the model already recorded. ``tenant``: by default the tenant of the job that made it
+        self, id: str, job_id: str | None, path: str, meta: dict[str, Any], tenant: str | None = None, *,
+        format: str = "fp32", fp32_id: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Record a published model. Idempotent: adding the same id (or a second model of the same job and
+        ``format``) returns the model already recorded. ``tenant``: by default the tenant of the job that made it
         (the default tenant without a job).
 
-        A job publishes one fp32 model (the row's ``job_id``: one per job) and, when asked, its int8 and fp16
-        siblings: their rows have no ``job_id`` of their own, and their ``meta`` names the job (``job_id``),
-        the ``format`` and the fp32 sibling (``fp32_id``); rows read back carry the job either way.
+        A job publishes one fp32 model (the job's ``model_id``) and, when asked, its int8 and fp16 siblings,
+        which name the fp32 model in ``fp32_id``.
         """
-        if job_id is not None and meta.get("format") in ("int8", "fp16"):
-            raise ValueError("only a job's fp32 model holds its job_id; an int8 or fp16 model names it in meta")
-        source = job_id or meta.get("job_id")
+        if (format == "fp32") != (fp32_id is None):
+            raise ValueError("an int8 or fp16 model names its fp32 sibling, and an fp32 model has none")
         if tenant is None:
-            tenant = self._job_tenant(source) if source else DEFAULT_TENANT
-        values = dict(id=id, job_id=job_id, path=str(path), meta=dict(meta), created_at=utcnow(), tenant=tenant)
+            tenant = self._job_tenant(job_id) if job_id else DEFAULT_TENANT
+        values = dict(id=id, job_id=job_id, path=str(path), meta=dict(meta), created_at=utcnow(), tenant=tenant,
+                      format=format, fp32_id=fp32_id)  # fmt: skip
         try:
             with self._tx() as conn:
                 conn.execute(insert(models).values(**values))
         except IntegrityError:
-            existing = self.get_model(id) or (self.model_for_job(job_id) if job_id else None)
+            existing = self.get_model(id) or (self._one_model(_of_job(job_id, format)) if job_id else None)
             if existing is None:
                 raise
             return existing
-        return _model(values)
+        return plain(values)
 
     def get_model(self, id: str) -> dict[str, Any] | None:
         return self._one_model(models.c.id == id)
 
     def model_for_job(self, job_id: str) -> dict[str, Any] | None:
         """The job's fp32 model (its ``model_id``)."""
-        return self._one_model(models.c.job_id == job_id)
+        return self._one_model(_of_job(job_id, "fp32"))
 
     def models_for_job(self, job_id: str) -> list[dict[str, Any]]:
         """Every model the job published: fp32 first, then its siblings in ``meta["variants"]`` order."""
-        fp32 = self.model_for_job(job_id)
-        if fp32 is None:
-            return []
-        siblings = [self.get_model(i) for i in (fp32["meta"].get("variants") or {}).values()]
-        return [fp32, *(m for m in siblings if m is not None)]
+        with self._tx() as conn:
+            rows = [plain(r._mapping) for r in conn.execute(select(models).where(models.c.job_id == job_id))]
+        order = ["fp32", *next((m["meta"].get("variants") or {} for m in rows if m["format"] == "fp32"), {})]
+        return sorted(rows, key=lambda m: order.index(m["format"]) if m["format"] in order else len(order))
 
     def list_models(self, tenant: str | None = None) -> list[dict[str, Any]]:
         """Newest first; only ``tenant``'s unless None."""
         with self._tx() as conn:
             rows = conn.execute(self._models_newest_first(tenant)).all()
-        return [_model(r._mapping) for r in rows]
+        return [plain(r._mapping) for r in rows]
 
     def newest_model(self, tenant: str | None = None) -> dict[str, Any] | None:
         """The newest fp32 model (of ``tenant`` unless None): what ``/detect`` serves by default. A job's
         int8 and fp16 siblings are published with it and served when asked for by id."""
         with self._tx() as conn:
-            # A sibling is published just before its fp32 model, so the first fp32 row is near the top.
-            for row in conn.execute(self._models_newest_first(tenant)):
-                model = _model(row._mapping)
-                if model["format"] == "fp32":
-                    return model
-        return None
+            row = conn.execute(self._models_newest_first(tenant).where(models.c.format == "fp32").limit(1)).first()
+        return None if row is None else plain(row._mapping)
 
     @staticmethod
     def _models_newest_first(tenant: str | None) -> sa.Select:
@@ -167,16 +162,8 @@ class Catalogue:
     def _one_model(self, where: sa.ColumnElement[bool]) -> dict[str, Any] | None:
         with self._tx() as conn:
             row = conn.execute(select(models).where(where)).first()
-        return None if row is None else _model(row._mapping)
+        return None if row is None else plain(row._mapping)
 
 
-def _model(values: Any) -> dict[str, Any]:
-    """A model row as callers see it: ``format`` (fp32 unless its meta says otherwise) and, for an int8 or
-    fp16 sibling, the job that made it (from its meta) and its ``fp32_id``."""
-    model = plain(values)
-    meta = model.get("meta") or {}
-    # A meta copied from model.json carries its schema tag under "format": that is an fp32 model too.
-    model["format"] = meta.get("format") if meta.get("format") in ("int8", "fp16") else "fp32"
-    model["fp32_id"] = meta.get("fp32_id")
-    model["job_id"] = model.get("job_id") or meta.get("job_id")
-    return model
+def _of_job(job_id: str, format: str) -> sa.ColumnElement[bool]:
+    return sa.and_(models.c.job_id == job_id, models.c.format == format)

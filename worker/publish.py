@@ -26,7 +26,7 @@ def publish_model(
 ) -> dict[str, Any]:
     """Publish ``export_dir`` (from ``deploy.export``: fp32 in it, each other format in ``<format>/``) as
     ``model_id`` (fp32) and ``<model_id><format>`` (e.g. ``mdl_5e6f...int8``), and record each in the
-    store, linked to the job and, for int8 and fp16, to the fp32 sibling; returns the fp32 model's row.
+    store, each linked to the job and, for int8 and fp16, to the fp32 sibling; returns the fp32 model's row.
 
     ``description`` is what ``deploy.export.export_model`` returned (its ``variants`` describe the other
     formats); ``fields`` (name, kind, training_metrics, ...) are added to every model in the catalogue.
@@ -38,17 +38,17 @@ def publish_model(
     ids = {fmt: f"{model_id}{fmt}" for fmt in variants}
     for fmt, variant in variants.items():
         variant = {k: v for k, v in variant.items() if k != "dir"}
-        # The job's one row per job is its fp32 model's; a sibling names the job in its meta.
-        meta = {**variant, **fields, "format": fmt, "fp32_id": model_id, "job_id": job_id}
-        _publish_one(store, registry, export_dir / fmt, meta, ids[fmt], None)
+        _publish_one(store, registry, export_dir / fmt, {**variant, **fields}, ids[fmt], job_id, fmt, model_id)
     meta = {k: v for k, v in description.items() if k != "variants"}
-    return _publish_one(store, registry, export_dir, {**meta, **fields, "format": "fp32", "variants": ids}, model_id,
-                        job_id)
+    # Last: the job's fp32 model is what says the job is published.
+    return _publish_one(store, registry, export_dir, {**meta, **fields, "variants": ids}, model_id, job_id, "fp32",
+                        None)
 
 
 def _publish_one(
-    store: Store, registry: Registry, folder: Path, meta: dict[str, Any], model_id: str, job_id: str | None
-) -> dict[str, Any]:
+    store: Store, registry: Registry, folder: Path, meta: dict[str, Any], model_id: str, job_id: str | None,
+    fmt: str, fp32_id: str | None,
+) -> dict[str, Any]:  # fmt: skip
     try:
         published = registry.get(model_id)  # an earlier attempt published, then died
     except KeyError:
@@ -56,6 +56,6 @@ def _publish_one(
             published = registry.publish(folder, model_id=model_id)
         except FileExistsError:  # a racing publisher won; its model is the job's model
             published = registry.get(model_id)
-    # model.json's "format" is its schema tag; the catalogue's is the precision.
-    return store.add_model(model_id, job_id, str(registry.path(model_id)),
-                           {**meta, **published, "format": meta["format"]})
+    # model.json's "format" is its schema tag; the catalogue's precision is the row's own column.
+    meta = {k: v for k, v in {**meta, **published}.items() if k != "format"}
+    return store.add_model(model_id, job_id, str(registry.path(model_id)), meta, format=fmt, fp32_id=fp32_id)

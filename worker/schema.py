@@ -79,15 +79,20 @@ jobs = Table(
 
 # The catalogue of published models: ``meta`` is the model's description (architecture, classes, input
 # size, metrics, export details, sha256); the registry folder at ``path`` holds only what serving needs.
+# A job publishes one model per precision: its fp32 model (the job's ``model_id``) and, when asked, int8 and
+# fp16 siblings that name the fp32 one in ``fp32_id``.
 models = Table(
     "models", metadata,
     Column("id", String(64), primary_key=True),
-    # Unique: a job publishes at most one model, whatever happens to its worker.
-    Column("job_id", String(64), nullable=True, unique=True),
+    Column("job_id", String(64), nullable=True),
     Column("path", Text, nullable=False),
     Column("meta", JSON, nullable=False),
     Column("created_at", DateTime, nullable=False, index=True),
     tenant_column(),  # the tenant of the job that made it
+    Column("format", String(8), nullable=False, server_default="fp32"),
+    Column("fp32_id", String(64), nullable=True),
+    # One model per job and precision, whatever happens to its worker (rows without a job are not limited).
+    UniqueConstraint("job_id", "format", name="uq_models_job_id_format"),
 )  # fmt: skip
 
 # A job's run over time (``worker.history``): one row per progress record the worker relayed (losses, learning
