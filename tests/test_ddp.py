@@ -258,7 +258,7 @@ def test_worker_runs_and_cancels_two_process_jobs(tmp_path) -> None:
 
     dataset = make_synthetic(tmp_path / "synthetic", num_train=8, num_val=2, image_size=IMAGE_SIZE, num_classes=2,
                              seed=0)
-    service = Service(tmp_path, "filesystem://", dataset)
+    service = Service(tmp_path, "filesystem://", dataset, LDD_WORKER_GPUS="2")  # a worker for 2-process jobs
     try:
         worker = service.start_worker()
         cancelled = service.submit(train_spec(DATASET, epochs=50, gpus=2))
