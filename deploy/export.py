@@ -28,7 +28,7 @@ import onnxruntime as ort
 import torch
 from PIL import Image
 
-from deploy.backends import DEFAULT_BACKEND, make_session
+from deploy.backends import DEFAULT_BACKEND
 from deploy.evaluate import calibration_pictures, runtime_ap
 from deploy.graph import (
     OPSET,
@@ -41,7 +41,7 @@ from deploy.graph import (
 from deploy.quantize import FORMATS, convert_fp16, quantize_int8
 from deploy.registry import build_model_json, write_model_json
 from deploy.runtime import Predictor, load_image
-from deploy.verify import NO_SPIN, agreement, compare_detections, sample_images, verify_onnx
+from deploy.verify import agreement, compare_detections, sample_images, verification_session, verify_onnx
 from distill.checkpoint import checkpoint_meta, load_detector, read_checkpoint
 from distill.data.annotations import MEAN, STD
 
@@ -109,7 +109,8 @@ def export_model(
         proto = export_onnx(model, tmp / "model.onnx", opset=opset, exporter=exporter)
         seconds = {"export": time.perf_counter() - t0, "export_cpu": time.process_time() - c0}
         t0, c0 = time.perf_counter(), time.process_time()
-        verification = verify_onnx(tmp / "model.onnx", model, images, input_size)
+        fp32_session = verification_session(tmp / "model.onnx")
+        verification = verify_onnx(tmp / "model.onnx", model, images, input_size, session=fp32_session)
         seconds["verify"], seconds["verify_cpu"] = time.perf_counter() - t0, time.process_time() - c0
         made["fp32"] = {"export": {**settings, "verification": verification}, "graph": graph_stats(proto)}
         for fmt in formats[1:]:
@@ -123,11 +124,12 @@ def export_model(
                 pictures, source = _calibration(calibration, dataset, images, val_split, seed)
                 how = {**quantize_int8(tmp / "model.onnx", folder / "model.onnx", pictures, input_size),
                        "calibration": source}
-                with open(tmp / "model.onnx", "rb") as f32, open(folder / "model.onnx", "rb") as f8:
-                    check = agreement(make_session(f32.read(), session_config=NO_SPIN),
-                                      make_session(f8.read(), session_config=NO_SPIN), images, input_size,
-                                      box_tol=INT8_BOX_TOL, score_tol=INT8_SCORE_TOL, score_thr=model.cfg.score_thr,
-                                      max_dets=model.cfg.max_per_img)  # fmt: skip
+                # Against the fp32 session that was just verified, on the same providers: what differs is
+                # the quantization only (and no second fp32 session is built).
+                int8_session = verification_session(folder / "model.onnx", providers=fp32_session.providers)
+                check = agreement(fp32_session, int8_session, images, input_size, box_tol=INT8_BOX_TOL,
+                                  score_tol=INT8_SCORE_TOL, score_thr=model.cfg.score_thr,
+                                  max_dets=model.cfg.max_per_img)  # fmt: skip
             seconds[fmt] = time.perf_counter() - t0
             made[fmt] = {"export": {**settings, fmt: how, "verification": check},
                          "graph": graph_stats(onnx.load(str(folder / "model.onnx")))}

@@ -25,6 +25,7 @@ keep in float32 (``deploy.quantize.network_nodes``).
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from typing import Any
@@ -189,7 +190,7 @@ def export_onnx(
     wrapper = DetectorWithPostprocess(model.float().eval()).eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        proto = (_export_torchscript if exporter == "torchscript" else _export_dynamo)(wrapper, path, opset)
+        proto = (_export_torchscript if exporter == "torchscript" else _export_dynamo)(wrapper, opset)
     for node in proto.graph.node:  # exporters' debug notes (FX node text, module stacks): unused
         del node.metadata_props[:]
     onnx.save(proto, str(path))
@@ -200,12 +201,15 @@ def export_onnx(
     return proto
 
 
-def _export_torchscript(wrapper: DetectorWithPostprocess, path: str | os.PathLike, opset: int) -> onnx.ModelProto:
+def _export_torchscript(wrapper: DetectorWithPostprocess, opset: int) -> onnx.ModelProto:
     # One small image is enough: the tracer records shapes as graph operations, so nothing specialises on
     # the example's size (the verification then runs other sizes and batches).
     images, sizes = torch.zeros(1, 3, 64, 64), torch.tensor([[64.0, 64.0]])
+    # Into memory: the graph is edited below and written once by export_onnx (a gfl_r18 is 77 MB; writing it
+    # and reading it back cost half a second).
+    buffer = io.BytesIO()
     torch.onnx.export(
-        wrapper, (images, sizes), str(path), dynamo=False, opset_version=opset,
+        wrapper, (images, sizes), buffer, dynamo=False, opset_version=opset,
         input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
         dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "image_sizes": {0: "batch"}},
         # Without this the exporter merges initializers whose values happen to be equal (a fresh model's
@@ -213,14 +217,14 @@ def _export_torchscript(wrapper: DetectorWithPostprocess, path: str | os.PathLik
         # are then listed as graph inputs too; they are removed from the inputs below.
         keep_initializers_as_inputs=True,
     )  # fmt: skip
-    proto = onnx.load(str(path))
+    proto = onnx.load_from_string(buffer.getvalue())
     inputs = [i for i in proto.graph.input if i.name in INPUT_NAMES]
     del proto.graph.input[:]
     proto.graph.input.extend(inputs)
     return proto
 
 
-def _export_dynamo(wrapper: DetectorWithPostprocess, path: str | os.PathLike, opset: int) -> onnx.ModelProto:
+def _export_dynamo(wrapper: DetectorWithPostprocess, opset: int) -> onnx.ModelProto:
     import onnxscript.optimizer
 
     # Large enough that no feature map has a side of 1, which torch.export would otherwise specialise on.

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from deploy.backends import make_session
+from deploy.backends import Session, make_session
 from deploy.graph import ExportError
 from deploy.runtime import prepare_batch
 from distill.models.gfl import GFL
@@ -126,17 +126,29 @@ def verification_groups(images: Sequence[Image.Image]) -> list[list[Image.Image]
     return [list(images)]
 
 
+def verification_session(
+    onnx_path: str | os.PathLike, *, fp16: bool = False, backend: str = "onnxruntime",
+    providers: Sequence[str] | None = None,
+) -> Session:
+    """The session ``verify_onnx`` checks the graph at ``onnx_path`` in (ONNX Runtime: the CPU for fp32, CUDA
+    when present for fp16)."""
+    with open(onnx_path, "rb") as f:
+        # No spinning: ONNX Runtime's idle threads would take the cores from the PyTorch reference between calls.
+        return make_session(f.read(), backend=backend, providers=providers or _verification_providers(fp16),
+                            session_config=NO_SPIN)
+
+
 def verify_onnx(
     onnx_path: str | os.PathLike, model: GFL, images: Sequence[Image.Image], input_size: tuple[int, int], *,
     fp16: bool = False, backend: str = "onnxruntime", providers: Sequence[str] | None = None,
+    session: Session | None = None,
 ) -> dict[str, Any]:
     """Run the exported graph in ``backend`` on ``images`` (``verification_groups``) and compare with
     ``model.predict`` on the same tensors. Raises ``ExportError`` on a mismatch; returns the comparison's
-    numbers."""
-    with open(onnx_path, "rb") as f:
-        # No spinning: ONNX Runtime's idle threads would take the cores from the PyTorch reference between calls.
-        session = make_session(f.read(), backend=backend, providers=providers or _verification_providers(fp16),
-                               session_config=NO_SPIN)
+    numbers. ``session``: one already open on ``onnx_path`` (``verification_session``), used instead of
+    opening another (an export measures int8 against the same fp32 session)."""
+    if session is None:
+        session = verification_session(onnx_path, fp16=fp16, backend=backend, providers=providers)
     box_tol, score_tol = (BOX_TOL_FP16, SCORE_TOL_FP16) if fp16 else (BOX_TOL, SCORE_TOL)
     allowed = UNMATCHED_FP16 if fp16 else 0.0
     reference = model.float().eval()
