@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from api.cli import api_command
 from api.client import Client
-from tests.service_fixtures import free_port, wait_for
+from bench.servers import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_HOST = "127.0.0.1:6379"

@@ -1,5 +1,6 @@
 """Helpers for tests that run the real service parts: a fresh PostgreSQL database, a private
-redis-server, and Celery worker subprocesses (``python -m worker``).
+redis-server, and Celery worker subprocesses (``python -m worker``). The process helpers (free ports,
+waiting, redis-server, ``/proc``) are ``bench/servers.py``'s, shared with the chaos bench.
 
 Plain functions and context managers (no fixtures here), so any test module can build the fixtures
 it needs from them.
@@ -12,17 +13,18 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench import servers
+from bench.servers import descendants, pid_alive, wait_for
+from bench.servers import free_port as free_port  # re-exported: the test modules import it from here
 from worker.queue import enqueue
 from worker.settings import Settings
 from worker.store import TERMINAL_STATES, Store
@@ -51,67 +53,14 @@ def postgres_database() -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A private redis-server on its own port (the shared one on 6379 is left alone)."""
+class RedisServer(servers.RedisServer):
+    """A private redis-server (``bench.servers.RedisServer``, no persistence); the test is skipped where
+    redis-server is not installed."""
 
     def __init__(self, workdir: Path, port: int | None = None):
         if shutil.which("redis-server") is None:
             pytest.skip("redis-server is not installed")
-        self.port = port or free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_for(self._answers, 10, "redis-server to start")
-
-    def _answers(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def kill_all(self) -> None:
-        """SIGKILL the worker and wait until its pool and training children are gone too (they die
-        with their parent); quicker than a warm shutdown, for test teardown."""
-        if self.proc is None:
-            return
-        family = descendants(self.proc.pid)
-        self.kill()
-        wait_for(lambda: not any(pid_alive(p) for p in family), 15, "the worker's children to exit")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        super().__init__(workdir, port)
 
 
 class WorkerProcess:
@@ -138,9 +87,7 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """SIGKILL the worker's main process only, as the OOM killer or a lost machine would."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+        servers.kill(self.proc)
 
     def kill_all(self) -> None:
         """SIGKILL the worker and wait until its pool and training children are gone too (they die
@@ -166,34 +113,6 @@ class WorkerProcess:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
-
-
-def descendants(pid: int) -> list[int]:
-    """Live processes whose parent chain leads to ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 # -- the worker service as the lifecycle tests use it -------------------------------------------------

@@ -1,0 +1,145 @@
+"""Local processes for the benchmarks and the tests: a free port, waiting on a condition, a private
+redis-server, and the process tree of a pid read from ``/proc``.
+
+One module for both: ``bench/chaos.py`` imports it as ``servers`` (a bench script has ``bench/`` on its
+path) and ``tests/service_fixtures.py`` as ``bench.servers``. Standard library only, so neither side
+pulls in the other's dependencies; what is test-only (``pytest.skip`` where redis-server is missing)
+stays in the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class RedisServer:
+    """A private redis-server on its own port (a shared one, e.g. on 6379, is left alone). ``stop`` and
+    ``start`` again keep the port, so clients reconnect to the same URL; with ``appendonly`` the data
+    survives that (the append-only file is kept in ``workdir``), without it the restart loses everything."""
+
+    def __init__(self, workdir: Path, port: int | None = None, *, appendonly: bool = False, log: Path | None = None):
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.appendonly = appendonly
+        self.log = log  # its output is appended here; discarded without one
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.workdir)]  # fmt: skip
+        with open(self.log, "ab") if self.log else open(os.devnull, "wb") as out:
+            # Own session: a Ctrl-C in the terminal reaches its owner only (the bench, pytest), which then
+            # stops it in order.
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)  # fmt: skip
+        wait_for(self.answers, 20, "redis-server to start")
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """SIGKILL, as a crash would: nothing is written on the way out."""
+        kill(self.proc)
+        self.proc = None
+
+
+# ------------------------------------------------------------------------------------------ /proc
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields 3.. of ``/proc/<pid>/stat`` (state, ppid, ...); None when the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def start_time(pid: int) -> int | None:
+    """When the process started (clock ticks since boot): with the pid, it names one process for good."""
+    st = _stat(pid)
+    return int(st[19]) if st else None
+
+
+def pid_alive(pid: int, started: int | None = None) -> bool:
+    """Running and not a zombie (and, with ``started``, the same process, not a reused pid)."""
+    st = _stat(pid)
+    return st is not None and st[0] != "Z" and (started is None or int(st[19]) == started)
+
+
+def family_table(roots: Iterable[int]) -> dict[int, tuple[int, list[str]]]:
+    """``{pid: (ppid, argv)}`` of ``roots`` and every live descendant, from /proc's children lists (much
+    cheaper than reading every process of a busy machine)."""
+    table: dict[int, tuple[int, list[str]]] = {}
+    todo = [(r, 0) for r in roots]
+    while todo:
+        pid, ppid = todo.pop()
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            kids = [int(k) for t in Path(f"/proc/{pid}/task").iterdir() for k in (t / "children").read_text().split()]
+        except OSError:
+            continue
+        if pid_alive(pid):
+            table[pid] = (ppid, [a for a in argv if a])
+            todo += [(k, pid) for k in kids]
+    return table
+
+
+def descendants(pid: int, table: dict[int, tuple[int, list[str]]] | None = None) -> list[int]:
+    """Live processes whose parent chain leads to ``pid`` (from ``table``, else from /proc now)."""
+    table = table if table is not None else family_table([pid])
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for p, (ppid, _) in table.items():
+            if ppid == parent:
+                out.append(p)
+                todo.append(p)
+    return out
+
+
+def kill(p: subprocess.Popen[bytes] | None) -> None:
+    """SIGKILL a child process (if it still runs) and reap it."""
+    if p is not None and p.poll() is None:
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+
+
+def kill_pid(pid: int) -> None:
+    """SIGKILL a process that is not our child (gone already, or not ours to kill: nothing to do)."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
