@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.set_defaults(func=run_api)
-    server("worker", "run one worker only (queue gpu, one job at a time)").set_defaults(func=run_worker)
+    worker_help = "run one worker only (one job at a time, from queues gpu..gpu.N for its N slots: LDD_WORKER_GPUS)"
+    server("worker", worker_help).set_defaults(func=run_worker)
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)

@@ -41,6 +41,7 @@ from worker import history, studies
 from worker.checks import JobRefused, resolve_job
 from worker.process import die_with_parent, stop_group
 from worker.publish import publish_model
+from worker.routing import job_processes
 from worker.settings import Settings
 from worker.store import Store
 
@@ -353,10 +354,10 @@ def _launcher(spec: dict[str, Any]) -> list[str]:
     """Python's arguments before ``-m distill``: nothing for one process; ``torchrun`` (``standalone``: its
     own rendezvous on a free local port) for ``schedule.gpus`` > 1. The ranks run in sessions of their own
     (``worker.process`` explains how a stop still reaches every one)."""
-    gpus = int(spec.get("schedule", {}).get("gpus", 1))
-    if gpus <= 1:
+    processes = job_processes(spec)
+    if processes <= 1:
         return []
-    return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus)]
+    return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
 
 
 def _out_of_room(*texts: str) -> bool:
