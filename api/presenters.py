@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from worker.routing import queue_for
+
 _HIDDEN_JOB_FIELDS = frozenset(
     {"lease_owner", "lease_seconds", "lease_expires_at", "heartbeat_at", "idempotency_key", "enqueued_at"}
 )
 
 
 def public_job(job: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in job.items() if k not in _HIDDEN_JOB_FIELDS}
+    # The queue says which workers may take the job: one waits there until a worker with that many slots runs.
+    return {**{k: v for k, v in job.items() if k not in _HIDDEN_JOB_FIELDS}, "queue": queue_for(job.get("spec") or {})}
 
 
 def public_model(model: dict[str, Any]) -> dict[str, Any]:

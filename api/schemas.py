@@ -83,6 +83,8 @@ class Job(_Open):
     model_id: str | None = Field(None, description="the published model, once succeeded",
                                  examples=["mdl_5e6f7a8b9c0d1e2f"])  # fmt: skip
     study_id: str | None = Field(None, description="the study this job belongs to (POST /v1/studies), if any")
+    queue: str | None = Field(None, description="the broker queue of its size: gpu, or gpu.N for schedule.gpus = N; "
+                             "only a worker with N slots (LDD_WORKER_GPUS) takes it", examples=["gpu.2"])  # fmt: skip
     created_at: str | None = None
     started_at: str | None = None
     finished_at: str | None = None

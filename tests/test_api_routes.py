@@ -62,6 +62,18 @@ def test_jobs_router_alone(tmp_path: Path, store: Store) -> None:
     assert store.get_job(job["id"])["state"] == "cancelled"  # the route wrote to the store it was handed
 
 
+def test_a_job_says_the_queue_of_its_size(tmp_path: Path, store: Store) -> None:
+    """A client sees where its job waits: gpu, or gpu.N for N processes (only a worker with N slots takes it)."""
+    two = {"kind": "train", "dataset": "ds_0123456789abcdef", "schedule": {"gpus": 2}}
+    small, _ = store.create_job(JobSpec.model_validate({**two, "schedule": {}}).model_dump(mode="json"))
+    big, _ = store.create_job(JobSpec.model_validate(two).model_dump(mode="json"))
+    with TestClient(bare_app(jobs.router, store, Settings(data_dir=tmp_path))) as http:
+        assert http.get(f"/v1/jobs/{small['id']}").json()["queue"] == "gpu"
+        assert http.get(f"/v1/jobs/{big['id']}").json()["queue"] == "gpu.2"
+        assert {j["id"]: j["queue"] for j in http.get("/v1/jobs").json()["jobs"]} == {small["id"]: "gpu",
+                                                                                    big["id"]: "gpu.2"}  # fmt: skip
+
+
 def test_datasets_router_alone(tmp_path: Path, store: Store) -> None:
     store.add_dataset("ds_00000000000000aa", "tiny", str(tmp_path / "ds"), ["a"], 3, 4, {"train": 3}, [])
     with TestClient(bare_app(datasets.router, store, Settings(data_dir=tmp_path))) as http:

@@ -15,7 +15,10 @@ export function fraction(job) {
 
 export function progressText(job) {
   const p = job.progress || {};
-  if (job.state === "queued") return job.attempts ? `queued again (attempt ${job.attempts + 1} next)` : "queued";
+  if (job.state === "queued") {
+    const where = job.queue && job.queue !== "gpu" ? ` on ${job.queue}: waits for a worker with ${job.queue.slice(4)} slots` : "";
+    return (job.attempts ? `queued again (attempt ${job.attempts + 1} next)` : "queued") + where;
+  }
   const parts = [];
   if (p.phase) parts.push(p.phase);
   if (p.epochs) parts.push(`epoch ${p.epoch}/${p.epochs}`);
