@@ -23,12 +23,6 @@ from api.client import Client
 from tests import api_server
 from tests.api_server import ApiServer, assert_healthy, coco_zip, error_of, png_bytes, stored_state
 
-# Re-exported for the test modules that still import them from here (their owners switch to tests.api_server).
-from tests.api_server import _metric as _metric
-from tests.api_server import private_redis_url as private_redis_url
-from tests.api_server import publish_test_model as publish_test_model
-from tests.api_server import serve_api as serve_api
-
 server, http, dataset = api_server.server, api_server.http, api_server.dataset
 
 

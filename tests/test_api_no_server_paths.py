@@ -10,7 +10,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.test_api_http import ApiServer, coco_zip, serve_api
+from tests import api_server
+from tests.api_server import ApiServer, serve_api
+
+# The shared client and uploaded data set, on this module's own (offline) server.
+http, dataset = api_server.http, api_server.dataset
 
 
 @pytest.fixture(scope="module")
@@ -21,21 +25,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
                     https_proxy="http://127.0.0.1:9")
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def http(server: ApiServer) -> Any:
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def dataset(server: ApiServer, http: httpx.Client) -> dict[str, Any]:
-    path = coco_zip(server.work / "ds.zip")  # type: ignore[attr-defined]
-    with open(path, "rb") as f:
-        r = http.post("/v1/datasets", files={"file": ("ds.zip", f, "application/zip")})
-    assert r.status_code == 201, r.text
-    return r.json()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.test_api_http import ApiServer
+from tests.api_server import ApiServer
 
 BCCD = Path(__file__).resolve().parents[2] / "shared/data/bccd-voc"
 if not BCCD.is_dir():

@@ -26,8 +26,8 @@ import pytest
 from PIL import Image
 
 from api.client import Client
+from tests.api_server import ApiServer, private_redis_url
 from tests.service_fixtures import WorkerProcess, free_port, postgres_database, wait_for
-from tests.test_api_http import ApiServer, private_redis_url
 
 ROOT = Path(__file__).resolve().parents[1]
 RACCOON = Path("/work/shared/data/raccoon-voc")

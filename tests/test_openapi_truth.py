@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.test_api_http import coco_zip, serve_api
+from tests.api_server import coco_zip, serve_api
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 

@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.api_server import _metric, coco_zip, error_of, serve_api, stored_state
 from tests.service_fixtures import IMAGE_SIZE, Service, train_spec
-from tests.test_api_http import _metric, coco_zip, error_of, serve_api, stored_state
 
 HUGE = 10**18  # more than any disk has free
 

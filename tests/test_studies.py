@@ -29,8 +29,8 @@ from pydantic import ValidationError
 
 from api.client import APIClientError, Client
 from api.routes.studies import STUDY_EXAMPLES
+from tests.api_server import ApiServer, coco_zip, private_redis_url
 from tests.service_fixtures import WorkerProcess, postgres_database, wait_for
-from tests.test_api_http import ApiServer, coco_zip, private_redis_url
 from worker import study_report
 from worker.checks import JobRefused
 from worker.recovery import recover

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.api_server import coco_zip, error_of, png_bytes, publish_test_model, serve_api
 from tests.service_fixtures import postgres_database
-from tests.test_api_http import coco_zip, error_of, png_bytes, publish_test_model, serve_api
 from worker.store import Store, TooManyActiveJobs
 from worker.tenants import DEFAULT_TENANT, Caller, key_tenant, parse_keys
 

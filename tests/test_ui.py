@@ -29,8 +29,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.api_server import coco_zip, png_bytes, publish_test_model, serve_api
 from tests.service_fixtures import WorkerProcess
-from tests.test_api_http import coco_zip, png_bytes, publish_test_model, serve_api
 from worker import history
 from worker.store import Store
 

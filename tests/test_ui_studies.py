@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.api_server import coco_zip
 from tests.service_fixtures import WorkerProcess
-from tests.test_api_http import coco_zip
 from tests.test_studies import schedule
 from tests.test_ui import Page, browser, live_service  # noqa: F401  (browser: this module's Chromium, a fixture)
 
