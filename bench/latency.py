@@ -20,12 +20,14 @@ Timing: after warm-up, ``--rounds`` rounds each make one call of every row in tu
 processes hits all rows alike. Per-image latency = call time / batch size (median and p90 over rounds);
 throughput = batch size / median call time. Distilled vs undistilled: node, parameter and op counts of the
 two graphs, and the ratio of their median call times with a bootstrap 90% interval (within noise when the
-interval holds 1.0 or the ratio is within 3%).
+interval holds 1.0 or the ratio is within 3%). On the CPU, int8's ceiling there: one convolution alone in int8
+and in fp32 (``bench/int8_kernel.py``), with the CPU's int8 instructions (VNNI or not).
 
 Without checkpoints, untrained ones are built (the student twice, with different seeds, standing in for a
 distilled and an undistilled one); their head biases are shifted so that about 300 candidates per image pass
 the score threshold (0.05), as with a trained model, so NMS does real work (their AP is about 0). Writes
-``bench/results/latency.md|json|png`` (``latency_cuda.*`` with ``--device cuda``; ``--out`` names others).
+``bench/results/latency.md|json|png`` (``latency_cuda.*`` with ``--device cuda``; ``--out`` names others;
+the table and chart are ``bench/latency_report.py``'s).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from int8_kernel import int8_conv_speedup
 from latency_report import chart, markdown
 from PIL import Image
 from report import save
@@ -62,6 +65,9 @@ NUM_CLASSES = 10  # the synthetic digits
 # Several sessions share the cores here; a session's threads spinning after its call would slow whichever
 # row runs next, so rows would be charged for their neighbours.
 SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+# x86 int8 dot products: AVX2 multiplies u8 x s8 pairs into saturating 16-bit sums (vpmaddubsw) and widens them
+# in a second instruction; VNNI (avx512_vnni, avx_vnni) does both in one, AMX in tiles.
+INT8_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
 
 def _sync(device: torch.device) -> None:
@@ -99,6 +105,16 @@ def bootstrap_ratio(a: list[float], b: list[float], n: int = 2000, seed: int = 0
     a_arr, b_arr = np.array(a), np.array(b)
     ratios = [np.median(rng.choice(b_arr, b_arr.size)) / np.median(rng.choice(a_arr, a_arr.size)) for _ in range(n)]
     return float(np.median(b_arr) / np.median(a_arr)), float(np.percentile(ratios, 5)), float(np.percentile(ratios, 95))
+
+
+def int8_cpu_features() -> list[str]:
+    """The CPU's vector instructions that decide int8's speed (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return [f for f in INT8_FEATURES if f in flags]
 
 
 def summarise(times: list[float], batch: int) -> dict[str, float]:
@@ -303,6 +319,9 @@ def main() -> None:
                    for r, ap in aps.items()},
             "ap_dataset": str(args.dataset) if args.dataset else "synthetic validation split",
             "int8_accuracy_warning": exports["student"]["variants"]["int8"]["accuracy_warning"],
+            "cpu_int8_features": int8_cpu_features(),
+            "int8_conv_kernel": int8_conv_speedup(args.threads, session_config=SESSION_CONFIG) if device.type == "cpu"
+            else None,
         }
         if device.type == "cuda":
             results["gpu"] = torch.cuda.get_device_name(device)

@@ -48,6 +48,16 @@ def markdown(res: dict[str, Any]) -> str:
               if "openvino_fp32_vs_ort_fp32" in sp else "- | -")
         lines.append(f"| {b} | {sp['ort_vs_eager']:.2f}x | {sp['teacher_vs_student']:.2f}x | "
                      f"{sp.get('int8_vs_fp32', float('nan')):.2f}x | {ov} |")
+    features, kernel = res.get("cpu_int8_features"), res.get("int8_conv_kernel")
+    if features is not None and kernel:
+        vnni = [f for f in features if "vnni" in f or f.startswith("amx")]
+        lines += ["", f"- int8 ceiling on this CPU: one 3x3 256-channel convolution of the head alone runs "
+                  f"{kernel['ratio']:.2f}x faster in int8 than in fp32 ({kernel['int8_ms']:.1f} vs "
+                  f"{kernel['fp32_ms']:.1f} ms, `bench/int8_kernel.py`); the model's time is nearly all "
+                  "convolution, so its int8 over fp32 cannot exceed about that. CPU int8 instructions: "
+                  + (", ".join(features) or "none listed")
+                  + (f" (VNNI: {', '.join(vnni)})." if vnni else " (no VNNI: avx512_vnni / avx_vnni multiply and "
+                     "widen u8 x s8 in one instruction; AVX2 takes two, vpmaddubsw and vpmaddwd).")]
     warning = res.get("int8_accuracy_warning")
     if warning:
         lines += ["", f"- int8 accuracy warning: {warning['message']}"]

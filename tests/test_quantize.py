@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
 
 from deploy.export import AP_WARNING, export_model
+from deploy.quantize import DECODE_SCOPES, NETWORK_SCOPES, OUTPUT_CONVS
 from deploy.runtime import Predictor, prepare_batch
 from deploy.verify import compare_detections, sample_images
 from distill.checkpoint import detector_state
@@ -111,6 +113,24 @@ def test_formats_are_written_beside_fp32_and_described(formats):
     assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
     assert info["variants"]["fp16"]["size_bytes"] < 0.6 * info["size_bytes"]
     assert info["variants"]["fp16"]["export"]["verification"]["detections"] > 20  # checked against PyTorch
+
+
+def test_int8_keeps_the_networks_additions_in_integers(formats, tmp_path):
+    # Residual, FPN and GroupNorm additions read quantized tensors (a DequantizeLinear feeds each input), so
+    # ONNX Runtime runs them as QLinearAdd; the head's output convolutions and the decoding stay float.
+    int8 = onnx.load(str(formats["dir"] / "int8" / "model.onnx"))
+    producer = {out: n.op_type for n in int8.graph.node for out in n.output}  # initializers: none
+    adds = [n for n in int8.graph.node if n.op_type == "Add" and n.name.startswith(NETWORK_SCOPES)
+            and not n.name.startswith(DECODE_SCOPES)]
+    float_inputs = [n.name for n in adds if any(producer.get(i) != "DequantizeLinear" for i in n.input)]
+    assert adds and not float_inputs, float_inputs
+    output_convs = [n for n in int8.graph.node if n.op_type == "Conv" and n.name.startswith(OUTPUT_CONVS)]
+    assert output_convs and all(producer.get(n.input[1]) != "DequantizeLinear" for n in output_convs)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(formats["dir"] / "int8" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    fused = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert {"QLinearConv", "QLinearAdd"} <= fused
 
 
 def test_int8_and_fp16_detections_agree_with_fp32(formats):
