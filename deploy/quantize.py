@@ -6,8 +6,8 @@ those of the fp32 graph.
 
 - ``int8``: static post-training quantization with ONNX Runtime's own tools, in QDQ format (a
   QuantizeLinear/DequantizeLinear pair around each quantized tensor, which every runtime reads: ONNX
-  Runtime fuses the pairs into integer kernels, OpenVINO into its own). Convolutions, and the residual
-  and FPN additions, ReLUs and max-pooling between them (``QUANTIZED_OPS``), so that a
+  Runtime fuses the pairs into integer kernels, OpenVINO into its own). Convolutions and the additions
+  (residual, FPN, GroupNorm's affine), ReLUs and max-pooling between them (``QUANTIZED_OPS``), so that a
   Conv -> ReLU -> Add chain stays in integers instead of leaving them at every addition; weights per
   output channel (int8, symmetric), activations per tensor (uint8: ONNX Runtime's x86 kernels are u8 x s8;
   s8 activations are not fused there and run as float convolutions), ranges from min/max over calibration
