@@ -53,8 +53,9 @@ def markdown(res: dict[str, Any]) -> str:
         vnni = [f for f in features if "vnni" in f or f.startswith("amx")]
         lines += ["", f"- int8 ceiling on this CPU: one 3x3 256-channel convolution of the head alone runs "
                   f"{kernel['ratio']:.2f}x faster in int8 than in fp32 ({kernel['int8_ms']:.1f} vs "
-                  f"{kernel['fp32_ms']:.1f} ms, `bench/int8_kernel.py`); the model's time is nearly all "
-                  "convolution, so its int8 over fp32 cannot exceed about that. CPU int8 instructions: "
+                  f"{kernel['fp32_ms']:.1f} ms, `bench/int8_kernel.py`): for a model whose time is nearly all "
+                  "convolution (gfl_r18 at 640x384), int8 over fp32 cannot exceed about that; at small inputs the "
+                  "quantize/dequantize steps and the float post-processing weigh more. CPU int8 instructions: "
                   + (", ".join(features) or "none listed")
                   + (f" (VNNI: {', '.join(vnni)})." if vnni else " (no VNNI: avx512_vnni / avx_vnni multiply and "
                      "widen u8 x s8 in one instruction; AVX2 takes two, vpmaddubsw and vpmaddwd).")]
