@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from distill.data.annotations import read_image
+from distill.data.images import read_image
 
 # A decoded image, an image file's bytes (an upload) or its path (the command line).
 ImageSource = Image.Image | bytes | str | os.PathLike[str]

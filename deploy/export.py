@@ -43,7 +43,7 @@ from deploy.registry import build_model_json, write_model_json
 from deploy.runtime import Predictor, load_image
 from deploy.verify import agreement, compare_detections, sample_images, verification_session, verify_onnx
 from distill.checkpoint import checkpoint_meta, load_detector, read_checkpoint
-from distill.data.annotations import MEAN, STD
+from distill.data.images import MEAN, STD
 
 DEFAULT_INPUT_SIZE = (1333, 800)
 # An int8 (or fp16) model more than this many AP points (0-100 scale) below fp32 is marked accuracy_warning.

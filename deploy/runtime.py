@@ -1,7 +1,7 @@
 """Detections from an exported model with ONNX Runtime or OpenVINO (``deploy.backends``). Never imports torch
 (the serving image has none).
 
-Images go through the training pipeline's own torch-free preprocessing (``distill.data.annotations``):
+Images go through the training pipeline's own torch-free preprocessing (``distill.data.images``):
 EXIF orientation, RGB, keep-ratio resize to the model's ``input_size``, ``(pixel - MEAN) / STD``; then
 they are zero-padded at the bottom and right into one ``(N, 3, H, W)`` batch (H, W multiples of 32) and
 run in a single session call. Boxes come back in each image's original pixels.
@@ -23,7 +23,7 @@ from PIL import Image
 
 from deploy.backends import DEFAULT_BACKEND, make_session, select_providers
 from deploy.registry import read_verified
-from distill.data.annotations import normalize_image, read_image, resize_image
+from distill.data.images import normalize_image, read_image, resize_image
 
 # 40 megapixels: a 8000x5000 photo passes, a decompression bomb does not.
 DEFAULT_MAX_PIXELS = 40_000_000

@@ -16,7 +16,7 @@ from PIL import Image
 
 from deploy.draw import draw_detections
 from deploy.runtime import DEFAULT_MAX_PIXELS, ImageError, load_image, prepare_batch
-from distill.data.annotations import MEAN, STD
+from distill.data.images import MEAN, STD
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,14 +24,7 @@ from typing import Any
 
 import numpy as np
 
-# MEAN ... resize_image are re-exported (``as`` the same name), not used here: deploy/ and
-# tests/test_deploy_runtime.py import them from this module.
-from distill.data.images import MEAN as MEAN
-from distill.data.images import STD as STD
-from distill.data.images import normalize_image as normalize_image
 from distill.data.images import probe_image
-from distill.data.images import read_image as read_image
-from distill.data.images import resize_image as resize_image
 from distill.files import atomic_write_json
 
 # Boxes may stick out of the image by this many pixels (rounding, 0/1-based tools) without a problem line.
