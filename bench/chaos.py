@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         args.jobs = 2 if args.jobs == 10 else args.jobs
         args.teacher_epochs = 1
         args.epochs = min(args.epochs, 2)
+        # With 24 images an epoch is 6 iterations: training can end between two progress reports, before the
+        # kill's target iteration is ever seen (the train kill then finds no moment).
+        args.images = max(args.images, 96)
     plan = args.plan.split(",") if args.plan else (["train"] if args.quick else list(FULL_PLAN))
     if unknown := [k for k in plan if k not in KILLS + SERVICES]:
         p.error(f"unknown disruptions {unknown}")
