@@ -153,7 +153,7 @@ class Service:
 
     def submit(self, spec: dict[str, Any]) -> str:
         job, _ = self.store.create_job(spec)
-        enqueue(job["id"], self.settings)
+        enqueue(job["id"], self.settings, spec=job["spec"])
         return job["id"]
 
     def job(self, job_id: str) -> dict[str, Any]:
