@@ -24,7 +24,7 @@ import pytest
 from tests.api_server import coco_zip
 from tests.service_fixtures import WorkerProcess
 from tests.test_studies import schedule
-from tests.test_ui import Page, browser, live_service  # noqa: F401  (browser: this module's Chromium, a fixture)
+from tests.ui_browser import Page, browser, live_service  # noqa: F401  (browser: this module's Chromium, a fixture)
 
 SEEDS = 1
 METHODS = ["ld", "crosskd"]
