@@ -14,8 +14,9 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from deploy.backends import OrtSession
 
 CHANNELS, HEIGHT, WIDTH = 256, 48, 80
 
@@ -56,14 +57,10 @@ def int8_conv_speedup(threads: int | None = None, rounds: int = 30,
     feed = {"x": rng.random((1, CHANNELS, HEIGHT, WIDTH), dtype=np.float32)}
     sessions = {}
     for fmt in ("fp32", "int8"):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-        for key, value in (session_config or {}).items():
-            options.add_session_config_entry(key, value)
-        sessions[fmt] = ort.InferenceSession(conv_graph(weight, fmt == "int8").SerializeToString(), options,
-                                             providers=["CPUExecutionProvider"])
+        # The serving runtime's own session (deploy.backends): the detector's options, not a copy of them.
+        graph = conv_graph(weight, fmt == "int8").SerializeToString()
+        sessions[fmt] = OrtSession(graph, providers=["CPUExecutionProvider"], intra_op_threads=threads,
+                                   session_config=session_config).session
         sessions[fmt].run(None, feed)
     times: dict[str, list[float]] = {fmt: [] for fmt in sessions}
     for i in range(rounds):

@@ -130,6 +130,17 @@ def descendants(pid: int, table: dict[int, tuple[int, list[str]]] | None = None)
     return out
 
 
+def terminate(p: subprocess.Popen[bytes] | None, grace: float) -> None:
+    """SIGTERM a child process (if it still runs), give it ``grace`` seconds to exit, then SIGKILL it; reaped."""
+    if p is None or p.poll() is not None:
+        return
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(grace)
+    except subprocess.TimeoutExpired:
+        kill(p)
+
+
 def kill(p: subprocess.Popen[bytes] | None) -> None:
     """SIGKILL a child process (if it still runs) and reap it."""
     if p is not None and p.poll() is None:

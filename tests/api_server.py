@@ -12,7 +12,6 @@ import io
 import json
 import os
 import random
-import signal
 import subprocess
 import zipfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from api.cli import api_command
 from api.client import Client
-from bench.servers import free_port, wait_for
+from bench.servers import free_port, terminate, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_HOST = "127.0.0.1:6379"
@@ -93,13 +92,7 @@ class ApiServer:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc, 15)
         self.proc = None
 
     def client(self, api_key: str | None = None) -> Client:

@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,7 +23,6 @@ import pytest
 
 from bench import servers
 from bench.servers import descendants, pid_alive, wait_for
-from bench.servers import free_port as free_port  # re-exported: the test modules import it from here
 from worker.queue import enqueue
 from worker.settings import Settings
 from worker.store import TERMINAL_STATES, Store
@@ -99,14 +97,7 @@ class WorkerProcess:
         wait_for(lambda: not any(pid_alive(p) for p in family), 15, "the worker's children to exit")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        servers.terminate(self.proc, 15)
 
     def log_tail(self, n: int = 60) -> str:
         try:

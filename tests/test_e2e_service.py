@@ -26,8 +26,9 @@ import pytest
 from PIL import Image
 
 from api.client import Client
+from bench.servers import free_port
 from tests.api_server import ApiServer, private_redis_url
-from tests.service_fixtures import WorkerProcess, free_port, postgres_database, wait_for
+from tests.service_fixtures import WorkerProcess, postgres_database, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 RACCOON = Path("/work/shared/data/raccoon-voc")

@@ -20,7 +20,8 @@ import httpx
 import pytest
 
 from api.supervisor import status_path
-from tests.service_fixtures import DATASET, IMAGE_SIZE, free_port, pid_alive, train_spec, wait_for
+from bench.servers import free_port, terminate
+from tests.service_fixtures import DATASET, IMAGE_SIZE, pid_alive, train_spec, wait_for
 from worker.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,13 +62,7 @@ class Up:
         return wait_for(up, 60, "the supervisor to (re)start the worker")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        terminate(self.proc, 30)
 
 
 class Watcher(threading.Thread):

@@ -108,7 +108,7 @@ def test_recovery_resends_lost_messages_and_requeues_expired(broker_settings):
 
 
 def test_enqueue_with_broker_down_is_not_fatal(tmp_path):
-    from tests.service_fixtures import free_port
+    from bench.servers import free_port
 
     s = Settings(data_dir=tmp_path, broker_url=f"redis://127.0.0.1:{free_port()}/0")
     t0 = time.monotonic()

@@ -24,9 +24,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distill.data.annotations import CocoData, DatasetError, load_coco, split
-from distill.data.images import MEAN, STD, normalize_image, read_image, rescale_size, resize_image
+from distill.data.images import normalize_image, read_image, rescale_size, resize_image
 
-__all__ = ["MEAN", "STD", "DetectionDataset", "EpochSampler", "build_loaders", "collate", "default_workers", "hflip",
+__all__ = ["DetectionDataset", "EpochSampler", "build_loaders", "collate", "default_workers", "hflip",
            "normalize", "resize", "set_epoch"]
 
 Target = dict[str, Any]

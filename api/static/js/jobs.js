@@ -16,7 +16,8 @@ export function fraction(job) {
 export function progressText(job) {
   const p = job.progress || {};
   if (job.state === "queued") {
-    const where = job.queue && job.queue !== "gpu" ? ` on ${job.queue}: waits for a worker with ${job.queue.slice(4)} slots` : "";
+    const gpus = (job.spec.schedule || {}).gpus || 1;
+    const where = gpus > 1 ? ` on ${job.queue}: waits for a worker with ${gpus} slots` : "";
     return (job.attempts ? `queued again (attempt ${job.attempts + 1} next)` : "queued") + where;
   }
   const parts = [];
