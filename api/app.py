@@ -4,9 +4,9 @@
 (``api.deps``), the middleware, the error handlers and one router per resource (``api.routes``).
 
 This process never imports torch (the serving image has none): jobs are checked with the pydantic
-``distill.spec`` and ``worker.checks``, datasets with the torch-free ``distill.data`` readers, checkpoints
+``distill.spec`` and ``core.checks``, datasets with the torch-free ``distill.data`` readers, checkpoints
 with ``distill.ckpt_reader``, and detections come from ``deploy.runtime`` (ONNX Runtime). The job store
-(``worker.store``) is the source of truth; the broker only carries wake-ups (``worker.queue``).
+(``core.store``) is the source of truth; the broker only carries wake-ups (``core.queue``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from api.errors import error_docs, install_error_handlers
 from api.middleware import BodyLimitMiddleware, LatencyMiddleware
 from api.routes import checkpoints, datasets, detect, health, jobs, models, studies, ui
 from api.uploads import remove_stale_uploads
-from worker.settings import Settings
-from worker.store import Store
+from core.settings import Settings
+from core.store import Store
 
 DESCRIPTION = (
     "Upload a dataset, submit `train` or `distill` jobs, follow them (poll or server-sent events), "

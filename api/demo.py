@@ -221,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | {arch} | {bbox.get('AP', float('nan')):.3f} | {bbox.get('AP50', float('nan')):.3f} | "
                   f"{bbox.get('AP75', float('nan')):.3f} | {round_trip:.1f} ({server:.1f}) | "
                   f"{dur or float('nan'):.0f} | {job['model_id']} |")  # fmt: skip
-        ap, ap75 = ([((j.get("metrics") or {}).get("bbox") or {}).get(m, 0.0) for _, _, j in rows]
-                    for m in ("AP", "AP75"))
+        ap, ap75 = (
+            [((j.get("metrics") or {}).get("bbox") or {}).get(m, 0.0) for _, _, j in rows] for m in ("AP", "AP75")
+        )
         n_val = len(val_ids)
         print(f"""
 What the numbers mean: AP is COCO box AP on the {n_val} validation images (mean over IoU thresholds 0.5

@@ -20,12 +20,12 @@ from api.batcher import PredictorCache
 from api.errors import APIError
 from api.metrics import Metrics
 from api.uploads import free_bytes
+from core.settings import Settings
+from core.store import Store
+from core.tenants import OPEN, Caller, parse_keys, visible
 from deploy.backends import select_providers
 from deploy.registry import Registry
 from deploy.runtime import Predictor
-from worker.settings import Settings
-from worker.store import Store
-from worker.tenants import OPEN, Caller, parse_keys, visible
 
 
 class Services:
@@ -127,7 +127,7 @@ def _callers(api_keys: tuple[str, ...], admin_keys: tuple[str, ...]) -> dict[str
 
 
 def callers_of(settings: Settings) -> dict[str, Caller]:
-    """The configured keys and who they are (``worker.tenants``); empty: the service is open."""
+    """The configured keys and who they are (``core.tenants``); empty: the service is open."""
     return _callers(tuple(settings.api_keys), tuple(settings.admin_keys))
 
 

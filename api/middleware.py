@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
 from api.metrics import Metrics
-from worker.settings import Settings
+from core.settings import Settings
 
 JSON_BODY_LIMIT = 1 << 20
 DETECT_BODY_LIMIT = 50 << 20

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.routing import queue_for
+from core.routing import queue_for
 
 _HIDDEN_JOB_FIELDS = frozenset(
     {"lease_owner", "lease_seconds", "lease_expires_at", "heartbeat_at", "idempotency_key", "enqueued_at"}
@@ -20,8 +20,15 @@ def public_model(model: dict[str, Any]) -> dict[str, Any]:
     """The model row's metadata (model.json as published) flattened beside its id, job, precision and date."""
     meta = dict(model.get("meta") or {})
     meta.pop("path", None)
-    return {**meta, "id": model["id"], "job_id": model.get("job_id"), "format": model.get("format", "fp32"),
-            "fp32_id": model.get("fp32_id"), "created_at": model.get("created_at"), "tenant": model.get("tenant")}
+    return {
+        **meta,
+        "id": model["id"],
+        "job_id": model.get("job_id"),
+        "format": model.get("format", "fp32"),
+        "fp32_id": model.get("fp32_id"),
+        "created_at": model.get("created_at"),
+        "tenant": model.get("tenant"),
+    }
 
 
 def public_dataset(ds: dict[str, Any]) -> dict[str, Any]:

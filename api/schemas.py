@@ -65,7 +65,7 @@ class Progress(_Open):
     eta_s: float | None = Field(None, examples=[310.5])
 
 
-# The store's job states (worker.store.JOB_STATES), spelled out for OpenAPI.
+# The store's job states (core.store.JOB_STATES), spelled out for OpenAPI.
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -132,18 +132,27 @@ class Model(_Open):
     classes: list[str] | None = Field(None, examples=[["raccoon"]])
     input_size: Any = Field(None, examples=[[512, 320]])
     format: str | None = Field(None, description="fp32, int8 or fp16", examples=["int8"])
-    fp32_id: str | None = Field(None, description="an int8 or fp16 model's fp32 sibling (same job, same weights)",
-                                examples=["mdl_5e6f7a8b9c0d1e2f"])
+    fp32_id: str | None = Field(
+        None,
+        description="an int8 or fp16 model's fp32 sibling (same job, same weights)",
+        examples=["mdl_5e6f7a8b9c0d1e2f"],
+    )
     metrics: dict[str, Any] | None = Field(
-        None, description="COCO AP, AP50, ... (0-1) on the job's validation split, measured by the runtime that "
+        None,
+        description="COCO AP, AP50, ... (0-1) on the job's validation split, measured by the runtime that "
         "serves the model (backend, providers); without a data set, the checkpoint's own",
-        examples=[{"AP": 0.412, "AP50": 0.803, "images": 73, "backend": "onnxruntime",
-                   "providers": ["CPUExecutionProvider"]}])
+        examples=[
+            {"AP": 0.412, "AP50": 0.803, "images": 73, "backend": "onnxruntime", "providers": ["CPUExecutionProvider"]}
+        ],
+    )
     accuracy_warning: dict[str, Any] | None = Field(
-        None, description="set when this format loses more than 1.5 AP against fp32 (still published)")
+        None, description="set when this format loses more than 1.5 AP against fp32 (still published)"
+    )
     serving: dict[str, Any] | None = Field(
-        None, description="the backend and providers that serve it in this API process (GET /v1/models/{id})",
-        examples=[{"backend": "onnxruntime", "providers": ["CPUExecutionProvider"], "loaded": True}])
+        None,
+        description="the backend and providers that serve it in this API process (GET /v1/models/{id})",
+        examples=[{"backend": "onnxruntime", "providers": ["CPUExecutionProvider"], "loaded": True}],
+    )
     sha256: str | None = None
     created_at: str | None = None
 

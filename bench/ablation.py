@@ -73,9 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--out", default=None, help="results name (default: ablation[_raccoon|_bccd])")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run of the whole pipeline")
-    parser.add_argument("--merge", type=Path, default=None,
-                        help="an earlier summary (.json) of the same settings: its rows this run does not train "
-                        "are kept")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        help="an earlier summary (.json) of the same settings: its rows this run does not train are kept",
+    )
     args = parser.parse_args(argv)
 
     plan = Plan(dataset=args.dataset, jobs=args.jobs, threads=args.threads, device=args.device)
@@ -92,11 +95,21 @@ def main(argv: list[str] | None = None) -> int:
         plan.warmup_iters = 100
     if args.quick:
         plan.seeds, plan.num_train, plan.num_val, plan.epochs, plan.teacher_epochs = 2, 32, 16, 1, 1
-    for name, value in (("rows", args.rows), ("seeds", args.seeds), ("num_train", args.train),
-                        ("num_val", args.val), ("epochs", args.epochs), ("teacher_epochs", args.teacher_epochs),
-                        ("lr", args.lr), ("num_classes", args.classes), ("max_objects", args.max_objects),
-                        ("batch", args.batch), ("warmup_iters", args.warmup), ("teacher_arch", args.teacher_arch),
-                        ("teacher_lr", args.teacher_lr)):
+    for name, value in (
+        ("rows", args.rows),
+        ("seeds", args.seeds),
+        ("num_train", args.train),
+        ("num_val", args.val),
+        ("epochs", args.epochs),
+        ("teacher_epochs", args.teacher_epochs),
+        ("lr", args.lr),
+        ("num_classes", args.classes),
+        ("max_objects", args.max_objects),
+        ("batch", args.batch),
+        ("warmup_iters", args.warmup),
+        ("teacher_arch", args.teacher_arch),
+        ("teacher_lr", args.teacher_lr),
+    ):
         if value is not None:
             setattr(plan, name, value)
     if args.size:
@@ -116,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = get_context("spawn")  # fresh interpreters: no torch thread pools or OpenMP state copied by fork
     with ProcessPoolExecutor(plan.jobs, mp_context=ctx, initializer=worker_init, initargs=(plan.threads,)) as pool:
+
         def submit(spec: dict[str, Any], name: str) -> Any:
             # A run folder left by an earlier invocation would be resumed (or refused, if its settings
             # differ): every run here starts afresh. Only the folders this run writes are removed, so a
@@ -126,8 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         teacher_future = None
         if not args.teacher:  # first in the queue: everything else but the rows trained alone waits for it
             teacher_future = submit(job_spec(plan, data_dir, None, 0, None), "teacher")
-        futures = {(row, seed): submit(job_spec(plan, data_dir, row, seed, None), f"{row}-seed{seed}")
-                   for seed in range(plan.seeds) for row in plan.rows if ROWS[row][1] is None}
+        futures = {
+            (row, seed): submit(job_spec(plan, data_dir, row, seed, None), f"{row}-seed{seed}")
+            for seed in range(plan.seeds)
+            for row in plan.rows
+            if ROWS[row][1] is None
+        }
         if teacher_future is None:
             teacher_path = args.teacher
             teacher = json.loads((teacher_path.parent / "metrics.json").read_text())
@@ -136,14 +154,23 @@ def main(argv: list[str] | None = None) -> int:
             teacher = teacher_future.result()
             teacher_path = runs_dir / "teacher" / "model.pt"
         print(f"teacher: {teacher['bbox']} ({teacher.get('wall_s', '?')} s)", flush=True)
-        futures.update({(row, seed): submit(job_spec(plan, data_dir, row, seed, teacher_path), f"{row}-seed{seed}")
-                        for seed in range(plan.seeds) for row in plan.rows if ROWS[row][1] is not None})
+        futures.update(
+            {
+                (row, seed): submit(job_spec(plan, data_dir, row, seed, teacher_path), f"{row}-seed{seed}")
+                for seed in range(plan.seeds)
+                for row in plan.rows
+                if ROWS[row][1] is not None
+            }
+        )
         runs: dict[str, list[dict]] = {row: [] for row in plan.rows}
         for (row, seed), fut in futures.items():
             result = fut.result()
             runs[row].append(result)
-            print(f"({row}) seed {seed}: AP {result['bbox']['AP']:.4f} AP50 {result['bbox']['AP50']:.4f} "
-                  f"AP75 {result['bbox']['AP75']:.4f} ({result['wall_s']} s)", flush=True)
+            print(
+                f"({row}) seed {seed}: AP {result['bbox']['AP']:.4f} AP50 {result['bbox']['AP50']:.4f} "
+                f"AP75 {result['bbox']['AP75']:.4f} ({result['wall_s']} s)",
+                flush=True,
+            )
 
     merged = None
     if args.merge:

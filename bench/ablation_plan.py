@@ -29,9 +29,18 @@ ROWS: dict[str, tuple[str, dict[str, Any] | None]] = {
 }
 METRICS = ("AP", "AP50", "AP75")
 # The table's term columns, in this order, for the terms some row switches on.
-TERMS = {"main_kd": "Main KD", "main_ld": "Main LD", "vlr_ld": "VLR LD", "vlr_kd": "VLR KD", "tbr": "TBR",
-         "fitnets": "FitNets", "crosskd_cls": "CrossKD cls", "crosskd_reg": "CrossKD reg", "bckd_cls": "BCKD cls",
-         "bckd_loc": "BCKD loc"}
+TERMS = {
+    "main_kd": "Main KD",
+    "main_ld": "Main LD",
+    "vlr_ld": "VLR LD",
+    "vlr_kd": "VLR KD",
+    "tbr": "TBR",
+    "fitnets": "FitNets",
+    "crosskd_cls": "CrossKD cls",
+    "crosskd_reg": "CrossKD reg",
+    "bckd_cls": "BCKD cls",
+    "bckd_loc": "BCKD loc",
+}
 
 
 @dataclass
@@ -83,12 +92,22 @@ def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
 def job_spec(plan: Plan, data_dir: Path, row: str | None, seed: int, teacher: Path | None) -> dict[str, Any]:
     """The JSON body of one job: the student for a row, or the teacher (``row=None``)."""
     is_teacher = row is None
-    schedule = {"epochs": plan.teacher_epochs if is_teacher else plan.epochs, "batch_size": plan.batch,
-                "lr": plan.teacher_lr if is_teacher else plan.lr, "image_size": list(plan.image_size),
-                "warmup_iters": plan.warmup_iters, "num_workers": 0}
-    spec: dict[str, Any] = {"kind": "train", "name": "teacher" if is_teacher else f"{row}-seed{seed}",
-                            "dataset": str(data_dir), "schedule": schedule, "seed": seed,
-                            "student": {"arch": plan.teacher_arch if is_teacher else plan.student_arch}}
+    schedule = {
+        "epochs": plan.teacher_epochs if is_teacher else plan.epochs,
+        "batch_size": plan.batch,
+        "lr": plan.teacher_lr if is_teacher else plan.lr,
+        "image_size": list(plan.image_size),
+        "warmup_iters": plan.warmup_iters,
+        "num_workers": 0,
+    }
+    spec: dict[str, Any] = {
+        "kind": "train",
+        "name": "teacher" if is_teacher else f"{row}-seed{seed}",
+        "dataset": str(data_dir),
+        "schedule": schedule,
+        "seed": seed,
+        "student": {"arch": plan.teacher_arch if is_teacher else plan.student_arch},
+    }
     changes = None if is_teacher else ROWS[row][1]
     if changes is not None:
         spec.update(kind="distill", teacher={"path": str(teacher)}, distill=_merge(plan.distill, changes))
@@ -114,16 +133,28 @@ def prepare_data(plan: Plan, work: Path) -> Path:
         out = work / plan.dataset
         if not (out / "annotations.json").exists():
             if plan.dataset == "raccoon":
-                import_voc(RACCOON, out, splits={"train": RACCOON / "data/train_labels.csv",
-                                                 "val": RACCOON / "data/test_labels.csv"})
+                import_voc(
+                    RACCOON,
+                    out,
+                    splits={"train": RACCOON / "data/train_labels.csv", "val": RACCOON / "data/test_labels.csv"},
+                )
             else:  # train on trainval, evaluate on test (split() validates on test when there is no val)
                 import_voc(BCCD, out, image_sets={"trainval": "train", "test": "test"})
         return out
     from distill.data.synthetic import make_synthetic
 
-    name = f"synthetic-{plan.image_size[0]}x{plan.image_size[1]}-{plan.num_train}-{plan.num_val}-c{plan.num_classes}" \
+    name = (
+        f"synthetic-{plan.image_size[0]}x{plan.image_size[1]}-{plan.num_train}-{plan.num_val}-c{plan.num_classes}"
         f"-s{plan.object_size[0]}-{plan.object_size[1]}-o{plan.max_objects}"
-    return make_synthetic(work / name, num_train=plan.num_train, num_val=plan.num_val,
-                          image_size=tuple(plan.image_size), num_classes=plan.num_classes,
-                          min_size=plan.object_size[0], max_size=plan.object_size[1],
-                          max_objects=plan.max_objects, seed=0)
+    )
+    return make_synthetic(
+        work / name,
+        num_train=plan.num_train,
+        num_val=plan.num_val,
+        image_size=tuple(plan.image_size),
+        num_classes=plan.num_classes,
+        min_size=plan.object_size[0],
+        max_size=plan.object_size[1],
+        max_objects=plan.max_objects,
+        seed=0,
+    )

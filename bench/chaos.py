@@ -151,8 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=24, help="training images (4 per iteration)")
     p.add_argument("--lease", type=float, default=10.0, help="LDD_LEASE_SECONDS of the stack")
     p.add_argument("--outage", type=float, default=3.0, help="seconds Redis and PostgreSQL stay down")
-    p.add_argument("--stall", type=float, default=45.0,
-                   help="a job queued and a worker idle this long: restart that worker (recorded as a failure)")
+    p.add_argument(
+        "--stall",
+        type=float,
+        default=45.0,
+        help="a job queued and a worker idle this long: restart that worker (recorded as a failure)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="chaos", help="results name under bench/results/")
     p.add_argument("--keep", action="store_true", help="keep the stack's folders and logs")

@@ -63,8 +63,9 @@ class Submitter:
         self.thread.join(30)
 
 
-def post_json(stack: Stack, path: str, body: dict[str, Any], key: str, stop: threading.Event | None = None,
-              timeout: float = 300) -> dict[str, Any] | None:
+def post_json(
+    stack: Stack, path: str, body: dict[str, Any], key: str, stop: threading.Event | None = None, timeout: float = 300
+) -> dict[str, Any] | None:
     deadline = time.monotonic() + timeout
     while not (stop and stop.is_set()):
         try:
@@ -94,8 +95,14 @@ def upload_dataset(stack: Stack, folder: Path) -> str:
 
 
 def schedule(epochs: int) -> dict[str, Any]:
-    return {"epochs": epochs, "batch_size": 4, "image_size": list(IMAGE_SIZE), "num_workers": 0, "warmup_iters": 2,
-            "lr": 0.01}
+    return {
+        "epochs": epochs,
+        "batch_size": 4,
+        "image_size": list(IMAGE_SIZE),
+        "num_workers": 0,
+        "warmup_iters": 2,
+        "lr": 0.01,
+    }
 
 
 def get_job(stack: Stack, job_id: str) -> dict[str, Any] | None:

@@ -39,8 +39,9 @@ class Disruption:
 
 
 class Chaos:
-    def __init__(self, stack: Stack, watcher: Watcher, submitter: Submitter, rng: random.Random, outage_s: float,
-                 stall_s: float):
+    def __init__(
+        self, stack: Stack, watcher: Watcher, submitter: Submitter, rng: random.Random, outage_s: float, stall_s: float
+    ):
         self.stack, self.watcher, self.submitter, self.rng, self.outage_s = stack, watcher, submitter, rng, outage_s
         self.stall_s = stall_s
         self.rescues: list[Disruption] = []
@@ -225,6 +226,7 @@ class Chaos:
                     time.sleep(0.005)
                 return True
         else:
+
             def pick() -> bool:
                 return any(progress_file(self.stack, j).get("phase") == "train" for j in self.running_jobs())
 

@@ -38,8 +38,11 @@ def interleaved_writers(lines: list[dict[str, Any]]) -> list[int]:
         it = ln.get("iter")
         if it is None:
             continue
-        if prev is not None and it < prev and not (it == ln.get("resumed_from_iter") or (it == 0 and not ln.get(
-                "resumed_from_iter"))):
+        if (
+            prev is not None
+            and it < prev
+            and not (it == ln.get("resumed_from_iter") or (it == 0 and not ln.get("resumed_from_iter")))
+        ):
             bad.append(i)
         prev = it
     return bad
@@ -60,8 +63,12 @@ def epochs_repeated(lines: list[dict[str, Any]], t_gone: float, per_epoch: int) 
         return {"at_iter": at_iter, "resumed_from": None, "repeated": 0.0, "trained_after": 0}
     resumed = after[0].get("resumed_from_iter") or 0
     trained_after = max(ln["iter"] for ln in after) - resumed
-    return {"at_iter": at_iter, "resumed_from": resumed, "repeated": round(max(0, at_iter - resumed) / per_epoch, 3),
-            "trained_after": trained_after}
+    return {
+        "at_iter": at_iter,
+        "resumed_from": resumed,
+        "repeated": round(max(0, at_iter - resumed) / per_epoch, 3),
+        "trained_after": trained_after,
+    }
 
 
 def job_sig(job: dict[str, Any]) -> tuple[Any, ...]:

@@ -28,14 +28,24 @@ from chaos_stack import Stack, progress_lines
 from chaos_watch import Watcher
 
 
-def collect(stack: Stack, watcher: Watcher, submitter: Submitter, disruptions: list[Disruption],
-            teacher_ids: list[str], args: argparse.Namespace, t_start: float, t_teachers: float,
-            t_end: float) -> dict[str, Any]:
+def collect(
+    stack: Stack,
+    watcher: Watcher,
+    submitter: Submitter,
+    disruptions: list[Disruption],
+    teacher_ids: list[str],
+    args: argparse.Namespace,
+    t_start: float,
+    t_teachers: float,
+    t_end: float,
+) -> dict[str, Any]:
     import psycopg
 
     with psycopg.connect(stack.store_url) as conn:
-        jobs = {r[0]: {"state": r[1], "attempts": r[2], "model_id": r[3], "error": r[4], "last_error": r[5]}
-                for r in conn.execute("SELECT id, state, attempts, model_id, error, last_error FROM jobs")}
+        jobs = {
+            r[0]: {"state": r[1], "attempts": r[2], "model_id": r[3], "error": r[4], "last_error": r[5]}
+            for r in conn.execute("SELECT id, state, attempts, model_id, error, last_error FROM jobs")
+        }
         models = conn.execute("SELECT id, job_id, path FROM models").fetchall()
     model_rows: dict[str, int] = {}
     for _id, job_id, _path in models:
@@ -94,7 +104,7 @@ def collect(stack: Stack, watcher: Watcher, submitter: Submitter, disruptions: l
                        # running again: its next child started (or it ended, if nothing was left to run)
                        running_again_s=seconds(d.t, new_child if new_child is not None else progress),
                        per_epoch=per_epoch, **epochs_repeated(lines, d.t_back or d.t, per_epoch))  # fmt: skip
-            log = (stack.runs_dir / d.job / "train.log")
+            log = stack.runs_dir / d.job / "train.log"
             resumed = re.findall(r"resumed from .* at iteration (\d+)", log.read_text() if log.exists() else "")
             row["train_log_resumes"] = [int(x) for x in resumed]
         else:
@@ -144,8 +154,14 @@ def verdict(res: dict[str, Any]) -> tuple[bool, list[str]]:
         problems.append(f"kills that repeated more than one epoch: {', '.join(bad)}")
     if bad := [r["job"] for r in rows if r.get("orphans")]:
         problems.append(f"children that outlived their killed worker: {', '.join(bad)}")
-    if bad := [r["kind"] for r in rows if r.get("recovery_s") is None and r.get("job_state") not in TERMINAL
-               and r["kind"] != "rescue" and (r["job"] or r.get("affected"))]:
+    if bad := [
+        r["kind"]
+        for r in rows
+        if r.get("recovery_s") is None
+        and r.get("job_state") not in TERMINAL
+        and r["kind"] != "rescue"
+        and (r["job"] or r.get("affected"))
+    ]:
         problems.append(f"disruptions without recovery: {', '.join(bad)}")
     for r in rows:
         if r["kind"] == "rescue":
@@ -212,9 +228,13 @@ def render(res: dict[str, Any]) -> str:
         f"{s['heartbeat_seconds']} s, recovery loop every {s['recover_seconds']} s, at most {s['max_attempts']} "
         f"attempts. {res['minutes']['total']} min in all ({res['minutes']['teachers']} min for the teachers).",
         "",
-        f"**Verdict: {'PASS' if ok else 'FAIL'}.** " + ("Every job succeeded and published exactly one model; no job "
-                                                        "ran twice at once; no kill cost more than one epoch."
-                                                        if ok else "; ".join(problems) + "."),
+        f"**Verdict: {'PASS' if ok else 'FAIL'}.** "
+        + (
+            "Every job succeeded and published exactly one model; no job "
+            "ran twice at once; no kill cost more than one epoch."
+            if ok
+            else "; ".join(problems) + "."
+        ),
         "" if ok or not held else f"Held: {'; '.join(held)}.",
         "",
         md_table(["figure", "measured", "expected"], head),
@@ -236,52 +256,125 @@ def render(res: dict[str, Any]) -> str:
         "the last iteration reported before the kill minus the iteration the next attempt resumed from, over the "
         "iterations per epoch. Times in seconds from the disruption.",
         "",
-        md_table(["#", "disruption", "job(s)", "where", "down", "gone", "orphans", "requeued", "claimed",
-                  "running again", "recovery", "iter at kill", "resumed from", "epochs repeated"],
-                 [[i + 1, r["kind"], (r["job"] or "")[-8:] or ", ".join(j[-8:] for j in r.get("affected", [])),
-                   r["at"], None if r["job"] else r["down_s"], r["down_s"] if r["job"] else None, r.get("orphans"),
-                   r.get("requeued_s"), r.get("claimed_s"), r.get("running_again_s"), r.get("recovery_s"),
-                   r.get("at_iter"), r.get("resumed_from"), r.get("repeated")]
-                  for i, r in enumerate(rows)]),  # fmt: skip
+        md_table(
+            [
+                "#",
+                "disruption",
+                "job(s)",
+                "where",
+                "down",
+                "gone",
+                "orphans",
+                "requeued",
+                "claimed",
+                "running again",
+                "recovery",
+                "iter at kill",
+                "resumed from",
+                "epochs repeated",
+            ],
+            [
+                [
+                    i + 1,
+                    r["kind"],
+                    (r["job"] or "")[-8:] or ", ".join(j[-8:] for j in r.get("affected", [])),
+                    r["at"],
+                    None if r["job"] else r["down_s"],
+                    r["down_s"] if r["job"] else None,
+                    r.get("orphans"),
+                    r.get("requeued_s"),
+                    r.get("claimed_s"),
+                    r.get("running_again_s"),
+                    r.get("recovery_s"),
+                    r.get("at_iter"),
+                    r.get("resumed_from"),
+                    r.get("repeated"),
+                ]
+                for i, r in enumerate(rows)
+            ],
+        ),  # fmt: skip
         "",
     ]
     notes = []
     for r in rows:
         if r["kind"] == "publish":
-            notes.append(f"- publish kill on {r['job'][-8:]} ({r['at']}): the store then had {r.get('model_rows')} "
-                         f"model row(s) for it and the job was {r.get('job_state')}.")
+            notes.append(
+                f"- publish kill on {r['job'][-8:]} ({r['at']}): the store then had {r.get('model_rows')} "
+                f"model row(s) for it and the job was {r.get('job_state')}."
+            )
         if r["kind"] in ("export", "publish") and r.get("trained_after"):
             notes.append(f"- {r['kind']} kill on {r['job'][-8:]}: {r['trained_after']} iterations trained again.")
-        if r["kind"] == "train" and r.get("train_log_resumes") and r.get("resumed_from") is not None \
-                and r["resumed_from"] not in r["train_log_resumes"]:
-            notes.append(f"- train kill on {r['job'][-8:]}: progress.jsonl says resumed from {r['resumed_from']}, "
-                         f"train.log {r['train_log_resumes']}.")
+        if (
+            r["kind"] == "train"
+            and r.get("train_log_resumes")
+            and r.get("resumed_from") is not None
+            and r["resumed_from"] not in r["train_log_resumes"]
+        ):
+            notes.append(
+                f"- train kill on {r['job'][-8:]}: progress.jsonl says resumed from {r['resumed_from']}, "
+                f"train.log {r['train_log_resumes']}."
+            )
         if r["kind"] == "redis" and r.get("affected") is not None:
             late = r.get("submitted_while_down") or []
-            notes.append(f"- Redis: {len(late)} job(s) submitted while it was down"
-                         + (f"; the first was claimed {fmt(r.get('submitted_claimed_after_back_s'))} s after Redis "
-                            "came back (its message was re-sent by the recovery loop)" if late else "") + ".")
+            notes.append(
+                f"- Redis: {len(late)} job(s) submitted while it was down"
+                + (
+                    f"; the first was claimed {fmt(r.get('submitted_claimed_after_back_s'))} s after Redis "
+                    "came back (its message was re-sent by the recovery loop)"
+                    if late
+                    else ""
+                )
+                + "."
+            )
         if r["kind"] == "rescue":
             for slot, line in (r.get("last_errors") or {}).items():
-                notes.append(f"- the watchdog restarted worker {slot} ({r['at']}); an idle worker normally claims a "
-                             f"queued job within seconds. Its last error before: `{line or 'none'}`.")
+                notes.append(
+                    f"- the watchdog restarted worker {slot} ({r['at']}); an idle worker normally claims a "
+                    f"queued job within seconds. Its last error before: `{line or 'none'}`."
+                )
         if r["kind"] in SERVICES and r.get("attempts_lost"):
             notes.append(f"- {r['kind']}: {r['attempts_lost']} running job(s) lost their attempt (lease) and resumed.")
     if res["registry_leftovers"]:
-        notes.append(f"- registry: {len(res['registry_leftovers'])} hidden temporary folder(s) left by killed "
-                     f"publishers ({', '.join(res['registry_leftovers'])}); never listed or served.")
+        notes.append(
+            f"- registry: {len(res['registry_leftovers'])} hidden temporary folder(s) left by killed "
+            f"publishers ({', '.join(res['registry_leftovers'])}); never listed or served."
+        )
     if notes:
         out += ["Notes:", "", *notes, ""]
     out += [
         "## Jobs",
         "",
-        md_table(["job", "state", "attempts", "kills", "store rows", "registry folders", "children seen",
-                  "two alive at once", "progress goes back", "submit to end (s)"],
-                 [[j["job"][-8:], j.get("state"), j.get("attempts"), ", ".join(j["kills"]) or "-", j["models_store"],
-                   j["models_registry"], len(j["children"]), len(j["twice_proc"]), len(j["twice_progress"]),
-                   j["seconds"]] for j in jobs]),  # fmt: skip
+        md_table(
+            [
+                "job",
+                "state",
+                "attempts",
+                "kills",
+                "store rows",
+                "registry folders",
+                "children seen",
+                "two alive at once",
+                "progress goes back",
+                "submit to end (s)",
+            ],
+            [
+                [
+                    j["job"][-8:],
+                    j.get("state"),
+                    j.get("attempts"),
+                    ", ".join(j["kills"]) or "-",
+                    j["models_store"],
+                    j["models_registry"],
+                    len(j["children"]),
+                    len(j["twice_proc"]),
+                    len(j["twice_progress"]),
+                    j["seconds"],
+                ]
+                for j in jobs
+            ],
+        ),  # fmt: skip
         "",
-        "## How \"ran twice at once\" is decided",
+        '## How "ran twice at once" is decided',
         "",
         "The store cannot show it by itself: the lease is one column changed by conditional UPDATEs, so it names "
         "one owner at any time (the owners seen are in chaos.json, one per attempt). What must not happen is that "

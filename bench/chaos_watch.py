@@ -30,8 +30,10 @@ class Watcher:
         # "pid:start time" -> {pid, start, job, what, first, last, worker, gone}: every attempt child seen
         self.children: dict[str, dict[str, Any]] = {}
         self.twice: list[dict[str, Any]] = []  # scans that saw two children of one job alive
-        self.threads = [threading.Thread(target=self._loop, args=(f, dt), daemon=True)
-                        for f, dt in ((self._scan_proc, 0.2), (self._poll_rest, 0.5), (self._poll_sql, 0.5))]
+        self.threads = [
+            threading.Thread(target=self._loop, args=(f, dt), daemon=True)
+            for f, dt in ((self._scan_proc, 0.2), (self._poll_rest, 0.5), (self._poll_sql, 0.5))
+        ]
         self._sql_conn: Any = None
 
     def start(self) -> None:

@@ -75,17 +75,18 @@ def _train_step(trainer: Trainer, images: torch.Tensor, targets: list[dict]) -> 
     trainer.optimizer.step()
 
 
-def measure(student: str, teacher: str, size: tuple[int, int], batch: int, iters: int, warmup: int,
-            device: str) -> dict:
+def measure(
+    student: str, teacher: str, size: tuple[int, int], batch: int, iters: int, warmup: int, device: str
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        data_dir = make_synthetic(tmp_path / "data", num_train=batch * (iters + warmup), num_val=2,
-                                  image_size=size, seed=0)
+        data_dir = make_synthetic(
+            tmp_path / "data", num_train=batch * (iters + warmup), num_val=2, image_size=size, seed=0
+        )
         classes = [str(d) for d in range(10)]
         teacher_path = tmp_path / "teacher.pt"
         atomic_save(detector_state(build_detector(teacher, len(classes), classes)), teacher_path)
-        schedule = {"epochs": 1, "batch_size": batch, "image_size": list(size), "num_workers": 0,
-                    "warmup_iters": 0}
+        schedule = {"epochs": 1, "batch_size": batch, "image_size": list(size), "num_workers": 0, "warmup_iters": 0}
         base = {"dataset": str(data_dir), "student": {"arch": student}, "schedule": schedule}
         plain = Trainer(LocalJobSpec.model_validate({"kind": "train", **base}), tmp_path / "plain", device=device)
         spec = LocalJobSpec.model_validate({"kind": "distill", **base, "teacher": {"path": str(teacher_path)}})
@@ -110,10 +111,12 @@ def measure(student: str, teacher: str, size: tuple[int, int], batch: int, iters
                 elapsed = _timed(lambda: found.append(criterion.regions(state, gt)), dev)[0]
                 return elapsed, int(found[0].main.sum()), int(found[0].vlr.sum())
 
-        times: dict[str, list[float]] = {k: [] for k in ("student", "teacher", "live", "filling", "cached",
-                                                         "prepass", "load", "regions")}
-        cpu_times: dict[str, list[float]] = {k: [] for k in ("student", "teacher", "live", "filling", "cached",
-                                                             "prepass")}
+        times: dict[str, list[float]] = {
+            k: [] for k in ("student", "teacher", "live", "filling", "cached", "prepass", "load", "regions")
+        }
+        cpu_times: dict[str, list[float]] = {
+            k: [] for k in ("student", "teacher", "live", "filling", "cached", "prepass")
+        }
         sizes = {"main": [], "vlr": []}
         batches = iter(distilled.train_loader)
         for i in range(warmup + iters):
@@ -136,8 +139,11 @@ def measure(student: str, teacher: str, size: tuple[int, int], batch: int, iters
             sample["prepass"] += load
             sample["load"] = load
             sample["regions"], n_main, n_vlr = regions(images, targets)
-            print(f"batch {i + 1}/{warmup + iters}: " + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in sample.items()),
-                  file=sys.stderr, flush=True)
+            print(
+                f"batch {i + 1}/{warmup + iters}: " + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in sample.items()),
+                file=sys.stderr,
+                flush=True,
+            )
             if i >= warmup:
                 for k, v in sample.items():
                     times[k].append(v)
@@ -152,11 +158,19 @@ def measure(student: str, teacher: str, size: tuple[int, int], batch: int, iters
         def paired(a: str, b: str, t: dict[str, list[float]] = times) -> float:
             """Median over batches of ``a / b`` on the same batch, timed seconds apart (shared load cancels)."""
             return statistics.median(x / y for x, y in zip(t[a], t[b], strict=True))
+
         return {
-            "student": student, "teacher": teacher, "image_size": list(size), "batch": batch, "iters": iters,
-            "warmup": warmup, "device": str(dev),
+            "student": student,
+            "teacher": teacher,
+            "image_size": list(size),
+            "batch": batch,
+            "iters": iters,
+            "warmup": warmup,
+            "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "amp": distilled.amp,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "amp": distilled.amp,
             "median_ms": {k: 1000 * v for k, v in med.items()},
             "min_ms": {k: 1000 * v for k, v in low.items()},
             "samples_ms": {k: [round(1000 * x, 1) for x in v] for k, v in times.items()},
@@ -164,20 +178,24 @@ def measure(student: str, teacher: str, size: tuple[int, int], batch: int, iters
             "cpu_samples_ms": {k: [round(1000 * x, 1) for x in v] for k, v in cpu_times.items()},
             "cached_ratio_cpu_paired": paired("cached", "student", cpu_times),
             "live_ratio_cpu_paired": statistics.median(
-                x / (y + z) for x, y, z in zip(cpu_times["live"], cpu_times["student"], cpu_times["teacher"],
-                                               strict=True)),
+                x / (y + z)
+                for x, y, z in zip(cpu_times["live"], cpu_times["student"], cpu_times["teacher"], strict=True)
+            ),
             "ratio": med["live"] / (med["student"] + med["teacher"]),
             "cached_ratio": med["cached"] / med["student"],
             "cached_ratio_paired": paired("cached", "student"),
             "cached_ratio_min": low["cached"] / low["student"],
             "live_ratio_paired": statistics.median(
-                x / (y + z) for x, y, z in zip(times["live"], times["student"], times["teacher"], strict=True)),
+                x / (y + z) for x, y, z in zip(times["live"], times["student"], times["teacher"], strict=True)
+            ),
             # Paired: differences of steps on the same batch, seconds apart.
-            "filling_extra_ms": 1000 * statistics.median(
-                f - v for f, v in zip(times["filling"], times["live"], strict=True)),
+            "filling_extra_ms": 1000
+            * statistics.median(f - v for f, v in zip(times["filling"], times["live"], strict=True)),
             # A pre-pass pays its own pass per batch, then epoch 1 runs at the cached speed instead of filling.
-            "prepass_net_ms": 1000 * statistics.median(
-                p - (f - c) for p, f, c in zip(times["prepass"], times["filling"], times["cached"], strict=True)),
+            "prepass_net_ms": 1000
+            * statistics.median(
+                p - (f - c) for p, f, c in zip(times["prepass"], times["filling"], times["cached"], strict=True)
+            ),
             "regions_share": med["regions"] / med["live"],
             "locations_per_batch": {k: statistics.mean(v) for k, v in sizes.items()},
             "cache": cache.report(),
@@ -226,8 +244,7 @@ def _coco_like(n: int, size: tuple[int, int], seed: int):
         x1, y1 = torch.rand(k, generator=g) * (w - bw), torch.rand(k, generator=g) * (h - bh)
         boxes = torch.stack([x1, y1, x1 + bw, y1 + bh], 1)
         image = torch.randn((3, h, w), generator=g)
-        yield image, {"boxes": boxes, "labels": torch.randint(80, (k,), generator=g), "image_id": i + 1,
-                      "size": (h, w)}
+        yield image, {"boxes": boxes, "labels": torch.randint(80, (k,), generator=g), "image_id": i + 1, "size": (h, w)}
 
 
 def cache_sizes(coco_images: int = 20) -> list[dict]:
@@ -241,9 +258,19 @@ def cache_sizes(coco_images: int = 20) -> list[dict]:
             dataset = DetectionDataset(data, train_ids, image_size=(640, 480))
             cache = TeacherCache(tmp_path / "bccd_cache", _criterion(data.classes, DistillSpec()))
             n, boxes = _fill(cache, (dataset[i] for i in range(len(dataset))))
-            rows.append({"dataset": "BCCD train split (measured)", "input": "640x480", "classes": len(data.classes),
-                         "images": n, "boxes_per_image": boxes, "entries": len(cache.index),
-                         "bytes_per_image": cache.bytes() / n, "total_gb": cache.bytes() / 1e9, "dense": False})
+            rows.append(
+                {
+                    "dataset": "BCCD train split (measured)",
+                    "input": "640x480",
+                    "classes": len(data.classes),
+                    "images": n,
+                    "boxes_per_image": boxes,
+                    "entries": len(cache.index),
+                    "bytes_per_image": cache.bytes() / n,
+                    "total_gb": cache.bytes() / 1e9,
+                    "dense": False,
+                }
+            )
         coco_classes = [f"c{i}" for i in range(80)]
         for dense in (False, True):
             # BCKD's terms read every location: every entry holds them all (two images tell the size).
@@ -251,11 +278,20 @@ def cache_sizes(coco_images: int = 20) -> list[dict]:
             cache = TeacherCache(tmp_path / f"coco_cache_{dense}", _criterion(coco_classes, spec))
             n, boxes = _fill(cache, _coco_like(2 if dense else coco_images, (1333, 800), seed=0))
             per_image = cache.bytes() / n
-            rows.append({"dataset": "COCO train2017 (on paper" + (", BCKD terms: dense)" if dense else ")"),
-                         "input": "1333x800", "classes": 80, "images": COCO_TRAIN_IMAGES,
-                         "measured_on": f"{n} synthetic images", "boxes_per_image": boxes,
-                         "entries": len(cache.index), "bytes_per_image": per_image,
-                         "total_gb": per_image * COCO_TRAIN_IMAGES / 1e9, "dense": dense})
+            rows.append(
+                {
+                    "dataset": "COCO train2017 (on paper" + (", BCKD terms: dense)" if dense else ")"),
+                    "input": "1333x800",
+                    "classes": 80,
+                    "images": COCO_TRAIN_IMAGES,
+                    "measured_on": f"{n} synthetic images",
+                    "boxes_per_image": boxes,
+                    "entries": len(cache.index),
+                    "bytes_per_image": per_image,
+                    "total_gb": per_image * COCO_TRAIN_IMAGES / 1e9,
+                    "dense": dense,
+                }
+            )
     return rows
 
 
@@ -320,8 +356,10 @@ def main() -> None:
         ]
         for s in r["cache_sizes"]:
             measured = f" (measured on {s['measured_on']})" if "measured_on" in s else ""
-            lines.append(f"| {s['dataset']}{measured} | {s['input']} | {s['classes']} | {s['images']} "
-                         f"| {s['boxes_per_image']:.2f} | {s['bytes_per_image']:,.0f} | {s['total_gb']:.3f} |")
+            lines.append(
+                f"| {s['dataset']}{measured} | {s['input']} | {s['classes']} | {s['images']} "
+                f"| {s['boxes_per_image']:.2f} | {s['bytes_per_image']:,.0f} | {s['total_gb']:.3f} |"
+            )
     print("\n".join(lines))
     save(f"distill_speed_{device_tag(r['device'])}", r, "\n".join(lines))
 

@@ -73,11 +73,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="gfl_r18")
     parser.add_argument("--input-size", type=int, nargs=2, default=(640, 384))
-    parser.add_argument("--formats", nargs="+", default=["fp32", "fp32,int8"],
-                        help="format lists timed with the TorchScript exporter")
+    parser.add_argument(
+        "--formats", nargs="+", default=["fp32", "fp32,int8"], help="format lists timed with the TorchScript exporter"
+    )
     parser.add_argument("--skip-dynamo", action="store_true", help="leave out the 'before' row (slow)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="calls per TorchScript row (the row shows the median call; the dynamo row runs once)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="calls per TorchScript row (the row shows the median call; the dynamo row runs once)",
+    )
     args = parser.parse_args()
     input_size = (max(args.input_size), min(args.input_size))
     rows = []
@@ -94,9 +99,16 @@ def main() -> None:
                 load = os.getloadavg()[0]
                 calls.append({"load_before": round(load, 2), **run(ckpt, tmp / f"out{i}", exporter, formats)})
             result = sorted(calls, key=lambda c: c["call_s"])[len(calls) // 2]
-            rows.append({"exporter": exporter, "formats": formats, **result,
-                         "calls_s": [c["call_s"] for c in calls], "cpu_all_s": [c["cpu_s"] for c in calls],
-                         "loads": [c["load_before"] for c in calls]})
+            rows.append(
+                {
+                    "exporter": exporter,
+                    "formats": formats,
+                    **result,
+                    "calls_s": [c["call_s"] for c in calls],
+                    "cpu_all_s": [c["cpu_s"] for c in calls],
+                    "loads": [c["load_before"] for c in calls],
+                }
+            )
             print(f"{exporter} {formats}: {result['call_s']:.1f} s (+ {result['import_s']:.1f} s imports)", flush=True)
     results = {"arch": args.arch, "input_size": list(input_size), "cpu_count": os.cpu_count(),
                "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
@@ -136,20 +148,27 @@ def markdown(res: dict[str, Any]) -> str:
     after = next((r for r in res["rows"] if r["exporter"] == "torchscript" and r["formats"] == "fp32"), None)
     if after:
         cpu, p = after.get("cpu_s", float("nan")), after["phases"]
-        lines += ["", f"- fp32 export + verification with the TorchScript exporter: **{after['call_s']:.1f} s** wall "
-                  f"at load {after['load_before']} (target < 10 s: **{'met' if after['call_s'] < 10 else 'NOT met'}** "
-                  f"in wall time on this shared machine). The call used {cpu:.1f} s of CPU over all its threads "
-                  f"(trace + check {p.get('export_cpu', float('nan')):.1f} s, verification "
-                  f"{p.get('verify_cpu', float('nan')):.1f} s), a measure the other processes' load changes less "
-                  "(not nothing: see the calls' CPU column): with the 2 cores to itself the call's wall time is about "
-                  "that or less "
-                  f"(**{'met' if cpu < 10 else 'NOT met'}** by that measure)."]
+        lines += [
+            "",
+            f"- fp32 export + verification with the TorchScript exporter: **{after['call_s']:.1f} s** wall "
+            f"at load {after['load_before']} (target < 10 s: **{'met' if after['call_s'] < 10 else 'NOT met'}** "
+            f"in wall time on this shared machine). The call used {cpu:.1f} s of CPU over all its threads "
+            f"(trace + check {p.get('export_cpu', float('nan')):.1f} s, verification "
+            f"{p.get('verify_cpu', float('nan')):.1f} s), a measure the other processes' load changes less "
+            "(not nothing: see the calls' CPU column): with the 2 cores to itself the call's wall time is about "
+            "that or less "
+            f"(**{'met' if cpu < 10 else 'NOT met'}** by that measure).",
+        ]
     if before and after:
-        lines.append(f"- against torch.export (before): {before['call_s']:.1f} s, "
-                     f"{before['call_s'] / after['call_s']:.1f}x slower; its tracing alone "
-                     f"{before['phases']['export']:.1f} s against {after['phases']['export']:.1f} s.")
-    lines.append("- verification runs at the model's input size capped at 416 pixels on the long side "
-                 f"({after['verify_input'] if after else '?'} here): the sample pictures are at most 416 wide.")
+        lines.append(
+            f"- against torch.export (before): {before['call_s']:.1f} s, "
+            f"{before['call_s'] / after['call_s']:.1f}x slower; its tracing alone "
+            f"{before['phases']['export']:.1f} s against {after['phases']['export']:.1f} s."
+        )
+    lines.append(
+        "- verification runs at the model's input size capped at 416 pixels on the long side "
+        f"({after['verify_input'] if after else '?'} here): the sample pictures are at most 416 wide."
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -43,14 +43,19 @@ def conv_graph(weight: np.ndarray, quantized: bool) -> onnx.ModelProto:
     if quantized:
         nodes += [helper.make_node("QuantizeLinear", ["yf", "ys", "yz"], ["yq"]),
                   helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"])]  # fmt: skip
-    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, CHANNELS,
-                                                                                                    HEIGHT, WIDTH])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    graph = helper.make_graph(
+        nodes,
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, CHANNELS, HEIGHT, WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def int8_conv_speedup(threads: int | None = None, rounds: int = 30,
-                      session_config: Mapping[str, str] | None = None) -> dict[str, float]:
+def int8_conv_speedup(
+    threads: int | None = None, rounds: int = 30, session_config: Mapping[str, str] | None = None
+) -> dict[str, float]:
     """Median fp32 and int8 call times (ms) of the convolution and their ratio (fp32 / int8)."""
     rng = np.random.default_rng(0)
     weight = rng.normal(0, 0.05, (CHANNELS, CHANNELS, 3, 3)).astype(np.float32)
@@ -59,12 +64,13 @@ def int8_conv_speedup(threads: int | None = None, rounds: int = 30,
     for fmt in ("fp32", "int8"):
         # The serving runtime's own session (deploy.backends): the detector's options, not a copy of them.
         graph = conv_graph(weight, fmt == "int8").SerializeToString()
-        sessions[fmt] = OrtSession(graph, providers=["CPUExecutionProvider"], intra_op_threads=threads,
-                                   session_config=session_config).session
+        sessions[fmt] = OrtSession(
+            graph, providers=["CPUExecutionProvider"], intra_op_threads=threads, session_config=session_config
+        ).session
         sessions[fmt].run(None, feed)
     times: dict[str, list[float]] = {fmt: [] for fmt in sessions}
     for i in range(rounds):
-        for fmt in (list(sessions) if i % 2 == 0 else list(reversed(sessions))):
+        for fmt in list(sessions) if i % 2 == 0 else list(reversed(sessions)):
             t0 = time.perf_counter()
             sessions[fmt].run(None, feed)
             times[fmt].append(time.perf_counter() - t0)

@@ -119,8 +119,12 @@ def int8_cpu_features() -> list[str]:
 
 def summarise(times: list[float], batch: int) -> dict[str, float]:
     per_image = np.array(times) / batch
-    return {"median_ms": float(np.median(per_image) * 1e3), "p90_ms": float(np.percentile(per_image, 90) * 1e3),
-            "throughput_ips": float(batch / np.median(times)), "calls": len(times)}
+    return {
+        "median_ms": float(np.median(per_image) * 1e3),
+        "p90_ms": float(np.percentile(per_image, 90) * 1e3),
+        "throughput_ips": float(batch / np.median(times)),
+        "calls": len(times),
+    }
 
 
 class TorchPredictor:
@@ -142,8 +146,14 @@ class TorchPredictor:
         for image, det, (sx, sy) in zip(images, dets, factors, strict=True):
             boxes = det["boxes"].float().cpu().numpy() / np.array([sx, sy, sx, sy])
             boxes = np.minimum(boxes, [image.width, image.height, image.width, image.height])
-            out.append([{"box": [float(v) for v in b], "score": float(sc), "label": int(lab)} for b, sc, lab in
-                        zip(boxes, det["scores"].float().cpu().numpy(), det["labels"].cpu().numpy(), strict=True)])
+            out.append(
+                [
+                    {"box": [float(v) for v in b], "score": float(sc), "label": int(lab)}
+                    for b, sc, lab in zip(
+                        boxes, det["scores"].float().cpu().numpy(), det["labels"].cpu().numpy(), strict=True
+                    )
+                ]
+            )
         return out
 
 
@@ -171,8 +181,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime intra-op threads")
     parser.add_argument("--fp16", action="store_true", help="also the student's fp16 export (GPU)")
-    parser.add_argument("--dataset", type=Path, default=None,
-                        help="data set folder for the AP column and int8 calibration (default: the synthetic set)")
+    parser.add_argument(
+        "--dataset",
+        type=Path,
+        default=None,
+        help="data set folder for the AP column and int8 calibration (default: the synthetic set)",
+    )
     parser.add_argument("--val-split", type=float, default=0.2, help="as the student's training job split --dataset")
     parser.add_argument("--val", type=int, default=24, help="synthetic validation pictures (AP)")
     parser.add_argument("--calibration", type=int, default=32, help="synthetic training pictures (int8 calibration)")
@@ -188,15 +202,22 @@ def main() -> None:
         if "CUDAExecutionProvider" in ort.get_available_providers():
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         else:
-            print("note: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu); "
-                  "ONNX Runtime rows run on the CPU")
+            print(
+                "note: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu); "
+                "ONNX Runtime rows run on the CPU"
+            )
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         # Real pictures: the synthetic set's validation images (digits on textured backgrounds); its
         # training images calibrate int8, its validation images give every row its AP.
-        synthetic = make_synthetic(tmp / "data", num_train=args.calibration, num_val=max(args.val, max(args.batches)),
-                                   image_size=(640, 480), seed=0)
+        synthetic = make_synthetic(
+            tmp / "data",
+            num_train=args.calibration,
+            num_val=max(args.val, max(args.batches)),
+            image_size=(640, 480),
+            seed=0,
+        )
         dataset = args.dataset or synthetic
         coco = load_coco(synthetic / "annotations.json")
         pictures = [Image.open(im["path"]).convert("RGB") for im in coco.images if im.get("split") == "val"]
@@ -211,8 +232,8 @@ def main() -> None:
         given = {"student": args.student, "distilled": args.distilled, "teacher": args.teacher}
         ckpts = {
             "student": args.student or build_checkpoint(args.student_arch, 0, tmp / "student.pt", input_size, calib),
-            "distilled": args.distilled or build_checkpoint(args.student_arch, 1, tmp / "distilled.pt", input_size,
-                                                            calib),
+            "distilled": args.distilled
+            or build_checkpoint(args.student_arch, 1, tmp / "distilled.pt", input_size, calib),
             "teacher": args.teacher or build_checkpoint(args.teacher_arch, 2, tmp / "teacher.pt", input_size, calib),
         }
         exports, predictors = {}, {}
@@ -220,10 +241,18 @@ def main() -> None:
         for name, ckpt in ckpts.items():
             t0 = time.perf_counter()
             formats = (["fp32", "int8"] + (["fp16"] if args.fp16 else [])) if name == "student" else ["fp32"]
-            exports[name] = export_model(ckpt, tmp / name, formats=formats, val_split=args.val_split, seed=0,
-                                         dataset=ap_dataset(ckpt, dataset, synthetic))
-            print(f"exported {name} ({exports[name]['arch']}, {'+'.join(formats)}) in {time.perf_counter() - t0:.0f} s,"
-                  f" verified on {exports[name]['export']['verification']['detections']} detections")
+            exports[name] = export_model(
+                ckpt,
+                tmp / name,
+                formats=formats,
+                val_split=args.val_split,
+                seed=0,
+                dataset=ap_dataset(ckpt, dataset, synthetic),
+            )
+            print(
+                f"exported {name} ({exports[name]['arch']}, {'+'.join(formats)}) in {time.perf_counter() - t0:.0f} s,"
+                f" verified on {exports[name]['export']['verification']['detections']} detections"
+            )
             predictors[name] = Predictor(tmp / name, **ort_options)
         predictors["student_int8"] = Predictor(tmp / "student" / "int8", **ort_options)
         if args.fp16:
@@ -231,22 +260,25 @@ def main() -> None:
         has_openvino = importlib.util.find_spec("openvino") is not None and device.type == "cpu"
         if has_openvino:
             predictors["student_ov"] = Predictor(tmp / "student", backend="openvino", intra_op_threads=args.threads)
-            predictors["student_ov_int8"] = Predictor(tmp / "student" / "int8", backend="openvino",
-                                                      intra_op_threads=args.threads)
+            predictors["student_ov_int8"] = Predictor(
+                tmp / "student" / "int8", backend="openvino", intra_op_threads=args.threads
+            )
         student = load_detector(ckpts["student"], device)
         student_set = ap_dataset(ckpts["student"], dataset, synthetic)
 
         rows: dict[str, Callable[[int], Callable[[], Any]]] = {}
         aps: dict[str, dict[str, Any]] = {}  # row -> its AP on the validation split, measured by that row
         batches = {b: prepare_batch(pictures[:b], input_size) for b in args.batches}
-        torch_batches = {b: (torch.from_numpy(x).to(device), [(int(h), int(w)) for h, w in s])
-                         for b, (x, s, _) in batches.items()}
+        torch_batches = {
+            b: (torch.from_numpy(x).to(device), [(int(h), int(w)) for h, w in s]) for b, (x, s, _) in batches.items()
+        }
 
         def ort_row(name: str) -> Callable[[int], Callable[[], Any]]:
-            return lambda b: (lambda: predictors[name].run(batches[b][0], batches[b][1]))
+            return lambda b: lambda: predictors[name].run(batches[b][0], batches[b][1])
 
-        def torch_row(b: int, model: GFL = student, dev: torch.device = device, half: bool = False
-                      ) -> Callable[[], Any]:
+        def torch_row(
+            b: int, model: GFL = student, dev: torch.device = device, half: bool = False
+        ) -> Callable[[], Any]:
             images, sizes = torch_batches[b]
             images = images.to(dev).half() if half else images.to(dev)
 
@@ -255,6 +287,7 @@ def main() -> None:
                     out = model.predict(images, sizes)
                 _sync(dev)
                 return out
+
             return call
 
         ort_label = "onnxruntime-" + ("cuda" if providers[0].startswith("CUDA") else "cpu")
@@ -265,27 +298,36 @@ def main() -> None:
         if has_openvino:
             rows["(o) student fp32, openvino-cpu"] = ort_row("student_ov")
             rows["(o8) student int8, openvino-cpu"] = ort_row("student_ov_int8")
-            for r, name in (("(o) student fp32, openvino-cpu", "student_ov"),
-                            ("(o8) student int8, openvino-cpu", "student_ov_int8")):
+            for r, name in (
+                ("(o) student fp32, openvino-cpu", "student_ov"),
+                ("(o8) student int8, openvino-cpu", "student_ov_int8"),
+            ):
                 aps[r] = runtime_ap(predictors[name], student_set, args.val_split, 0) if student_set else {}
         rows[f"(b) student, pytorch eager {device.type}"] = torch_row
-        aps[f"(b) student, pytorch eager {device.type}"] = runtime_ap(
-            TorchPredictor(student, input_size, device), student_set, args.val_split, 0) if student_set else {}
+        aps[f"(b) student, pytorch eager {device.type}"] = (
+            runtime_ap(TorchPredictor(student, input_size, device), student_set, args.val_split, 0)
+            if student_set
+            else {}
+        )
         if device.type != "cpu":
             student_cpu = load_detector(ckpts["student"], "cpu")
             rows["(b) student, pytorch eager cpu"] = lambda b: torch_row(b, student_cpu, torch.device("cpu"))
             student_half = load_detector(ckpts["student"], device).half()
-            rows[f"(b16) student fp16, pytorch eager {device.type}"] = (
-                lambda b: torch_row(b, student_half, device, half=True))
-            aps[f"(b16) student fp16, pytorch eager {device.type}"] = runtime_ap(
-                TorchPredictor(student_half, input_size, device, half=True), student_set, args.val_split, 0
-            ) if student_set else {}
+            rows[f"(b16) student fp16, pytorch eager {device.type}"] = lambda b: torch_row(
+                b, student_half, device, half=True
+            )
+            aps[f"(b16) student fp16, pytorch eager {device.type}"] = (
+                runtime_ap(TorchPredictor(student_half, input_size, device, half=True), student_set, args.val_split, 0)
+                if student_set
+                else {}
+            )
         rows[f"(c) teacher, {ort_label}"] = ort_row("teacher")
         aps[f"(c) teacher, {ort_label}"] = exports["teacher"]["metrics"]
         rows[f"(d) distilled student, {ort_label}"] = ort_row("distilled")
         aps[f"(d) distilled student, {ort_label}"] = exports["distilled"]["metrics"]
-        rows[f"student end-to-end (JPEG bytes -> detections), {ort_label}"] = (
-            lambda b: (lambda: predictors["student"].predict(jpegs[:b])))
+        rows[f"student end-to-end (JPEG bytes -> detections), {ort_label}"] = lambda b: (
+            lambda: predictors["student"].predict(jpegs[:b])
+        )
         if args.fp16:
             rows[f"(a16) student fp16, {ort_label}"] = ort_row("student_fp16")
             aps[f"(a16) student fp16, {ort_label}"] = exports["student"]["variants"]["fp16"]["metrics"]
@@ -307,20 +349,28 @@ def main() -> None:
             print(f"batch {b}: done")
 
         results: dict[str, Any] = {
-            "device": args.device, "machine": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "threads": args.threads or torch.get_num_threads(),
+            "device": args.device,
+            "machine": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "threads": args.threads or torch.get_num_threads(),
             # Other processes' load (1-minute average) before and after timing: read the numbers with it.
             "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-            "torch": torch.__version__, "onnxruntime": ort.__version__, "providers": providers,
-            "input_size": list(input_size), "image_size": [640, 480], "rounds": args.rounds,
+            "torch": torch.__version__,
+            "onnxruntime": ort.__version__,
+            "providers": providers,
+            "input_size": list(input_size),
+            "image_size": [640, 480],
+            "rounds": args.rounds,
             "checkpoints": {k: str(given[k]) if given[k] else f"untrained {exports[k]['arch']}" for k in ckpts},
             "rows": {r: {str(b): summarise(ts, b) for b, ts in per_b.items()} for r, per_b in times.items()},
-            "ap": {r: {k: v for k, v in ap.items() if k in ("AP", "AP50", "images", "backend")}
-                   for r, ap in aps.items()},
+            "ap": {
+                r: {k: v for k, v in ap.items() if k in ("AP", "AP50", "images", "backend")} for r, ap in aps.items()
+            },
             "ap_dataset": str(args.dataset) if args.dataset else "synthetic validation split",
             "int8_accuracy_warning": exports["student"]["variants"]["int8"]["accuracy_warning"],
             "cpu_int8_features": int8_cpu_features(),
-            "int8_conv_kernel": int8_conv_speedup(args.threads, session_config=SESSION_CONFIG) if device.type == "cpu"
+            "int8_conv_kernel": int8_conv_speedup(args.threads, session_config=SESSION_CONFIG)
+            if device.type == "cpu"
             else None,
         }
         if device.type == "cuda":
@@ -338,21 +388,32 @@ def main() -> None:
         a_row, d_row = f"(a) student fp32, {ort_label}", f"(d) distilled student, {ort_label}"
         for b in args.batches:
             ratio, lo, hi = bootstrap_ratio(times[a_row][b], times[d_row][b])
-            comparison["latency_ratio"][str(b)] = {"ratio": ratio, "ci90": [lo, hi],
-                                                  "within_noise": bool(lo <= 1.0 <= hi or abs(ratio - 1) <= 0.03)}
+            comparison["latency_ratio"][str(b)] = {
+                "ratio": ratio,
+                "ci90": [lo, hi],
+                "within_noise": bool(lo <= 1.0 <= hi or abs(ratio - 1) <= 0.03),
+            }
         a_med = {b: results["rows"][a_row][str(b)]["median_ms"] for b in args.batches}
         results["distilled_vs_undistilled"] = comparison
         # ONNX Runtime against eager on the device ORT ran on (an ORT-CPU vs eager-CUDA ratio means nothing).
         eager_row = f"(b) student, pytorch eager {ort_label.rsplit('-', 1)[1]}"
         med = {r: {b: results["rows"][r][str(b)]["median_ms"] for b in args.batches} for r in results["rows"]}
         results["speedups"] = {
-            str(b): {"ort_vs_eager": med[eager_row][b] / a_med[b],
-                     "teacher_vs_student": med[f"(c) teacher, {ort_label}"][b] / a_med[b],
-                     "int8_vs_fp32": a_med[b] / med[f"(a8) student int8, {ort_label}"][b],
-                     **({"openvino_fp32_vs_ort_fp32": a_med[b] / med["(o) student fp32, openvino-cpu"][b],
-                         "openvino_int8_vs_ort_fp32": a_med[b] / med["(o8) student int8, openvino-cpu"][b]}
-                        if has_openvino else {})}
-            for b in args.batches}
+            str(b): {
+                "ort_vs_eager": med[eager_row][b] / a_med[b],
+                "teacher_vs_student": med[f"(c) teacher, {ort_label}"][b] / a_med[b],
+                "int8_vs_fp32": a_med[b] / med[f"(a8) student int8, {ort_label}"][b],
+                **(
+                    {
+                        "openvino_fp32_vs_ort_fp32": a_med[b] / med["(o) student fp32, openvino-cpu"][b],
+                        "openvino_int8_vs_ort_fp32": a_med[b] / med["(o8) student int8, openvino-cpu"][b],
+                    }
+                    if has_openvino
+                    else {}
+                ),
+            }
+            for b in args.batches
+        }
 
     md = markdown(results)
     chart(results, save(out_name, results, md).with_suffix(".png"))

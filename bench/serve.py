@@ -96,8 +96,9 @@ def time_calls(fn: Any, items: list[Any], rounds: int) -> tuple[list[float], flo
     return lat, time.perf_counter() - start
 
 
-def http_clients(url: str, images: list[bytes], clients: int, requests: int, path: str = "/detect"
-                 ) -> tuple[list[float], float, int]:
+def http_clients(
+    url: str, images: list[bytes], clients: int, requests: int, path: str = "/detect"
+) -> tuple[list[float], float, int]:
     """``clients`` threads, each with its own keep-alive connection, ``requests`` in all, posting to ``path``."""
     per = max(1, requests // clients)
     lat: list[float] = []
@@ -216,8 +217,9 @@ def main() -> None:
                 if int8 is not None:
                     lat, wall = time_calls(lambda b: int8.run(*b), prepared, per_round)
                     add("int8: session (bare ORT call, prepared batch of 1)", lat, wall, per_round)
-                    lat, wall, _ = http_clients(url, images, 1, max(1, args.requests // args.repeat),
-                                                path="/v1/models/mdl_benchint8/detect")
+                    lat, wall, _ = http_clients(
+                        url, images, 1, max(1, args.requests // args.repeat), path="/v1/models/mdl_benchint8/detect"
+                    )
                     add("int8: /v1/models/{id}/detect, 1 client", lat, wall, len(lat))
         finally:
             server.terminate()
@@ -283,9 +285,11 @@ def render(result: dict[str, Any]) -> str:
     share8 = result.get("int8_detect_overhead_share")
     if share8 is not None:
         verdict = "met" if share8 < 0.2 else "NOT met"
-        lines.append(f"- int8 model: `/v1/models/{{id}}/detect` with one client spends {share8 * 100:.0f}% of its "
-                     f"round trip outside the int8 session call (target < 20%): **{verdict}**; the int8 session "
-                     f"call is {result['int8_session_speedup']:.2f}x as fast as the fp32 one.")
+        lines.append(
+            f"- int8 model: `/v1/models/{{id}}/detect` with one client spends {share8 * 100:.0f}% of its "
+            f"round trip outside the int8 session call (target < 20%): **{verdict}**; the int8 session "
+            f"call is {result['int8_session_speedup']:.2f}x as fast as the fp32 one."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -314,7 +318,7 @@ def _register(
 ) -> None:
     """Record the model in the server's store (as the worker does after publishing); ``precision``: the
     ``format`` and ``fp32_id`` of an int8 or fp16 model."""
-    from worker.store import Store
+    from core.store import Store
 
     store = Store(f"sqlite:///{data_dir / 'ldd.db'}")
     try:

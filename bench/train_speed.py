@@ -45,15 +45,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(arch: str, size: tuple[int, int], batch: int, iters: int, warmup: int, device: str,
-            workers: int | None) -> dict:
+def measure(
+    arch: str, size: tuple[int, int], batch: int, iters: int, warmup: int, device: str, workers: int | None
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = make_synthetic(Path(tmp) / "data", num_train=batch * (iters + warmup), num_val=2,
-                                  image_size=size, seed=0)
-        spec = LocalJobSpec.model_validate({
-            "kind": "train", "dataset": str(data_dir), "student": {"arch": arch},
-            "schedule": {"epochs": 1, "batch_size": batch, "image_size": list(size), "num_workers": workers,
-                         "warmup_iters": 0}})
+        data_dir = make_synthetic(
+            Path(tmp) / "data", num_train=batch * (iters + warmup), num_val=2, image_size=size, seed=0
+        )
+        spec = LocalJobSpec.model_validate(
+            {
+                "kind": "train",
+                "dataset": str(data_dir),
+                "student": {"arch": arch},
+                "schedule": {
+                    "epochs": 1,
+                    "batch_size": batch,
+                    "image_size": list(size),
+                    "num_workers": workers,
+                    "warmup_iters": 0,
+                },
+            }
+        )
         trainer = Trainer(spec, Path(tmp) / "run", device=device)
         dev = trainer.device
         model = trainer.model.train()
@@ -92,12 +104,20 @@ def measure(arch: str, size: tuple[int, int], batch: int, iters: int, warmup: in
                 images_done += images.shape[0]
         step_total = sum(phases.values())
         return {
-            "arch": arch, "image_size": list(size), "batch": batch, "iters": iters, "device": str(dev),
+            "arch": arch,
+            "image_size": list(size),
+            "batch": batch,
+            "iters": iters,
+            "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "amp": trainer.amp,
-            "workers": trainer.train_loader.num_workers, "pin_memory": trainer.train_loader.pin_memory,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "amp": trainer.amp,
+            "workers": trainer.train_loader.num_workers,
+            "pin_memory": trainer.train_loader.pin_memory,
             "persistent_workers": trainer.train_loader.persistent_workers,
-            "images_per_s": images_done / step_total, "step_ms": 1000 * step_total / iters,
+            "images_per_s": images_done / step_total,
+            "step_ms": 1000 * step_total / iters,
             "share": {k: v / step_total for k, v in phases.items()},
         }
 
@@ -107,16 +127,40 @@ def measure_ddp(arch: str, size: tuple[int, int], batch: int, iters: int, device
     progress records: (iterations x global batch) / seconds between the first record and the last."""
     global_batch = batch * processes
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = make_synthetic(Path(tmp) / "data", num_train=global_batch * iters, num_val=2, image_size=size,
-                                  seed=0)
-        spec = {"kind": "train", "dataset": str(data_dir), "student": {"arch": arch}, "val_split": 0.0,
-                "schedule": {"epochs": 1, "batch_size": global_batch, "image_size": list(size), "warmup_iters": 0,
-                             "gpus": processes}}
+        data_dir = make_synthetic(
+            Path(tmp) / "data", num_train=global_batch * iters, num_val=2, image_size=size, seed=0
+        )
+        spec = {
+            "kind": "train",
+            "dataset": str(data_dir),
+            "student": {"arch": arch},
+            "val_split": 0.0,
+            "schedule": {
+                "epochs": 1,
+                "batch_size": global_batch,
+                "image_size": list(size),
+                "warmup_iters": 0,
+                "gpus": processes,
+            },
+        }
         (Path(tmp) / "spec.json").write_text(json.dumps(spec))
-        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] \
-            if processes > 1 else []
-        cmd = [sys.executable, *launcher, "-m", "distill", "train", str(Path(tmp) / "spec.json"), "--out",
-               str(Path(tmp) / "run"), "--device", device, "--report-every-s", "0"]
+        launcher = (
+            ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
+        )
+        cmd = [
+            sys.executable,
+            *launcher,
+            "-m",
+            "distill",
+            "train",
+            str(Path(tmp) / "spec.json"),
+            "--out",
+            str(Path(tmp) / "run"),
+            "--device",
+            device,
+            "--report-every-s",
+            "0",
+        ]
         root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         started = time.monotonic()
@@ -127,9 +171,15 @@ def measure_ddp(arch: str, size: tuple[int, int], batch: int, iters: int, device
         steps = [r for r in records if r["phase"] == "train" and r["iter"] > 0]
         first, last = steps[0], steps[-1]
         rate = (last["iter"] - first["iter"]) * global_batch / max(last["time"] - first["time"], 1e-9)
-        return {"processes": processes, "batch_per_process": batch, "global_batch": global_batch,
-                "iters": last["iter"] - first["iter"], "images_per_s": rate, "per_process": rate / processes,
-                "job_seconds": round(time.monotonic() - started, 1)}
+        return {
+            "processes": processes,
+            "batch_per_process": batch,
+            "global_batch": global_batch,
+            "iters": last["iter"] - first["iter"],
+            "images_per_s": rate,
+            "per_process": rate / processes,
+            "job_seconds": round(time.monotonic() - started, 1),
+        }
 
 
 def main() -> None:
@@ -139,14 +189,34 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--workers", nargs="+", default=["0", "auto"],
-                        help="loader workers per row: numbers, or auto (the training default)")
-    parser.add_argument("--ddp", type=int, nargs="*", default=[], metavar="N",
-                        help="also train the job with N processes (torchrun) and report images/s per process")
+    parser.add_argument(
+        "--workers",
+        nargs="+",
+        default=["0", "auto"],
+        help="loader workers per row: numbers, or auto (the training default)",
+    )
+    parser.add_argument(
+        "--ddp",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="N",
+        help="also train the job with N processes (torchrun) and report images/s per process",
+    )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    rows = [measure(args.arch, tuple(args.size), args.batch, args.iters, args.warmup, args.device,
-                    None if w == "auto" else int(w)) for w in args.workers]
+    rows = [
+        measure(
+            args.arch,
+            tuple(args.size),
+            args.batch,
+            args.iters,
+            args.warmup,
+            args.device,
+            None if w == "auto" else int(w),
+        )
+        for w in args.workers
+    ]
     r = rows[0]
     lines = [
         f"# Training step speed: {r['arch']} at {r['image_size'][0]}x{r['image_size'][1]}, batch {r['batch']}",
@@ -158,19 +228,26 @@ def main() -> None:
         "|---:|:---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['workers']} | {'yes' if r['pin_memory'] else 'no'} | {r['images_per_s']:.2f} | "
-                     f"{r['step_ms']:.0f} | "
-                     + " | ".join(f"{100 * r['share'][k]:.1f}%" for k in ("data", "forward", "assign", "loss",
-                                                                         "backward")) + " |")
-    ddp = [measure_ddp(args.arch, tuple(args.size), args.batch, max(args.iters, 4), args.device, n)
-           for n in args.ddp]
+        lines.append(
+            f"| {r['workers']} | {'yes' if r['pin_memory'] else 'no'} | {r['images_per_s']:.2f} | "
+            f"{r['step_ms']:.0f} | "
+            + " | ".join(f"{100 * r['share'][k]:.1f}%" for k in ("data", "forward", "assign", "loss", "backward"))
+            + " |"
+        )
+    ddp = [measure_ddp(args.arch, tuple(args.size), args.batch, max(args.iters, 4), args.device, n) for n in args.ddp]
     if ddp:
-        lines += ["", f"One job over N processes (torchrun; {args.batch} images per process, default loader settings):",
-                  "", "| processes | global batch | images/s | images/s per process | scaling |",
-                  "|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"One job over N processes (torchrun; {args.batch} images per process, default loader settings):",
+            "",
+            "| processes | global batch | images/s | images/s per process | scaling |",
+            "|---:|---:|---:|---:|---:|",
+        ]
         for d in ddp:
-            lines.append(f"| {d['processes']} | {d['global_batch']} | {d['images_per_s']:.2f} | "
-                         f"{d['per_process']:.2f} | {d['per_process'] / ddp[0]['per_process']:.2f} |")
+            lines.append(
+                f"| {d['processes']} | {d['global_batch']} | {d['images_per_s']:.2f} | "
+                f"{d['per_process']:.2f} | {d['per_process'] / ddp[0]['per_process']:.2f} |"
+            )
     print("\n".join(lines))
     save(f"train_speed_{device_tag(rows[0]['device'])}", {"rows": rows, "ddp": ddp}, "\n".join(lines))
 

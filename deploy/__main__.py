@@ -28,12 +28,22 @@ def _export(args: argparse.Namespace) -> int:
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if "int8" in formats and args.calibration is None and args.dataset is None:
-        print("note: int8 calibrates on the built-in verification pictures (no --calibration DATASET_DIR given)",
-              file=sys.stderr)
+        print(
+            "note: int8 calibrates on the built-in verification pictures (no --calibration DATASET_DIR given)",
+            file=sys.stderr,
+        )
     try:
-        description = export_model(args.checkpoint, args.out_dir, formats=formats, samples=args.sample or None,
-                                   dataset=args.dataset, val_split=args.val_split, seed=args.seed,
-                                   calibration=args.calibration, backend=args.backend)
+        description = export_model(
+            args.checkpoint,
+            args.out_dir,
+            formats=formats,
+            samples=args.sample or None,
+            dataset=args.dataset,
+            val_split=args.val_split,
+            seed=args.seed,
+            calibration=args.calibration,
+            backend=args.backend,
+        )
     except ExportError as e:
         print(f"error: export failed: {e}", file=sys.stderr)
         return 1
@@ -59,8 +69,14 @@ def _predict(args: argparse.Namespace) -> int:
     out = []
     for i, (path, dets) in enumerate(zip(args.images, results, strict=True)):
         dets = [d for d in dets if d["score"] >= args.min_score]
-        out.append({"image": str(path), "detections": [
-            {**d, "box": [round(v, 2) for v in d["box"]], "score": round(d["score"], 4)} for d in dets]})
+        out.append(
+            {
+                "image": str(path),
+                "detections": [
+                    {**d, "box": [round(v, 2) for v in d["box"]], "score": round(d["score"], 4)} for d in dets
+                ],
+            }
+        )
         if args.draw:
             from deploy.draw import draw_detections
             from deploy.runtime import load_image
@@ -87,14 +103,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
     p.add_argument("--formats", default="fp32", help="comma-separated: fp32 (always), int8 (CPU), fp16 (GPU)")
-    p.add_argument("--calibration", metavar="DATASET_DIR", default=None,
-                   help="int8: calibrate on this data set's training pictures")
-    p.add_argument("--dataset", metavar="DATASET_DIR", default=None,
-                   help="measure each format's AP on this data set's validation split")
+    p.add_argument(
+        "--calibration",
+        metavar="DATASET_DIR",
+        default=None,
+        help="int8: calibrate on this data set's training pictures",
+    )
+    p.add_argument(
+        "--dataset",
+        metavar="DATASET_DIR",
+        default=None,
+        help="measure each format's AP on this data set's validation split",
+    )
     p.add_argument("--val-split", type=float, default=0.2, help="as the training job split the data set")
     p.add_argument("--seed", type=int, default=0, help="as the training job split the data set")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "openvino"],
-                   help="the runtime that measures the AP (the one that will serve the model)")
+    p.add_argument(
+        "--backend",
+        default="onnxruntime",
+        choices=["onnxruntime", "openvino"],
+        help="the runtime that measures the AP (the one that will serve the model)",
+    )
     p.add_argument("--sample", nargs="+", metavar="IMAGE", help="images to verify on (default: built-in ones)")
     p.set_defaults(fn=_export)
     p = sub.add_parser("predict", help="detections of an exported model on images, as JSON")

@@ -67,8 +67,9 @@ def select_providers(requested: Sequence[str] | None, available: Sequence[str]) 
         if p in available and p not in chosen:
             chosen.append(p)
         elif p not in available and not default:
-            log.warning("ONNX Runtime provider %s is not available in this build (%s); skipped", p,
-                        ", ".join(available))
+            log.warning(
+                "ONNX Runtime provider %s is not available in this build (%s); skipped", p, ", ".join(available)
+            )
     return [p for p in chosen if p != CPU] + [CPU]
 
 
@@ -77,8 +78,15 @@ class OrtSession:
 
     backend = "onnxruntime"
 
-    def __init__(self, data: bytes, *, providers: Sequence[str] | None = None, intra_op_threads: int | None = None,
-                 inter_op_threads: int | None = None, session_config: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        data: bytes,
+        *,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int | None = None,
+        inter_op_threads: int | None = None,
+        session_config: Mapping[str, str] | None = None,
+    ):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -129,15 +137,24 @@ class OpenVinoSession:
 
 
 def make_session(
-    data: bytes, *, backend: str = DEFAULT_BACKEND, providers: Sequence[str] | None = None,
-    intra_op_threads: int | None = None, inter_op_threads: int | None = None,
+    data: bytes,
+    *,
+    backend: str = DEFAULT_BACKEND,
+    providers: Sequence[str] | None = None,
+    intra_op_threads: int | None = None,
+    inter_op_threads: int | None = None,
     session_config: Mapping[str, str] | None = None,
 ) -> Session:
     """A session of ``backend`` over the ONNX bytes ``data``. For OpenVINO, ``providers`` may name its
     device (``["GPU"]``); the ONNX Runtime session options do not apply to it."""
     if backend == "onnxruntime":
-        return OrtSession(data, providers=providers, intra_op_threads=intra_op_threads,
-                          inter_op_threads=inter_op_threads, session_config=session_config)
+        return OrtSession(
+            data,
+            providers=providers,
+            intra_op_threads=intra_op_threads,
+            inter_op_threads=inter_op_threads,
+            session_config=session_config,
+        )
     if backend == "openvino":
         device = next((p for p in providers or [] if p.upper() in ("CPU", "GPU", "NPU", "AUTO")), "CPU")
         return OpenVinoSession(data, device=device.upper(), threads=intra_op_threads)

@@ -31,7 +31,10 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def draw_detections(
-    image: ImageSource, detections: Sequence[dict[str, Any]], *, min_score: float = 0.0,
+    image: ImageSource,
+    detections: Sequence[dict[str, Any]],
+    *,
+    min_score: float = 0.0,
 ) -> Image.Image:
     """A new RGB image: ``image`` with each detection's box and ``"class_name score"`` label.
 

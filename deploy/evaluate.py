@@ -27,16 +27,18 @@ def split_images(data: CocoData, part: str, val_split: float, seed: int) -> list
     return [data.image(i) for i in ids]
 
 
-def calibration_pictures(dataset: str | os.PathLike, count: int, val_split: float = 0.2, seed: int = 0
-                         ) -> list[Image.Image]:
+def calibration_pictures(
+    dataset: str | os.PathLike, count: int, val_split: float = 0.2, seed: int = 0
+) -> list[Image.Image]:
     """``count`` training pictures of ``dataset`` (a seeded draw), decoded as the runtime decodes them."""
     images = split_images(load_coco(dataset), "train", val_split, seed)
     chosen = random.Random(seed).sample(images, min(count, len(images)))
     return [load_image(open(im["path"], "rb").read(), name=str(im["path"])) for im in chosen]
 
 
-def runtime_ap(predictor: Predictor, dataset: str | os.PathLike, val_split: float = 0.2, seed: int = 0,
-               batch_size: int = 1) -> dict[str, Any]:
+def runtime_ap(
+    predictor: Predictor, dataset: str | os.PathLike, val_split: float = 0.2, seed: int = 0, batch_size: int = 1
+) -> dict[str, Any]:
     """COCO metrics (AP, AP50, ... on a 0-1 scale) of ``predictor`` on the validation split of ``dataset``,
     with the backend and providers that computed them.
 
@@ -49,13 +51,18 @@ def runtime_ap(predictor: Predictor, dataset: str | os.PathLike, val_split: floa
     images = split_images(data, "val", val_split, seed)
     detections = []
     for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
+        chunk = images[start : start + batch_size]
         pictures = [load_image(open(im["path"], "rb").read(), predictor.max_pixels, str(im["path"])) for im in chunk]
         for im, dets in zip(chunk, predictor.predict_loaded(pictures), strict=True):
             for d in dets:
                 x1, y1, x2, y2 = d["box"]
-                detections.append({"image_id": im["id"], "category_id": data.category_ids[d["label"]],
-                                   "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
-                                   "score": d["score"]})
+                detections.append(
+                    {
+                        "image_id": im["id"],
+                        "category_id": data.category_ids[d["label"]],
+                        "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+                        "score": d["score"],
+                    }
+                )
     metrics = coco_ap(data.ground_truth([im["id"] for im in images]), detections)
     return {**metrics, "images": len(images), "backend": predictor.backend, "providers": predictor.providers}

@@ -55,11 +55,19 @@ INT8_BOX_TOL, INT8_SCORE_TOL = 0.02, 0.05
 
 
 def export_model(
-    checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, *, formats: Sequence[str] = ("fp32",),
-    samples: Sequence[Image.Image | str | os.PathLike] | None = None, opset: int = OPSET,
-    exporter: str = "torchscript", dataset: str | os.PathLike | None = None, val_split: float = 0.2, seed: int = 0,
+    checkpoint_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    formats: Sequence[str] = ("fp32",),
+    samples: Sequence[Image.Image | str | os.PathLike] | None = None,
+    opset: int = OPSET,
+    exporter: str = "torchscript",
+    dataset: str | os.PathLike | None = None,
+    val_split: float = 0.2,
+    seed: int = 0,
     calibration: str | os.PathLike | Sequence[Image.Image] | None = None,
-    backend: str = DEFAULT_BACKEND, providers: Sequence[str] | None = None,
+    backend: str = DEFAULT_BACKEND,
+    providers: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Export a checkpoint (project or mmdetection GFL) in ``formats`` (fp32 always) into ``out_dir``.
 
@@ -89,8 +97,10 @@ def export_model(
     for key, ours in (("mean", MEAN), ("std", STD)):
         if key in meta and not np.allclose(meta[key], ours):
             raise ExportError(f"checkpoint was trained with {key} {meta[key]}, the runtime normalises with {ours}")
-    images = [load_image(im if isinstance(im, Image.Image) else Path(im).read_bytes(), name=str(im))
-              for im in (samples or sample_images())]
+    images = [
+        load_image(im if isinstance(im, Image.Image) else Path(im).read_bytes(), name=str(im))
+        for im in (samples or sample_images())
+    ]
     common = {
         "arch": model.arch or "custom", "num_classes": len(model.classes),
         "training_metrics": meta.get("metrics") or {},
@@ -122,8 +132,10 @@ def export_model(
                 check = verify_onnx(folder / "model.onnx", model, images, input_size, fp16=True)
             else:
                 pictures, source = _calibration(calibration, dataset, images, val_split, seed)
-                how = {**quantize_int8(tmp / "model.onnx", folder / "model.onnx", pictures, input_size),
-                       "calibration": source}
+                how = {
+                    **quantize_int8(tmp / "model.onnx", folder / "model.onnx", pictures, input_size),
+                    "calibration": source,
+                }
                 # Against the fp32 session that was just verified, on the same providers: what differs is
                 # the quantization only (and no second fp32 session is built).
                 int8_session = verification_session(folder / "model.onnx", providers=fp32_session.providers)
@@ -131,13 +143,20 @@ def export_model(
                                   score_tol=INT8_SCORE_TOL, score_thr=model.cfg.score_thr,
                                   max_dets=model.cfg.max_per_img)  # fmt: skip
             seconds[fmt] = time.perf_counter() - t0
-            made[fmt] = {"export": {**settings, fmt: how, "verification": check},
-                         "graph": graph_stats(onnx.load(str(folder / "model.onnx")))}
+            made[fmt] = {
+                "export": {**settings, fmt: how, "verification": check},
+                "graph": graph_stats(onnx.load(str(folder / "model.onnx"))),
+            }
 
         for fmt, info in made.items():
             folder = tmp if fmt == "fp32" else tmp / fmt
-            runtime = build_model_json(folder / "model.onnx", classes=model.classes, input_size=list(input_size),
-                                       mean=list(MEAN), std=list(STD))
+            runtime = build_model_json(
+                folder / "model.onnx",
+                classes=model.classes,
+                input_size=list(input_size),
+                mean=list(MEAN),
+                std=list(STD),
+            )
             write_model_json(folder, runtime)
             # model.json's own "format" is its schema tag; in a description, "format" is the precision.
             info.update(runtime, **common, format=fmt, size_bytes=(folder / "model.onnx").stat().st_size)
@@ -166,8 +185,11 @@ def export_model(
 
 
 def _calibration(
-    calibration: str | os.PathLike | Sequence[Image.Image] | None, dataset: str | os.PathLike | None,
-    samples: list[Image.Image], val_split: float, seed: int,
+    calibration: str | os.PathLike | Sequence[Image.Image] | None,
+    dataset: str | os.PathLike | None,
+    samples: list[Image.Image],
+    val_split: float,
+    seed: int,
 ) -> tuple[list[Image.Image], dict[str, Any]]:
     """The int8 calibration pictures and where they came from."""
     if calibration is not None and not isinstance(calibration, str | os.PathLike):
@@ -176,9 +198,12 @@ def _calibration(
     if folder is not None:
         pictures = calibration_pictures(folder, CALIBRATION_IMAGES, val_split, seed)
         return pictures, {"source": "training split", "dataset": str(folder), "images": len(pictures)}
-    return samples, {"source": "verification sample pictures", "images": len(samples),
-                     "note": "no data set given: calibrated on the built-in sample pictures; pass a data set "
-                             "(--calibration DATASET_DIR) for ranges that fit the real pictures"}
+    return samples, {
+        "source": "verification sample pictures",
+        "images": len(samples),
+        "note": "no data set given: calibrated on the built-in sample pictures; pass a data set "
+        "(--calibration DATASET_DIR) for ranges that fit the real pictures",
+    }
 
 
 def _accuracy_warning(fp32: dict[str, Any], ours: dict[str, Any], fmt: str, dataset: Any) -> dict[str, Any] | None:
@@ -188,11 +213,26 @@ def _accuracy_warning(fp32: dict[str, Any], ours: dict[str, Any], fmt: str, data
     drop = 100 * (float(fp32["AP"]) - float(ours["AP"]))
     if drop <= AP_WARNING:
         return None
-    return {"format": fmt, "AP": float(ours["AP"]), "fp32_AP": float(fp32["AP"]), "drop_points": round(drop, 2),
-            "threshold_points": AP_WARNING,
-            "message": f"{fmt} loses {drop:.1f} AP against fp32 ({100 * float(ours['AP']):.1f} vs "
-                       f"{100 * float(fp32['AP']):.1f}); published, but check it before serving it"}
+    return {
+        "format": fmt,
+        "AP": float(ours["AP"]),
+        "fp32_AP": float(fp32["AP"]),
+        "drop_points": round(drop, 2),
+        "threshold_points": AP_WARNING,
+        "message": f"{fmt} loses {drop:.1f} AP against fp32 ({100 * float(ours['AP']):.1f} vs "
+        f"{100 * float(fp32['AP']):.1f}); published, but check it before serving it",
+    }
 
 
-__all__ = ["AP_WARNING", "DetectorWithPostprocess", "ExportError", "class_nms_keep", "compare_detections",
-           "export_model", "export_onnx", "graph_stats", "sample_images", "verify_onnx"]
+__all__ = [
+    "AP_WARNING",
+    "DetectorWithPostprocess",
+    "ExportError",
+    "class_nms_keep",
+    "compare_detections",
+    "export_model",
+    "export_onnx",
+    "graph_stats",
+    "sample_images",
+    "verify_onnx",
+]

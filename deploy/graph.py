@@ -58,8 +58,13 @@ class ExportError(RuntimeError):
 
 @torch.library.custom_op("ldd::class_nms_keep", mutates_args=())
 def class_nms_keep(
-    boxes: Tensor, scores: Tensor, labels: Tensor, num_classes: int, iou_threshold: float,
-    score_threshold: float, max_per_class: int,
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    iou_threshold: float,
+    score_threshold: float,
+    max_per_class: int,
 ) -> Tensor:
     """``boxes (N, M, 4)``, ``scores (N, M)``, ``labels (N, M)`` int64 -> keep mask ``(N, M)`` float32.
 
@@ -78,8 +83,15 @@ def class_nms_keep(
 
 
 @class_nms_keep.register_fake
-def _(boxes: Tensor, scores: Tensor, labels: Tensor, num_classes: int, iou_threshold: float,
-      score_threshold: float, max_per_class: int) -> Tensor:
+def _(
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    iou_threshold: float,
+    score_threshold: float,
+    max_per_class: int,
+) -> Tensor:
     return torch.empty_like(scores)
 
 
@@ -90,16 +102,25 @@ def _(boxes: Tensor, scores: Tensor, labels: Tensor, num_classes: int, iou_thres
 
 
 @symbolic_helper.parse_args("v", "v", "v", "i", "f", "f", "i")
-def _class_nms_keep_torchscript(g: Any, boxes: Any, scores: Any, labels: Any, num_classes: int,
-                                iou_threshold: float, score_threshold: float, max_per_class: int) -> Any:
+def _class_nms_keep_torchscript(
+    g: Any,
+    boxes: Any,
+    scores: Any,
+    labels: Any,
+    num_classes: int,
+    iou_threshold: float,
+    score_threshold: float,
+    max_per_class: int,
+) -> Any:
     def const(value: Any) -> Any:
         return g.op("Constant", value_t=torch.tensor(value))
 
     classes = g.op("Constant", value_t=torch.arange(num_classes, dtype=torch.int64)[None, :, None])
     own_class = g.op("Equal", g.op("Unsqueeze", labels, const([1])), classes)
     planes = g.op("Where", own_class, g.op("Unsqueeze", scores, const([1])), const(0.0))
-    selected = g.op("NonMaxSuppression", boxes, planes, const([max_per_class]), const([iou_threshold]),
-                    const([score_threshold]))
+    selected = g.op(
+        "NonMaxSuppression", boxes, planes, const([max_per_class]), const([iou_threshold]), const([score_threshold])
+    )
     index = g.op("Gather", selected, const([0, 2]), axis_i=1)  # (S, 2): batch, candidate
     ones = g.op("Expand", const(1.0), g.op("Slice", g.op("Shape", index), const([0]), const([1])))
     return g.op("ScatterND", g.op("Mul", scores, const(0.0)), index, ones)
@@ -108,15 +129,23 @@ def _class_nms_keep_torchscript(g: Any, boxes: Any, scores: Any, labels: Any, nu
 torch.onnx.register_custom_op_symbolic("ldd::class_nms_keep", _class_nms_keep_torchscript, OPSET)
 
 
-def _class_nms_keep_onnxscript(boxes, scores, labels, num_classes: int, iou_threshold: float,  # onnxscript values
-                               score_threshold: float, max_per_class: int):
+def _class_nms_keep_onnxscript(
+    boxes,
+    scores,
+    labels,
+    num_classes: int,
+    iou_threshold: float,  # onnxscript values
+    score_threshold: float,
+    max_per_class: int,
+):
     from onnxscript import opset18 as op
 
     classes = op.Constant(value=onnx.numpy_helper.from_array(np.arange(num_classes, dtype=np.int64)[None, :, None]))
     own_class = op.Equal(op.Unsqueeze(labels, op.Constant(value_ints=[1])), classes)
     planes = op.Where(own_class, op.Unsqueeze(scores, op.Constant(value_ints=[1])), op.Constant(value_float=0.0))
     selected = op.NonMaxSuppression(
-        boxes, planes,
+        boxes,
+        planes,
         op.Constant(value_ints=[max_per_class]),
         op.Constant(value_floats=[iou_threshold]),
         op.Constant(value_floats=[score_threshold]),
@@ -254,5 +283,9 @@ def graph_stats(proto: onnx.ModelProto) -> dict[str, Any]:
     for node in proto.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
-    return {"nodes": len(proto.graph.node), "parameters": params, "initializers": len(proto.graph.initializer),
-            "ops": dict(sorted(ops.items()))}
+    return {
+        "nodes": len(proto.graph.node),
+        "parameters": params,
+        "initializers": len(proto.graph.initializer),
+        "ops": dict(sorted(ops.items())),
+    }

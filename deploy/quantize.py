@@ -47,8 +47,9 @@ CHAIN_SCOPES = ("/backbone/", "/neck/")
 
 def network_nodes(proto: onnx.ModelProto) -> list[str]:
     """Names of the nodes of the network proper: what int8 quantizes and fp16 halves."""
-    return [n.name for n in proto.graph.node
-            if n.name.startswith(NETWORK_SCOPES) and not n.name.startswith(DECODE_SCOPES)]
+    return [
+        n.name for n in proto.graph.node if n.name.startswith(NETWORK_SCOPES) and not n.name.startswith(DECODE_SCOPES)
+    ]
 
 
 class _Pictures:
@@ -56,7 +57,8 @@ class _Pictures:
 
     def __init__(self, images: Sequence[Image.Image], input_size: tuple[int, int]):
         self._feeds: Iterator[dict[str, np.ndarray]] = (
-            dict(zip(("images", "image_sizes"), prepare_batch([im], input_size)[:2], strict=True)) for im in images)
+            dict(zip(("images", "image_sizes"), prepare_batch([im], input_size)[:2], strict=True)) for im in images
+        )
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._feeds, None)
@@ -77,9 +79,12 @@ def quantize_int8(
     proto = onnx.load(str(src))
     # The head's last convolutions give the logits of scores and box distributions: a uint8 step there is a
     # tenth of a logit, which moves scores and NMS decisions. They stay float (a few % of the compute).
-    chosen = {n.name for n in proto.graph.node
-              if (n.op_type == "Conv" and not n.name.startswith(OUTPUT_CONVS))
-              or (n.op_type in CHAIN_OPS and n.name.startswith(CHAIN_SCOPES))}
+    chosen = {
+        n.name
+        for n in proto.graph.node
+        if (n.op_type == "Conv" and not n.name.startswith(OUTPUT_CONVS))
+        or (n.op_type in CHAIN_OPS and n.name.startswith(CHAIN_SCOPES))
+    }
     nodes = [n for n in network_nodes(proto) if n in chosen]
     with tempfile.TemporaryDirectory() as tmp:
         # The calibrator writes its augmented graph next to the working directory's; keep it in a temporary.
@@ -96,11 +101,17 @@ def quantize_int8(
             )  # fmt: skip
         finally:
             os.chdir(cwd)
-    return {"method": "static post-training quantization, QDQ", "ops": ["Conv", *CHAIN_OPS],
-            "chain_ops_in": [s.strip("/") for s in CHAIN_SCOPES],
-            "weights": "int8 per channel", "activations": "uint8 per tensor", "calibration_method": "minmax",
-            "calibration_images": len(calibration), "quantized_nodes": len(nodes),
-            "float_convs": ["gfl_cls", "gfl_reg"]}
+    return {
+        "method": "static post-training quantization, QDQ",
+        "ops": ["Conv", *CHAIN_OPS],
+        "chain_ops_in": [s.strip("/") for s in CHAIN_SCOPES],
+        "weights": "int8 per channel",
+        "activations": "uint8 per tensor",
+        "calibration_method": "minmax",
+        "calibration_images": len(calibration),
+        "quantized_nodes": len(nodes),
+        "float_convs": ["gfl_cls", "gfl_reg"],
+    }
 
 
 def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, object]:

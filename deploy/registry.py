@@ -33,8 +33,18 @@ from distill.files import atomic_write, atomic_write_json, sha256_file
 FORMAT = "ld-service-model/1"
 ONNX_FILE, META_FILE = "model.onnx", "model.json"
 # The keys of model.json; a published model.json keeps only these, whatever its source folder held.
-RUNTIME_KEYS = ("format", "id", "classes", "input_size", "size_divisor", "mean", "std", "color", "sha256",
-                "published_at")
+RUNTIME_KEYS = (
+    "format",
+    "id",
+    "classes",
+    "input_size",
+    "size_divisor",
+    "mean",
+    "std",
+    "color",
+    "sha256",
+    "published_at",
+)
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -117,8 +127,10 @@ def read_verified(folder: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
 
 def _check_hash(onnx_path: Path, actual: str, info: dict[str, Any]) -> None:
     if actual != info["sha256"]:
-        raise ModelIntegrityError(f"{onnx_path}: sha256 {actual} does not match the recorded {info['sha256']}; "
-                                  "the file was modified or damaged after export")
+        raise ModelIntegrityError(
+            f"{onnx_path}: sha256 {actual} does not match the recorded {info['sha256']}; "
+            "the file was modified or damaged after export"
+        )
 
 
 def _alive(pid: str) -> bool:
@@ -190,8 +202,9 @@ class Registry:
                 models.append(read_model_json(folder))
             except (FileNotFoundError, ModelIntegrityError):
                 continue
-        return sorted(models, key=lambda m: (m.get("published_at") or m.get("created_at") or "", m.get("id") or ""),
-                      reverse=True)
+        return sorted(
+            models, key=lambda m: (m.get("published_at") or m.get("created_at") or "", m.get("id") or ""), reverse=True
+        )
 
     def get(self, model_id: str) -> dict[str, Any]:
         """model.json of one model; ``KeyError`` if there is none."""
@@ -217,4 +230,3 @@ class Registry:
     def _check_id(model_id: str, exc: type[Exception] = ValueError) -> None:
         if not isinstance(model_id, str) or not _ID.match(model_id):
             raise exc(f"invalid model id {model_id!r}: letters, digits, '_', '.', '-' only")
-

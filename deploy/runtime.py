@@ -60,8 +60,9 @@ def load_image(src: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, name: str 
     elif isinstance(src, Image.Image):
         image = src
     else:
-        raise ImageError(f"{name}: unsupported input type {type(src).__name__}; give image bytes, a PIL image "
-                         "or a uint8 array")
+        raise ImageError(
+            f"{name}: unsupported input type {type(src).__name__}; give image bytes, a PIL image or a uint8 array"
+        )
     # The header's size is checked before any pixel is decoded: a decompression bomb never expands.
     _check_size(image.width, image.height, max_pixels, name)
     try:
@@ -130,9 +131,15 @@ class Predictor:
     """
 
     def __init__(
-        self, model_dir: str | os.PathLike, *, backend: str = DEFAULT_BACKEND, providers: Sequence[str] | None = None,
-        intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS, session_config: dict[str, str] | None = None,
+        self,
+        model_dir: str | os.PathLike,
+        *,
+        backend: str = DEFAULT_BACKEND,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int | None = None,
+        inter_op_threads: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        session_config: dict[str, str] | None = None,
     ):
         self.model_dir = Path(model_dir)
         # The verified bytes are the ones the session is built from: no window for the file to change
@@ -141,8 +148,14 @@ class Predictor:
         self.classes: list[str] = list(self.meta["classes"])
         self.input_size = (int(max(self.meta["input_size"])), int(min(self.meta["input_size"])))
         self.max_pixels = max_pixels
-        self.session = make_session(data, backend=backend, providers=providers, intra_op_threads=intra_op_threads,
-                                    inter_op_threads=inter_op_threads, session_config=session_config)
+        self.session = make_session(
+            data,
+            backend=backend,
+            providers=providers,
+            intra_op_threads=intra_op_threads,
+            inter_op_threads=inter_op_threads,
+            session_config=session_config,
+        )
         self.backend: str = self.session.backend
         self.providers: list[str] = self.session.providers
 
@@ -173,9 +186,15 @@ class Predictor:
             k = int(num[i])
             b = boxes[i, :k].astype(np.float64) / np.array([sx, sy, sx, sy])
             b = np.minimum(b, [image.width, image.height, image.width, image.height])
-            results.append([
-                {"box": [float(v) for v in box], "score": float(s), "label": int(lab),
-                 "class_name": self.classes[int(lab)] if 0 <= int(lab) < len(self.classes) else str(int(lab))}
-                for box, s, lab in zip(b, scores[i, :k], labels[i, :k], strict=True)
-            ])
+            results.append(
+                [
+                    {
+                        "box": [float(v) for v in box],
+                        "score": float(s),
+                        "label": int(lab),
+                        "class_name": self.classes[int(lab)] if 0 <= int(lab) < len(self.classes) else str(int(lab)),
+                    }
+                    for box, s, lab in zip(b, scores[i, :k], labels[i, :k], strict=True)
+                ]
+            )
         return results

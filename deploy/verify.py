@@ -74,8 +74,14 @@ def _torch_detections(model: GFL, batch: np.ndarray, sizes: np.ndarray) -> list[
 
 
 def compare_detections(
-    expected: dict[str, np.ndarray], got: dict[str, np.ndarray], image_hw: tuple[float, float], *,
-    box_tol: float, score_tol: float, score_thr: float, max_dets: int,
+    expected: dict[str, np.ndarray],
+    got: dict[str, np.ndarray],
+    image_hw: tuple[float, float],
+    *,
+    box_tol: float,
+    score_tol: float,
+    score_thr: float,
+    max_dets: int,
 ) -> dict[str, Any]:
     """Match two detection sets of one image: same label, box corners within ``box_tol * max(h, w)``,
     score within ``score_tol``. Returns counts, worst errors and ``problems`` (empty when they agree).
@@ -99,19 +105,29 @@ def compare_detections(
                 cur = (err_box, err_score)
         if best is None:
             if not _borderline(float(expected["scores"][i]), expected, score_tol, score_thr, max_dets):
-                problems.append(f"PyTorch detection {i} (label {int(expected['labels'][i])}, score "
-                                f"{float(expected['scores'][i]):.5f}, box {np.round(expected['boxes'][i], 2).tolist()})"
-                                " has no match in the graph's output")
+                problems.append(
+                    f"PyTorch detection {i} (label {int(expected['labels'][i])}, score "
+                    f"{float(expected['scores'][i]):.5f}, box {np.round(expected['boxes'][i], 2).tolist()})"
+                    " has no match in the graph's output"
+                )
             continue
         free.remove(best)
         matched += 1
         max_box, max_score = max(max_box, cur[0]), max(max_score, cur[1])
     for j in free:
         if not _borderline(float(got["scores"][j]), got, score_tol, score_thr, max_dets):
-            problems.append(f"graph detection (label {int(got['labels'][j])}, score "
-                            f"{float(got['scores'][j]):.5f}) has no match in PyTorch's output")
-    return {"expected": len(expected["scores"]), "got": len(got["scores"]), "matched": matched,
-            "max_box_error_px": max_box, "max_score_error": max_score, "problems": problems}
+            problems.append(
+                f"graph detection (label {int(got['labels'][j])}, score "
+                f"{float(got['scores'][j]):.5f}) has no match in PyTorch's output"
+            )
+    return {
+        "expected": len(expected["scores"]),
+        "got": len(got["scores"]),
+        "matched": matched,
+        "max_box_error_px": max_box,
+        "max_score_error": max_score,
+        "problems": problems,
+    }
 
 
 def _borderline(score: float, dets: dict[str, np.ndarray], tol: float, thr: float, max_dets: int) -> bool:
@@ -127,20 +143,30 @@ def verification_groups(images: Sequence[Image.Image]) -> list[list[Image.Image]
 
 
 def verification_session(
-    onnx_path: str | os.PathLike, *, fp16: bool = False, backend: str = "onnxruntime",
+    onnx_path: str | os.PathLike,
+    *,
+    fp16: bool = False,
+    backend: str = "onnxruntime",
     providers: Sequence[str] | None = None,
 ) -> Session:
     """The session ``verify_onnx`` checks the graph at ``onnx_path`` in (ONNX Runtime: the CPU for fp32, CUDA
     when present for fp16)."""
     with open(onnx_path, "rb") as f:
         # No spinning: ONNX Runtime's idle threads would take the cores from the PyTorch reference between calls.
-        return make_session(f.read(), backend=backend, providers=providers or _verification_providers(fp16),
-                            session_config=NO_SPIN)
+        return make_session(
+            f.read(), backend=backend, providers=providers or _verification_providers(fp16), session_config=NO_SPIN
+        )
 
 
 def verify_onnx(
-    onnx_path: str | os.PathLike, model: GFL, images: Sequence[Image.Image], input_size: tuple[int, int], *,
-    fp16: bool = False, backend: str = "onnxruntime", providers: Sequence[str] | None = None,
+    onnx_path: str | os.PathLike,
+    model: GFL,
+    images: Sequence[Image.Image],
+    input_size: tuple[int, int],
+    *,
+    fp16: bool = False,
+    backend: str = "onnxruntime",
+    providers: Sequence[str] | None = None,
     session: Session | None = None,
 ) -> dict[str, Any]:
     """Run the exported graph in ``backend`` on ``images`` (``verification_groups``) and compare with
@@ -154,22 +180,39 @@ def verify_onnx(
     reference = model.float().eval()
     input_size = verification_size(input_size)
     groups = verification_groups(images)
-    stats: dict[str, Any] = {"backend": session.backend, "providers": session.providers,
-                             "input_size": list(input_size), "batches": [len(g) for g in groups], "detections": 0,
-                             "max_box_error_px": 0.0, "max_score_error": 0.0, "box_tol": box_tol,
-                             "score_tol": score_tol, "unmatched": 0}
+    stats: dict[str, Any] = {
+        "backend": session.backend,
+        "providers": session.providers,
+        "input_size": list(input_size),
+        "batches": [len(g) for g in groups],
+        "detections": 0,
+        "max_box_error_px": 0.0,
+        "max_score_error": 0.0,
+        "box_tol": box_tol,
+        "score_tol": score_tol,
+        "unmatched": 0,
+    }
     problems: list[str] = []
     for group in groups:
         batch, sizes, _ = prepare_batch(group, input_size)
         got_all = _unpad(*session.run(batch, sizes))
         for i, (expected, got) in enumerate(zip(_torch_detections(reference, batch, sizes), got_all, strict=True)):
-            result = compare_detections(expected, got, tuple(sizes[i]), box_tol=box_tol, score_tol=score_tol,
-                                        score_thr=model.cfg.score_thr, max_dets=model.cfg.max_per_img)
+            result = compare_detections(
+                expected,
+                got,
+                tuple(sizes[i]),
+                box_tol=box_tol,
+                score_tol=score_tol,
+                score_thr=model.cfg.score_thr,
+                max_dets=model.cfg.max_per_img,
+            )
             stats["detections"] += result["matched"]
             stats["max_box_error_px"] = max(stats["max_box_error_px"], result["max_box_error_px"])
             stats["max_score_error"] = max(stats["max_score_error"], result["max_score_error"])
-            problems += [f"batch of {len(group)}, image {i} ({int(sizes[i][1])}x{int(sizes[i][0])}): {p}"
-                         for p in result["problems"]]
+            problems += [
+                f"batch of {len(group)}, image {i} ({int(sizes[i][1])}x{int(sizes[i][0])}): {p}"
+                for p in result["problems"]
+            ]
     stats["unmatched"] = len(problems)
     if len(problems) > allowed * max(1, stats["detections"]):
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
@@ -178,21 +221,37 @@ def verify_onnx(
 
 
 def agreement(
-    reference: Any, candidate: Any, images: Sequence[Image.Image], input_size: tuple[int, int], *,
-    box_tol: float, score_tol: float, score_thr: float = 0.05, max_dets: int = 100,
+    reference: Any,
+    candidate: Any,
+    images: Sequence[Image.Image],
+    input_size: tuple[int, int],
+    *,
+    box_tol: float,
+    score_tol: float,
+    score_thr: float = 0.05,
+    max_dets: int = 100,
 ) -> dict[str, Any]:
     """How far ``candidate``'s detections are from ``reference``'s (two sessions with ``run(batch, sizes)``)
     on the same prepared batches: counts, matches within the tolerances, worst errors. Raises nothing: an
     int8 graph differs by design, and what it costs is measured as AP."""
-    out: dict[str, Any] = {"reference": 0, "candidate": 0, "matched": 0, "max_box_error_px": 0.0,
-                           "max_score_error": 0.0, "box_tol": box_tol, "score_tol": score_tol}
+    out: dict[str, Any] = {
+        "reference": 0,
+        "candidate": 0,
+        "matched": 0,
+        "max_box_error_px": 0.0,
+        "max_score_error": 0.0,
+        "box_tol": box_tol,
+        "score_tol": score_tol,
+    }
     input_size = verification_size(input_size)
     for group in verification_groups(images):
         batch, sizes, _ = prepare_batch(group, input_size)
-        for i, (exp, got) in enumerate(zip(_unpad(*reference.run(batch, sizes)), _unpad(*candidate.run(batch, sizes)),
-                                           strict=True)):
-            r = compare_detections(exp, got, tuple(sizes[i]), box_tol=box_tol, score_tol=score_tol,
-                                   score_thr=score_thr, max_dets=max_dets)
+        for i, (exp, got) in enumerate(
+            zip(_unpad(*reference.run(batch, sizes)), _unpad(*candidate.run(batch, sizes)), strict=True)
+        ):
+            r = compare_detections(
+                exp, got, tuple(sizes[i]), box_tol=box_tol, score_tol=score_tol, score_thr=score_thr, max_dets=max_dets
+            )
             out["reference"] += r["expected"]
             out["candidate"] += r["got"]
             out["matched"] += r["matched"]
@@ -203,8 +262,10 @@ def agreement(
 
 
 def _unpad(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, num: np.ndarray) -> list[dict[str, np.ndarray]]:
-    return [{"boxes": boxes[i, :k], "scores": scores[i, :k], "labels": labels[i, :k]}
-            for i, k in enumerate(int(v) for v in num)]
+    return [
+        {"boxes": boxes[i, :k], "scores": scores[i, :k], "labels": labels[i, :k]}
+        for i, k in enumerate(int(v) for v in num)
+    ]
 
 
 def _verification_providers(fp16: bool) -> list[str] | None:

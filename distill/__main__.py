@@ -34,17 +34,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distill")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train or distil a detector from a job spec")
-    train.add_argument("spec", type=Path, help="job spec JSON (the body of POST /v1/jobs, with local paths: "
-                       "a dataset folder, teacher {'path': file}, student init {'path': file})")
+    train.add_argument(
+        "spec",
+        type=Path,
+        help="job spec JSON (the body of POST /v1/jobs, with local paths: "
+        "a dataset folder, teacher {'path': file}, student init {'path': file})",
+    )
     train.add_argument("--out", type=Path, required=True, help="run folder (resumed if it holds a checkpoint)")
-    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available; under "
-                       "torchrun, cuda means each rank's own GPU, cuda:LOCAL_RANK)")
-    train.add_argument("--weights-dir", default=None,
-                       help="cache of torchvision's ImageNet weights (default: $TORCH_HOME/hub/checkpoints)")
-    train.add_argument("--min-free-bytes", type=int, default=0,
-                       help="stop (exit 1) rather than write a checkpoint that would leave less free space")
-    train.add_argument("--report-every-s", type=float, default=2.0,
-                       help="seconds between progress records (0: one per step)")
+    train.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1 (default: cuda if available; under "
+        "torchrun, cuda means each rank's own GPU, cuda:LOCAL_RANK)",
+    )
+    train.add_argument(
+        "--weights-dir",
+        default=None,
+        help="cache of torchvision's ImageNet weights (default: $TORCH_HOME/hub/checkpoints)",
+    )
+    train.add_argument(
+        "--min-free-bytes",
+        type=int,
+        default=0,
+        help="stop (exit 1) rather than write a checkpoint that would leave less free space",
+    )
+    train.add_argument(
+        "--report-every-s", type=float, default=2.0, help="seconds between progress records (0: one per step)"
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -62,8 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "error.json").unlink(missing_ok=True)
     try:
         device = ddp.setup(args.device)
-        metrics = run(spec, args.out, device=device, weights_dir=args.weights_dir,
-                      min_free_bytes=args.min_free_bytes, report_every_s=args.report_every_s)
+        metrics = run(
+            spec,
+            args.out,
+            device=device,
+            weights_dir=args.weights_dir,
+            min_free_bytes=args.min_free_bytes,
+            report_every_s=args.report_every_s,
+        )
     except Stopped as e:  # not a verdict on the job: no error.json
         print(f"stopped: {e}", file=sys.stderr)
         return 143

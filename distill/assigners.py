@@ -24,9 +24,7 @@ class Assignment:
     iou: Tensor  # (B, A, G) anchor IoU with each ground truth (0 for padding)
 
 
-def atss_assign(
-    anchors: Tensor, counts: list[int], gt_boxes: Tensor, gt_valid: Tensor, topk: int = 9
-) -> Assignment:
+def atss_assign(anchors: Tensor, counts: list[int], gt_boxes: Tensor, gt_valid: Tensor, topk: int = 9) -> Assignment:
     """Assign ``A`` locations to ground truths.
 
     Args:
@@ -39,9 +37,12 @@ def atss_assign(
     a = anchors.shape[0]
     if g == 0:
         zeros = anchors.new_zeros((b, a, 0))
-        return Assignment(anchors.new_full((b, a), -1, dtype=torch.long),
-                          torch.zeros((b, a), dtype=torch.bool, device=anchors.device),
-                          anchors.new_zeros((b, 0)), zeros)
+        return Assignment(
+            anchors.new_full((b, a), -1, dtype=torch.long),
+            torch.zeros((b, a), dtype=torch.bool, device=anchors.device),
+            anchors.new_zeros((b, 0)),
+            zeros,
+        )
     iou = pairwise_iou(anchors[None].expand(b, -1, -1), gt_boxes)  # (B, A, G)
     iou = iou * gt_valid[:, None, :]
     anchor_ctr = (anchors[:, :2] + anchors[:, 2:]) / 2  # (A, 2)
@@ -52,7 +53,7 @@ def atss_assign(
     candidates, start = [], 0
     for n in counts:
         k = min(topk, n)
-        candidates.append(dist[:, start:start + n].topk(k, dim=1, largest=False).indices + start)
+        candidates.append(dist[:, start : start + n].topk(k, dim=1, largest=False).indices + start)
         start += n
     candidates = torch.cat(candidates, dim=1)
     cand_iou = iou.gather(1, candidates)  # (B, K, G)

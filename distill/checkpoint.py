@@ -29,12 +29,24 @@ from distill.spec import ARCHITECTURES, arch_config
 
 FORMAT = "ld-service/1"
 
-__all__ = ["FORMAT", "CheckpointError", "build_detector", "detector_state", "atomic_save", "read_checkpoint",
-           "load_detector", "checkpoint_meta", "state_dict_of", "infer_config", "backbone_tensors"]
+__all__ = [
+    "FORMAT",
+    "CheckpointError",
+    "build_detector",
+    "detector_state",
+    "atomic_save",
+    "read_checkpoint",
+    "load_detector",
+    "checkpoint_meta",
+    "state_dict_of",
+    "infer_config",
+    "backbone_tensors",
+]
 
 
-def build_detector(arch: str, num_classes: int, classes: list[str] | None = None, *, frozen_stages: int = -1,
-                   norm_eval: bool = False) -> GFL:
+def build_detector(
+    arch: str, num_classes: int, classes: list[str] | None = None, *, frozen_stages: int = -1, norm_eval: bool = False
+) -> GFL:
     """A freshly initialised detector of a named architecture (``gfl_tiny``, ``gfl_r18``, ... ``gfl_r101``).
 
     ``frozen_stages``/``norm_eval`` are mmdetection's backbone regime for pretrained weights
@@ -42,8 +54,13 @@ def build_detector(arch: str, num_classes: int, classes: list[str] | None = None
     """
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
-    cfg = DetectorConfig(**arch_config(arch), num_classes=num_classes, classes=list(classes or []),
-                         frozen_stages=frozen_stages, norm_eval=norm_eval)
+    cfg = DetectorConfig(
+        **arch_config(arch),
+        num_classes=num_classes,
+        classes=list(classes or []),
+        frozen_stages=frozen_stages,
+        norm_eval=norm_eval,
+    )
     return GFL(cfg, arch)
 
 
@@ -87,10 +104,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def state_dict_of(ckpt: dict[str, Any]) -> dict[str, Tensor]:
     """The largest tensor dict among the usual places (``state_dict``, ``model``, the checkpoint itself),
     as the torch-free reader finds it."""
-    candidates = [ckpt] + [ckpt[k] for k in ("state_dict", "model", "model_state", "student", "weights")
-                           if isinstance(ckpt.get(k), dict)]
-    return max(({k: v for k, v in c.items() if isinstance(k, str) and isinstance(v, Tensor)} for c in candidates),
-               key=len)
+    candidates = [ckpt] + [
+        ckpt[k] for k in ("state_dict", "model", "model_state", "student", "weights") if isinstance(ckpt.get(k), dict)
+    ]
+    return max(
+        ({k: v for k, v in c.items() if isinstance(k, str) and isinstance(v, Tensor)} for c in candidates), key=len
+    )
 
 
 def infer_config(state: dict[str, Tensor], meta: dict[str, Any] | None = None) -> DetectorConfig:

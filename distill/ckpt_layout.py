@@ -90,8 +90,11 @@ def infer_gfl_architecture(sd: dict[str, T], meta: dict[str, Any] | None = None)
         t = det.get(key)
         return tuple(int(s) for s in t.shape) if t is not None else None
 
-    conv1, cls_w, reg_w = shape("backbone.conv1.weight"), shape("bbox_head.gfl_cls.weight"), \
-        shape("bbox_head.gfl_reg.weight")
+    conv1, cls_w, reg_w = (
+        shape("backbone.conv1.weight"),
+        shape("bbox_head.gfl_cls.weight"),
+        shape("bbox_head.gfl_reg.weight"),
+    )
     if conv1 is None or cls_w is None or reg_w is None or len(conv1) != 4 or len(reg_w) != 4:
         raise CheckpointError(
             "not a GFL detector checkpoint: expected keys backbone.conv1.weight, bbox_head.gfl_cls.weight "
@@ -134,8 +137,14 @@ def infer_backbone(sd: dict[str, T]) -> dict[str, Any]:
             "weights, or conv1.weight and layer1..layer4 (torchvision's or mmdetection's ResNet layout)"
         )
     layout = "mmdetection" if any(strip_wrappers(k).startswith("backbone.") for k in sd) else "torchvision"
-    return {"kind": "backbone", "name": None, "depth": depth, "base_width": width, "layout": layout,
-            "num_params": sum(_numel(t.shape) for t in body.values())}
+    return {
+        "kind": "backbone",
+        "name": None,
+        "depth": depth,
+        "base_width": width,
+        "layout": layout,
+        "num_params": sum(_numel(t.shape) for t in body.values()),
+    }
 
 
 def describe_state(sd: dict[str, T], meta: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -34,8 +34,11 @@ class ClassMap:
     def report(self, kd_weighted: bool = True) -> dict:
         """What the job's ``metrics.json`` records: the mapping used, the unmapped dataset classes and
         whether KD ran (``kd_weighted``: whether any KD weight is above 0)."""
-        kd = "on" if self.kd_possible and kd_weighted else (
-            "off (no class in common)" if not self.kd_possible else "off (weight 0)")
+        kd = (
+            "on"
+            if self.kd_possible and kd_weighted
+            else ("off (no class in common)" if not self.kd_possible else "off (weight 0)")
+        )
         return {"mapping": dict(self.names), "unmapped": list(self.unmapped), "by": self.source, "kd": kd}
 
 
@@ -69,9 +72,11 @@ def map_classes(dataset: Sequence[str], teacher: Sequence[str], explicit: dict[s
         source = "name"
     mapped = {d for d, _ in pairs}
     return ClassMap(
-        student=tuple(d for d, _ in pairs), teacher=tuple(t for _, t in pairs),
+        student=tuple(d for d, _ in pairs),
+        teacher=tuple(t for _, t in pairs),
         names={dataset[d]: teacher[t] for d, t in pairs},
-        unmapped=tuple(name for d, name in enumerate(dataset) if d not in mapped), source=source,
+        unmapped=tuple(name for d, name in enumerate(dataset) if d not in mapped),
+        source=source,
         identity=len(dataset) == len(teacher) and all(d == t for d, t in pairs) and len(pairs) == len(dataset),
     )
 

@@ -7,7 +7,8 @@ needs besides the batch, so that the training step is ``losses = criterion(image
 - :class:`DistillCriterion`: a :class:`GFLCriterion` plus a frozen teacher (DESIGN section 3). It owns the
   teacher's forward pass (``eval()``, ``no_grad``, autocast on GPU), the regions (Main = the assigner's
   positives, VLR), the class correspondence of KD and the weighted LD / KD / TBR / FitNets terms
-  (:mod:`distill.distillation`), the CrossKD (:mod:`distill.losses.crosskd`) and BCKD
+  (:mod:`distill.losses.ld`, :mod:`distill.losses.tbr`, :mod:`distill.losses.imitation`), the CrossKD
+  (:mod:`distill.losses.crosskd`) and BCKD
   (:mod:`distill.losses.bckd`) terms, and the trainable adapters of FitNets and CrossKD.
 
 Both return the weighted terms by name (a term whose weight is 0 is absent and was not computed); the
@@ -22,12 +23,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from distill import distillation
 from distill.assigners import Assignment, atss_assign
 from distill.class_map import ClassMap
 from distill.locations import grid_locations, square_anchors
-from distill.losses import bckd, crosskd
+from distill.losses import bckd, crosskd, imitation
 from distill.losses.gfl import Positives, find_positives, gfl_losses
+from distill.losses.ld import region_kd, region_ld
+from distill.losses.tbr import tbr_loss
 from distill.models.gfl import GFL
 from distill.regions import Regions, find_regions
 from distill.spec import DistillSpec, GFLWeights, crosskd_default_layer, crosskd_layer_problem
@@ -74,8 +76,9 @@ class HeadOutputs:
     tower: tuple[list[Tensor], list[Tensor]] | None = None
 
 
-def head_outputs(model: GFL, images: Tensor, amp: bool, keep_feats: bool = False,
-                 tower_layer: int | None = None) -> HeadOutputs:
+def head_outputs(
+    model: GFL, images: Tensor, amp: bool, keep_feats: bool = False, tower_layer: int | None = None
+) -> HeadOutputs:
     """``model``'s outputs for normalised ``images (B, 3, H, W)``; ``amp``: bfloat16 autocast (GPU);
     ``tower_layer``: also keep the head's tower features after that layer (CrossKD)."""
     tower = None
@@ -161,31 +164,35 @@ def valid_locations(points: Tensor, gt: GroundTruth, batch: int) -> Tensor:
 class DistillCriterion:
     """A student's GFL losses (``gfl``) plus the distillation terms from a frozen ``teacher``, configured by
     ``spec`` (``JobSpec.distill``); ``classes`` pairs the student's classes with the teacher's for KD (the
-    teacher must already have passed :func:`distill.distillation.check_teacher`)."""
+    teacher must already have passed :func:`distill.teacher.check_teacher`)."""
 
     def __init__(self, gfl: GFLCriterion, teacher: GFL, spec: DistillSpec, classes: ClassMap):
         self.gfl, self.teacher, self.spec, self.classes = gfl, teacher, spec, classes
         student = gfl.model
-        if classes.student and (max(classes.student) >= student.num_classes
-                                or max(classes.teacher) >= teacher.num_classes):
+        if classes.student and (
+            max(classes.student) >= student.num_classes or max(classes.teacher) >= teacher.num_classes
+        ):
             raise ValueError("class map indices outside the student's or the teacher's classes")
         # Frozen: no gradient, no optimiser, no batch-norm statistics update, never in the student's state.
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        self.keep_feats = distillation.needs_features(spec)
+        self.keep_feats = imitation.needs_features(spec)
         # CrossKD's tower layer (None: CrossKD off): the student's features after it run through the teacher.
         self.crosskd_layer: int | None = None
         s_convs, t_convs = student.cfg.stacked_convs, teacher.cfg.stacked_convs
-        if spec.crosskd_layer is not None and (problem := crosskd_layer_problem(spec.crosskd_layer, s_convs,
-                                                                                t_convs)) is not None:
+        if (
+            spec.crosskd_layer is not None
+            and (problem := crosskd_layer_problem(spec.crosskd_layer, s_convs, t_convs)) is not None
+        ):
             raise ValueError(problem)
         if spec.weights.value("crosskd_cls") > 0 or spec.weights.value("crosskd_reg") > 0:
-            self.crosskd_layer = spec.crosskd_layer if spec.crosskd_layer is not None \
-                else crosskd_default_layer(s_convs, t_convs)
+            self.crosskd_layer = (
+                spec.crosskd_layer if spec.crosskd_layer is not None else crosskd_default_layer(s_convs, t_convs)
+            )
         # Trainable parts of the criterion (optimised and checkpointed with the student, never exported).
         adapters: dict[str, nn.Module] = {}
-        if (fitnets := distillation.build_adapters(student, teacher, spec)) is not None:
+        if (fitnets := imitation.build_adapters(student, teacher, spec)) is not None:
             adapters["fitnets"] = fitnets
         if self.crosskd_layer is not None and student.cfg.channels != teacher.cfg.channels:
             adapters["crosskd"] = crosskd.CrossKDAdapter(student.cfg.channels, teacher.cfg.channels)
@@ -224,38 +231,44 @@ class DistillCriterion:
         columns = self._kd_columns(student.cls.device) if kd_on else None
         pos = state.positives
         if w("main_ld") > 0:
-            losses["main_ld"] = w("main_ld") * distillation.region_ld(student.reg, teacher.reg, pos.b, pos.a, None,
-                                                                      spec.tau)
+            losses["main_ld"] = w("main_ld") * region_ld(student.reg, teacher.reg, pos.b, pos.a, None, spec.tau)
         if kd_on and w("main_kd") > 0:
-            losses["main_kd"] = w("main_kd") * distillation.region_kd(student.cls, teacher.cls, pos.b, pos.a, None,
-                                                                      spec.kd_tau, columns)
+            losses["main_kd"] = w("main_kd") * region_kd(
+                student.cls, teacher.cls, pos.b, pos.a, None, spec.kd_tau, columns
+            )
         vlr_ld, vlr_kd = w("vlr_ld") > 0, kd_on and w("vlr_kd") > 0
         if vlr_ld or vlr_kd:
             regions = self.regions(state, gt)
             vlr_b, vlr_a = regions.vlr.nonzero(as_tuple=True)
             vlr_w = regions.vlr_weight[vlr_b, vlr_a]
             if vlr_ld:
-                losses["vlr_ld"] = w("vlr_ld") * distillation.region_ld(student.reg, teacher.reg, vlr_b, vlr_a,
-                                                                        vlr_w, spec.tau)
+                losses["vlr_ld"] = w("vlr_ld") * region_ld(student.reg, teacher.reg, vlr_b, vlr_a, vlr_w, spec.tau)
             if vlr_kd:
-                losses["vlr_kd"] = w("vlr_kd") * distillation.region_kd(student.cls, teacher.cls, vlr_b, vlr_a,
-                                                                        vlr_w, spec.kd_tau, columns)
+                losses["vlr_kd"] = w("vlr_kd") * region_kd(
+                    student.cls, teacher.cls, vlr_b, vlr_a, vlr_w, spec.kd_tau, columns
+                )
         if w("tbr") > 0:
-            losses["tbr"] = w("tbr") * distillation.tbr_loss(teacher.reg, pos, self.gfl.model.bbox_head.integral,
-                                                             spec.tbr_margin)
+            losses["tbr"] = w("tbr") * tbr_loss(teacher.reg, pos, self.gfl.model.bbox_head.integral, spec.tbr_margin)
         if w("fitnets") > 0:
             if student.feats is None or teacher.feats is None or self.adapters is None:
                 raise ValueError("FitNets needs student and teacher features and the adapters")
-            losses["fitnets"] = w("fitnets") * distillation.fitnets_loss(student.feats, teacher.feats,
-                                                                         self.adapters["fitnets"])
+            losses["fitnets"] = w("fitnets") * imitation.fitnets_loss(
+                student.feats, teacher.feats, self.adapters["fitnets"]
+            )
         if any(w(k) > 0 for k in ("crosskd_cls", "crosskd_reg", "bckd_cls", "bckd_loc")):
             valid = valid_locations(state.locations.points, gt, student.cls.shape[0])
             losses.update(self._crosskd(student, teacher, valid, columns, kd_on))
             losses.update(self._bckd(student, teacher, state.locations, valid, columns, kd_on))
         return losses
 
-    def _crosskd(self, student: HeadOutputs, teacher: HeadOutputs, valid: Tensor,
-                 columns: tuple[Tensor, Tensor] | None, kd_on: bool) -> dict[str, Tensor]:
+    def _crosskd(
+        self,
+        student: HeadOutputs,
+        teacher: HeadOutputs,
+        valid: Tensor,
+        columns: tuple[Tensor, Tensor] | None,
+        kd_on: bool,
+    ) -> dict[str, Tensor]:
         """``crosskd_cls`` (only over paired classes; off without a pair) and ``crosskd_reg``, weighted."""
         w, k = self.spec.weights.value, self.crosskd_layer
         cls_on, reg_on = kd_on and w("crosskd_cls") > 0, w("crosskd_reg") > 0
@@ -266,29 +279,47 @@ class DistillCriterion:
         adapter = self.adapters["crosskd"] if self.adapters is not None and "crosskd" in self.adapters else None
         # Autograd stays on: the teacher's layers are frozen (requires_grad False) but pass the gradient on.
         with torch.autocast(student.cls.device.type, dtype=torch.bfloat16, enabled=self.gfl.amp):
-            cross = self.teacher.flatten(*crosskd.cross_head(self.teacher.bbox_head, student.tower, teacher.tower,
-                                                             k, adapter))
+            cross = self.teacher.flatten(
+                *crosskd.cross_head(self.teacher.bbox_head, student.tower, teacher.tower, k, adapter)
+            )
         cross_cls, cross_reg = cross[0].float(), cross[1].float()
         out = {}
         if cls_on:  # the cross head speaks the teacher's classes: compare the teacher's paired columns
             out["crosskd_cls"] = w("crosskd_cls") * crosskd.crosskd_cls_loss(
-                cross_cls, teacher.cls, valid, self.spec.crosskd_beta, None if columns is None else columns[1])
+                cross_cls, teacher.cls, valid, self.spec.crosskd_beta, None if columns is None else columns[1]
+            )
         if reg_on:
-            out["crosskd_reg"] = w("crosskd_reg") * crosskd.crosskd_reg_loss(cross_reg, teacher.reg, teacher.cls,
-                                                                              valid, self.spec.tau)
+            out["crosskd_reg"] = w("crosskd_reg") * crosskd.crosskd_reg_loss(
+                cross_reg, teacher.reg, teacher.cls, valid, self.spec.tau
+            )
         return out
 
-    def _bckd(self, student: HeadOutputs, teacher: HeadOutputs, loc: Locations, valid: Tensor,
-              columns: tuple[Tensor, Tensor] | None, kd_on: bool) -> dict[str, Tensor]:
+    def _bckd(
+        self,
+        student: HeadOutputs,
+        teacher: HeadOutputs,
+        loc: Locations,
+        valid: Tensor,
+        columns: tuple[Tensor, Tensor] | None,
+        kd_on: bool,
+    ) -> dict[str, Tensor]:
         """``bckd_cls`` and ``bckd_loc``, weighted; both need a class pair (the box weight is a class gap)."""
         w, out = self.spec.weights.value, {}
         if kd_on and w("bckd_cls") > 0:
-            out["bckd_cls"] = w("bckd_cls") * bckd.bckd_cls_loss(student.cls, teacher.cls, valid, self.spec.bckd_beta,
-                                                                 columns)
+            out["bckd_cls"] = w("bckd_cls") * bckd.bckd_cls_loss(
+                student.cls, teacher.cls, valid, self.spec.bckd_beta, columns
+            )
         if kd_on and w("bckd_loc") > 0:
             out["bckd_loc"] = w("bckd_loc") * bckd.bckd_loc_loss(
-                student.reg, teacher.reg, student.cls, teacher.cls, loc.points / loc.strides[:, None], valid,
-                self.gfl.model.bbox_head.integral, columns)
+                student.reg,
+                teacher.reg,
+                student.cls,
+                teacher.cls,
+                loc.points / loc.strides[:, None],
+                valid,
+                self.gfl.model.bbox_head.integral,
+                columns,
+            )
         return out
 
     def regions(self, state: GFLState, gt: GroundTruth) -> Regions:
@@ -301,7 +332,12 @@ class DistillCriterion:
         key = str(device)
         if key not in self._columns:
             c = self.classes
-            self._columns[key] = None if c.identity else (
-                torch.tensor(c.student, dtype=torch.long, device=device),
-                torch.tensor(c.teacher, dtype=torch.long, device=device))
+            self._columns[key] = (
+                None
+                if c.identity
+                else (
+                    torch.tensor(c.student, dtype=torch.long, device=device),
+                    torch.tensor(c.teacher, dtype=torch.long, device=device),
+                )
+            )
         return self._columns[key]

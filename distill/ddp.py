@@ -83,16 +83,19 @@ def setup(device: str | None = None) -> torch.device:
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local if launched() else torch.cuda.current_device())
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"this job runs {os.environ.get('WORLD_SIZE', 1)} processes (schedule.gpus), one per GPU, "
-                         f"but this machine shows {torch.cuda.device_count()} GPU(s) (CUDA_VISIBLE_DEVICES)")
+        raise ValueError(
+            f"this job runs {os.environ.get('WORLD_SIZE', 1)} processes (schedule.gpus), one per GPU, "
+            f"but this machine shows {torch.cuda.device_count()} GPU(s) (CUDA_VISIBLE_DEVICES)"
+        )
     if not launched() or dist.is_initialized():
         return dev
     die_with_parent()
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout,
-                            device_id=dev if dev.type == "cuda" else None)
+    dist.init_process_group(
+        "nccl" if dev.type == "cuda" else "gloo", timeout=timeout, device_id=dev if dev.type == "cuda" else None
+    )
     return dev
 
 
@@ -186,7 +189,7 @@ def average_gradients(params: Iterable[nn.Parameter]) -> None:
         offset = 0
         for p in ps:
             k = p.numel()
-            mean = flat[offset:offset + k].view_as(p)
+            mean = flat[offset : offset + k].view_as(p)
             if p.grad is None:
                 p.grad = mean.clone()
             else:

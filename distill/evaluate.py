@@ -52,9 +52,13 @@ def predict_dataset(model: GFL, loader: Iterable, device: torch.device) -> list[
             sx, sy = target["scale_xy"]
             boxes: Tensor = det["boxes"].float().cpu() / torch.tensor([sx, sy, sx, sy])
             xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).numpy()
-            for box, score, label in zip(xywh, det["scores"].cpu().numpy(), det["labels"].cpu().numpy(),
-                                         strict=True):
-                results.append({"image_id": int(target["image_id"]), "category_id": int(label),
-                                "bbox": [float(v) for v in np.round(box, 3)], "score": float(score)})
+            for box, score, label in zip(xywh, det["scores"].cpu().numpy(), det["labels"].cpu().numpy(), strict=True):
+                results.append(
+                    {
+                        "image_id": int(target["image_id"]),
+                        "category_id": int(label),
+                        "bbox": [float(v) for v in np.round(box, 3)],
+                        "score": float(score),
+                    }
+                )
     return results
-

@@ -22,8 +22,11 @@ class NoRoom(OSError):
     """Less free space than the run may use (a job's ``min_free_bytes``); nothing was written."""
 
     def __init__(self, folder: Path, free: int, need: int, min_free: int, what: str):
-        super().__init__(errno.ENOSPC, f"No space left on device for {what}: {folder} has {free} bytes free, "
-                         f"{need} are needed and at least {min_free} must stay free")
+        super().__init__(
+            errno.ENOSPC,
+            f"No space left on device for {what}: {folder} has {free} bytes free, "
+            f"{need} are needed and at least {min_free} must stay free",
+        )
         self.free, self.need, self.min_free = free, need, min_free
 
 

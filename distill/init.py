@@ -39,8 +39,14 @@ class InitReport:
     notes: list[str] = field(default_factory=list)
 
     def summary(self, first: int = 5) -> dict[str, Any]:
-        return {"source": self.source, "loaded": len(self.loaded), "fresh": len(self.fresh),
-                "first_loaded": self.loaded[:first], "first_fresh": self.fresh[:first], "notes": self.notes}
+        return {
+            "source": self.source,
+            "loaded": len(self.loaded),
+            "fresh": len(self.fresh),
+            "first_loaded": self.loaded[:first],
+            "first_fresh": self.fresh[:first],
+            "notes": self.notes,
+        }
 
 
 def imagenet_state(depth: int, weights_dir: str | os.PathLike[str] | None = None) -> dict[str, Tensor]:
@@ -82,8 +88,10 @@ def _load_backbone(model: GFL, state: dict[str, Tensor], source: str) -> InitRep
     body = backbone_tensors(state)
     depth, width = resnet_layout(body)
     if (depth, width) != (model.cfg.depth, model.cfg.base_width):
-        raise ValueError(f"{source}: a ResNet-{depth} of width {width} does not fit the backbone of {model.arch} "
-                         f"(ResNet-{model.cfg.depth}, width {model.cfg.base_width})")
+        raise ValueError(
+            f"{source}: a ResNet-{depth} of width {width} does not fit the backbone of {model.arch} "
+            f"(ResNet-{model.cfg.depth}, width {model.cfg.base_width})"
+        )
     own = model.backbone.state_dict()
     fits = {k: v for k, v in body.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     model.backbone.load_state_dict(fits, strict=False)
@@ -111,11 +119,15 @@ def _load_detector(model: GFL, state: dict[str, Tensor], info: dict[str, Any], s
             continue
         fits[k] = v
     if not same_classes:
-        notes.append(f"classes differ (checkpoint {info['num_classes']}: {(theirs or [])[:5]}, model "
-                     f"{model.num_classes}: {ours[:5]}): the class layer starts fresh")
+        notes.append(
+            f"classes differ (checkpoint {info['num_classes']}: {(theirs or [])[:5]}, model "
+            f"{model.num_classes}: {ours[:5]}): the class layer starts fresh"
+        )
     if not any(k.startswith("backbone.") for k in fits):
-        raise ValueError(f"{source}: its backbone (ResNet-{info['depth']}, width {info['base_width']}) does not fit "
-                         f"{model.arch} (ResNet-{model.cfg.depth}, width {model.cfg.base_width})")
+        raise ValueError(
+            f"{source}: its backbone (ResNet-{info['depth']}, width {info['base_width']}) does not fit "
+            f"{model.arch} (ResNet-{model.cfg.depth}, width {model.cfg.base_width})"
+        )
     model.load_state_dict(fits, strict=False)
     loaded = list(fits)
     return InitReport(source, loaded=loaded, fresh=[k for k in own if k not in fits], notes=notes)

@@ -46,8 +46,12 @@ def find_regions(
     """
     b, a = positive.shape
     if gt_boxes.shape[1] == 0:
-        return Regions(positive, torch.zeros_like(positive), anchors.new_zeros((b, a)),
-                       torch.full((b, a), -1, dtype=torch.long, device=anchors.device))
+        return Regions(
+            positive,
+            torch.zeros_like(positive),
+            anchors.new_zeros((b, a)),
+            torch.full((b, a), -1, dtype=torch.long, device=anchors.device),
+        )
     diou = pairwise_diou(anchors[None].float(), gt_boxes.float())  # (B, A, G)
     alpha = alpha_pos[:, None, :].float()
     qualifies = (diou >= gamma * alpha) & (diou <= alpha) & gt_valid[:, None, :]

@@ -75,7 +75,10 @@ class StudentSpec(_Strict):
         "{'checkpoint': id}: an uploaded detector (every tensor whose name and shape match) or ResNet backbone",
     )
     frozen_stages: int | None = Field(
-        None, ge=-1, le=4, description="backbone stages kept frozen (0 = stem); default: 1 with pretrained "
+        None,
+        ge=-1,
+        le=4,
+        description="backbone stages kept frozen (0 = stem); default: 1 with pretrained "
         "weights (mmdetection's recipe), -1 (none) from scratch",
     )
     norm_eval: bool | None = Field(
@@ -93,15 +96,19 @@ class StudentSpec(_Strict):
     @classmethod
     def _init_form(cls, v: object) -> object:
         if isinstance(v, str) and v != "imagenet":
-            raise ValueError("init must be null, 'imagenet' or {'checkpoint': id}; files reach the service only by "
-                             "upload (POST /v1/checkpoints), never by a path")
+            raise ValueError(
+                "init must be null, 'imagenet' or {'checkpoint': id}; files reach the service only by "
+                "upload (POST /v1/checkpoints), never by a path"
+            )
         return v
 
     @model_validator(mode="after")
     def _imagenet_arch(self) -> StudentSpec:
         if self.init == "imagenet" and self.arch not in IMAGENET_ARCHS:
-            raise ValueError(f"init 'imagenet': {self.arch} has no ImageNet weights (its backbone is a narrow "
-                             f"ResNet of our own); use one of {', '.join(IMAGENET_ARCHS)}, or init null")
+            raise ValueError(
+                f"init 'imagenet': {self.arch} has no ImageNet weights (its backbone is a narrow "
+                f"ResNet of our own); use one of {', '.join(IMAGENET_ARCHS)}, or init null"
+            )
         return self
 
     @property
@@ -192,8 +199,7 @@ class LossWeights(_Strict):
     def filled(self, method: str) -> LossWeights:
         """These weights with every weight left out set to ``method``'s default."""
         defaults = METHOD_WEIGHTS[method]
-        return LossWeights(**{k: v if v is not None else defaults.get(k, 0.0)
-                              for k, v in self.model_dump().items()})
+        return LossWeights(**{k: v if v is not None else defaults.get(k, 0.0) for k, v in self.model_dump().items()})
 
     def value(self, name: str) -> float:
         """A term's weight (0 when left out and not yet filled)."""
@@ -201,14 +207,19 @@ class LossWeights(_Strict):
 
 
 class DistillSpec(_Strict):
-    method: Method = Field("ld", description="which terms are on by default: 'ld' (Main LD + VLR LD + Main KD), "
-                           "'crosskd', 'bckd', 'tbr', 'fitnets'; any weight may still be set")
+    method: Method = Field(
+        "ld",
+        description="which terms are on by default: 'ld' (Main LD + VLR LD + Main KD), "
+        "'crosskd', 'bckd', 'tbr', 'fitnets'; any weight may still be set",
+    )
     tau: float = Field(10.0, gt=0, description="LD temperature")
     gamma: float = Field(0.25, ge=0, le=1, description="VLR lower bound as a fraction of alpha_pos")
     kd_tau: float = Field(2.0, gt=0, description="classification KD temperature")
     tbr_margin: float = Field(0.0, ge=0, description="TBR margin epsilon (eq. 6)")
     crosskd_layer: int | None = Field(
-        None, ge=0, description="CrossKD: the student's head features after this tower layer (0 = the FPN "
+        None,
+        ge=0,
+        description="CrossKD: the student's head features after this tower layer (0 = the FPN "
         "level) go through the teacher's layers after it; at most both heads' stacked convs; default: one "
         "before the last layer both heads have (3 for two 4-conv heads, the paper's choice)",
     )
@@ -216,11 +227,13 @@ class DistillSpec(_Strict):
     bckd_beta: float = Field(1.0, ge=0, description="BCKD: classification weight |p_S - p_T|^beta")
     weights: LossWeights = Field(default_factory=LossWeights)
     class_map: dict[str, str] | None = Field(
-        None, description="dataset class -> teacher class for KD; default: classes with the same name "
+        None,
+        description="dataset class -> teacher class for KD; default: classes with the same name "
         "(case-insensitive). Dataset classes without a teacher class get no KD; LD needs no classes.",
     )
     teacher_cache: Literal["auto", "on", "off"] = Field(
-        "auto", description="reuse the teacher's outputs per (image, flip) across epochs: 'auto' where the "
+        "auto",
+        description="reuse the teacher's outputs per (image, flip) across epochs: 'auto' where the "
         "schedule and terms allow it, 'on' refuses a job where they do not, 'off' never",
     )
 
@@ -238,7 +251,9 @@ class ScheduleSpec(_Strict):
         (1333, 800), description="(long side, short side) limits of the keep-ratio resize"
     )
     scales: list[tuple[int, int]] | None = Field(
-        None, min_length=1, description="multi-scale training: each training image is resized, each epoch, to "
+        None,
+        min_length=1,
+        description="multi-scale training: each training image is resized, each epoch, to "
         "one of these (long side, short side) limits drawn at random; validation keeps image_size",
     )
     warmup_iters: int = Field(500, ge=0)
@@ -248,15 +263,23 @@ class ScheduleSpec(_Strict):
     )
     grad_clip: float | None = Field(35.0, gt=0)
     num_workers: int | None = Field(
-        None, ge=0, le=32, description="data loader workers per process; default: the machine's cores shared "
+        None,
+        ge=0,
+        le=32,
+        description="data loader workers per process; default: the machine's cores shared "
         "between the job's processes, one left for training, 1 to 8 (results do not depend on it)",
     )
     amp: bool = Field(True, description="mixed precision (used on GPU only)")
     checkpoint_every: int | None = Field(
         None, ge=1, description="also checkpoint every N iterations (always at each epoch end)"
     )
-    gpus: int = Field(1, ge=1, le=64, description="processes of one job (torch.distributed: NCCL on GPUs, gloo on "
-                      "CPU); batch_size is the global batch, split evenly between them")
+    gpus: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="processes of one job (torch.distributed: NCCL on GPUs, gloo on "
+        "CPU); batch_size is the global batch, split evenly between them",
+    )
 
     @field_validator("image_size")
     @classmethod
@@ -292,7 +315,8 @@ ExportFormat = Literal["fp32", "int8", "fp16"]
 
 class ExportSpec(_Strict):
     formats: list[ExportFormat] = Field(
-        default_factory=lambda: ["fp32"], min_length=1,
+        default_factory=lambda: ["fp32"],
+        min_length=1,
         description="ONNX models to publish; fp32 is always published (the others are measured against it)",
     )
 
@@ -331,7 +355,7 @@ class JobSpec(_Strict):
 class LocalJobSpec(JobSpec):
     """What ``python -m distill train`` runs: a job whose files are local paths (a dataset folder, the
     teacher's and the initial weights' files). The service resolves a :class:`JobSpec`'s ids to this
-    (``worker.checks.resolve_job``); REST clients never see it."""
+    (``core.checks.resolve_job``); REST clients never see it."""
 
     dataset: str = Field(..., min_length=1, description="a local dataset folder")
     student: LocalStudentSpec = Field(default_factory=LocalStudentSpec)
@@ -346,8 +370,10 @@ def teacher_cache_blocker(job: JobSpec) -> str | None:
         return "not a distillation: there is no teacher"
     w = job.distill.weights.value
     if job.schedule.scales and len(set(job.schedule.scales)) > 1:
-        return (f"random scales (schedule.scales {[list(s) for s in job.schedule.scales]}): the teacher sees an "
-                "image at another size in each epoch")
+        return (
+            f"random scales (schedule.scales {[list(s) for s in job.schedule.scales]}): the teacher sees an "
+            "image at another size in each epoch"
+        )
     if w("crosskd_cls") > 0 or w("crosskd_reg") > 0:
         return "CrossKD passes the student's features through the teacher's head: its outputs change every step"
     if w("fitnets") > 0:
@@ -361,8 +387,10 @@ def crosskd_layer_problem(k: int, student_convs: int, teacher_convs: int) -> str
     check (torch-free) and the criterion."""
     if 0 <= k <= min(student_convs, teacher_convs):
         return None
-    return (f"distill.crosskd_layer {k} is outside the heads' towers: the student has {student_convs} stacked "
-            f"convs and the teacher {teacher_convs}, so it must be within [0, {min(student_convs, teacher_convs)}]")
+    return (
+        f"distill.crosskd_layer {k} is outside the heads' towers: the student has {student_convs} stacked "
+        f"convs and the teacher {teacher_convs}, so it must be within [0, {min(student_convs, teacher_convs)}]"
+    )
 
 
 def crosskd_default_layer(student_convs: int, teacher_convs: int) -> int:
@@ -381,8 +409,14 @@ def teacher_cache_refusal(job: JobSpec) -> str | None:
 def arch_config(arch: str) -> dict[str, int | tuple[int, ...]]:
     """The detector config of a named architecture (``distill.models.gfl.DetectorConfig`` fields)."""
     depth, width, channels, stacked = ARCHITECTURES[arch]
-    return {"depth": depth, "base_width": width, "channels": channels, "stacked_convs": stacked,
-            "reg_max": REG_MAX, "strides": STRIDES}
+    return {
+        "depth": depth,
+        "base_width": width,
+        "channels": channels,
+        "stacked_convs": stacked,
+        "reg_max": REG_MAX,
+        "strides": STRIDES,
+    }
 
 
 def arch_name(depth: int | None, base_width: int, channels: int, stacked_convs: int) -> str | None:

@@ -93,9 +93,17 @@ def layout_for(criterion: DistillCriterion) -> Layout:
         columns = tuple(range(teacher.num_classes)) if dense or cls_main or cls_vlr else ()
     else:
         columns = tuple(criterion.classes.teacher) if cls_main or cls_vlr else ()
-    return Layout(columns, teacher.num_classes, teacher.reg_max + 1, dense,
-                  reg_main=w("main_ld") > 0 or w("tbr") > 0, reg_vlr=w("vlr_ld") > 0,
-                  cls_main=cls_main, cls_vlr=cls_vlr, gamma=spec.gamma)
+    return Layout(
+        columns,
+        teacher.num_classes,
+        teacher.reg_max + 1,
+        dense,
+        reg_main=w("main_ld") > 0 or w("tbr") > 0,
+        reg_vlr=w("vlr_ld") > 0,
+        cls_main=cls_main,
+        cls_vlr=cls_vlr,
+        gamma=spec.gamma,
+    )
 
 
 class _Rows:
@@ -114,7 +122,7 @@ class _Rows:
             return np.zeros((n, self.width), self.dtype)
         if self._map is None or self._map.shape[0] < start + n:
             self._map = np.memmap(self.path, self.dtype, "r", shape=(self.end, self.width))
-        return self._map[start:start + n]
+        return self._map[start : start + n]
 
     def append(self, rows: np.ndarray) -> None:
         with open(self.path, "ab") as f:
@@ -130,8 +138,15 @@ class TeacherCache:
     ``folder``, the misses computed live (and stored). Rows it does not hold are ``fill`` (0; the tests use
     NaN to show that no term reads them)."""
 
-    def __init__(self, folder: str | os.PathLike, criterion: DistillCriterion, fingerprint: Any = None,
-                 fill: float = 0.0, reason: str = "", min_free_bytes: int = 0):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        criterion: DistillCriterion,
+        fingerprint: Any = None,
+        fill: float = 0.0,
+        reason: str = "",
+        min_free_bytes: int = 0,
+    ):
         self.folder, self.criterion, self.fill, self.reason = Path(folder), criterion, fill, reason
         # The cache never takes the room a checkpoint needs: short of it, it stops growing (misses stay live).
         self.min_free_bytes = min_free_bytes
@@ -188,7 +203,7 @@ class TeacherCache:
             raw = f.read()
         reg_size, cls_size, locs_size = self._reg.on_disk(), self._cls.on_disk(), self._locs.on_disk()
         for at in range(0, len(raw) - _RECORD + 1, _RECORD):
-            body = raw[at:at + _BODY.size]
+            body = raw[at : at + _BODY.size]
             if zlib.crc32(body) != struct.unpack_from("<I", raw, at + _BODY.size)[0]:
                 break  # torn record: the entry never finished
             image_id, flipped, h, w, reg0, n, cls0, m, loc0, crc = _BODY.unpack(body)
@@ -225,8 +240,12 @@ class TeacherCache:
         locs = None if locs is None else np.ascontiguousarray(locs, np.int32)
         crc = _crc(reg, cls, locs)
         try:
-            ensure_room(self.folder, self.min_free_bytes, "the teacher cache",
-                        reg.nbytes + cls.nbytes + (0 if locs is None else locs.nbytes) + _RECORD)
+            ensure_room(
+                self.folder,
+                self.min_free_bytes,
+                "the teacher cache",
+                reg.nbytes + cls.nbytes + (0 if locs is None else locs.nbytes) + _RECORD,
+            )
         except NoRoom as e:
             self.full = str(e)
             return
@@ -237,8 +256,18 @@ class TeacherCache:
                 self._cls.append(cls)
             if locs is not None:
                 self._locs.append(locs)
-            body = _BODY.pack(key[0], int(key[1]), key[2], key[3], self._reg.end, len(reg), self._cls.end,
-                              len(cls), self._locs.end, crc)
+            body = _BODY.pack(
+                key[0],
+                int(key[1]),
+                key[2],
+                key[3],
+                self._reg.end,
+                len(reg),
+                self._cls.end,
+                len(cls),
+                self._locs.end,
+                crc,
+            )
             with open(self._path("entries.bin"), "ab") as f:
                 f.write(body + struct.pack("<I", zlib.crc32(body)))
             self._sync()
@@ -269,7 +298,7 @@ class TeacherCache:
             at = torch.arange(a, device=dev) if locs is None else torch.from_numpy(locs.astype(np.int64)).to(dev)
             reg[i, at] = torch.from_numpy(reg_rows.astype(np.float32)).to(dev).reshape(-1, 4, lay.bins)
             if len(columns):
-                cls[i, at[:len(cls_rows), None], columns[None]] = torch.from_numpy(cls_rows.astype(np.float32)).to(dev)
+                cls[i, at[: len(cls_rows), None], columns[None]] = torch.from_numpy(cls_rows.astype(np.float32)).to(dev)
         self.lookups += b
         self.hits += b - len(miss)
         if miss:
@@ -295,8 +324,9 @@ class TeacherCache:
             at = torch.cat([first, rest])  # the locations with class rows first
             self.write(key, at.cpu().numpy(), reg[i, at].cpu().numpy(), cls[i, first].cpu().numpy())
 
-    def stored_locations(self, targets: list[dict], sizes: tuple[tuple[int, int], ...],
-                         device: torch.device) -> tuple[Tensor, Tensor]:
+    def stored_locations(
+        self, targets: list[dict], sizes: tuple[tuple[int, int], ...], device: torch.device
+    ) -> tuple[Tensor, Tensor]:
         """The locations the enabled terms read, from anchors and boxes only: ``(M, A)`` bool masks of those
         whose class logits are read too (KD) and of the others (edges only)."""
         lay = self.layout
@@ -318,10 +348,18 @@ class TeacherCache:
 
     def report(self) -> dict[str, Any]:
         """For the job's metrics: on, why, size on disk, entries, and this attempt's hit rate."""
-        return {"enabled": True, "reason": self.reason, "bytes": self.bytes(), "entries": len(self.index),
-                "recovered_entries": self.recovered, "hit_rate": round(self.hits / max(self.lookups, 1), 4),
-                "lookups": self.lookups, "dense": self.layout.dense, "columns": len(self.layout.columns),
-                "full": self.full}
+        return {
+            "enabled": True,
+            "reason": self.reason,
+            "bytes": self.bytes(),
+            "entries": len(self.index),
+            "recovered_entries": self.recovered,
+            "hit_rate": round(self.hits / max(self.lookups, 1), 4),
+            "lookups": self.lookups,
+            "dense": self.layout.dense,
+            "columns": len(self.layout.columns),
+            "full": self.full,
+        }
 
 
 @dataclass
@@ -334,8 +372,14 @@ class CacheOff:
         return {"enabled": False, "reason": self.reason, "bytes": 0, "entries": 0, "hit_rate": None}
 
 
-def attach(criterion: DistillCriterion, job: JobSpec, folder: str | os.PathLike, fingerprint: Any = None,
-           log: Callable[[str], None] = print, min_free_bytes: int = 0) -> TeacherCache | CacheOff:
+def attach(
+    criterion: DistillCriterion,
+    job: JobSpec,
+    folder: str | os.PathLike,
+    fingerprint: Any = None,
+    log: Callable[[str], None] = print,
+    min_free_bytes: int = 0,
+) -> TeacherCache | CacheOff:
     """Decide for ``job`` (``distill.teacher_cache`` and :func:`distill.spec.teacher_cache_blocker`), set
     ``criterion.teacher_source`` when on, and log the decision. ``fingerprint``: the run's
     (``distill.run_state.run_fingerprint``); a cache made for other teacher weights, data or sizes is rebuilt.
@@ -350,16 +394,26 @@ def attach(criterion: DistillCriterion, job: JobSpec, folder: str | os.PathLike,
         log(f"teacher cache: off: {off.reason}")
         return off
     sizes = job.schedule.scales or [job.schedule.image_size]
-    reason = (f"fixed scale (keep-ratio resize to {sizes[0][0]}x{sizes[0][1]}, random flip): the teacher's "
-              "outputs are computed once per (image, flip) and reused")
-    cache = TeacherCache(folder, criterion, _outputs_identity(fingerprint), reason=reason,
-                         min_free_bytes=min_free_bytes)
+    reason = (
+        f"fixed scale (keep-ratio resize to {sizes[0][0]}x{sizes[0][1]}, random flip): the teacher's "
+        "outputs are computed once per (image, flip) and reused"
+    )
+    cache = TeacherCache(
+        folder, criterion, _outputs_identity(fingerprint), reason=reason, min_free_bytes=min_free_bytes
+    )
     criterion.teacher_source = cache
     lay = cache.layout
-    what = "every location (BCKD)" if lay.dense else " and ".join(
-        n for n, on in (("Main region", lay.reg_main or lay.cls_main), ("VLR", lay.reg_vlr or lay.cls_vlr)) if on)
-    log(f"teacher cache: on: {reason}; stores {what or 'no location'}, {len(lay.columns)} class columns, fp16; "
-        f"{cache.recovered} entries reused from a previous attempt")
+    what = (
+        "every location (BCKD)"
+        if lay.dense
+        else " and ".join(
+            n for n, on in (("Main region", lay.reg_main or lay.cls_main), ("VLR", lay.reg_vlr or lay.cls_vlr)) if on
+        )
+    )
+    log(
+        f"teacher cache: on: {reason}; stores {what or 'no location'}, {len(lay.columns)} class columns, fp16; "
+        f"{cache.recovered} entries reused from a previous attempt"
+    )
     return cache
 
 
@@ -370,8 +424,12 @@ def _outputs_identity(fingerprint: Any) -> Any:
     if not isinstance(fingerprint, dict):
         return fingerprint
     schedule = fingerprint.get("schedule") or {}
-    return {"teacher": fingerprint.get("teacher"), "data_sha256": fingerprint.get("data_sha256"),
-            "image_size": schedule.get("image_size"), "scales": schedule.get("scales")}
+    return {
+        "teacher": fingerprint.get("teacher"),
+        "data_sha256": fingerprint.get("data_sha256"),
+        "image_size": schedule.get("image_size"),
+        "scales": schedule.get("scales"),
+    }
 
 
 def _crc(reg: np.ndarray, cls: np.ndarray, locs: np.ndarray | None) -> int:

@@ -28,18 +28,20 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from distill import ddp, distillation
+from distill import ddp
 from distill.checkpoint import atomic_save, build_detector, detector_state, load_detector, read_checkpoint
 from distill.class_map import ClassMap, ClassMapError, map_classes
 from distill.criterion import DistillCriterion, GFLCriterion
 from distill.data.dataset import DetectionDataset, build_loaders, collate, set_epoch
 from distill.data.images import MEAN, STD
+from distill.diagnostics import diagnostics
 from distill.evaluate import coco_ap, predict_dataset
 from distill.files import atomic_write_json, ensure_room
 from distill.init import initialise
 from distill.models.gfl import GFL
 from distill.run_state import differences, rng_state, run_fingerprint, seed_everything, set_rng_state
 from distill.spec import JobSpec, LocalJobSpec
+from distill.teacher import TeacherMismatch, check_teacher
 from distill.teacher_cache import CacheOff, CacheRefused, TeacherCache, attach
 
 Progress = Callable[[dict[str, Any]], None]
@@ -74,9 +76,16 @@ def learning_rate(spec: JobSpec, iteration: int, per_epoch: int) -> float:
 
 
 class Trainer:
-    def __init__(self, spec: LocalJobSpec, out_dir: str | os.PathLike, progress: Progress | None = None,
-                 device: str | torch.device | None = None, report_every_s: float = 2.0,
-                 weights_dir: str | os.PathLike | None = None, min_free_bytes: int = 0):
+    def __init__(
+        self,
+        spec: LocalJobSpec,
+        out_dir: str | os.PathLike,
+        progress: Progress | None = None,
+        device: str | torch.device | None = None,
+        report_every_s: float = 2.0,
+        weights_dir: str | os.PathLike | None = None,
+        min_free_bytes: int = 0,
+    ):
         self.spec, self.out = spec, Path(out_dir)
         self.report_every_s = report_every_s
         self.out.mkdir(parents=True, exist_ok=True)
@@ -89,8 +98,17 @@ class Trainer:
 
         s = spec.schedule
         self.train_loader, self.val_loader, self.data = build_loaders(
-            spec.dataset, spec.val_split, spec.seed, s.image_size, ddp.local_batch(s.batch_size), s.num_workers,
-            scales=s.scales, rank=ddp.rank(), world=ddp.world(), pin_memory=self.device.type == "cuda")
+            spec.dataset,
+            spec.val_split,
+            spec.seed,
+            s.image_size,
+            ddp.local_batch(s.batch_size),
+            s.num_workers,
+            scales=s.scales,
+            rank=ddp.rank(),
+            world=ddp.world(),
+            pin_memory=self.device.type == "cuda",
+        )
         for problem in self.data.problems:
             self.log(f"dataset: {problem}")
         self.val_ids = list(self.val_loader.dataset.image_ids)
@@ -101,9 +119,13 @@ class Trainer:
         self.total_iters = self.per_epoch * spec.schedule.epochs
 
         seed_everything(spec.seed)
-        self.model = build_detector(spec.student.arch, len(self.data.classes), self.data.classes,
-                                    frozen_stages=spec.student.backbone_frozen_stages,
-                                    norm_eval=spec.student.backbone_norm_eval)
+        self.model = build_detector(
+            spec.student.arch,
+            len(self.data.classes),
+            self.data.classes,
+            frozen_stages=spec.student.backbone_frozen_stages,
+            norm_eval=spec.student.backbone_norm_eval,
+        )
         self.init_report = initialise(self.model, spec.student.init, weights_dir)
         self.log(f"init: {self.init_report.summary()}")
         self.model.to(self.device)
@@ -115,8 +137,8 @@ class Trainer:
             assert spec.teacher is not None and spec.distill is not None
             self.teacher = load_detector(spec.teacher.path, self.device)  # DistillCriterion freezes it
             try:
-                distillation.check_teacher(self.teacher, self.model)
-            except distillation.TeacherMismatch as e:
+                check_teacher(self.teacher, self.model)
+            except TeacherMismatch as e:
                 raise TrainingError(str(e)) from e
             self.criterion = self._distill_criterion(self.teacher)
         self.adapters: nn.Module | None = self.criterion.adapters  # FitNets' regressors: trained, checkpointed
@@ -131,8 +153,9 @@ class Trainer:
         self.teacher_cache: TeacherCache | CacheOff | None = None
         if isinstance(self.criterion, DistillCriterion):
             try:
-                self.teacher_cache = attach(self.criterion, spec, self.out / "teacher_cache", self.fingerprint,
-                                            self.log, min_free_bytes)
+                self.teacher_cache = attach(
+                    self.criterion, spec, self.out / "teacher_cache", self.fingerprint, self.log, min_free_bytes
+                )
             except CacheRefused as e:
                 raise TrainingError(str(e)) from e
 
@@ -146,8 +169,10 @@ class Trainer:
             raise TrainingError(str(e)) from e
         criterion = DistillCriterion(self.criterion, teacher, distill, classes)
         report = criterion.class_report()
-        self.log(f"KD classes (by {report['by']}): {report['mapping']}; without a teacher class: "
-                 f"{report['unmapped']}; KD {report['kd']}")
+        self.log(
+            f"KD classes (by {report['by']}): {report['mapping']}; without a teacher class: "
+            f"{report['unmapped']}; KD {report['kd']}"
+        )
         return criterion
 
     # -- bookkeeping
@@ -157,15 +182,24 @@ class Trainer:
             return
         self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
-    def report(self, phase: str, losses: dict[str, float] | None = None, images_per_s: float = 0.0,
-               eta_s: float | None = None) -> None:
+    def report(
+        self, phase: str, losses: dict[str, float] | None = None, images_per_s: float = 0.0, eta_s: float | None = None
+    ) -> None:
         if not ddp.is_main():
             return
-        state = {"phase": phase, "epoch": min(self.iteration // self.per_epoch + 1, self.spec.schedule.epochs),
-                 "epochs": self.spec.schedule.epochs, "iter": self.iteration, "total_iters": self.total_iters,
-                 "losses": losses or {}, "images_per_s": round(images_per_s, 3),
-                 "eta_s": None if eta_s is None else round(eta_s, 1), "resumed_from_iter": self.resumed_from,
-                 "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()}
+        state = {
+            "phase": phase,
+            "epoch": min(self.iteration // self.per_epoch + 1, self.spec.schedule.epochs),
+            "epochs": self.spec.schedule.epochs,
+            "iter": self.iteration,
+            "total_iters": self.total_iters,
+            "losses": losses or {},
+            "images_per_s": round(images_per_s, 3),
+            "eta_s": None if eta_s is None else round(eta_s, 1),
+            "resumed_from_iter": self.resumed_from,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "time": time.time(),
+        }
         atomic_write_json(self.out / "progress.json", state)
         with open(self.out / "progress.jsonl", "a") as f:
             f.write(json.dumps(state) + "\n")
@@ -199,8 +233,10 @@ class Trainer:
         if (theirs := training.get("fingerprint")) is not None and theirs != self.fingerprint:
             # Resuming another job's weights would silently mix two runs: refuse, and say what differs.
             differs = ", ".join(differences(theirs, self.fingerprint)) or "?"
-            raise TrainingError(f"{self.out} holds a checkpoint of a different run (differs in: {differs}); "
-                                f"use another output folder, or delete {path} to start this run afresh")
+            raise TrainingError(
+                f"{self.out} holds a checkpoint of a different run (differs in: {differs}); "
+                f"use another output folder, or delete {path} to start this run afresh"
+            )
         self.model.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(training["optimizer"])
         if self.adapters is not None and training.get("adapters") is not None:
@@ -210,9 +246,15 @@ class Trainer:
         self.log(f"resumed from {path} at iteration {self.iteration}")
 
     def meta(self) -> dict[str, Any]:
-        return {"input_size": list(self.spec.schedule.image_size), "mean": list(MEAN), "std": list(STD),
-                "classes": self.data.classes, "kind": self.spec.kind, "name": self.spec.name,
-                "seed": self.spec.seed}
+        return {
+            "input_size": list(self.spec.schedule.image_size),
+            "mean": list(MEAN),
+            "std": list(STD),
+            "classes": self.data.classes,
+            "kind": self.spec.kind,
+            "name": self.spec.name,
+            "seed": self.spec.seed,
+        }
 
     # -- training
 
@@ -239,8 +281,10 @@ class Trainer:
                 if not torch.isfinite(means[0]):
                     values = {k: float(v) for k, v in zip(step.losses, means[1:], strict=True)}
                     total = float(means[0])
-                    raise TrainingError(f"training diverged: loss is {total} at epoch {epoch + 1}, "
-                                        f"iteration {self.iteration + 1} ({values}); lower the learning rate")
+                    raise TrainingError(
+                        f"training diverged: loss is {total} at epoch {epoch + 1}, "
+                        f"iteration {self.iteration + 1} ({values}); lower the learning rate"
+                    )
                 self.optimizer.zero_grad(set_to_none=True)
                 step.total.backward()
                 ddp.average_gradients(self.params)
@@ -260,8 +304,10 @@ class Trainer:
                     losses = {k: round(float(v), 5) for k, v in zip(step.losses, means[1:], strict=True)}
                     losses["total"] = round(float(means[0]), 5)
                     self.report("train", losses, rate, eta)
-                    self.log(f"epoch {epoch + 1} iter {self.iteration}/{self.total_iters} "
-                             f"lr {self.optimizer.param_groups[0]['lr']:.5f} {losses} {rate:.2f} img/s")
+                    self.log(
+                        f"epoch {epoch + 1} iter {self.iteration}/{self.total_iters} "
+                        f"lr {self.optimizer.param_groups[0]['lr']:.5f} {losses} {rate:.2f} img/s"
+                    )
                     last_report, window_start, window_images = now, now, 0
                 if ddp.any_rank(self.stop_requested, self.device):  # every rank stops after the same step
                     self.save_checkpoint()
@@ -276,8 +322,9 @@ class Trainer:
             dataset_labels: dict[int, list[int]] = {}
             for d, t in zip(classes.student, classes.teacher, strict=True):
                 dataset_labels.setdefault(t, []).append(d)
-            detections = [{**det, "category_id": d} for det in detections
-                          for d in dataset_labels.get(det["category_id"], [])]
+            detections = [
+                {**det, "category_id": d} for det in detections for d in dataset_labels.get(det["category_id"], [])
+            ]
         for det in detections:  # contiguous labels -> the dataset's own category ids
             det["category_id"] = self.data.category_ids[det["category_id"]]
         return coco_ap(self.data.ground_truth(self.val_ids), detections)
@@ -289,16 +336,19 @@ class Trainer:
     def train_loader_for_eval(self) -> DataLoader:
         train = self.train_loader.dataset
         plain = DetectionDataset(self.data, train.image_ids, image_size=train.image_size, train=False)
-        return DataLoader(plain, batch_size=self.train_loader.batch_size, collate_fn=collate,
-                          num_workers=self.train_loader.num_workers)
+        return DataLoader(
+            plain,
+            batch_size=self.train_loader.batch_size,
+            collate_fn=collate,
+            num_workers=self.train_loader.num_workers,
+        )
 
     def run(self) -> dict[str, Any]:
         self.try_resume()
         ddp.broadcast_state(self.model, self.adapters)
         diagnostics_before = None
         if self.teacher is not None and self.resumed_from is None and ddp.is_main():
-            diagnostics_before = distillation.diagnostics(self.model, self.teacher, self.val_loader, self.device,
-                                                          self._classes())
+            diagnostics_before = diagnostics(self.model, self.teacher, self.val_loader, self.device, self._classes())
             atomic_write_json(self.out / "diagnostics_before.json", diagnostics_before)
         ddp.barrier()  # the other ranks wait for rank 0's diagnostics (within the group's timeout)
         self.report("train")
@@ -307,18 +357,21 @@ class Trainer:
         if not ddp.is_main():  # rank 0 alone evaluates and writes the model; the others are done
             return {}
         self.report("eval")
-        metrics: dict[str, Any] = {"bbox": self.evaluate(self.model), "iterations": self.total_iters,
-                                   "init": self.init_report.summary(),
-                                   "train_seconds_this_attempt": round(time.monotonic() - started, 1),
-                                   "resumed_from_iter": self.resumed_from}
+        metrics: dict[str, Any] = {
+            "bbox": self.evaluate(self.model),
+            "iterations": self.total_iters,
+            "init": self.init_report.summary(),
+            "train_seconds_this_attempt": round(time.monotonic() - started, 1),
+            "resumed_from_iter": self.resumed_from,
+        }
         if self.teacher is not None:
             before = diagnostics_before
             if before is None and (self.out / "diagnostics_before.json").exists():
                 before = json.loads((self.out / "diagnostics_before.json").read_text())
             metrics["diagnostics"] = {
                 "before": before,
-                "after": distillation.diagnostics(self.model, self.teacher, self.val_loader, self.device,
-                                                  self._classes())}
+                "after": diagnostics(self.model, self.teacher, self.val_loader, self.device, self._classes()),
+            }
             assert isinstance(self.criterion, DistillCriterion)
             metrics["class_map"] = self.criterion.class_report()
             if self.teacher_cache is not None:
@@ -334,9 +387,15 @@ class Trainer:
         return metrics
 
 
-def run(spec: LocalJobSpec, out_dir: str | os.PathLike, progress: Progress | None = None,
-        device: str | torch.device | None = None, report_every_s: float = 2.0,
-        weights_dir: str | os.PathLike | None = None, min_free_bytes: int = 0) -> dict[str, Any]:
+def run(
+    spec: LocalJobSpec,
+    out_dir: str | os.PathLike,
+    progress: Progress | None = None,
+    device: str | torch.device | None = None,
+    report_every_s: float = 2.0,
+    weights_dir: str | os.PathLike | None = None,
+    min_free_bytes: int = 0,
+) -> dict[str, Any]:
     """Trains (or distils) one job into ``out_dir``, resuming from its last checkpoint if there is one.
 
     ``progress`` is called with each progress state (at least every ``report_every_s`` seconds and at each
@@ -347,8 +406,7 @@ def run(spec: LocalJobSpec, out_dir: str | os.PathLike, progress: Progress | Non
     def on_signal(signum: int, frame: Any) -> None:
         trainer.stop_requested = True
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} \
-        if _main_thread() else {}
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
     try:
         return trainer.run()
     finally:

@@ -7,6 +7,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY api ./api
+COPY core ./core
 COPY worker ./worker
 COPY distill ./distill
 COPY deploy ./deploy

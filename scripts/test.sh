@@ -27,4 +27,5 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
   fi
 fi
 ruff check .
+ruff format --check .
 exec python -m pytest -q --timeout 600 --durations=15 "$@"

@@ -157,11 +157,11 @@ def publish_test_model(
     """Export an untrained gfl_tiny to ONNX and publish it exactly as the worker does (registry + store); with
     ``job_id``, as that job's model (its tenant's)."""
     torch = pytest.importorskip("torch")
+    from core.store import Store
     from deploy.export import export_model
     from deploy.registry import Registry
     from distill.checkpoint import atomic_save, build_detector, detector_state
     from worker.publish import publish_model
-    from worker.store import Store
 
     work = data_dir / "tmp_export" / model_id
     model = build_detector("gfl_tiny", len(classes), classes=classes)
@@ -202,8 +202,9 @@ def serve_api(work: Path, **env: str) -> ApiServer:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    srv = serve_api(tmp_path_factory.mktemp("api_http"), LDD_MAX_UPLOAD_BYTES=str(5_000_000),
-                    LDD_MAX_IMAGE_PIXELS=str(1_000_000))
+    srv = serve_api(
+        tmp_path_factory.mktemp("api_http"), LDD_MAX_UPLOAD_BYTES=str(5_000_000), LDD_MAX_IMAGE_PIXELS=str(1_000_000)
+    )
     yield srv
     srv.stop()
 

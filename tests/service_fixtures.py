@@ -23,9 +23,9 @@ import pytest
 
 from bench import servers
 from bench.servers import descendants, pid_alive, wait_for
-from worker.queue import enqueue
-from worker.settings import Settings
-from worker.store import TERMINAL_STATES, Store
+from core.queue import enqueue
+from core.settings import Settings
+from core.store import TERMINAL_STATES, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get("LDD_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

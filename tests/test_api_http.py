@@ -194,8 +194,12 @@ def _job(dataset_id: str, **over: Any) -> dict[str, Any]:
 
 
 def test_bad_jobs_refused_and_nothing_stored(
-    server: ApiServer, http: httpx.Client, dataset: dict[str, Any], mmdet_checkpoint: dict[str, Any],
-    backbone_checkpoint: dict[str, Any], reg_max_8_checkpoint: dict[str, Any],
+    server: ApiServer,
+    http: httpx.Client,
+    dataset: dict[str, Any],
+    mmdet_checkpoint: dict[str, Any],
+    backbone_checkpoint: dict[str, Any],
+    reg_max_8_checkpoint: dict[str, Any],
 ) -> None:
     ds = dataset["id"]
     distill = {"kind": "distill", "teacher": {"checkpoint": mmdet_checkpoint["id"]}}
@@ -253,7 +257,9 @@ def test_bad_jobs_refused_and_nothing_stored(
 
 
 def test_jobs_with_uploaded_teacher_and_init_accepted(
-    http: httpx.Client, dataset: dict[str, Any], mmdet_checkpoint: dict[str, Any],
+    http: httpx.Client,
+    dataset: dict[str, Any],
+    mmdet_checkpoint: dict[str, Any],
     backbone_checkpoint: dict[str, Any],
 ) -> None:
     """The teacher's classes need not be the dataset's (KD maps them by name, LD needs none): the 3-class

@@ -173,8 +173,8 @@ def test_api_imports_and_builds_without_torch(tmp_path: Path) -> None:
         "sys.modules['torch'] = None\n"
         "import api.app, api.cli, api.client, api.datasets, api.deps, api.detect_body, deploy.runtime\n"
         "import api.routes.checkpoints, api.routes.datasets, api.routes.detect, api.routes.health\n"
-        "import api.routes.jobs, api.routes.models, deploy.draw, deploy.registry, distill.ckpt_reader, worker.checks\n"
-        "from worker.settings import Settings\n"
+        "import api.routes.jobs, api.routes.models, deploy.draw, deploy.registry, distill.ckpt_reader, core.checks\n"
+        "from core.settings import Settings\n"
         f"app = api.app.create_app(Settings(data_dir={str(tmp_path)!r}))\n"
         "assert app.openapi()['paths']\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision') and sys.modules[m])\n"
@@ -209,7 +209,7 @@ def test_schemathesis_finds_no_server_errors(
 
 
 def test_tampered_model_is_refused(server: ApiServer, http: httpx.Client, model: dict[str, Any]) -> None:
-    from worker.store import Store
+    from core.store import Store
 
     models: Path = server.data_dir / "models"  # type: ignore[attr-defined]
     shutil.copytree(models / "mdl_testmodel", models / "mdl_tampered")

@@ -21,8 +21,9 @@ http, dataset = api_server.http, api_server.dataset
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     work = tmp_path_factory.mktemp("api_paths")
     # Offline, as a machine without internet is: connections go to a proxy that refuses them.
-    srv = serve_api(work, LDD_WEIGHTS_DIR=str(work / "weights"), HTTPS_PROXY="http://127.0.0.1:9",
-                    https_proxy="http://127.0.0.1:9")
+    srv = serve_api(
+        work, LDD_WEIGHTS_DIR=str(work / "weights"), HTTPS_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9"
+    )
     yield srv
     srv.stop()
 
@@ -43,8 +44,10 @@ def checkpoint(server: ApiServer, http: httpx.Client) -> dict[str, Any]:
 
 def _stored(server: ApiServer, http: httpx.Client) -> tuple[Any, ...]:
     data_dir: Path = server.data_dir  # type: ignore[attr-defined]
-    return (sorted(j["id"] for j in http.get("/v1/jobs").json()["jobs"]),
-            sorted(p.name for p in (data_dir / "runs").iterdir()))
+    return (
+        sorted(j["id"] for j in http.get("/v1/jobs").json()["jobs"]),
+        sorted(p.name for p in (data_dir / "runs").iterdir()),
+    )
 
 
 def test_every_server_path_form_is_refused_and_nothing_stored(
@@ -55,6 +58,7 @@ def test_every_server_path_form_is_refused_and_nothing_stored(
     own_file = str(data_dir / "checkpoints" / f"{ck}.pt")  # a real file in the service's own data folder
     train = {"kind": "train", "dataset": ds, "schedule": {"epochs": 1}}
     distill = {"kind": "distill", "dataset": ds, "student": {"arch": "gfl_tiny"}}
+
     def student(**fields: Any) -> dict[str, Any]:
         return {**train, "student": {"arch": "gfl_tiny", **fields}}
 
@@ -82,8 +86,10 @@ def test_every_server_path_form_is_refused_and_nothing_stored(
     assert ok.status_code == 202, ok.text
     ok = http.post("/v1/jobs", json={**distill, "teacher": {"checkpoint": ck}})
     assert ok.status_code == 202, ok.text
-    assert ok.json()["spec"]["teacher"] == {"checkpoint": ck, "model": None, "job": None} or \
-        ok.json()["spec"]["teacher"]["checkpoint"] == ck
+    assert (
+        ok.json()["spec"]["teacher"] == {"checkpoint": ck, "model": None, "job": None}
+        or ok.json()["spec"]["teacher"]["checkpoint"] == ck
+    )
 
 
 def test_imagenet_without_cached_weights_is_refused_naming_file_and_folder(

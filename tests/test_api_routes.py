@@ -14,9 +14,9 @@ from fastapi.testclient import TestClient
 from api import deps
 from api.errors import APIError, install_error_handlers
 from api.routes import datasets, jobs
+from core.settings import Settings
+from core.store import Store
 from distill.spec import JobSpec
-from worker.settings import Settings
-from worker.store import Store
 
 
 @pytest.fixture

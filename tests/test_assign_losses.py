@@ -43,13 +43,15 @@ def _reference_atss(anchors, counts, boxes, topk):
         dist = ((centres - (box[:2] + box[2:]) / 2) ** 2).sum(1).sqrt()
         cand, start = [], 0
         for n in counts:
-            cand += (dist[start:start + n].topk(min(topk, n), largest=False).indices + start).tolist()
+            cand += (dist[start : start + n].topk(min(topk, n), largest=False).indices + start).tolist()
             start += n
         cand_iou = ious[cand, g]
         thr = cand_iou.mean() + cand_iou.std()
         for i in cand:
-            inside = min(centres[i, 0] - box[0], centres[i, 1] - box[1], box[2] - centres[i, 0],
-                         box[3] - centres[i, 1]) > 0.01
+            inside = (
+                min(centres[i, 0] - box[0], centres[i, 1] - box[1], box[2] - centres[i, 0], box[3] - centres[i, 1])
+                > 0.01
+            )
             if ious[i, g] >= thr and inside and ious[i, g] > best[i]:
                 best[i], index[i] = ious[i, g], g
     return index

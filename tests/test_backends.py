@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from core.settings import Settings
 from deploy.backends import CPU, OrtSession, make_session, select_providers
 from deploy.evaluate import runtime_ap
 from deploy.export import export_model
@@ -16,7 +17,6 @@ from deploy.verify import compare_detections, sample_images
 from distill.checkpoint import detector_state
 from tests.test_deploy_export import INPUT_SIZE
 from tests.test_quantize import confident_detector, make_dataset
-from worker.settings import Settings
 
 # OpenVINO and ONNX Runtime compute the same fp32 convolutions with different kernels (summation order):
 # boxes within 1e-3 of the image side, scores within 1e-4, as the export holds ONNX Runtime to PyTorch.
@@ -55,7 +55,12 @@ def test_openvino_gives_onnx_runtimes_detections_fp32(exported):
             r = compare_detections(
                 {"boxes": want[0][i, :k_want], "scores": want[1][i, :k_want], "labels": want[2][i, :k_want]},
                 {"boxes": got[0][i, :k_got], "scores": got[1][i, :k_got], "labels": got[2][i, :k_got]},
-                tuple(sizes[i]), box_tol=FP32_BOX_TOL, score_tol=FP32_SCORE_TOL, score_thr=0.05, max_dets=100)
+                tuple(sizes[i]),
+                box_tol=FP32_BOX_TOL,
+                score_tol=FP32_SCORE_TOL,
+                score_thr=0.05,
+                max_dets=100,
+            )
             assert r["problems"] == [], r["problems"][:3]
             total += r["matched"]
         assert total > 10
@@ -80,7 +85,12 @@ def test_openvino_int8_is_as_accurate_as_onnx_runtime_int8(exported):
         r = compare_detections(
             {"boxes": wb[0, :k][keep], "scores": ws[0, :k][keep], "labels": wl[0, :k][keep]},
             {"boxes": gb[0, :kg], "scores": gs[0, :kg], "labels": gl[0, :kg]},
-            tuple(sizes[0]), box_tol=INT8_BOX_TOL, score_tol=INT8_SCORE_TOL, score_thr=0.0, max_dets=10**6)
+            tuple(sizes[0]),
+            box_tol=INT8_BOX_TOL,
+            score_tol=INT8_SCORE_TOL,
+            score_thr=0.0,
+            max_dets=10**6,
+        )
         matched, total = matched + r["matched"], total + r["expected"]
     assert total > 10 and matched >= INT8_FOUND * total, (matched, total)
 
@@ -119,7 +129,10 @@ def test_requested_providers_keep_their_order_skip_the_missing_and_end_with_cpu(
     gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert select_providers(["tensorrt", "cuda"], gpu) == ["TensorrtExecutionProvider", "CUDAExecutionProvider", CPU]
     assert select_providers(["cuda", "TensorrtExecutionProvider"], gpu) == [
-        "CUDAExecutionProvider", "TensorrtExecutionProvider", CPU]
+        "CUDAExecutionProvider",
+        "TensorrtExecutionProvider",
+        CPU,
+    ]
     assert select_providers(["cpu", "cuda"], gpu) == ["CUDAExecutionProvider", CPU]  # CPU only as the fallback
     with caplog.at_level("WARNING", logger="ldd.deploy"):
         assert select_providers(["tensorrt", "cuda", "cpu"], ["CPUExecutionProvider"]) == [CPU]

@@ -24,8 +24,10 @@ if not BCCD.is_dir():
 pytestmark = pytest.mark.skipif(not BCCD.is_dir(), reason="shared/data/bccd-voc not present")
 
 # xmin == xmax and ymin == ymax in these two files (object index, class, corners).
-POINT_BOXES = {"BloodImage_00338.xml": "object 12 (RBC 504,337,504,337)",
-               "BloodImage_00343.xml": "object 3 (RBC 181,329,181,329)"}
+POINT_BOXES = {
+    "BloodImage_00338.xml": "object 12 (RBC 504,337,504,337)",
+    "BloodImage_00343.xml": "object 3 (RBC 181,329,181,329)",
+}
 
 
 def _stems() -> set[str]:

@@ -62,12 +62,15 @@ def test_epochs_repeated(chaos):
 
 
 def test_last_error_line(chaos):
-    log = ("2026-11-30 19:57:26,848 INFO ldd.worker: job job_1: succeeded\n"
-           "2026-11-30 19:57:26,848 CRITICAL celery.worker.request: Couldn't ack '99', reason:network:ConnectionError\n"
-           "Traceback (most recent call last):\n  File \"x.py\", line 1\nredis.exceptions.ConnectionError: refused\n"
-           "2026-11-30 19:57:30,000 WARNING ldd.recovery: re-sent lost broker messages for job_2\n")
-    assert chaos.figures.last_error_line(log).endswith("CRITICAL celery.worker.request: Couldn't ack '99', "
-                                               "reason:network:ConnectionError")
+    log = (
+        "2026-11-30 19:57:26,848 INFO ldd.worker: job job_1: succeeded\n"
+        "2026-11-30 19:57:26,848 CRITICAL celery.worker.request: Couldn't ack '99', reason:network:ConnectionError\n"
+        'Traceback (most recent call last):\n  File "x.py", line 1\nredis.exceptions.ConnectionError: refused\n'
+        "2026-11-30 19:57:30,000 WARNING ldd.recovery: re-sent lost broker messages for job_2\n"
+    )
+    assert chaos.figures.last_error_line(log).endswith(
+        "CRITICAL celery.worker.request: Couldn't ack '99', reason:network:ConnectionError"
+    )
     assert chaos.figures.last_error_line("2026-11-30 19:57:30,000 INFO fine\n") is None
 
 
@@ -95,41 +98,99 @@ def test_job_children(chaos, tmp_path):
         14: (11, ["/v/bin/python", "-m", "worker.export", f"{runs}/job_ff00ff00ff00ff00/model.pt", "x"]),
         15: (1, ["tail", "-f", f"{runs}/{job}/train.log"]),  # not a python child of an attempt
     }
-    assert chaos.figures.job_children(table, runs) == {12: (job, "train", 11),
-                                                       14: ("job_ff00ff00ff00ff00", "export", 11)}
+    assert chaos.figures.job_children(table, runs) == {
+        12: (job, "train", 11),
+        14: ("job_ff00ff00ff00ff00", "export", 11),
+    }
     assert sorted(chaos.servers.descendants(10, table)) == [11, 12, 13, 14]
 
 
 def result(jobs: list[dict], rows: list[dict]) -> dict:
-    settings = {"jobs": len(jobs), "epochs": 3, "teacher_epochs": 2, "train_images": 24, "image_size": [128, 96],
-                "workers": 2, "lease_seconds": 10.0, "heartbeat_seconds": 1, "recover_seconds": 2, "max_attempts": 3,
-                "outage_s": 3.0, "plan": sorted({r["kind"] for r in rows} - {"rescue"}), "seed": 0, "quick": False}
-    return {"settings": settings, "teachers": ["job_" + "0" * 16], "jobs": jobs, "disruptions": rows,
-            "registry_leftovers": [], "unattributed_folders": [], "rest_failures": 0,
-            "minutes": {"total": 1.0, "teachers": 0.5, "chaos": 0.5}, "load_avg": (1.0, 1.0, 1.0)}
+    settings = {
+        "jobs": len(jobs),
+        "epochs": 3,
+        "teacher_epochs": 2,
+        "train_images": 24,
+        "image_size": [128, 96],
+        "workers": 2,
+        "lease_seconds": 10.0,
+        "heartbeat_seconds": 1,
+        "recover_seconds": 2,
+        "max_attempts": 3,
+        "outage_s": 3.0,
+        "plan": sorted({r["kind"] for r in rows} - {"rescue"}),
+        "seed": 0,
+        "quick": False,
+    }
+    return {
+        "settings": settings,
+        "teachers": ["job_" + "0" * 16],
+        "jobs": jobs,
+        "disruptions": rows,
+        "registry_leftovers": [],
+        "unattributed_folders": [],
+        "rest_failures": 0,
+        "minutes": {"total": 1.0, "teachers": 0.5, "chaos": 0.5},
+        "load_avg": (1.0, 1.0, 1.0),
+    }
 
 
 def a_job(job: str, **over) -> dict:
-    return {"job": job, "index": 0, "state": "succeeded", "attempts": 1, "models_store": 1, "models_registry": 1,
-            "twice_proc": [], "twice_progress": [], "children": [], "child_log": [], "owners": [], "kills": [],
-            "seconds": 60.0, **over}
+    return {
+        "job": job,
+        "index": 0,
+        "state": "succeeded",
+        "attempts": 1,
+        "models_store": 1,
+        "models_registry": 1,
+        "twice_proc": [],
+        "twice_progress": [],
+        "children": [],
+        "child_log": [],
+        "owners": [],
+        "kills": [],
+        "seconds": 60.0,
+        **over,
+    }
 
 
 def test_verdict_and_report(chaos):
-    kill = {"kind": "train", "job": "job_" + "a" * 16, "attempt": 1, "at": "train, iter 9/18", "t": 100.0,
-            "down_s": 0.1, "orphans": 0, "job_state": "running", "requeued_s": 10.5, "claimed_s": 11.0,
-            "running_again_s": 11.2, "recovery_s": 30.0, "at_iter": 9, "resumed_from": 6, "repeated": 0.5}
+    kill = {
+        "kind": "train",
+        "job": "job_" + "a" * 16,
+        "attempt": 1,
+        "at": "train, iter 9/18",
+        "t": 100.0,
+        "down_s": 0.1,
+        "orphans": 0,
+        "job_state": "running",
+        "requeued_s": 10.5,
+        "claimed_s": 11.0,
+        "running_again_s": 11.2,
+        "recovery_s": 30.0,
+        "at_iter": 9,
+        "resumed_from": 6,
+        "repeated": 0.5,
+    }
     good = result([a_job(kill["job"], attempts=2, kills=["train"]), a_job("job_" + "b" * 16)], [kill])
     assert chaos.report.verdict(good) == (True, [])
     md = chaos.report.render(good)
     assert "**Verdict: PASS.**" in md and "| jobs that ran twice at once | 0 | 0 |" in md
     assert "running again after 11.2 s; next progress record after 30.0 s" in md
 
-    rescue = {"kind": "redis", "job": None, "at": "SIGKILL", "t": 200.0, "down_s": 3.0, "affected": [],
-              "recovery_s": None}, {"kind": "rescue", "job": None, "at": "2 job(s) queued and none running for 90 s",
-                                    "t": 300.0, "down_s": 5.0, "affected": ["job_" + "b" * 16], "recovery_s": 40.0}
-    bad = result([a_job(kill["job"], models_registry=2, twice_progress=[7]), a_job("job_" + "b" * 16)],
-                 [kill, *rescue])
+    rescue = (
+        {"kind": "redis", "job": None, "at": "SIGKILL", "t": 200.0, "down_s": 3.0, "affected": [], "recovery_s": None},
+        {
+            "kind": "rescue",
+            "job": None,
+            "at": "2 job(s) queued and none running for 90 s",
+            "t": 300.0,
+            "down_s": 5.0,
+            "affected": ["job_" + "b" * 16],
+            "recovery_s": 40.0,
+        },
+    )
+    bad = result([a_job(kill["job"], models_registry=2, twice_progress=[7]), a_job("job_" + "b" * 16)], [kill, *rescue])
     ok, problems = chaos.report.verdict(bad)
     assert not ok
     assert any("without exactly one model" in p for p in problems) and any("ran twice" in p for p in problems)

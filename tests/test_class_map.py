@@ -12,22 +12,26 @@ from distill.checkpoint import atomic_save, build_detector, detector_state
 from distill.class_map import ClassMapError, map_classes
 from distill.criterion import DistillCriterion, GFLCriterion, GroundTruth, head_outputs
 from distill.data.synthetic import make_synthetic
-from distill.distillation import diagnostics
+from distill.diagnostics import diagnostics
 from distill.losses import sigmoid_kd_loss
 from distill.models.gfl import GFL, DetectorConfig
 from distill.spec import DistillSpec, GFLWeights, LocalJobSpec
 from distill.train import Trainer, TrainingError
 
-GT = GroundTruth(torch.tensor([[[10.0, 12, 60, 70], [70, 20, 120, 90]], [[30, 8, 100, 60], [0, 0, 0, 0]]]),
-                 torch.tensor([[0, 0], [0, 0]]), torch.tensor([[True, True], [True, False]]))
+GT = GroundTruth(
+    torch.tensor([[[10.0, 12, 60, 70], [70, 20, 120, 90]], [[30, 8, 100, 60], [0, 0, 0, 0]]]),
+    torch.tensor([[0, 0], [0, 0]]),
+    torch.tensor([[True, True], [True, False]]),
+)
 DIGITS = [str(i) for i in range(10)]
 KD_BOTH = DistillSpec.model_validate({"weights": {"vlr_kd": 1.0}})
 
 
 def _tiny(seed: int, classes: list[str]) -> GFL:
     torch.manual_seed(seed)
-    model = GFL(DetectorConfig(depth=18, base_width=16, channels=32, stacked_convs=2, num_classes=len(classes),
-                               classes=classes))
+    model = GFL(
+        DetectorConfig(depth=18, base_width=16, channels=32, stacked_convs=2, num_classes=len(classes), classes=classes)
+    )
     g = torch.Generator().manual_seed(seed + 100)  # class logits far from the flat initial prior
     with torch.no_grad():
         model.bbox_head.gfl_cls.weight.add_(torch.randn(model.bbox_head.gfl_cls.weight.shape, generator=g) * 0.3)
@@ -39,8 +43,12 @@ IMAGES = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(3))
 
 def _terms(student: GFL, teacher: GFL, spec: DistillSpec = KD_BOTH, t_cls: torch.Tensor | None = None):
     """The criterion's losses, the student's and teacher's outputs and the regions, for the fixed batch."""
-    criterion = DistillCriterion(GFLCriterion(student, GFLWeights()), teacher, spec,
-                                 map_classes(student.classes, teacher.classes, spec.class_map))
+    criterion = DistillCriterion(
+        GFLCriterion(student, GFLWeights()),
+        teacher,
+        spec,
+        map_classes(student.classes, teacher.classes, spec.class_map),
+    )
     with torch.no_grad():
         s_out = head_outputs(student, IMAGES, False)
         t_out = criterion.teacher_forward(IMAGES)
@@ -113,8 +121,7 @@ def test_partly_overlapping_classes_distil_the_overlap_only():
     criterion, losses, s_out, t_out, r = _terms(student, teacher)
     assert criterion.class_report()["unmapped"] == ["fox"]
     torch.testing.assert_close(losses["main_kd"], _direct_kd(s_out.cls, t_out.cls, r.main, None, [0, 1], [2, 0]))
-    torch.testing.assert_close(losses["vlr_kd"],
-                               _direct_kd(s_out.cls, t_out.cls, r.vlr, r.vlr_weight, [0, 1], [2, 0]))
+    torch.testing.assert_close(losses["vlr_kd"], _direct_kd(s_out.cls, t_out.cls, r.vlr, r.vlr_weight, [0, 1], [2, 0]))
     # "fox" has no teacher class: its column takes no part (pairing it with any teacher column would).
     assert _direct_kd(s_out.cls, t_out.cls, r.main, None, [0, 1, 2], [2, 0, 3]) > losses["main_kd"]
 
@@ -124,8 +131,7 @@ def test_explicit_class_map_picks_the_columns():
     spec = DistillSpec.model_validate({"class_map": {"2": "cat"}})
     criterion, losses, s_out, t_out, r = _terms(student, teacher, spec)
     torch.testing.assert_close(losses["main_kd"], _direct_kd(s_out.cls, t_out.cls, r.main, None, [2], [0]))
-    assert criterion.class_report() == {"mapping": {"2": "cat"}, "unmapped": ["0", "1"], "by": "class_map",
-                                        "kd": "on"}
+    assert criterion.class_report() == {"mapping": {"2": "cat"}, "unmapped": ["0", "1"], "by": "class_map", "kd": "on"}
 
 
 def test_no_class_in_common_switches_kd_off_and_keeps_ld():
@@ -144,20 +150,31 @@ def test_no_class_in_common_switches_kd_off_and_keeps_ld():
 
 
 def _job(tmp_path: Path, teacher_classes: list[str], class_map: dict | None = None) -> LocalJobSpec:
-    data = make_synthetic(tmp_path / "data", num_train=2, num_val=2, image_size=(64, 64), seed=1, num_classes=3,
-                          max_objects=2)  # classes "0", "1", "2"
+    data = make_synthetic(
+        tmp_path / "data", num_train=2, num_val=2, image_size=(64, 64), seed=1, num_classes=3, max_objects=2
+    )  # classes "0", "1", "2"
     teacher = tmp_path / "teacher.pt"
     atomic_save(detector_state(build_detector("gfl_tiny", len(teacher_classes), teacher_classes)), teacher)
-    return LocalJobSpec.model_validate({
-        "kind": "distill", "dataset": str(data), "student": {"arch": "gfl_tiny"}, "teacher": {"path": str(teacher)},
-        "distill": {"class_map": class_map},
-        "schedule": {"epochs": 1, "batch_size": 2, "image_size": [64, 64], "num_workers": 0, "warmup_iters": 0}})
+    return LocalJobSpec.model_validate(
+        {
+            "kind": "distill",
+            "dataset": str(data),
+            "student": {"arch": "gfl_tiny"},
+            "teacher": {"path": str(teacher)},
+            "distill": {"class_map": class_map},
+            "schedule": {"epochs": 1, "batch_size": 2, "image_size": [64, 64], "num_workers": 0, "warmup_iters": 0},
+        }
+    )
 
 
 def test_job_with_a_teacher_of_other_classes_records_the_map(tmp_path):
     metrics = Trainer(_job(tmp_path, ["cat", "dog"]), tmp_path / "off").run()
-    assert metrics["class_map"] == {"mapping": {}, "unmapped": ["0", "1", "2"], "by": "name",
-                                    "kd": "off (no class in common)"}
+    assert metrics["class_map"] == {
+        "mapping": {},
+        "unmapped": ["0", "1", "2"],
+        "by": "name",
+        "kd": "off (no class in common)",
+    }
     assert metrics["teacher_bbox"] is None and metrics["diagnostics"]["after"]["cls_l1"] is None
     assert json.loads((tmp_path / "off" / "metrics.json").read_text())["class_map"] == metrics["class_map"]
     progress = [json.loads(line) for line in (tmp_path / "off" / "progress.jsonl").read_text().splitlines()]

@@ -1,7 +1,7 @@
 """docker-compose.yml and the Dockerfiles, checked without a Docker engine (none runs here).
 
 The compose file must parse, run the same commands that ``ldd``/the end-to-end tests run, set only
-``LDD_*`` variables that ``worker.settings.Settings`` reads (the same ones the end-to-end tests set),
+``LDD_*`` variables that ``core.settings.Settings`` reads (the same ones the end-to-end tests set),
 and keep the production rules of DESIGN section 6 (Redis append-only, GPU reserved, shared artifacts,
 health checks, workers scalable).
 """
@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from api.cli import api_command, worker_command
+from core.db import normalise_url
+from core.settings import ENV_PREFIX, Settings
 from tests.test_e2e_service import service_env
-from worker.db import normalise_url
-from worker.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

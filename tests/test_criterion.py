@@ -15,8 +15,11 @@ from distill.models.gfl import GFL, DetectorConfig
 from distill.spec import DistillSpec, GFLWeights, LocalJobSpec
 from distill.train import Trainer
 
-GT = GroundTruth(torch.tensor([[[10.0, 12, 60, 70], [70, 20, 120, 90]], [[30, 8, 100, 60], [0, 0, 0, 0]]]),
-                 torch.tensor([[1, 2], [0, 0]]), torch.tensor([[True, True], [True, False]]))
+GT = GroundTruth(
+    torch.tensor([[[10.0, 12, 60, 70], [70, 20, 120, 90]], [[30, 8, 100, 60], [0, 0, 0, 0]]]),
+    torch.tensor([[1, 2], [0, 0]]),
+    torch.tensor([[True, True], [True, False]]),
+)
 
 
 def _tiny(seed: int, perturb: int | None = None) -> GFL:
@@ -41,21 +44,35 @@ def batch():
 # assembled in Trainer.step, distillation_losses, gfl_losses with a string-keyed state). On the machine that
 # recorded them the new code gives the same float32 values bit for bit (and the same weights after 4 SGD
 # steps of 6 job configurations); the tolerance only allows for other CPUs' convolution kernels.
-RECORDED = {"qfl": 1.166063904762268, "giou": 1.805277943611145, "dfl": 1.213077425956726,
-            "main_ld": 1.5222234725952148, "main_kd": 2.313129425048828, "vlr_ld": 1.4631285667419434,
-            "vlr_kd": 1.0535962581634521, "tbr": 0.36615079641342163}
+RECORDED = {
+    "qfl": 1.166063904762268,
+    "giou": 1.805277943611145,
+    "dfl": 1.213077425956726,
+    "main_ld": 1.5222234725952148,
+    "main_kd": 2.313129425048828,
+    "vlr_ld": 1.4631285667419434,
+    "vlr_kd": 1.0535962581634521,
+    "tbr": 0.36615079641342163,
+}
 
 
 @torch.no_grad()
 def test_same_losses_as_before_the_criteria(batch):
     student, teacher, images = batch
     got: dict[str, float] = {}
-    for spec in (DistillSpec.model_validate({"weights": {"vlr_kd": 0.5}}),
-                 DistillSpec.model_validate({"method": "tbr", "tbr_margin": 0.5, "weights": {"main_kd": 0}})):
-        criterion = DistillCriterion(GFLCriterion(student, GFLWeights()), teacher, spec,
-                                     map_classes(student.classes, teacher.classes))
-        got |= {k: float(v) for k, v in criterion.losses(head_outputs(student, images, False),
-                                                         criterion.teacher_forward(images), GT).items()}
+    for spec in (
+        DistillSpec.model_validate({"weights": {"vlr_kd": 0.5}}),
+        DistillSpec.model_validate({"method": "tbr", "tbr_margin": 0.5, "weights": {"main_kd": 0}}),
+    ):
+        criterion = DistillCriterion(
+            GFLCriterion(student, GFLWeights()), teacher, spec, map_classes(student.classes, teacher.classes)
+        )
+        got |= {
+            k: float(v)
+            for k, v in criterion.losses(
+                head_outputs(student, images, False), criterion.teacher_forward(images), GT
+            ).items()
+        }
     assert got == pytest.approx(RECORDED, rel=1e-5, abs=1e-6)
 
 
@@ -96,8 +113,13 @@ def test_locations_are_cached_per_size_and_positives_are_decoded_once(batch):
 
 
 def test_pad_targets():
-    gt = pad_targets([{"boxes": torch.tensor([[1.0, 2, 3, 4]]), "labels": torch.tensor([2])},
-                      {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}], "cpu")
+    gt = pad_targets(
+        [
+            {"boxes": torch.tensor([[1.0, 2, 3, 4]]), "labels": torch.tensor([2])},
+            {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
+        ],
+        "cpu",
+    )
     assert gt.boxes.shape == (2, 1, 4) and gt.labels.tolist() == [[2], [0]] and gt.valid.tolist() == [[True], [False]]
 
 
@@ -105,9 +127,15 @@ def test_a_train_job_sets_its_loss_weights(tmp_path: Path):
     data = make_synthetic(tmp_path / "data", num_train=2, num_val=0, image_size=(64, 64), seed=1, max_objects=2)
 
     def trainer(loss: dict, name: str) -> Trainer:
-        spec = LocalJobSpec.model_validate({
-            "kind": "train", "dataset": str(data), "student": {"arch": "gfl_tiny"}, "loss": loss,
-            "schedule": {"epochs": 1, "batch_size": 2, "image_size": [64, 64], "num_workers": 0}})
+        spec = LocalJobSpec.model_validate(
+            {
+                "kind": "train",
+                "dataset": str(data),
+                "student": {"arch": "gfl_tiny"},
+                "loss": loss,
+                "schedule": {"epochs": 1, "batch_size": 2, "image_size": [64, 64], "num_workers": 0},
+            }
+        )
         return Trainer(spec, tmp_path / name, device="cpu")
 
     default, no_dfl = trainer({}, "default"), trainer({"dfl": 0}, "no_dfl")

@@ -21,8 +21,11 @@ def _png(path: Path, size: tuple[int, int], colour: tuple[int, int, int] = (200,
 
 
 def _dataset(root: Path, images: list[dict], annotations: list[dict], categories: list[dict] | None = None) -> Path:
-    coco = {"images": images, "annotations": annotations,
-            "categories": categories or [{"id": 3, "name": "dog"}, {"id": 1, "name": "cat"}]}
+    coco = {
+        "images": images,
+        "annotations": annotations,
+        "categories": categories or [{"id": 3, "name": "dog"}, {"id": 1, "name": "cat"}],
+    }
     write_coco(coco, root)
     return root
 
@@ -34,14 +37,18 @@ def _ann(i: int, image_id: int, bbox: list[float], category_id: int = 1, **extra
 def test_valid_dataset(tmp_path: Path) -> None:
     _png(tmp_path / "images/a.png", (64, 48))
     _png(tmp_path / "images/b.png", (40, 30))
-    _dataset(tmp_path, [
-        {"id": 1, "file_name": "images/a.png", "width": 64, "height": 48},
-        {"id": 2, "file_name": "b.png", "width": 40, "height": 30},  # found under images/
-    ], [
-        _ann(1, 1, [10, 5, 20, 10], category_id=3),
-        _ann(2, 1, [0, 0, 64, 48], category_id=1, iscrowd=1),
-        _ann(3, 2, [1, 2, 3, 4], category_id=1),
-    ])
+    _dataset(
+        tmp_path,
+        [
+            {"id": 1, "file_name": "images/a.png", "width": 64, "height": 48},
+            {"id": 2, "file_name": "b.png", "width": 40, "height": 30},  # found under images/
+        ],
+        [
+            _ann(1, 1, [10, 5, 20, 10], category_id=3),
+            _ann(2, 1, [0, 0, 64, 48], category_id=1, iscrowd=1),
+            _ann(3, 2, [1, 2, 3, 4], category_id=1),
+        ],
+    )
     data = load_coco(tmp_path)
     assert data.problems == []
     assert data.classes == ["cat", "dog"] and data.category_ids == [1, 3]  # in category id order
@@ -63,28 +70,32 @@ def test_bad_images_and_boxes_are_reported_by_file_name(tmp_path: Path) -> None:
     buf = io.BytesIO()
     Image.new("RGB", (300, 200), (10, 200, 30)).save(buf, "JPEG")
     (tmp_path / "images/truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    _dataset(tmp_path, [
-        {"id": 1, "file_name": "images/good.png", "width": 100, "height": 80},
-        {"id": 2, "file_name": "images/corrupt.jpg", "width": 10, "height": 10},
-        {"id": 3, "file_name": "images/empty.jpg", "width": 10, "height": 10},
-        {"id": 4, "file_name": "images/truncated.jpg", "width": 300, "height": 200},
-        {"id": 5, "file_name": "images/missing.png", "width": 10, "height": 10},
-        {"id": 6, "file_name": "images/small.png", "width": 100, "height": 80},  # wrong size in JSON
-        {"id": 7, "file_name": "../outside.png", "width": 10, "height": 10},
-        {"id": 1, "file_name": "images/small.png", "width": 50, "height": 40},  # duplicate id
-    ], [
-        _ann(1, 1, [10, 10, 20, 20]),  # fine
-        _ann(2, 1, [90, 70, 30, 30]),  # sticks out far: clipped, reported
-        _ann(3, 1, [-1, -1, 20, 20]),  # sticks out slightly: clipped silently
-        _ann(4, 1, [150, 10, 20, 20]),  # wholly outside: dropped
-        _ann(5, 1, [10, 10, 0, 5]),  # no width: dropped with a warning, not a problem
-        _ann(10, 1, [10, 10, -3, 5]),  # negative width: wrong data
-        _ann(6, 1, [10, 10, 5, 5], category_id=99),  # unknown category
-        _ann(7, 42, [10, 10, 5, 5]),  # unknown image
-        _ann(7, 1, [10, 10, 5, 5]),  # duplicate annotation id
-        _ann(8, 6, [60, 10, 20, 20]),  # outside the real 50x40 image (inside the JSON's 100x80)
-        _ann(9, 2, [1, 1, 2, 2]),  # on a dropped image: no extra noise
-    ])
+    _dataset(
+        tmp_path,
+        [
+            {"id": 1, "file_name": "images/good.png", "width": 100, "height": 80},
+            {"id": 2, "file_name": "images/corrupt.jpg", "width": 10, "height": 10},
+            {"id": 3, "file_name": "images/empty.jpg", "width": 10, "height": 10},
+            {"id": 4, "file_name": "images/truncated.jpg", "width": 300, "height": 200},
+            {"id": 5, "file_name": "images/missing.png", "width": 10, "height": 10},
+            {"id": 6, "file_name": "images/small.png", "width": 100, "height": 80},  # wrong size in JSON
+            {"id": 7, "file_name": "../outside.png", "width": 10, "height": 10},
+            {"id": 1, "file_name": "images/small.png", "width": 50, "height": 40},  # duplicate id
+        ],
+        [
+            _ann(1, 1, [10, 10, 20, 20]),  # fine
+            _ann(2, 1, [90, 70, 30, 30]),  # sticks out far: clipped, reported
+            _ann(3, 1, [-1, -1, 20, 20]),  # sticks out slightly: clipped silently
+            _ann(4, 1, [150, 10, 20, 20]),  # wholly outside: dropped
+            _ann(5, 1, [10, 10, 0, 5]),  # no width: dropped with a warning, not a problem
+            _ann(10, 1, [10, 10, -3, 5]),  # negative width: wrong data
+            _ann(6, 1, [10, 10, 5, 5], category_id=99),  # unknown category
+            _ann(7, 42, [10, 10, 5, 5]),  # unknown image
+            _ann(7, 1, [10, 10, 5, 5]),  # duplicate annotation id
+            _ann(8, 6, [60, 10, 20, 20]),  # outside the real 50x40 image (inside the JSON's 100x80)
+            _ann(9, 2, [1, 1, 2, 2]),  # on a dropped image: no extra noise
+        ],
+    )
     data = load_coco(tmp_path)
     text = "\n".join(data.problems)
 
@@ -101,8 +112,9 @@ def test_bad_images_and_boxes_are_reported_by_file_name(tmp_path: Path) -> None:
     assert said("images/good.png: annotation 2", "clipped"), text
     assert said("images/good.png: annotation 4", "outside the image"), text
     assert said("images/good.png: annotation 10", "non-positive size"), text
-    assert data.warnings == ["images/good.png: annotation 5: bbox [10, 10, 0, 5] is a line, not a box (no width): "
-                             "dropped"]
+    assert data.warnings == [
+        "images/good.png: annotation 5: bbox [10, 10, 0, 5] is a line, not a box (no width): dropped"
+    ]
     assert said("images/good.png: annotation 6", "unknown category id 99"), text
     assert said("annotations.json: annotation 7", "unknown image id 42"), text
     assert said("images/good.png: annotation 7", "duplicate annotation id"), text
@@ -118,17 +130,23 @@ def test_bad_images_and_boxes_are_reported_by_file_name(tmp_path: Path) -> None:
 
 def test_problems_recorded_in_the_file_are_reported(tmp_path: Path) -> None:
     _png(tmp_path / "a.png", (8, 8))
-    write_coco({"images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}], "annotations": [],
-                "categories": [{"id": 1, "name": "x"}], "problems": ["x.xml: cannot parse XML"],
-                "warnings": ["y.xml: object 0 is a point"]}, tmp_path)
+    write_coco(
+        {
+            "images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}],
+            "annotations": [],
+            "categories": [{"id": 1, "name": "x"}],
+            "problems": ["x.xml: cannot parse XML"],
+            "warnings": ["y.xml: object 0 is a point"],
+        },
+        tmp_path,
+    )
     data = load_coco(tmp_path)
     assert data.problems == ["x.xml: cannot parse XML"] and data.warnings == ["y.xml: object 0 is a point"]
     assert data.summary()["num_problems"] == 1 and data.summary()["num_warnings"] == 1
 
 
 def test_check_images_false_trusts_the_json(tmp_path: Path) -> None:
-    _dataset(tmp_path, [{"id": 1, "file_name": "nowhere.png", "width": 30, "height": 20}],
-             [_ann(1, 1, [5, 5, 10, 10])])
+    _dataset(tmp_path, [{"id": 1, "file_name": "nowhere.png", "width": 30, "height": 20}], [_ann(1, 1, [5, 5, 10, 10])])
     data = load_coco(tmp_path, check_images=False)
     assert data.problems == [] and data.image_ids == [1]
     _dataset(tmp_path, [{"id": 1, "file_name": "nowhere.png"}], [])
@@ -151,10 +169,15 @@ def test_max_pixels(tmp_path: Path) -> None:
         ('{"images": [], "annotations": []}', "missing required key(s) categories"),
         ('{"images": {}, "annotations": [], "categories": [{"id": 1, "name": "a"}]}', "'images' must be a list"),
         ('{"images": [{"id": 1}], "annotations": [], "categories": [{"id": 1, "name": "a"}]}', "file_name"),
-        ('{"images": [{"id": "x", "file_name": "a"}], "annotations": [], "categories": [{"id": 1, "name": "a"}]}',
-         "id must be an integer"),
-        ('{"images": [], "annotations": [{"id": 1, "image_id": 1, "category_id": 1}], '
-         '"categories": [{"id": 1, "name": "a"}]}', "bbox"),
+        (
+            '{"images": [{"id": "x", "file_name": "a"}], "annotations": [], "categories": [{"id": 1, "name": "a"}]}',
+            "id must be an integer",
+        ),
+        (
+            '{"images": [], "annotations": [{"id": 1, "image_id": 1, "category_id": 1}], '
+            '"categories": [{"id": 1, "name": "a"}]}',
+            "bbox",
+        ),
         ('{"images": [], "annotations": [], "categories": []}', "'categories' is empty"),
     ],
 )
@@ -239,7 +262,8 @@ def test_readers_need_no_torch(tmp_path: Path) -> None:
         "import distill.data.__main__\n"
         f"d = a.load_coco({str(tmp_path)!r}); print(d.num_boxes, i.MEAN, i.STD)\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "1 (123.675, 116.28, 103.53) (58.395, 57.12, 57.375)"

@@ -24,13 +24,16 @@ from distill.data.dataset import (
 from distill.data.images import MEAN, STD, rescale_size
 
 
-@pytest.mark.parametrize(("size", "limits", "expected"), [
-    ((1000, 500), (1333, 800), (1333, 667)),  # the long side binds
-    ((500, 1000), (1333, 800), (667, 1333)),  # same for portrait
-    ((640, 480), (1333, 800), (1067, 800)),  # the short side binds
-    ((640, 480), (800, 1333), (1067, 800)),  # the limits in either order
-    ((2000, 2000), (512, 320), (320, 320)),
-])
+@pytest.mark.parametrize(
+    ("size", "limits", "expected"),
+    [
+        ((1000, 500), (1333, 800), (1333, 667)),  # the long side binds
+        ((500, 1000), (1333, 800), (667, 1333)),  # same for portrait
+        ((640, 480), (1333, 800), (1067, 800)),  # the short side binds
+        ((640, 480), (800, 1333), (1067, 800)),  # the limits in either order
+        ((2000, 2000), (512, 320), (320, 320)),
+    ],
+)
 def test_rescale_size_examples(size: tuple[int, int], limits: tuple[int, int], expected: tuple[int, int]) -> None:
     assert rescale_size(*size, limits)[:2] == expected
 
@@ -99,10 +102,13 @@ def _dataset(root: Path, n: int = 6) -> Path:
         image.save(root / f"{i}.png")
         images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
         annotations.append({"id": 2 * i + 1, "image_id": i + 1, "category_id": 7, "bbox": [5, 6, 20, 24]})
-        annotations.append({"id": 2 * i + 2, "image_id": i + 1, "category_id": 9, "bbox": [30, 10, 10, 10],
-                            "iscrowd": 1})
-    write_coco({"images": images, "annotations": annotations,
-                "categories": [{"id": 7, "name": "a"}, {"id": 9, "name": "b"}]}, root)
+        annotations.append(
+            {"id": 2 * i + 2, "image_id": i + 1, "category_id": 9, "bbox": [30, 10, 10, 10], "iscrowd": 1}
+        )
+    write_coco(
+        {"images": images, "annotations": annotations, "categories": [{"id": 7, "name": "a"}, {"id": 9, "name": "b"}]},
+        root,
+    )
     return root
 
 
@@ -118,7 +124,7 @@ def test_dataset_item(tmp_path: Path) -> None:
     assert target["scale"] == 2.0 and target["scale_xy"] == (2.0, 2.0)
     x1, y1, x2, y2 = (int(v) for v in target["boxes"][0])
     white = (250 - torch.tensor(MEAN)) / torch.tensor(STD)
-    assert torch.allclose(image[:, y1 + 2:y2 - 2, x1 + 2:x2 - 2].amin((1, 2)), white, atol=1e-4)
+    assert torch.allclose(image[:, y1 + 2 : y2 - 2, x1 + 2 : x2 - 2].amin((1, 2)), white, atol=1e-4)
 
 
 def test_training_flips_are_seeded_by_epoch(tmp_path: Path) -> None:

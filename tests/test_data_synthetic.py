@@ -66,12 +66,23 @@ def test_box_is_the_visible_ink_with_soft_edges(tmp_path: Path, monkeypatch: pyt
     the pixels at least half as far from the grey as the digit's strongest pixel, and its edges are ramps
     of intermediate values, not hard steps."""
     monkeypatch.setattr(synthetic_module, "_background", lambda rng, w, h: Image.new("RGB", (w, h), (128,) * 3))
-    data = load_coco(make_synthetic(tmp_path, num_train=12, num_val=0, image_size=(128, 128), min_objects=1,
-                                    max_objects=1, min_size=30, max_size=90, seed=3))
+    data = load_coco(
+        make_synthetic(
+            tmp_path,
+            num_train=12,
+            num_val=0,
+            image_size=(128, 128),
+            min_objects=1,
+            max_objects=1,
+            min_size=30,
+            max_size=90,
+            seed=3,
+        )
+    )
     for image_id in data.image_ids:
         pixels = np.asarray(Image.open(data.image(image_id)["path"]), dtype=np.float32)
         diff = np.abs(pixels - 128).max(-1)
-        (x1, y1, x2, y2), = data.boxes(image_id)[0].astype(int)
+        ((x1, y1, x2, y2),) = data.boxes(image_id)[0].astype(int)
         peak = diff.max()
         ys, xs = np.nonzero(diff >= 0.5 * peak)
         # the noise (at most +-12 grey levels) moves the half-peak contour by a pixel or two
@@ -82,8 +93,19 @@ def test_box_is_the_visible_ink_with_soft_edges(tmp_path: Path, monkeypatch: pyt
 
 
 def test_fewer_classes_and_objects(tmp_path: Path) -> None:
-    data = load_coco(make_synthetic(tmp_path, num_train=8, num_val=2, image_size=(96, 96), num_classes=3,
-                                    min_objects=1, max_objects=2, max_size=40, seed=1))
+    data = load_coco(
+        make_synthetic(
+            tmp_path,
+            num_train=8,
+            num_val=2,
+            image_size=(96, 96),
+            num_classes=3,
+            min_objects=1,
+            max_objects=2,
+            max_size=40,
+            seed=1,
+        )
+    )
     assert data.classes == ["0", "1", "2"]
     assert all(1 <= len(data.annotations[i]) <= 2 for i in data.image_ids)
     with pytest.raises(ValueError, match="num_classes"):
@@ -92,9 +114,25 @@ def test_fewer_classes_and_objects(tmp_path: Path) -> None:
 
 def test_command_line(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "distill.data.synthetic", str(tmp_path / "cli"), "--train", "3", "--val", "2",
-         "--size", "96", "64", "--seed", "4"],
-        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
+        [
+            sys.executable,
+            "-m",
+            "distill.data.synthetic",
+            str(tmp_path / "cli"),
+            "--train",
+            "3",
+            "--val",
+            "2",
+            "--size",
+            "96",
+            "64",
+            "--seed",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
     )
     assert "3 train + 2 val" in out.stdout
     data = load_coco(tmp_path / "cli")

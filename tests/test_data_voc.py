@@ -34,8 +34,11 @@ def _image(path: Path, size: tuple[int, int]) -> None:
 
 @pytest.mark.skipif(not RACCOON.is_dir(), reason="shared/data/raccoon-voc not present")
 def test_raccoon_import_with_official_split(tmp_path: Path) -> None:
-    coco = import_voc(RACCOON, tmp_path / "ds", splits={
-        "train": RACCOON / "data/train_labels.csv", "val": RACCOON / "data/test_labels.csv"})
+    coco = import_voc(
+        RACCOON,
+        tmp_path / "ds",
+        splits={"train": RACCOON / "data/train_labels.csv", "val": RACCOON / "data/test_labels.csv"},
+    )
     assert coco["problems"] == []
     assert len(coco["images"]) == 200 and len(coco["annotations"]) == 217
     assert coco["categories"] == [{"id": 1, "name": "raccoon"}]
@@ -59,10 +62,16 @@ def test_voc_layout_annotations_and_jpegimages(tmp_path: Path) -> None:
     _image(root / "JPEGImages/000001.jpg", (100, 80))
     _image(root / "JPEGImages/000002.png", (60, 50))
     (root / "Annotations").mkdir(parents=True)
-    (root / "Annotations/000001.xml").write_text(_xml("000001.jpg", (100, 80), [
-        ("person", (1, 1, 100, 80), 0),  # the whole image -> exactly [0, 0, 100, 80]
-        ("bird", (11, 21, 30, 40), 1),  # difficult -> iscrowd
-    ]))
+    (root / "Annotations/000001.xml").write_text(
+        _xml(
+            "000001.jpg",
+            (100, 80),
+            [
+                ("person", (1, 1, 100, 80), 0),  # the whole image -> exactly [0, 0, 100, 80]
+                ("bird", (11, 21, 30, 40), 1),  # difficult -> iscrowd
+            ],
+        )
+    )
     # <filename> is wrong (a common VOC quirk): found by the XML's stem instead.
     (root / "Annotations/000002.xml").write_text(_xml("renamed.jpg", (60, 50), [("cat", (5, 5, 20, 20), 0)]))
     coco = voc_to_coco(root)
@@ -75,8 +84,7 @@ def test_voc_layout_annotations_and_jpegimages(tmp_path: Path) -> None:
 
     import_voc(root, tmp_path / "out")
     data = load_coco(tmp_path / "out")
-    assert data.problems == [] and [im["file_name"] for im in data.images] == ["images/000001.jpg",
-                                                                                 "images/000002.png"]
+    assert data.problems == [] and [im["file_name"] for im in data.images] == ["images/000001.jpg", "images/000002.png"]
     assert data.num_boxes == 2  # the difficult bird is evaluation-only
     assert len(data.ground_truth()["annotations"]) == 3
 
@@ -86,11 +94,17 @@ def test_xml_beside_images_with_problems(tmp_path: Path) -> None:
     _image(root / "set_a/cat1.jpg", (50, 40))
     _image(root / "set_b/dog1.png", (30, 30))
     _image(root / "set_b/cat1.jpg", (20, 20))  # same name elsewhere: the one beside the XML wins
-    (root / "set_a/cat1.xml").write_text(_xml("cat1.jpg", (50, 40), [
-        ("cat", (2, 2, 30, 30), 0),
-        ("cat", (30, 5, 10, 20), 0),  # xmax < xmin
-        ("cat", (40, 30, 70, 60), 0),  # sticks out far: clipped and reported
-    ]))
+    (root / "set_a/cat1.xml").write_text(
+        _xml(
+            "cat1.jpg",
+            (50, 40),
+            [
+                ("cat", (2, 2, 30, 30), 0),
+                ("cat", (30, 5, 10, 20), 0),  # xmax < xmin
+                ("cat", (40, 30, 70, 60), 0),  # sticks out far: clipped and reported
+            ],
+        )
+    )
     (root / "set_b/dog1.xml").write_text(_xml("dog1.png", None, [("dog", (1, 1, 30, 30), 0)]))
     (root / "set_b/broken.xml").write_text("<annotation><filename>x.jpg</filename>")
     (root / "set_b/lost.xml").write_text(_xml("lost.jpg", (10, 10), [("dog", (1, 1, 5, 5), 0)]))
@@ -100,11 +114,16 @@ def test_xml_beside_images_with_problems(tmp_path: Path) -> None:
     _image(root / "set_b/pic.png", (10, 10))
     (root / "set_b/text.xml").write_text(
         "<annotation><filename>pic.png</filename><object><name>dog</name><bndbox><xmin>a</xmin></bndbox>"
-        "</object></annotation>")
+        "</object></annotation>"
+    )
     coco = voc_to_coco(root)
     problems = "\n".join(coco["problems"])
-    assert [im["file_name"] for im in coco["images"]] == ["set_a/cat1.jpg", "set_b/dog1.png", "set_b/pic.png",
-                                                          "set_b/cat1.jpg"]
+    assert [im["file_name"] for im in coco["images"]] == [
+        "set_a/cat1.jpg",
+        "set_b/dog1.png",
+        "set_b/pic.png",
+        "set_b/cat1.jpg",
+    ]
     assert any(p.startswith("set_a/cat1.xml: object 1") and "non-positive" in p for p in coco["problems"]), problems
     assert any(p.startswith("set_a/cat1.xml: object 2") and "clipped" in p for p in coco["problems"]), problems
     assert any(p.startswith("set_b/broken.xml: cannot parse XML") for p in coco["problems"]), problems
@@ -121,8 +140,12 @@ def test_xml_beside_images_with_problems(tmp_path: Path) -> None:
     import_voc(root, tmp_path / "out")
     data = load_coco(tmp_path / "out")  # the import's problems travel with the dataset
     assert data.problems == coco["problems"]
-    assert sorted(im["file_name"] for im in data.images) == ["images/set_a/cat1.jpg", "images/set_b/cat1.jpg",
-                                                             "images/set_b/dog1.png", "images/set_b/pic.png"]
+    assert sorted(im["file_name"] for im in data.images) == [
+        "images/set_a/cat1.jpg",
+        "images/set_b/cat1.jpg",
+        "images/set_b/dog1.png",
+        "images/set_b/pic.png",
+    ]
 
 
 def test_no_xml_or_nothing_usable_raises(tmp_path: Path) -> None:
@@ -136,8 +159,7 @@ def test_no_xml_or_nothing_usable_raises(tmp_path: Path) -> None:
 
 
 def test_apply_split_csv_reports_unknown_names(tmp_path: Path) -> None:
-    coco = {"images": [{"id": 1, "file_name": "images/a.jpg"}, {"id": 2, "file_name": "images/b.jpg"}],
-            "problems": []}
+    coco = {"images": [{"id": 1, "file_name": "images/a.jpg"}, {"id": 2, "file_name": "images/b.jpg"}], "problems": []}
     (tmp_path / "val.csv").write_text("filename,width\na.jpg,3\na.jpg,3\nzzz.jpg,4\n")
     apply_split_csv(coco, tmp_path / "val.csv", "val")
     assert [im.get("split") for im in coco["images"]] == ["val", None]
@@ -153,29 +175,50 @@ def test_command_line_import_and_check(tmp_path: Path) -> None:
     (root / "a.xml").write_text(_xml("a.jpg", (40, 30), [("fox", (3, 4, 20, 25), 0)]))
     (root / "split.csv").write_text("filename\na.jpg\n")
     run = subprocess.run(
-        [sys.executable, "-m", "distill.data", "import-voc", str(root), str(tmp_path / "out"),
-         "--split", f"val={root / 'split.csv'}"],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+        [
+            sys.executable,
+            "-m",
+            "distill.data",
+            "import-voc",
+            str(root),
+            str(tmp_path / "out"),
+            "--split",
+            f"val={root / 'split.csv'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
     )
     assert run.returncode == 0, run.stderr
     assert "wrote 1 images, 1 boxes, 1 classes" in run.stdout and '"val": 1' in run.stdout
-    bad = subprocess.run([sys.executable, "-m", "distill.data", "check", str(tmp_path / "nothing")],
-                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    bad = subprocess.run(
+        [sys.executable, "-m", "distill.data", "check", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert bad.returncode == 1 and "does not exist" in bad.stderr
 
 
 def test_point_and_line_boxes_are_dropped_with_a_warning(tmp_path: Path) -> None:
     _image(tmp_path / "a.jpg", (60, 50))
-    (tmp_path / "a.xml").write_text(_xml("a.jpg", (60, 50), [
-        ("cell", (5, 5, 20, 20), 0),
-        ("cell", (30, 30, 30, 30), 0),  # a point (xmin == xmax, ymin == ymax), as in BCCD
-        ("cell", (10, 40, 25, 40), 0),  # a line (ymin == ymax)
-        ("cell", (30, 5, 10, 20), 0),  # xmax < xmin: wrong data, a problem
-    ]))
+    (tmp_path / "a.xml").write_text(
+        _xml(
+            "a.jpg",
+            (60, 50),
+            [
+                ("cell", (5, 5, 20, 20), 0),
+                ("cell", (30, 30, 30, 30), 0),  # a point (xmin == xmax, ymin == ymax), as in BCCD
+                ("cell", (10, 40, 25, 40), 0),  # a line (ymin == ymax)
+                ("cell", (30, 5, 10, 20), 0),  # xmax < xmin: wrong data, a problem
+            ],
+        )
+    )
     coco = voc_to_coco(tmp_path)
-    assert coco["warnings"] == ["a.xml: object 1 (cell 30,30,30,30) is a point, not a box (no width and no height): "
-                                "dropped",
-                                "a.xml: object 2 (cell 10,40,25,40) is a line, not a box (no height): dropped"]
+    assert coco["warnings"] == [
+        "a.xml: object 1 (cell 30,30,30,30) is a point, not a box (no width and no height): dropped",
+        "a.xml: object 2 (cell 10,40,25,40) is a line, not a box (no height): dropped",
+    ]
     assert len(coco["problems"]) == 1 and coco["problems"][0].startswith("a.xml: object 3")
     assert [a["bbox"] for a in coco["annotations"]] == [[4.0, 4.0, 16.0, 16.0]]
     import_voc(tmp_path, tmp_path / "out")
@@ -199,8 +242,13 @@ def _splits(coco: dict) -> dict[str, str | None]:
 
 def test_imagesets_give_the_splits(tmp_path: Path) -> None:
     stems = ["a", "b", "c", "d", "e"]
-    lists = {"train": ["a", "b"], "val": ["c"], "trainval": ["a", "b", "c"], "test": ["d", "e"],
-             "x_train": ["a  1", "b -1"]}  # a per-class list: not a split
+    lists = {
+        "train": ["a", "b"],
+        "val": ["c"],
+        "trainval": ["a", "b", "c"],
+        "test": ["d", "e"],
+        "x_train": ["a  1", "b -1"],
+    }  # a per-class list: not a split
     root = _voc_with_image_sets(tmp_path / "voc", lists, stems)
     coco = voc_to_coco(root)
     assert coco["problems"] == [] and coco["warnings"] == []
@@ -225,21 +273,35 @@ def test_imagesets_conflicts_unknown_ids_and_unlisted_images(tmp_path: Path) -> 
     lists = {"train": ["a", "b", "ghost", "b"], "test": ["b", "c"]}
     root = _voc_with_image_sets(tmp_path / "voc", lists, ["a", "b", "c", "d"])
     coco = voc_to_coco(root)
-    assert coco["problems"] == ["Annotations/b.xml: listed in ImageSets/Main/test.txt and "
-                                "ImageSets/Main/train.txt: which split is it in?"]
-    assert coco["warnings"] == ["ImageSets/Main/train.txt: 1 id(s) match no annotated image, ignored: ghost",
-                                "1 annotated image(s) are in no ImageSets list, so they train: JPEGImages/d.jpg"]
+    assert coco["problems"] == [
+        "Annotations/b.xml: listed in ImageSets/Main/test.txt and ImageSets/Main/train.txt: which split is it in?"
+    ]
+    assert coco["warnings"] == [
+        "ImageSets/Main/train.txt: 1 id(s) match no annotated image, ignored: ghost",
+        "1 annotated image(s) are in no ImageSets list, so they train: JPEGImages/d.jpg",
+    ]
     assert _splits(coco) == {"a": "train", "b": None, "c": "test", "d": None}
 
 
 def test_command_line_image_sets_and_warnings(tmp_path: Path) -> None:
     root = _voc_with_image_sets(tmp_path / "voc", {"trainval": ["a", "b"], "test": ["c"]}, ["a", "b", "c"])
-    (root / "Annotations/b.xml").write_text(_xml("b.jpg", (40, 30), [("x", (3, 4, 20, 25), 0),
-                                                                   ("x", (7, 7, 7, 7), 0)]))
+    (root / "Annotations/b.xml").write_text(_xml("b.jpg", (40, 30), [("x", (3, 4, 20, 25), 0), ("x", (7, 7, 7, 7), 0)]))
     run = subprocess.run(
-        [sys.executable, "-m", "distill.data", "import-voc", str(root), str(tmp_path / "out"),
-         "--image-set", "trainval=train", "--image-set", "test=val"],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+        [
+            sys.executable,
+            "-m",
+            "distill.data",
+            "import-voc",
+            str(root),
+            str(tmp_path / "out"),
+            "--image-set",
+            "trainval=train",
+            "--image-set",
+            "test=val",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
     )
     assert run.returncode == 0, run.stderr
     assert '"train": 2' in run.stdout and '"val": 1' in run.stdout

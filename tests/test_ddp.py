@@ -42,9 +42,23 @@ def data(tmp_path_factory) -> Path:
 
 def _spec(data: Path, out: Path, gpus: int, **schedule: object) -> Path:
     """8 images, global batch 2, 3 epochs: 12 steps, a checkpoint after each."""
-    spec = {"kind": "train", "dataset": str(data), "student": {"arch": "gfl_tiny", "norm_eval": True}, "seed": 1,
-            "schedule": {"epochs": 3, "batch_size": 2, "image_size": [128, 96], "warmup_iters": 2, "lr": 0.01,
-                         "num_workers": 0, "checkpoint_every": 1, "gpus": gpus, **schedule}}
+    spec = {
+        "kind": "train",
+        "dataset": str(data),
+        "student": {"arch": "gfl_tiny", "norm_eval": True},
+        "seed": 1,
+        "schedule": {
+            "epochs": 3,
+            "batch_size": 2,
+            "image_size": [128, 96],
+            "warmup_iters": 2,
+            "lr": 0.01,
+            "num_workers": 0,
+            "checkpoint_every": 1,
+            "gpus": gpus,
+            **schedule,
+        },
+    }
     out.mkdir(parents=True, exist_ok=True)
     path = out.parent / f"{out.name}.spec.json"
     path.write_text(json.dumps(spec))
@@ -53,12 +67,22 @@ def _spec(data: Path, out: Path, gpus: int, **schedule: object) -> Path:
 
 def _launch(spec: Path, out: Path, processes: int, device: str = "cpu") -> subprocess.Popen[bytes]:
     """``python -m distill train`` as the worker starts it: torchrun for 2, in a session of its own."""
-    cmd = [*(TORCHRUN if processes > 1 else [sys.executable]), "-m", "distill", "train", str(spec), "--out",
-           str(out), "--report-every-s", "0", "--device", device]
+    cmd = [
+        *(TORCHRUN if processes > 1 else [sys.executable]),
+        "-m",
+        "distill",
+        "train",
+        str(spec),
+        "--out",
+        str(out),
+        "--report-every-s",
+        "0",
+        "--device",
+        device,
+    ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     log = open(out.parent / f"{out.name}.log", "ab")  # noqa: SIM115 (kept by the child)
-    return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _losses(out: Path) -> dict[int, dict[str, float]]:
@@ -100,6 +124,7 @@ def _wait_iter(out: Path, proc: subprocess.Popen[bytes], at_least: int) -> int:
             return max(_losses(out), default=0) >= at_least and max(_losses(out))
         except (OSError, ValueError):
             return None
+
     return wait_for(reached, 120, f"{out.name} to reach iteration {at_least}", 0.02)
 
 
@@ -236,9 +261,14 @@ def test_collective_timeout_ends_a_hung_group(tmp_path) -> None:
     log = tmp_path / "hang.log"
     t0 = time.monotonic()
     with open(log, "wb") as out:
-        proc = subprocess.run([*TORCHRUN, str(script)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-                                   "LDD_DDP_TIMEOUT_S": "3"}, timeout=100)
+        proc = subprocess.run(
+            [*TORCHRUN, str(script)],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "LDD_DDP_TIMEOUT_S": "3"},
+            timeout=100,
+        )
     text = log.read_text()
     assert proc.returncode != 0 and "TIMEOUT after" in text, text[-3000:]
     waited = float(text.split("TIMEOUT after ")[1].split(" s")[0])
@@ -256,8 +286,9 @@ def test_worker_runs_and_cancels_two_process_jobs(tmp_path) -> None:
     exports and publishes the model."""
     from tests.service_fixtures import DATASET, IMAGE_SIZE, Service, train_spec, training_children
 
-    dataset = make_synthetic(tmp_path / "synthetic", num_train=8, num_val=2, image_size=IMAGE_SIZE, num_classes=2,
-                             seed=0)
+    dataset = make_synthetic(
+        tmp_path / "synthetic", num_train=8, num_val=2, image_size=IMAGE_SIZE, num_classes=2, seed=0
+    )
     service = Service(tmp_path, "filesystem://", dataset, LDD_WORKER_GPUS="2")  # a worker for 2-process jobs
     try:
         worker = service.start_worker()
@@ -273,8 +304,11 @@ def test_worker_runs_and_cancels_two_process_jobs(tmp_path) -> None:
         # attempt resumes from the epoch checkpoint and publishes.
         job_id = service.submit(train_spec(DATASET, epochs=3, gpus=2))  # 8 images, batch 4: 6 iterations
         service.wait_training(job_id, min_iter=3, timeout=120)
-        ranks = [p for p in training_children(worker) if b"torch.distributed.run" not in
-                 Path(f"/proc/{p}/cmdline").read_bytes()]
+        ranks = [
+            p
+            for p in training_children(worker)
+            if b"torch.distributed.run" not in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
         assert len(ranks) == 2, service.logs()
         os.kill(ranks[1], signal.SIGKILL)
         done = service.wait_end(job_id, timeout=240)

@@ -58,8 +58,13 @@ def exported(tmp_path_factory):
     torch.save(detector_state(tiny_detector(), {"input_size": list(INPUT_SIZE), "metrics": {"AP": 0.123}}), ckpt)
     out = tmp / "model"
     # Through the command line, as a user runs it: the model's description comes out as JSON.
-    run = subprocess.run([sys.executable, "-m", "deploy", "export", str(ckpt), str(out)], capture_output=True,
-                         text=True, cwd=ROOT, timeout=900)
+    run = subprocess.run(
+        [sys.executable, "-m", "deploy", "export", str(ckpt), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     info = json.loads(run.stdout)
     assert info["out_dir"] == str(out) and info["sha256"] == read_model_json(out)["sha256"]
@@ -110,8 +115,9 @@ def test_onnx_runtime_reproduces_pytorch(exported, batch_size, input_size):
     for i, exp in enumerate(expected):
         k = int(num[i])
         got = {"boxes": boxes[i, :k], "scores": scores[i, :k], "labels": labels[i, :k]}
-        result = compare_detections(exp, got, tuple(sizes[i]), box_tol=1e-3, score_tol=1e-4, score_thr=0.05,
-                                    max_dets=100)
+        result = compare_detections(
+            exp, got, tuple(sizes[i]), box_tol=1e-3, score_tol=1e-4, score_thr=0.05, max_dets=100
+        )
         assert result["problems"] == []
         assert result["matched"] == len(exp["scores"]) == k  # nothing excused as borderline here
         assert (labels[i, k:] == -1).all() and (scores[i, k:] == 0).all() and (boxes[i, k:] == 0).all()
@@ -146,11 +152,15 @@ def test_predictor_returns_detections_in_original_pixels(exported):
             assert det["class_name"] == CLASSES[det["label"]]
             x1, y1, x2, y2 = det["box"]
             assert 0 <= x1 <= x2 <= image.width and 0 <= y1 <= y2 <= image.height
-        got = {"boxes": np.array([d["box"] for d in dets]).reshape(-1, 4),
-               "scores": np.array([d["score"] for d in dets]), "labels": np.array([d["label"] for d in dets])}
+        got = {
+            "boxes": np.array([d["box"] for d in dets]).reshape(-1, 4),
+            "scores": np.array([d["score"] for d in dets]),
+            "labels": np.array([d["label"] for d in dets]),
+        }
         want = {**exp, "boxes": exp["boxes"] / np.array([sx, sy, sx, sy])}  # resized -> original pixels
-        result = compare_detections(want, got, (image.height, image.width), box_tol=1e-3, score_tol=1e-4,
-                                    score_thr=0.05, max_dets=100)
+        result = compare_detections(
+            want, got, (image.height, image.width), box_tol=1e-3, score_tol=1e-4, score_thr=0.05, max_dets=100
+        )
         assert result["problems"] == [] and result["matched"] == len(dets)
 
 
@@ -199,11 +209,18 @@ def test_cli_predict_and_draw_without_torch(exported, tmp_path):
     """``python -m deploy predict`` in a process where ``import torch`` fails: JSON out, a drawn image."""
     image = tmp_path / "in.jpg"
     sample_images(seed=2)[0].save(image)
-    code = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = ['deploy'] + sys.argv[1:]; "
-            "runpy.run_module('deploy', run_name='__main__')")
+    code = (
+        "import sys, runpy; sys.modules['torch'] = None; sys.argv = ['deploy'] + sys.argv[1:]; "
+        "runpy.run_module('deploy', run_name='__main__')"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", code, "predict", str(exported["dir"]), str(image),
-                          "--draw", str(tmp_path / "out.png")], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code, "predict", str(exported["dir"]), str(image), "--draw", str(tmp_path / "out.png")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result[0]["image"] == str(image) and len(result[0]["detections"]) > 0
@@ -212,8 +229,13 @@ def test_cli_predict_and_draw_without_torch(exported, tmp_path):
         assert np.abs(np.asarray(drawn, dtype=int) - np.asarray(Image.open(image), dtype=int)).max() > 100
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"")
-    out = subprocess.run([sys.executable, "-c", code, "predict", str(exported["dir"]), str(bad)],
-                         capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code, "predict", str(exported["dir"]), str(bad)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 2 and "empty file" in out.stderr
 
 
@@ -227,5 +249,3 @@ def test_graph_structure_does_not_depend_on_the_weights(exported, tmp_path):
     assert graph_stats(fresh_proto) == graph_stats(ours) == exported["info"]["graph"]
     assert [n.op_type for n in fresh_proto.graph.node] == [n.op_type for n in ours.graph.node]
     assert [tuple(t.dims) for t in fresh_proto.graph.initializer] == [tuple(t.dims) for t in ours.graph.initializer]
-
-

@@ -25,13 +25,16 @@ def make_export(folder, value: float = 1.0):
     folder.mkdir(parents=True)
     node = helper.make_node("Add", ["x", "c"], ["y"])
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
         [helper.make_tensor("c", TensorProto.FLOAT, [1], [value])],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), folder / "model.onnx")
-    info = build_model_json(folder / "model.onnx", classes=["a", "b"], input_size=[320, 256], mean=[0, 0, 0],
-                            std=[1, 1, 1])
+    info = build_model_json(
+        folder / "model.onnx", classes=["a", "b"], input_size=[320, 256], mean=[0, 0, 0], std=[1, 1, 1]
+    )
     # A description key that has no place in a published folder (the store keeps it).
     write_model_json(folder, {**info, "metrics": {"AP": value}})
     return folder

@@ -53,8 +53,14 @@ def test_runtime_imports_and_prepares_images_where_torch_cannot_be_imported():
         "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision') and sys.modules[m]]\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
@@ -126,8 +132,10 @@ def test_prepare_batch_resizes_normalises_and_pads():
 
 def test_draw_marks_boxes_and_keeps_size():
     image = Image.new("RGB", (200, 100), (255, 255, 255))
-    dets = [{"box": [10, 10, 90, 60], "score": 0.9, "label": 0, "class_name": "cat"},
-            {"box": [100, 20, 190, 90], "score": 0.3, "label": 1, "class_name": "dog"}]
+    dets = [
+        {"box": [10, 10, 90, 60], "score": 0.9, "label": 0, "class_name": "cat"},
+        {"box": [100, 20, 190, 90], "score": 0.3, "label": 1, "class_name": "dog"},
+    ]
     out = draw_detections(image, dets, min_score=0.5)
     assert out.size == image.size and image.getpixel((10, 30)) == (255, 255, 255)
     assert out.getpixel((10, 30)) != (255, 255, 255)  # left edge of the kept box

@@ -13,12 +13,14 @@ from distill.checkpoint import atomic_save, detector_state
 from distill.class_map import map_classes
 from distill.criterion import DistillCriterion, GFLCriterion, GroundTruth, HeadOutputs, head_outputs
 from distill.data.synthetic import make_synthetic
-from distill.distillation import TeacherMismatch, build_adapters, check_teacher, diagnostics, needs_features
+from distill.diagnostics import diagnostics
 from distill.losses import ld_loss
 from distill.losses.gfl import giou_loss
+from distill.losses.imitation import build_adapters, needs_features
 from distill.models.gfl import GFL, DetectorConfig
 from distill.regions import find_regions
 from distill.spec import DistillSpec, GFLWeights, LocalJobSpec
+from distill.teacher import TeacherMismatch, check_teacher
 from distill.train import Trainer
 
 GT_BOXES = torch.tensor([[[10.0, 12, 60, 70], [70, 20, 120, 90]], [[30, 8, 100, 60], [0, 0, 0, 0]]])
@@ -50,12 +52,17 @@ def _gt(b: int = 2) -> GroundTruth:
 
 
 def _criterion(student: GFL, teacher: GFL, spec: DistillSpec) -> DistillCriterion:
-    return DistillCriterion(GFLCriterion(student, GFLWeights()), teacher, spec,
-                            map_classes(student.classes, teacher.classes, spec.class_map))
+    return DistillCriterion(
+        GFLCriterion(student, GFLWeights()),
+        teacher,
+        spec,
+        map_classes(student.classes, teacher.classes, spec.class_map),
+    )
 
 
-def _distill_terms(student: GFL, teacher: GFL, spec: DistillSpec, s_out: HeadOutputs, t_out: HeadOutputs,
-                   gt: GroundTruth | None = None) -> dict[str, torch.Tensor]:
+def _distill_terms(
+    student: GFL, teacher: GFL, spec: DistillSpec, s_out: HeadOutputs, t_out: HeadOutputs, gt: GroundTruth | None = None
+) -> dict[str, torch.Tensor]:
     """The distillation terms only (the criterion's losses without GFL's own)."""
     losses = _criterion(student, teacher, spec).losses(s_out, t_out, gt or _gt())
     return {k: v for k, v in losses.items() if k not in ("qfl", "giou", "dfl")}
@@ -81,9 +88,21 @@ def test_defaults_are_the_papers_best_row():
     assert d.weights.main_kd > 0 and d.weights.main_ld > 0 and d.weights.vlr_ld > 0 and d.weights.vlr_kd == 0
 
 
-@pytest.mark.parametrize("bad", [{"tau": 0}, {"tau": -1}, {"gamma": 1.5}, {"gamma": -0.1}, {"kd_tau": 0},
-                                 {"weights": {"main_ld": -1}}, {"weights": {"vlr_kd": -0.5}}, {"method": "feat"},
-                                 {"weights": {"ld": 1}}, {"tbr_margin": -1}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"tau": 0},
+        {"tau": -1},
+        {"gamma": 1.5},
+        {"gamma": -0.1},
+        {"kd_tau": 0},
+        {"weights": {"main_ld": -1}},
+        {"weights": {"vlr_kd": -0.5}},
+        {"method": "feat"},
+        {"weights": {"ld": 1}},
+        {"tbr_margin": -1},
+    ],
+)
 def test_out_of_range_fields_are_refused(bad):
     with pytest.raises(ValidationError):
         DistillSpec.model_validate(bad)
@@ -97,8 +116,7 @@ def test_check_teacher_names_every_mismatch():
     check_teacher(_tiny(1), student)  # same family and layout: fine
     check_teacher(GFL(DetectorConfig(depth=18, base_width=32, channels=64, num_classes=3)), student)  # bigger: fine
     # Other classes are fine too: LD needs none, KD maps them (tests/test_class_map.py).
-    check_teacher(GFL(DetectorConfig(depth=18, base_width=16, channels=32, stacked_convs=2, num_classes=80)),
-                  student)
+    check_teacher(GFL(DetectorConfig(depth=18, base_width=16, channels=32, stacked_convs=2, num_classes=80)), student)
     check_teacher(_tiny(1, classes=["dog", "cat", "fox"]), _tiny(0, classes=["cat", "dog", "fox"]))
     with pytest.raises(TeacherMismatch, match="reg_max differs.*teacher 8, student 16"):
         check_teacher(_tiny(1, reg_max=8), student)
@@ -124,8 +142,9 @@ def test_default_terms_zero_weights_skip_and_gradient_only_to_the_student(pair, 
     assert t_out.cls.grad is None
     assert student.bbox_head.gfl_reg.weight.grad.abs().sum() > 0
 
-    assert _distill_terms(student, teacher, _spec(weights={"main_ld": 0, "vlr_ld": 0, "main_kd": 0}),
-                          s_out, t_out) == {}
+    assert (
+        _distill_terms(student, teacher, _spec(weights={"main_ld": 0, "vlr_ld": 0, "main_kd": 0}), s_out, t_out) == {}
+    )
     all_four = _distill_terms(student, teacher, _spec(weights={"vlr_kd": 0.5}), s_out, t_out)
     assert set(all_four) == {"main_ld", "vlr_ld", "main_kd", "vlr_kd"}
     torch.testing.assert_close(all_four["main_ld"], losses["main_ld"])
@@ -176,8 +195,9 @@ def test_terms_do_not_change_with_batch_size(pair):
         values = []
         for b in (2, 4):
             batch = images.repeat(b // 2, 1, 1, 1)
-            values.append(_distill_terms(student, teacher, spec, _outputs(student, batch), _outputs(teacher, batch),
-                                         _gt(b)))
+            values.append(
+                _distill_terms(student, teacher, spec, _outputs(student, batch), _outputs(teacher, batch), _gt(b))
+            )
     for name in values[0]:
         torch.testing.assert_close(values[1][name], values[0][name], rtol=1e-4, atol=1e-6)
 
@@ -188,14 +208,18 @@ def test_tbr_bounded_by_the_teachers_error(pair):
     with torch.no_grad():
         t_out = _outputs(teacher, images)
     # With a huge margin every positive is active: the mean GIoU loss between student and teacher boxes.
-    always = _distill_terms(student, teacher, _spec(method="tbr", tbr_margin=1e6, weights={"main_kd": 0}),
-                            s_out, t_out)
+    always = _distill_terms(student, teacher, _spec(method="tbr", tbr_margin=1e6, weights={"main_kd": 0}), s_out, t_out)
     assert set(always) == {"tbr"} and always["tbr"] > 0
     _, state = GFLCriterion(student, GFLWeights()).losses(s_out, _gt())
     pos = state.positives
     centre = pos.centre
-    t_box = torch.cat([centre - student.bbox_head.integral(t_out.reg[pos.b, pos.a])[:, :2],
-                       centre + student.bbox_head.integral(t_out.reg[pos.b, pos.a])[:, 2:]], 1)
+    t_box = torch.cat(
+        [
+            centre - student.bbox_head.integral(t_out.reg[pos.b, pos.a])[:, :2],
+            centre + student.bbox_head.integral(t_out.reg[pos.b, pos.a])[:, 2:],
+        ],
+        1,
+    )
     torch.testing.assert_close(always["tbr"], giou_loss(pos.pred, t_box).mean())
     # ... and one whose boxes are worse than any student box never teaches.
     far = t_out.reg.clone()
@@ -255,17 +279,31 @@ def test_diagnostics_per_level(pair):
 @pytest.mark.slow
 def test_distillation_run_reduces_ld_and_leaves_the_teacher_untouched(tmp_path):
     data = make_synthetic(tmp_path / "data", num_train=8, num_val=4, image_size=(128, 96), seed=5, max_objects=3)
-    sched = {"epochs": 6, "batch_size": 4, "image_size": [128, 96], "warmup_iters": 4, "num_workers": 0,
-             "lr": 0.02}
-    teacher_spec = LocalJobSpec.model_validate({"kind": "train", "dataset": str(data), "student": {"arch": "gfl_tiny"},
-                                           "schedule": {**sched, "epochs": 15}, "seed": 9})
+    sched = {"epochs": 6, "batch_size": 4, "image_size": [128, 96], "warmup_iters": 4, "num_workers": 0, "lr": 0.02}
+    teacher_spec = LocalJobSpec.model_validate(
+        {
+            "kind": "train",
+            "dataset": str(data),
+            "student": {"arch": "gfl_tiny"},
+            "schedule": {**sched, "epochs": 15},
+            "seed": 9,
+        }
+    )
     teacher_trainer = Trainer(teacher_spec, tmp_path / "teacher")
     teacher_trainer.train()
     teacher_path = tmp_path / "teacher.pt"
     atomic_save(detector_state(teacher_trainer.model, {}), teacher_path)
 
-    spec = LocalJobSpec.model_validate({"kind": "distill", "dataset": str(data), "student": {"arch": "gfl_tiny"},
-                                   "teacher": {"path": str(teacher_path)}, "schedule": sched, "seed": 1})
+    spec = LocalJobSpec.model_validate(
+        {
+            "kind": "distill",
+            "dataset": str(data),
+            "student": {"arch": "gfl_tiny"},
+            "teacher": {"path": str(teacher_path)},
+            "schedule": sched,
+            "seed": 1,
+        }
+    )
     trainer = Trainer(spec, tmp_path / "student", report_every_s=0)
     before_state = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
     assert not any(p.requires_grad for p in trainer.teacher.parameters())

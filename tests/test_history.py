@@ -1,4 +1,4 @@
-"""A job's history (``worker.history``, ``GET /v1/jobs/{id}/history``), on SQLite and PostgreSQL.
+"""A job's history (``core.history``, ``GET /v1/jobs/{id}/history``), on SQLite and PostgreSQL.
 
 - migration 0003 adds the table to a store at 0002 with its rows kept, and goes back down;
 - the worker's progress relay (``worker.jobs.Attempt``) appends each record it relays, skips a ``progress.json``
@@ -23,12 +23,12 @@ from alembic import command
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from core import history
+from core.db import alembic_config, current_revision, head_revision, make_engine
+from core.settings import Settings
+from core.store import Store
 from tests.service_fixtures import postgres_database
-from worker import history
-from worker.db import alembic_config, current_revision, head_revision, make_engine
 from worker.jobs import Attempt
-from worker.settings import Settings
-from worker.store import Store
 
 SPEC = {"kind": "train", "dataset": "ds_x", "schedule": {"epochs": 2}}
 

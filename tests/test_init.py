@@ -43,10 +43,16 @@ def _random_resnet_file(folder: Path, depth: int) -> dict[str, torch.Tensor]:
 def test_imagenet_init_through_torchvisions_cache(tmp_path, monkeypatch, depth):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     expected = _random_resnet_file(tmp_path / "torch_home" / "hub" / "checkpoints", depth)
-    spec = LocalJobSpec.model_validate({"kind": "train", "dataset": "x", "student": {"arch": f"gfl_r{depth}",
-                                                                                      "init": "imagenet"}})
-    model = build_detector(spec.student.arch, 2, ["a", "b"], frozen_stages=spec.student.backbone_frozen_stages,
-                           norm_eval=spec.student.backbone_norm_eval)
+    spec = LocalJobSpec.model_validate(
+        {"kind": "train", "dataset": "x", "student": {"arch": f"gfl_r{depth}", "init": "imagenet"}}
+    )
+    model = build_detector(
+        spec.student.arch,
+        2,
+        ["a", "b"],
+        frozen_stages=spec.student.backbone_frozen_stages,
+        norm_eval=spec.student.backbone_norm_eval,
+    )
     report = initialise(model, spec.student.init)
     body = model.backbone.state_dict()
     compared = 0
@@ -75,8 +81,9 @@ def test_imagenet_weights_dir_overrides_torch_home(tmp_path, monkeypatch):
 
 def test_from_scratch_trains_the_whole_backbone():
     spec = LocalJobSpec.model_validate({"kind": "train", "dataset": "x", "student": {"arch": "gfl_tiny"}})
-    model = build_detector("gfl_tiny", 1, frozen_stages=spec.student.backbone_frozen_stages,
-                           norm_eval=spec.student.backbone_norm_eval)
+    model = build_detector(
+        "gfl_tiny", 1, frozen_stages=spec.student.backbone_frozen_stages, norm_eval=spec.student.backbone_norm_eval
+    )
     assert initialise(model, None).summary()["loaded"] == 0
     assert all(p.requires_grad for p in model.parameters())
 
@@ -93,8 +100,9 @@ def test_mmdetection_checkpoint_into_a_student_with_other_classes():
             continue
         assert torch.equal(own[k], v), k
     assert torch.equal(model.bbox_head.gfl_cls.weight, fresh_cls)  # the class layer started fresh
-    assert report.fresh == ["bbox_head.gfl_cls.weight", "bbox_head.gfl_cls.bias", "bbox_head.integral.project"] \
-        or set(report.fresh) >= {"bbox_head.gfl_cls.weight", "bbox_head.gfl_cls.bias"}
+    assert report.fresh == ["bbox_head.gfl_cls.weight", "bbox_head.gfl_cls.bias", "bbox_head.integral.project"] or set(
+        report.fresh
+    ) >= {"bbox_head.gfl_cls.weight", "bbox_head.gfl_cls.bias"}
     assert any("classes differ" in n for n in report.notes)
 
 
@@ -111,8 +119,10 @@ def test_detector_checkpoint_with_the_same_classes_loads_everything(tmp_path):
 def test_backbone_checkpoint(tmp_path, layout):
     state = _random_resnet_file(tmp_path, 18)
     if layout == "mmdetection":
-        state = {"state_dict": {f"backbone.{k}": v for k, v in state.items() if not k.startswith("fc.")},
-                 "meta": {"mmdet_version": "3.3.0"}}
+        state = {
+            "state_dict": {f"backbone.{k}": v for k, v in state.items() if not k.startswith("fc.")},
+            "meta": {"mmdet_version": "3.3.0"},
+        }
     path = tmp_path / "backbone.pth"
     torch.save(state, path)
     info = describe_checkpoint(path)  # the torch-free reader the API uses at upload
@@ -120,9 +130,10 @@ def test_backbone_checkpoint(tmp_path, layout):
     model = build_detector("gfl_r18", 3)
     report = initialise(model, InitPath(path=str(path)))
     assert report.source.startswith("backbone:") and report.summary()["loaded"] == 120
-    assert torch.equal(model.backbone.layer4[1].conv2.weight,
-                       (state.get("state_dict") or state)[("backbone." if layout == "mmdetection" else "")
-                                                          + "layer4.1.conv2.weight"])
+    assert torch.equal(
+        model.backbone.layer4[1].conv2.weight,
+        (state.get("state_dict") or state)[("backbone." if layout == "mmdetection" else "") + "layer4.1.conv2.weight"],
+    )
 
 
 def test_checkpoint_that_fits_nothing_is_refused(tmp_path):
@@ -140,9 +151,14 @@ def test_the_jobs_metrics_say_what_was_loaded(tmp_path):
     teacher = build_detector("gfl_tiny", 3, ["car", "bus", "person"])  # other classes than the digits
     atomic_save(detector_state(teacher), tmp_path / "digits.pt")
     init = {"path": str(tmp_path / "digits.pt")}
-    spec = LocalJobSpec.model_validate({
-        "kind": "train", "dataset": str(data), "student": {"arch": "gfl_tiny", "init": init},
-        "schedule": {"epochs": 1, "batch_size": 2, "image_size": [96, 64], "warmup_iters": 1, "num_workers": 0}})
+    spec = LocalJobSpec.model_validate(
+        {
+            "kind": "train",
+            "dataset": str(data),
+            "student": {"arch": "gfl_tiny", "init": init},
+            "schedule": {"epochs": 1, "batch_size": 2, "image_size": [96, 64], "warmup_iters": 1, "num_workers": 0},
+        }
+    )
     metrics = run(spec, tmp_path / "run")
     init = metrics["init"]
     assert init["source"] == "detector:digits.pt" and init["loaded"] > 0 and init["fresh"] >= 2

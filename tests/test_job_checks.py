@@ -1,4 +1,4 @@
-"""The one job check (``worker.checks``) against a real store: what it refuses and why, and the local spec it
+"""The one job check (``core.checks``) against a real store: what it refuses and why, and the local spec it
 resolves for the training child. Torch-free except where a real checkpoint file is written."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from core.checks import JobRefused, check_job, resolve_job, weights_cache_dir
+from core.settings import Settings
+from core.store import Store
 from distill.spec import JobSpec, LocalJobSpec
-from worker.checks import JobRefused, check_job, resolve_job, weights_cache_dir
-from worker.settings import Settings
-from worker.store import Store
 
 DS = "ds_00000000000000d1"
 CK = "ck_0000000000000c01"
@@ -35,8 +35,17 @@ def _checkpoint(settings: Settings, store: Store, id: str, facts: dict) -> Path:
     return path
 
 
-TINY_DETECTOR = {"kind": "detector", "depth": 18, "base_width": 16, "channels": 32, "stacked_convs": 2,
-                 "reg_max": 16, "strides": [8, 16, 32, 64, 128], "num_classes": 80, "classes": ["Cat", "person"]}
+TINY_DETECTOR = {
+    "kind": "detector",
+    "depth": 18,
+    "base_width": 16,
+    "channels": 32,
+    "stacked_convs": 2,
+    "reg_max": 16,
+    "strides": [8, 16, 32, 64, 128],
+    "num_classes": 80,
+    "classes": ["Cat", "person"],
+}
 
 
 def test_resolve_train_and_distill(env):
@@ -72,8 +81,9 @@ def test_resolve_train_and_distill(env):
 def test_init_checkpoint_resolves_to_its_file(env):
     settings, store = env
     path = _checkpoint(settings, store, CK, {"kind": "backbone", "depth": 18, "base_width": 16})
-    local = resolve_job({"kind": "train", "dataset": DS, "student": {"arch": "gfl_tiny", "init": {"checkpoint": CK}}},
-                        store, settings)
+    local = resolve_job(
+        {"kind": "train", "dataset": DS, "student": {"arch": "gfl_tiny", "init": {"checkpoint": CK}}}, store, settings
+    )
     assert local["student"]["init"] == {"path": str(path)}
 
 
@@ -81,13 +91,26 @@ def test_init_checkpoint_resolves_to_its_file(env):
     "spec, code, message",
     [
         ({"kind": "train", "dataset": "ds_00000000000000ff"}, "unknown_dataset", "no dataset 'ds_00000000000000ff'"),
-        ({"kind": "distill", "dataset": DS, "teacher": {"model": "mdl_000000000000dead"}}, "invalid_teacher",
-         "no model"),
+        (
+            {"kind": "distill", "dataset": DS, "teacher": {"model": "mdl_000000000000dead"}},
+            "invalid_teacher",
+            "no model",
+        ),
         ({"kind": "distill", "dataset": DS, "teacher": {"job": "job_000000000000dead"}}, "invalid_teacher", "no job"),
-        ({"kind": "distill", "dataset": DS, "teacher": {"checkpoint": "ck_000000000000dead"}}, "invalid_teacher",
-         "no checkpoint"),
-        ({"kind": "train", "dataset": DS, "student": {"arch": "gfl_tiny", "init": {"checkpoint": "ck_00000000dead"}}},
-         "unknown_checkpoint", "no checkpoint"),
+        (
+            {"kind": "distill", "dataset": DS, "teacher": {"checkpoint": "ck_000000000000dead"}},
+            "invalid_teacher",
+            "no checkpoint",
+        ),
+        (
+            {
+                "kind": "train",
+                "dataset": DS,
+                "student": {"arch": "gfl_tiny", "init": {"checkpoint": "ck_00000000dead"}},
+            },
+            "unknown_checkpoint",
+            "no checkpoint",
+        ),
     ],
 )
 def test_unknown_ids_refused(env, spec, code, message):
@@ -116,12 +139,17 @@ def test_backbone_teacher_and_misfit_init_refused(env):
     settings, store = env
     _checkpoint(settings, store, CK, {"kind": "backbone", "depth": 50, "base_width": 64})
     with pytest.raises(JobRefused, match="is a backbone, not a GFL detector"):
-        check_job(JobSpec.model_validate({"kind": "distill", "dataset": DS, "teacher": {"checkpoint": CK}}),
-                  store, settings)
+        check_job(
+            JobSpec.model_validate({"kind": "distill", "dataset": DS, "teacher": {"checkpoint": CK}}), store, settings
+        )
     with pytest.raises(JobRefused, match="ResNet-50 of width 64; gfl_r18 has ResNet-18") as e:
-        check_job(JobSpec.model_validate({"kind": "train", "dataset": DS,
-                                          "student": {"arch": "gfl_r18", "init": {"checkpoint": CK}}}),
-                  store, settings)
+        check_job(
+            JobSpec.model_validate(
+                {"kind": "train", "dataset": DS, "student": {"arch": "gfl_r18", "init": {"checkpoint": CK}}}
+            ),
+            store,
+            settings,
+        )
     assert e.value.code == "invalid_init"
 
 
@@ -141,8 +169,7 @@ def test_imagenet_weights_cached_or_refused_with_file_and_folder(env, monkeypatc
     settings, store = env
     # Offline as a machine without internet is: every connection goes to a proxy that refuses it.
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
-    spec = JobSpec.model_validate({"kind": "train", "dataset": DS, "student": {"arch": "gfl_r18",
-                                                                                "init": "imagenet"}})
+    spec = JobSpec.model_validate({"kind": "train", "dataset": DS, "student": {"arch": "gfl_r18", "init": "imagenet"}})
     with pytest.raises(JobRefused) as e:
         check_job(spec, store, settings)
     assert e.value.code == "weights_missing" and "resnet18-f37072fd.pth" in e.value.message
@@ -163,13 +190,23 @@ def test_weights_cache_dir_follows_torch_hub(monkeypatch, tmp_path):
 
 def test_crosskd_layer_outside_the_towers_refused(env):
     settings, store = env
-    _checkpoint(settings, store, CK, {**TINY_DETECTOR, "base_width": 32, "channels": 64, "stacked_convs": 4,
-                                      "num_classes": 1, "classes": ["cat"]})
+    _checkpoint(
+        settings,
+        store,
+        CK,
+        {**TINY_DETECTOR, "base_width": 32, "channels": 64, "stacked_convs": 4, "num_classes": 1, "classes": ["cat"]},
+    )
 
     def job(layer: int) -> JobSpec:
-        return JobSpec.model_validate({"kind": "distill", "dataset": DS, "student": {"arch": "gfl_tiny"},
-                                       "teacher": {"checkpoint": CK},
-                                       "distill": {"method": "crosskd", "crosskd_layer": layer}})
+        return JobSpec.model_validate(
+            {
+                "kind": "distill",
+                "dataset": DS,
+                "student": {"arch": "gfl_tiny"},
+                "teacher": {"checkpoint": CK},
+                "distill": {"method": "crosskd", "crosskd_layer": layer},
+            }
+        )
 
     check_job(job(2), store, settings)  # gfl_tiny has 2 stacked convs, the teacher 4
     with pytest.raises(JobRefused) as e:
@@ -183,9 +220,15 @@ def test_crosskd_layer_outside_the_towers_refused(env):
 def test_teacher_cache_on_refused_where_it_cannot_apply(env):
     settings, store = env
     _checkpoint(settings, store, CK, {**TINY_DETECTOR, "num_classes": 1, "classes": ["cat"]})
-    spec = JobSpec.model_validate({"kind": "distill", "dataset": DS, "teacher": {"checkpoint": CK},
-                                   "student": {"arch": "gfl_tiny"},
-                                   "distill": {"teacher_cache": "on", "weights": {"crosskd_cls": 1.0}}})
+    spec = JobSpec.model_validate(
+        {
+            "kind": "distill",
+            "dataset": DS,
+            "teacher": {"checkpoint": CK},
+            "student": {"arch": "gfl_tiny"},
+            "distill": {"teacher_cache": "on", "weights": {"crosskd_cls": 1.0}},
+        }
+    )
     with pytest.raises(JobRefused, match="CrossKD") as refused:
         check_job(spec, store, settings)
     assert refused.value.status == 422 and refused.value.code == "invalid_teacher_cache"

@@ -27,8 +27,7 @@ KD_KEYS = set(ALL_TERMS)
 
 def _model(seed: int, channels: int = 32, stacked: int = 2, classes: int = 3) -> GFL:
     torch.manual_seed(seed)
-    model = GFL(DetectorConfig(depth=18, base_width=16, channels=channels, stacked_convs=stacked,
-                               num_classes=classes))
+    model = GFL(DetectorConfig(depth=18, base_width=16, channels=channels, stacked_convs=stacked, num_classes=classes))
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():  # an untrained head is nearly flat: give its outputs some shape
         for conv in (model.bbox_head.gfl_reg, model.bbox_head.gfl_cls):
@@ -37,17 +36,19 @@ def _model(seed: int, channels: int = 32, stacked: int = 2, classes: int = 3) ->
 
 
 def _criterion(student: GFL, teacher: GFL, **distill) -> DistillCriterion:
-    spec = DistillSpec.model_validate({"weights": {"main_ld": 0, "vlr_ld": 0, "main_kd": 0, **ALL_TERMS},
-                                       **distill})
-    return DistillCriterion(GFLCriterion(student, GFLWeights()), teacher, spec,
-                            map_classes(student.classes, teacher.classes, spec.class_map))
+    spec = DistillSpec.model_validate({"weights": {"main_ld": 0, "vlr_ld": 0, "main_kd": 0, **ALL_TERMS}, **distill})
+    return DistillCriterion(
+        GFLCriterion(student, GFLWeights()),
+        teacher,
+        spec,
+        map_classes(student.classes, teacher.classes, spec.class_map),
+    )
 
 
 def _gt(batch: int) -> GroundTruth:
     boxes = torch.tensor([[10.0, 12, 60, 70], [70, 20, 120, 90]]).repeat(batch, 1, 1)
     sizes = torch.tensor([[96.0, 128.0]]).repeat(batch, 1)
-    return GroundTruth(boxes, torch.tensor([[1, 2]]).repeat(batch, 1), torch.ones(batch, 2, dtype=torch.bool),
-                       sizes)
+    return GroundTruth(boxes, torch.tensor([[1, 2]]).repeat(batch, 1), torch.ones(batch, 2, dtype=torch.bool), sizes)
 
 
 def _images(batch: int = 2) -> torch.Tensor:
@@ -96,8 +97,7 @@ def test_bckd_box_weight_is_the_largest_class_gap():
     got = bckd_loc_loss(s_reg, t_reg, logit(s_p), logit(t_p), centres, torch.ones(1, 2, dtype=torch.bool), integral)
     assert torch.allclose(got, expected, atol=1e-5)
     # Padded locations do not count.
-    only_first = bckd_loc_loss(s_reg, t_reg, logit(s_p), logit(t_p), centres, torch.tensor([[True, False]]),
-                               integral)
+    only_first = bckd_loc_loss(s_reg, t_reg, logit(s_p), logit(t_p), centres, torch.tensor([[True, False]]), integral)
     assert torch.allclose(only_first, giou[0], atol=1e-5)
 
 
@@ -129,8 +129,9 @@ def test_terms_vanish_when_the_student_is_the_teacher():
 
 def test_crosskd_gradient_reaches_the_student_through_the_frozen_teacher():
     student, teacher = _model(0, channels=32, stacked=2), _model(1, channels=48, stacked=3).eval()
-    criterion = _criterion(student, teacher, weights={"main_ld": 0, "vlr_ld": 0, "main_kd": 0, "crosskd_cls": 1,
-                                                      "crosskd_reg": 1})
+    criterion = _criterion(
+        student, teacher, weights={"main_ld": 0, "vlr_ld": 0, "main_kd": 0, "crosskd_cls": 1, "crosskd_reg": 1}
+    )
     assert criterion.crosskd_layer == 1  # default: one before the last layer both heads have
     assert set(criterion.adapters) == {"crosskd"}  # 32 -> 48 channels
     terms = _terms(criterion, _images())
@@ -188,17 +189,23 @@ def test_class_terms_use_paired_classes_and_are_off_without_a_pair():
 
 
 def test_run_trains_the_student_and_leaves_the_teacher_bit_identical(tmp_path):
-    data = make_synthetic(tmp_path / "data", num_train=4, num_val=2, image_size=(128, 96), seed=5, max_objects=2,
-                          num_classes=2)
+    data = make_synthetic(
+        tmp_path / "data", num_train=4, num_val=2, image_size=(128, 96), seed=5, max_objects=2, num_classes=2
+    )
     teacher_path = tmp_path / "teacher.pt"
     torch.manual_seed(3)
     atomic_save(detector_state(build_detector("gfl_small", 2, ["0", "1"]), {}), teacher_path)
-    spec = LocalJobSpec.model_validate({
-        "kind": "distill", "dataset": str(data), "student": {"arch": "gfl_tiny"},
-        "teacher": {"path": str(teacher_path)},
-        "distill": {"method": "crosskd", "weights": {"bckd_cls": 1, "bckd_loc": 1}},
-        "schedule": {"epochs": 1, "batch_size": 2, "image_size": [128, 96], "warmup_iters": 1, "num_workers": 0},
-        "seed": 1})
+    spec = LocalJobSpec.model_validate(
+        {
+            "kind": "distill",
+            "dataset": str(data),
+            "student": {"arch": "gfl_tiny"},
+            "teacher": {"path": str(teacher_path)},
+            "distill": {"method": "crosskd", "weights": {"bckd_cls": 1, "bckd_loc": 1}},
+            "schedule": {"epochs": 1, "batch_size": 2, "image_size": [128, 96], "warmup_iters": 1, "num_workers": 0},
+            "seed": 1,
+        }
+    )
     trainer = Trainer(spec, tmp_path / "run", report_every_s=0)
     before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in trainer.model.state_dict().items()}

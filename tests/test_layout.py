@@ -1,5 +1,5 @@
-"""The shape of the code base (DESIGN section 1): imports form no cycle, no file in api/ or worker/ is over
-400 lines, and what the API process loads imports without torch.
+"""The shape of the code base (DESIGN section 1): imports point down a declared layer order and form no cycle,
+no file in api/, core/ or worker/ is over 400 lines, and what the API process loads imports without torch.
 
 The import graph is read from the source with ``ast``: imports at module level and inside functions alike
 (an import moved into a function still runs, it only hides the cycle), relative imports resolved.
@@ -13,9 +13,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("api", "worker", "distill", "deploy")
+# Top to bottom: a module imports only from its own room or the rooms below it (README, "Layout").
+LAYERS = ("bench", "api", "worker", "core", "deploy", "distill")
+# Rooms that are not above one another: the API enqueues through ``core``, never through the worker.
+FORBIDDEN = {("api", "worker")}
+PACKAGES = ("api", "core", "worker", "distill", "deploy")
 MAX_LINES = 400
-SMALL_ROOMS = ("api", "worker")
+SMALL_ROOMS = ("api", "core", "worker")
 
 
 def modules(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> dict[str, Path]:
@@ -115,7 +119,40 @@ def test_imports_form_no_cycle():
     assert not found, "import cycles:\n" + "\n".join(" <-> ".join(group) for group in found)
 
 
-def test_no_file_in_api_or_worker_is_over_400_lines():
+def upward_imports(graph: dict[str, set[str]], layers: tuple[str, ...] = LAYERS) -> list[str]:
+    """Every import that points to a higher room (or to a forbidden one), as ``"a.b -> c.d"``."""
+    rank = {room: i for i, room in enumerate(layers)}
+    bad = []
+    for module, targets in sorted(graph.items()):
+        room = module.split(".")[0]
+        for target in sorted(targets):
+            other = target.split(".")[0]
+            if other in rank and room in rank and (rank[other] < rank[room] or (room, other) in FORBIDDEN):
+                bad.append(f"{module} -> {target}")
+    return bad
+
+
+def test_imports_point_down_the_layer_order():
+    bad = upward_imports(import_graph(modules(ROOT, LAYERS)))
+    assert not bad, f"imports against the layer order {' > '.join(LAYERS)}:\n" + "\n".join(bad)
+
+
+def test_layer_check_fails_on_a_planted_upward_import(tmp_path):
+    """A copy of the code with one upward import planted (distill -> core, api -> worker) fails the check."""
+    for room in LAYERS:
+        subprocess.run(["cp", "-r", str(ROOT / room), str(tmp_path / room)], check=True)
+    assert not upward_imports(import_graph(modules(tmp_path, LAYERS)))
+    boxes = tmp_path / "distill" / "boxes.py"
+    planted = "\n\ndef _planted():\n    from core.settings import Settings\n    return Settings\n"
+    boxes.write_text(boxes.read_text() + planted)
+    (tmp_path / "api" / "planted.py").write_text("import worker.jobs\n")
+    assert upward_imports(import_graph(modules(tmp_path, LAYERS))) == [
+        "api.planted -> worker.jobs",
+        "distill.boxes -> core.settings",
+    ]
+
+
+def test_no_file_in_api_core_or_worker_is_over_400_lines():
     long = {}
     for room in SMALL_ROOMS:
         for path in sorted((ROOT / room).rglob("*.py")):

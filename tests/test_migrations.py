@@ -1,6 +1,6 @@
 """The job store's Alembic migrations on SQLite and PostgreSQL (a fresh database per test on the local server).
 
-- a fresh database is brought to the newest revision, and its schema is the one ``worker.schema`` declares;
+- a fresh database is brought to the newest revision, and its schema is the one ``core.schema`` declares;
 - a store made by the code before migrations existed (its DDL below, as ``worker/store.py`` created it, with
   rows in every table) is adopted: every row is kept, and the service reads and updates them;
 - processes opening a new store at the same moment migrate it once, without errors.
@@ -19,11 +19,11 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
+from core.db import alembic_config, current_revision, head_revision, make_engine
+from core.schema import metadata
+from core.store import JOB_STATES, IdempotencyConflict, Store, spec_digest
+from core.tenants import DEFAULT_TENANT
 from tests.service_fixtures import postgres_database
-from worker.db import alembic_config, current_revision, head_revision, make_engine
-from worker.schema import metadata
-from worker.store import JOB_STATES, IdempotencyConflict, Store, spec_digest
-from worker.tenants import DEFAULT_TENANT
 
 # The schema the store had before migrations (SQLAlchemy's DDL for the ORM classes of the old
 # ``worker/store.py`` on SQLite; PostgreSQL's differs only in the timestamp type).
@@ -134,7 +134,7 @@ def kept(before: list[dict[str, object]], after: list[dict[str, object]]) -> boo
 
 
 def schema_differences(url: str) -> list:
-    """What Alembic's autogenerate would change to make the database match ``worker.schema``."""
+    """What Alembic's autogenerate would change to make the database match ``core.schema``."""
     engine = make_engine(url)
     try:
         with engine.connect() as conn:

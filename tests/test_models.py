@@ -42,7 +42,13 @@ def test_architecture_is_inferred_from_state_dict(arch):
     model = build_detector(arch, num_classes=5)
     cfg = infer_config(model.state_dict())
     assert (cfg.depth, cfg.base_width, cfg.channels, cfg.stacked_convs, cfg.num_classes, cfg.reg_max) == (
-        model.cfg.depth, model.cfg.base_width, model.cfg.channels, model.cfg.stacked_convs, 5, 16)
+        model.cfg.depth,
+        model.cfg.base_width,
+        model.cfg.channels,
+        model.cfg.stacked_convs,
+        5,
+        16,
+    )
 
 
 def test_project_checkpoint_round_trip(tmp_path):

@@ -51,8 +51,15 @@ def make_dataset(folder: Path, model, n_train: int = 6, n_val: int = 6) -> Path:
     for i, picture in enumerate(pictures[: n_train + n_val]):
         name = f"images/{i:03d}.png"
         picture.save(folder / name)
-        images.append({"id": i + 1, "file_name": name, "width": picture.width, "height": picture.height,
-                       "split": "train" if i < n_train else "val"})
+        images.append(
+            {
+                "id": i + 1,
+                "file_name": name,
+                "width": picture.width,
+                "height": picture.height,
+                "split": "train" if i < n_train else "val",
+            }
+        )
         batch, sizes, ((sx, sy),) = prepare_batch([picture], INPUT_SIZE)
         with torch.no_grad():
             det = model.predict(torch.from_numpy(batch), [tuple(int(v) for v in sizes[0])])[0]
@@ -60,11 +67,22 @@ def make_dataset(folder: Path, model, n_train: int = 6, n_val: int = 6) -> Path:
             if score < 0.3:
                 continue
             x1, y1, x2, y2 = (float(v) for v in box / np.array([sx, sy, sx, sy]))
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": int(label) + 1,
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": int(label) + 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
     assert len(annotations) > 20
-    coco = {"images": images, "annotations": annotations,
-            "categories": [{"id": i + 1, "name": c} for i, c in enumerate(CLASSES)]}
+    coco = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": c} for i, c in enumerate(CLASSES)],
+    }
     (folder / "annotations.json").write_text(json.dumps(coco))
     return folder
 
@@ -83,8 +101,13 @@ def formats(tmp_path_factory):
 def _detections(folder: Path, pictures: list[Image.Image]) -> list[dict[str, np.ndarray]]:
     out = []
     for dets in Predictor(folder).predict(pictures):
-        out.append({"boxes": np.array([d["box"] for d in dets]).reshape(-1, 4),
-                    "scores": np.array([d["score"] for d in dets]), "labels": np.array([d["label"] for d in dets])})
+        out.append(
+            {
+                "boxes": np.array([d["box"] for d in dets]).reshape(-1, 4),
+                "scores": np.array([d["score"] for d in dets]),
+                "labels": np.array([d["label"] for d in dets]),
+            }
+        )
     return out
 
 
@@ -101,8 +124,13 @@ def test_formats_are_written_beside_fp32_and_described(formats):
     assert {"QuantizeLinear", "DequantizeLinear", "NonMaxSuppression"} <= ops
     # Per-channel weights: the scale of a conv weight's DequantizeLinear is a vector (one per output channel).
     inits = {t.name: t for t in int8.graph.initializer}
-    weight_scales = [inits[n.input[1]] for n in int8.graph.node if n.op_type == "DequantizeLinear"
-                     and n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.INT8]
+    weight_scales = [
+        inits[n.input[1]]
+        for n in int8.graph.node
+        if n.op_type == "DequantizeLinear"
+        and n.input[0] in inits
+        and inits[n.input[0]].data_type == onnx.TensorProto.INT8
+    ]
     assert weight_scales and all(len(s.dims) == 1 and s.dims[0] > 1 for s in weight_scales)
     # Post-processing stays float: no quantized tensor feeds the NMS or the outputs.
     assert all(not n.name.startswith("/bbox_head/integral") for n in int8.graph.node if n.op_type == "QuantizeLinear")
@@ -121,8 +149,11 @@ def test_int8_keeps_the_backbone_and_fpn_additions_in_integers(formats, tmp_path
     # float (deploy.quantize says why).
     int8 = onnx.load(str(formats["dir"] / "int8" / "model.onnx"))
     producer = {out: n.op_type for n in int8.graph.node for out in n.output}  # initializers: none
-    adds = [n for n in int8.graph.node if n.op_type == "Add" and n.name.startswith(NETWORK_SCOPES)
-            and not n.name.startswith(DECODE_SCOPES)]
+    adds = [
+        n
+        for n in int8.graph.node
+        if n.op_type == "Add" and n.name.startswith(NETWORK_SCOPES) and not n.name.startswith(DECODE_SCOPES)
+    ]
     quantized = {n.name for n in adds if all(producer.get(i) == "DequantizeLinear" for i in n.input)}
     chain = {n.name for n in adds if n.name.startswith(CHAIN_SCOPES)}
     assert chain and quantized == chain, sorted(quantized ^ chain)
@@ -145,8 +176,15 @@ def test_int8_and_fp16_detections_agree_with_fp32(formats):
         for picture, exp, dets in zip(pictures, fp32, got, strict=True):
             keep = exp["scores"] >= INT8_MIN_SCORE
             confident = {k: v[keep] for k, v in exp.items()}
-            r = compare_detections(confident, dets, (picture.height, picture.width), box_tol=box_tol,
-                                   score_tol=score_tol, score_thr=0.0, max_dets=10**6)
+            r = compare_detections(
+                confident,
+                dets,
+                (picture.height, picture.width),
+                box_tol=box_tol,
+                score_tol=score_tol,
+                score_thr=0.0,
+                max_dets=10**6,
+            )
             matched, total = matched + r["matched"], total + r["expected"]
         assert total > 10
         # fp16: every confident detection; int8: INT8_FOUND of them.
@@ -171,8 +209,9 @@ def test_each_format_carries_the_ap_its_runtime_measured(formats):
 def test_int8_calibrated_on_the_wrong_pictures_is_published_with_a_warning(formats, tmp_path):
     # Flat grey pictures: every activation range collapses to almost nothing, so real pictures saturate.
     grey = [Image.new("RGB", (320, 256), (124, 116, 104)) for _ in range(4)]
-    info = export_model(formats["ckpt"], tmp_path / "bad", formats=["int8"], dataset=formats["dataset"],
-                        calibration=grey)
+    info = export_model(
+        formats["ckpt"], tmp_path / "bad", formats=["int8"], dataset=formats["dataset"], calibration=grey
+    )
     variant = info["variants"]["int8"]
     assert variant["export"]["int8"]["calibration"] == {"source": "given pictures", "images": 4}
     warning = variant["accuracy_warning"]
@@ -187,8 +226,13 @@ def test_cli_exports_formats_and_says_where_calibration_came_from(formats, tmp_p
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    run = subprocess.run([sys.executable, "-m", "deploy", "export", str(formats["ckpt"]), str(tmp_path / "m"),
-                          "--formats", "fp32,int8"], capture_output=True, text=True, cwd=root, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-m", "deploy", "export", str(formats["ckpt"]), str(tmp_path / "m"), "--formats", "fp32,int8"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "calibrates on the built-in verification pictures" in run.stderr
     info = json.loads(run.stdout)

@@ -10,13 +10,15 @@ from distill.regions import find_regions
 
 GT = torch.tensor([[[0.0, 0, 40, 40]]])
 # Hand-computed against GT: IoU, centre distance^2 rho2, enclosing diagonal^2 c2 -> DIoU = IoU - rho2 / c2.
-ANCHORS = torch.tensor([
-    [10.0, 10, 30, 30],  # IoU 400/1600, same centre            -> DIoU 0.25
-    [30.0, 0, 50, 20],  # IoU 200/1800, rho2 500, c2 4100       -> DIoU 1/9 - 5/41
-    [20.0, 20, 60, 60],  # IoU 400/2800, rho2 800, c2 7200      -> DIoU 1/7 - 1/9
-    [0.0, 0, 40, 40],  # the box itself                         -> DIoU 1
-    [100.0, 100, 120, 120],  # IoU 0, rho2 16200, c2 28800      -> DIoU -0.5625
-])
+ANCHORS = torch.tensor(
+    [
+        [10.0, 10, 30, 30],  # IoU 400/1600, same centre            -> DIoU 0.25
+        [30.0, 0, 50, 20],  # IoU 200/1800, rho2 500, c2 4100       -> DIoU 1/9 - 5/41
+        [20.0, 20, 60, 60],  # IoU 400/2800, rho2 800, c2 7200      -> DIoU 1/7 - 1/9
+        [0.0, 0, 40, 40],  # the box itself                         -> DIoU 1
+        [100.0, 100, 120, 120],  # IoU 0, rho2 16200, c2 28800      -> DIoU -0.5625
+    ]
+)
 DIOU = [0.25, 1 / 9 - 5 / 41, 1 / 7 - 1 / 9, 1.0, -0.5625]
 IOU = [0.25, 1 / 9, 1 / 7, 1.0, 0.0]
 
@@ -81,8 +83,14 @@ def test_padding_and_images_without_objects():
     r = _regions(ANCHORS, gt, valid=valid, gamma=0.0, alpha=torch.tensor([[0.3, 0.0], [0.0, 0.0]]))
     assert r.vlr[0].tolist() == [True, False, True, False, False]
     assert not r.vlr[1].any()
-    empty = find_regions(ANCHORS, torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.bool),
-                         torch.zeros(2, 5, dtype=torch.bool), torch.zeros(2, 0), 0.25)
+    empty = find_regions(
+        ANCHORS,
+        torch.zeros(2, 0, 4),
+        torch.zeros(2, 0, dtype=torch.bool),
+        torch.zeros(2, 5, dtype=torch.bool),
+        torch.zeros(2, 0),
+        0.25,
+    )
     assert empty.vlr.shape == (2, 5) and not empty.vlr.any() and (empty.vlr_gt == -1).all()
 
 
@@ -160,7 +168,7 @@ def test_anchor_free_locations_give_the_same_regions_as_an_anchor_based_head():
     per_level, start = [], 0
     for s, n in zip((8, 16, 32, 64, 128), counts, strict=True):
         base = torch.tensor([-4.0 * s, -4.0 * s, 4.0 * s, 4.0 * s])
-        shifts = points[start:start + n].repeat(1, 2)
+        shifts = points[start : start + n].repeat(1, 2)
         per_level.append(base + shifts)
         start += n
     anchor_based = torch.cat(per_level)

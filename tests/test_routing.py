@@ -1,4 +1,4 @@
-"""Jobs routed by size (``worker.routing``): a job of ``schedule.gpus`` = N waits in queue ``gpu`` (N = 1) or
+"""Jobs routed by size (``core.routing``): a job of ``schedule.gpus`` = N waits in queue ``gpu`` (N = 1) or
 ``gpu.N`` for a worker with at least N slots. Real ``python -m worker`` processes on the embedded filesystem
 broker and on a private redis-server, the SQLite store.
 
@@ -14,14 +14,14 @@ from typing import Any
 
 import pytest
 
+from core.queue import enqueue, queue_depths
+from core.routing import job_processes, queue_for, visible_gpus, worker_queues, worker_slots
+from core.settings import Settings
+from core.store import TERMINAL_STATES, Store
 from tests.service_fixtures import RedisServer, Service, WorkerProcess, train_spec, wait_for
 from tests.test_worker_units import broker_settings  # noqa: F401  (a fixture: the embedded broker and Redis)
 from worker.main import worker_argv
-from worker.queue import enqueue, queue_depths
 from worker.recovery import recover
-from worker.routing import job_processes, queue_for, visible_gpus, worker_queues, worker_slots
-from worker.settings import Settings
-from worker.store import TERMINAL_STATES, Store
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -10,8 +10,8 @@ from datetime import datetime
 import pytest
 import sqlalchemy as sa
 
+from core.store import IdempotencyConflict, Store
 from tests.service_fixtures import postgres_database
-from worker.store import IdempotencyConflict, Store
 
 SPEC = {"kind": "train", "dataset": "ds_1", "schedule": {"epochs": 2}}
 

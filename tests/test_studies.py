@@ -29,14 +29,11 @@ from pydantic import ValidationError
 
 from api.client import APIClientError, Client
 from api.routes.studies import STUDY_EXAMPLES
-from tests.api_server import ApiServer, coco_zip, private_redis_url
-from tests.service_fixtures import WorkerProcess, postgres_database, wait_for
-from worker import study_report
-from worker.checks import JobRefused
-from worker.recovery import recover
-from worker.settings import Settings
-from worker.store import Store
-from worker.studies import (
+from core import study_report
+from core.checks import JobRefused
+from core.settings import Settings
+from core.store import Store
+from core.studies import (
     PLAIN_ROW,
     StudyConflict,
     StudySpec,
@@ -50,6 +47,9 @@ from worker.studies import (
     study_dir,
     submit,
 )  # fmt: skip
+from tests.api_server import ApiServer, coco_zip, private_redis_url
+from tests.service_fixtures import WorkerProcess, postgres_database, wait_for
+from worker.recovery import recover
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -130,8 +130,16 @@ def test_plan_and_refused_bodies() -> None:
     assert all(j.spec.seed == j.seed for j in jobs) and jobs[0].spec.teacher is None
     kd = jobs[2].spec.distill
     assert kd is not None and (kd.weights.value("main_ld"), kd.weights.value("main_kd")) == (0.0, 1.0)
-    for bad in ({"methods": []}, {"methods": ["ld", "ld"]}, {"methods": [{"name": PLAIN_ROW}]}, {"seeds": 11},
-                {"methods": ["ld"] * 9}, {"dataset": "/data/mine"}, {"methods": ["nope"]}, {"path": "/x"}):
+    for bad in (
+        {"methods": []},
+        {"methods": ["ld", "ld"]},
+        {"methods": [{"name": PLAIN_ROW}]},
+        {"seeds": 11},
+        {"methods": ["ld"] * 9},
+        {"dataset": "/data/mine"},
+        {"methods": ["nope"]},
+        {"path": "/x"},
+    ):
         with pytest.raises(ValidationError):
             StudySpec.model_validate({**body, **bad})
     for example in STUDY_EXAMPLES.values():  # the OpenAPI document's examples are bodies that pass

@@ -21,8 +21,8 @@ import pytest
 
 from api.supervisor import status_path
 from bench.servers import free_port, terminate
+from core.store import Store
 from tests.service_fixtures import DATASET, IMAGE_SIZE, pid_alive, train_spec, wait_for
-from worker.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(420)

@@ -39,8 +39,9 @@ def data_dir(tmp_path_factory):
 
 def _tiny(seed: int, classes: list[str], perturb: int) -> GFL:
     torch.manual_seed(seed)
-    model = GFL(DetectorConfig(depth=18, base_width=16, channels=32, stacked_convs=2, num_classes=len(classes),
-                               classes=classes))
+    model = GFL(
+        DetectorConfig(depth=18, base_width=16, channels=32, stacked_convs=2, num_classes=len(classes), classes=classes)
+    )
     g = torch.Generator().manual_seed(perturb)  # head far from its flat start, so every term is well above 0
     with torch.no_grad():
         for conv in (model.bbox_head.gfl_reg, model.bbox_head.gfl_cls):
@@ -49,8 +50,9 @@ def _tiny(seed: int, classes: list[str], perturb: int) -> GFL:
 
 
 def _criterion(student: GFL, teacher: GFL, spec: DistillSpec) -> DistillCriterion:
-    return DistillCriterion(GFLCriterion(student, GFLWeights()), teacher, spec,
-                            map_classes(student.classes, teacher.classes))
+    return DistillCriterion(
+        GFLCriterion(student, GFLWeights()), teacher, spec, map_classes(student.classes, teacher.classes)
+    )
 
 
 def _loader(data_dir: Path, n: int, seed: int = 1) -> DataLoader:
@@ -62,10 +64,12 @@ def _loader(data_dir: Path, n: int, seed: int = 1) -> DataLoader:
 
 def _close(reg, cls, out, i: int, at: torch.Tensor) -> None:
     """Stored fp16 rows ``reg (K, 68)``, ``cls (K_c, C)`` against live outputs of image ``i`` at ``at (K,)``."""
-    torch.testing.assert_close(torch.from_numpy(reg.astype("float32")).reshape(-1, 4, 17), out.reg[i, at],
-                               rtol=1e-3, atol=2e-3)
-    torch.testing.assert_close(torch.from_numpy(cls.astype("float32")), out.cls[i, at[:len(cls)]],
-                               rtol=1e-3, atol=2e-3)
+    torch.testing.assert_close(
+        torch.from_numpy(reg.astype("float32")).reshape(-1, 4, 17), out.reg[i, at], rtol=1e-3, atol=2e-3
+    )
+    torch.testing.assert_close(
+        torch.from_numpy(cls.astype("float32")), out.cls[i, at[: len(cls)]], rtol=1e-3, atol=2e-3
+    )
 
 
 def _same(cached: dict, live: dict) -> None:
@@ -76,8 +80,13 @@ def _same(cached: dict, live: dict) -> None:
         torch.testing.assert_close(cached[k], live[k], rtol=2e-3, atol=1e-4, msg=k)
 
 
-@pytest.mark.parametrize("weights", [{"vlr_kd": 0.5, "tbr": 1.0},  # sparse: Main region + VLR rows
-                                     {"main_kd": 0, "bckd_cls": 1.0, "bckd_loc": 1.0}])  # BCKD: dense rows
+@pytest.mark.parametrize(
+    "weights",
+    [
+        {"vlr_kd": 0.5, "tbr": 1.0},  # sparse: Main region + VLR rows
+        {"main_kd": 0, "bckd_cls": 1.0, "bckd_loc": 1.0},
+    ],
+)  # BCKD: dense rows
 @torch.no_grad()
 def test_cached_losses_equal_live_both_flips(data_dir, tmp_path, weights):
     loader = _loader(data_dir, 4)
@@ -124,8 +133,12 @@ def test_flip_mirrors_boxes_and_is_in_the_target(data_dir):
 
 
 def _job(**over) -> dict:
-    job = {"kind": "distill", "dataset": "ds_00000000", "teacher": {"model": "mdl_00000000"},
-           "schedule": {"image_size": list(SIZE)}}
+    job = {
+        "kind": "distill",
+        "dataset": "ds_00000000",
+        "teacher": {"model": "mdl_00000000"},
+        "schedule": {"image_size": list(SIZE)},
+    }
     for path, value in over.items():
         section, field = path.split("__")
         job.setdefault(section, {})
@@ -141,9 +154,11 @@ def _job(**over) -> dict:
 def test_off_with_the_reason_and_on_refused_where_it_cannot_apply(data_dir, tmp_path):
     auto = JobSpec.model_validate(_job())
     assert teacher_cache_blocker(auto) is None
-    cases = {"random scales": _job(schedule__scales=[[128, 96], [160, 120]]),
-             "CrossKD": _job(distill__crosskd_cls=1.0),
-             "FitNets": _job(distill__fitnets=1.0)}
+    cases = {
+        "random scales": _job(schedule__scales=[[128, 96], [160, 120]]),
+        "CrossKD": _job(distill__crosskd_cls=1.0),
+        "FitNets": _job(distill__fitnets=1.0),
+    }
     for words, job in cases.items():
         assert words in (teacher_cache_blocker(JobSpec.model_validate(job)) or "")
     # One fixed scale given through schedule.scales is still a fixed scale.
@@ -154,9 +169,13 @@ def test_off_with_the_reason_and_on_refused_where_it_cannot_apply(data_dir, tmp_
     classes = [str(d) for d in range(10)]
     teacher_path = tmp_path / "teacher.pt"
     atomic_save(detector_state(build_detector("gfl_tiny", len(classes), classes)), teacher_path)
-    base = {"kind": "distill", "dataset": str(data_dir), "student": {"arch": "gfl_tiny"},
-            "teacher": {"path": str(teacher_path)},
-            "schedule": {"epochs": 1, "batch_size": 2, "image_size": list(SIZE), "num_workers": 0}}
+    base = {
+        "kind": "distill",
+        "dataset": str(data_dir),
+        "student": {"arch": "gfl_tiny"},
+        "teacher": {"path": str(teacher_path)},
+        "schedule": {"epochs": 1, "batch_size": 2, "image_size": list(SIZE), "num_workers": 0},
+    }
     multi = {**base, "schedule": {**base["schedule"], "scales": [[128, 96], [160, 120]]}}
     trainer = Trainer(LocalJobSpec.model_validate(multi), tmp_path / "multi", device="cpu")
     assert isinstance(trainer.teacher_cache, CacheOff) and trainer.criterion.teacher_source is None
@@ -241,18 +260,26 @@ def test_a_process_killed_while_filling_loses_nothing_but_time(data_dir, tmp_pat
     classes = [str(d) for d in range(10)]
     teacher_path = tmp_path / "teacher.pt"
     atomic_save(detector_state(_tiny(1, classes, 2), {"classes": classes}), teacher_path)
-    job = {"kind": "distill", "dataset": str(data_dir), "student": {"arch": "gfl_tiny"},
-           "teacher": {"path": str(teacher_path)}, "distill": {"weights": {"vlr_kd": 0.5}},
-           "schedule": {"epochs": 2, "batch_size": 1, "image_size": list(SIZE), "num_workers": 0,
-                        "warmup_iters": 2}}
+    job = {
+        "kind": "distill",
+        "dataset": str(data_dir),
+        "student": {"arch": "gfl_tiny"},
+        "teacher": {"path": str(teacher_path)},
+        "distill": {"weights": {"vlr_kd": 0.5}},
+        "schedule": {"epochs": 2, "batch_size": 1, "image_size": list(SIZE), "num_workers": 0, "warmup_iters": 2},
+    }
     spec_file = tmp_path / "job.json"
     spec_file.write_text(json.dumps(job))
     out = tmp_path / "run"
     entries = out / "teacher_cache" / "entries.bin"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-m", "distill", "train", str(spec_file), "--out", str(out),
-                              "--device", "cpu"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "distill", "train", str(spec_file), "--out", str(out), "--device", "cpu"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (entries.exists() and entries.stat().st_size >= 2 * _RECORD):
@@ -276,8 +303,12 @@ def test_a_process_killed_while_filling_loses_nothing_but_time(data_dir, tmp_pat
 
     # The same job with the teacher live: the same losses, step by step, within fp16 rounding of the teacher.
     reference = tmp_path / "live"
-    Trainer(LocalJobSpec.model_validate({**job, "distill": {**job["distill"], "teacher_cache": "off"}}), reference,
-            device="cpu", report_every_s=0).run()
+    Trainer(
+        LocalJobSpec.model_validate({**job, "distill": {**job["distill"], "teacher_cache": "off"}}),
+        reference,
+        device="cpu",
+        report_every_s=0,
+    ).run()
     got, want = _progress(out), _progress(reference)
     assert sorted(got) == sorted(want) == list(range(1, 17))
     for it in want:  # epoch 1 steps 1-8 differ by the fp16 teacher only; epoch 2 also by the drift of the weights
@@ -294,7 +325,7 @@ def test_a_process_killed_while_filling_loses_nothing_but_time(data_dir, tmp_pat
         if flipped:
             image = image.flip(-1)
         padded = torch.zeros((1, 3, h, w))
-        padded[0, :, :image.shape[1], :image.shape[2]] = image
+        padded[0, :, : image.shape[1], : image.shape[2]] = image
         with torch.no_grad():
             out = resumed.criterion.teacher_forward(padded)
         locs, reg, cls = cache.read((image_id, flipped, h, w))

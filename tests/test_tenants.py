@@ -15,10 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
+from core.store import Store, TooManyActiveJobs
+from core.tenants import DEFAULT_TENANT, Caller, key_tenant, parse_keys
 from tests.api_server import coco_zip, error_of, png_bytes, publish_test_model, serve_api
 from tests.service_fixtures import postgres_database
-from worker.store import Store, TooManyActiveJobs
-from worker.tenants import DEFAULT_TENANT, Caller, key_tenant, parse_keys
 
 KEYS = {"a": "key-of-team-a", "b": "key-of-team-b", "admin": "key-of-the-boss"}
 LIMIT = 3
@@ -165,8 +165,12 @@ def test_reads_of_another_tenant_are_404_like_missing_ids(clients: dict[str, htt
     r = b.post(f"/v1/models/{world['mdl_a']}/detect", files=img)
     _same_as_missing(r, b.post("/v1/models/mdl_0000000000000000/detect", files=img), world["mdl_a"],
                      "mdl_0000000000000000")  # fmt: skip
-    _same_as_missing(b.post(f"/detect?model={world['mdl_a']}", files=img),
-                     b.post("/detect?model=mdl_0000000000000000", files=img), world["mdl_a"], "mdl_0000000000000000")
+    _same_as_missing(
+        b.post(f"/detect?model={world['mdl_a']}", files=img),
+        b.post("/detect?model=mdl_0000000000000000", files=img),
+        world["mdl_a"],
+        "mdl_0000000000000000",
+    )
     assert clients["a"].get(f"/v1/jobs/{world['job_a']}").json()["state"] == "queued"
     # The owner reads all of it.
     a = clients["a"]
@@ -260,8 +264,9 @@ def test_admin_reads_and_cancels_any_tenant(clients: dict[str, httpx.Client], wo
                  f"/v1/models/{world['mdl_a']}/onnx"):  # fmt: skip
         assert admin.get(path).status_code == 200, path
     # An admin's job may name any tenant's files; it belongs to the admin's tenant.
-    r = admin.post("/v1/jobs", json=_job(world["ds_a"], student={"arch": "gfl_tiny", "init": {"checkpoint":
-                                                                                                world["ck_a"]}}))
+    r = admin.post(
+        "/v1/jobs", json=_job(world["ds_a"], student={"arch": "gfl_tiny", "init": {"checkpoint": world["ck_a"]}})
+    )
     assert r.status_code == 202 and r.json()["tenant"] == "boss"
     assert clients["a"].get(f"/v1/jobs/{r.json()['id']}").status_code == 404
     assert admin.post(f"/v1/jobs/{world['job_b']}/cancel").json()["state"] == "cancelled"

@@ -20,21 +20,50 @@ def tiny_set(tmp_path_factory) -> Path:
 
 
 def _spec(dataset: Path, **schedule) -> LocalJobSpec:
-    sched = {"epochs": 2, "batch_size": 2, "image_size": [128, 96], "warmup_iters": 2, "num_workers": 0,
-             "lr": 0.01, **schedule}
-    return LocalJobSpec.model_validate({"kind": "train", "dataset": str(dataset), "student": {"arch": "gfl_tiny"},
-                                   "schedule": sched, "seed": 1})
+    sched = {
+        "epochs": 2,
+        "batch_size": 2,
+        "image_size": [128, 96],
+        "warmup_iters": 2,
+        "num_workers": 0,
+        "lr": 0.01,
+        **schedule,
+    }
+    return LocalJobSpec.model_validate(
+        {"kind": "train", "dataset": str(dataset), "student": {"arch": "gfl_tiny"}, "schedule": sched, "seed": 1}
+    )
 
 
 @pytest.mark.slow
 def test_tiny_model_overfits_a_handful_of_images(tmp_path):
     # 4 images, 7 digits of 32-120 px, evaluated on the same images: the whole pipeline must learn them.
-    data = make_synthetic(tmp_path / "data", num_train=4, num_val=0, image_size=(128, 128), seed=0,
-                          min_objects=1, max_objects=2, min_size=32)
-    spec = LocalJobSpec.model_validate({
-        "kind": "train", "dataset": str(data), "val_split": 0.0, "student": {"arch": "gfl_tiny"},
-        "schedule": {"epochs": 200, "batch_size": 4, "lr": 0.04, "image_size": [128, 128], "warmup_iters": 20,
-                     "steps": [160, 186], "num_workers": 0}})
+    data = make_synthetic(
+        tmp_path / "data",
+        num_train=4,
+        num_val=0,
+        image_size=(128, 128),
+        seed=0,
+        min_objects=1,
+        max_objects=2,
+        min_size=32,
+    )
+    spec = LocalJobSpec.model_validate(
+        {
+            "kind": "train",
+            "dataset": str(data),
+            "val_split": 0.0,
+            "student": {"arch": "gfl_tiny"},
+            "schedule": {
+                "epochs": 200,
+                "batch_size": 4,
+                "lr": 0.04,
+                "image_size": [128, 128],
+                "warmup_iters": 20,
+                "steps": [160, 186],
+                "num_workers": 0,
+            },
+        }
+    )
     metrics = run(spec, tmp_path / "run")
     assert metrics["bbox"]["AP50"] > 0.9, metrics
 
@@ -114,12 +143,20 @@ def test_checkpoint_holds_training_state(tiny_set, tmp_path):
 def test_command_line_runs_a_spec_and_reports_bad_specs(tiny_set, tmp_path):
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(_spec(tiny_set, epochs=1).model_dump_json())
-    done = subprocess.run([sys.executable, "-m", "distill", "train", str(spec_path), "--out", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "distill", "train", str(spec_path), "--out", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "run" / "metrics.json").exists()
 
     spec_path.write_text(json.dumps({"kind": "train", "dataset": str(tiny_set), "distill": {"tau": -1}}))
-    bad = subprocess.run([sys.executable, "-m", "distill", "train", str(spec_path), "--out", str(tmp_path / "bad")],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "distill", "train", str(spec_path), "--out", str(tmp_path / "bad")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "tau" in json.loads((tmp_path / "bad" / "error.json").read_text())["error"]

@@ -15,9 +15,14 @@ from distill.train import Trainer
 
 def test_checkpoint_refused_below_min_free_keeps_the_last_good_one(tmp_path):
     data = make_synthetic(tmp_path / "data", num_train=2, num_val=1, image_size=(96, 64), seed=0)
-    spec = LocalJobSpec.model_validate({
-        "kind": "train", "dataset": str(data), "student": {"arch": "gfl_tiny"},
-        "schedule": {"epochs": 2, "batch_size": 2, "image_size": [96, 64], "warmup_iters": 1, "num_workers": 0}})
+    spec = LocalJobSpec.model_validate(
+        {
+            "kind": "train",
+            "dataset": str(data),
+            "student": {"arch": "gfl_tiny"},
+            "schedule": {"epochs": 2, "batch_size": 2, "image_size": [96, 64], "warmup_iters": 1, "num_workers": 0},
+        }
+    )
 
     def disk_fills_after_epoch_1(state: dict) -> None:
         if state["iter"] == 1:  # the epoch-1 checkpoint is written; then the disk "fills"

@@ -26,12 +26,12 @@ from typing import Any
 import httpx
 import pytest
 
+from core import history
+from core.store import Store
 from tests import ui_browser
 from tests.api_server import coco_zip, png_bytes, publish_test_model, serve_api
 from tests.service_fixtures import WorkerProcess
 from tests.ui_browser import Page, live_service
-from worker import history
-from worker.store import Store
 
 browser = ui_browser.browser  # this module's Chromium (a module-scoped fixture)
 
@@ -140,8 +140,19 @@ def world(server: Any, store: Store, page: Page) -> dict[str, Any]:
 
 def test_dataset_pages(page: Page, world: dict[str, Any]) -> None:
     page.open(f"/datasets/{world['dataset']}", "#samples img[src^='blob:']")
-    page.until(lambda: len([i for i in page.all("#samples img") if page.driver.execute_script(
-        "return arguments[0].complete && arguments[0].naturalWidth", i)]) == 6, "six sample images drawn")
+    page.until(
+        lambda: (
+            len(
+                [
+                    i
+                    for i in page.all("#samples img")
+                    if page.driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i)
+                ]
+            )
+            == 6
+        ),
+        "six sample images drawn",
+    )
     text = page.text()
     assert "shapes" in text and "cat, dog" in text and "train 5 · val 1" in text
     assert "Problems found at upload (0)" in text
@@ -276,8 +287,11 @@ def test_ui_serves_without_torch_and_is_static(server: Any) -> None:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
         for src in ("/ui/static/js/app.js", "/ui/static/app.css", "/ui/static/vendor/uPlot.iife.min.js"):
             assert src in r.text and http.get(src).status_code == 200, src
-        assert http.get("/ui/static/js/app.js").headers["content-type"].startswith(("text/javascript",
-                                                                                     "application/javascript"))
+        assert (
+            http.get("/ui/static/js/app.js")
+            .headers["content-type"]
+            .startswith(("text/javascript", "application/javascript"))
+        )
         assert "/ui" not in http.get("/openapi.json").json()["paths"]  # no API of its own
 
 
@@ -310,8 +324,12 @@ def test_with_api_keys(browser: Any, keyed: Any, tmp_path_factory: pytest.TempPa
     for team in ("a", "b"):
         path = coco_zip(keyed.work / f"{team}.zip", n=3, size=(120, 90))
         with open(path, "rb") as f, httpx.Client(base_url=keyed.url, timeout=30) as http:
-            r = http.post("/v1/datasets", files={"file": (path.name, f, "application/zip")},
-                          data={"name": f"team-{team}-data"}, headers={"Authorization": f"Bearer {KEYS[team]}"})
+            r = http.post(
+                "/v1/datasets",
+                files={"file": (path.name, f, "application/zip")},
+                data={"name": f"team-{team}-data"},
+                headers={"Authorization": f"Bearer {KEYS[team]}"},
+            )
         assert r.status_code == 201, r.text
         if team == "a":
             ds_a = r.json()["id"]
@@ -358,8 +376,9 @@ def _tiny(dataset: str, kind: str = "train", **over: Any) -> dict[str, Any]:
                          "lr": 0.01}, **over}  # fmt: skip
 
 
-def test_real_worker_train_then_distill(browser: Any, live: tuple[Any, WorkerProcess],
-                                        tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_real_worker_train_then_distill(
+    browser: Any, live: tuple[Any, WorkerProcess], tmp_path_factory: pytest.TempPathFactory
+) -> None:
     srv, worker = live
     page = Page(browser, srv.url, tmp_path_factory.mktemp("screenshots_live"))
     zip_path = coco_zip(srv.work / "shapes.zip", n=6, size=(160, 120), classes=("cat", "dog"))

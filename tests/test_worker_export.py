@@ -19,14 +19,14 @@ from fastapi.testclient import TestClient
 from api import deps
 from api.errors import install_error_handlers
 from api.routes import health, models
+from core.settings import Settings
+from core.store import Store
 from deploy.registry import Registry, read_model_json
 from distill.checkpoint import detector_state
 from tests.test_deploy_export import INPUT_SIZE
 from tests.test_quantize import confident_detector, make_dataset
 from worker.jobs import model_id_for
 from worker.publish import publish_model
-from worker.settings import Settings
-from worker.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,8 +37,13 @@ def exported(tmp_path_factory):
     model = confident_detector()
     torch.save(detector_state(model, {"input_size": list(INPUT_SIZE), "metrics": {"AP": 0.9}}), run / "model.pt")
     dataset = make_dataset(run / "data", model)
-    spec = {"kind": "train", "dataset": str(dataset), "val_split": 0.2, "seed": 0,
-            "export": {"formats": ["fp32", "int8"]}}
+    spec = {
+        "kind": "train",
+        "dataset": str(dataset),
+        "val_split": 0.2,
+        "seed": 0,
+        "export": {"formats": ["fp32", "int8"]},
+    }
     (run / "spec.json").write_text(json.dumps(spec))
     done = subprocess.run(
         [sys.executable, "-m", "worker.export", str(run / "model.pt"), str(run / "export"), str(run / "export.json"),
@@ -69,8 +74,17 @@ def published(exported, tmp_path):
     job, _ = store.create_job({"kind": "train", "dataset": "ds_0123456789abcdef"})
     registry = Registry(tmp_path / "models")
     model_id = model_id_for(job["id"])
-    row = publish_model(store, registry, exported["run"] / "export", exported["description"], model_id=model_id,
-                        job_id=job["id"], name="tiny", kind="train", training_metrics={"AP": 0.9})
+    row = publish_model(
+        store,
+        registry,
+        exported["run"] / "export",
+        exported["description"],
+        model_id=model_id,
+        job_id=job["id"],
+        name="tiny",
+        kind="train",
+        training_metrics={"AP": 0.9},
+    )
     yield {"store": store, "registry": registry, "job": job, "row": row, "id": model_id, "tmp": tmp_path}
     store.close()
 
@@ -95,8 +109,16 @@ def test_each_format_is_its_own_model_linked_to_the_job_and_to_fp32(published, e
 
 def test_publishing_again_changes_nothing(published, exported):
     store = published["store"]
-    again = publish_model(store, published["registry"], exported["run"] / "export", exported["description"],
-                          model_id=published["id"], job_id=published["job"]["id"], name="tiny", kind="train")
+    again = publish_model(
+        store,
+        published["registry"],
+        exported["run"] / "export",
+        exported["description"],
+        model_id=published["id"],
+        job_id=published["job"]["id"],
+        name="tiny",
+        kind="train",
+    )
     assert again == published["row"] and len(store.list_models()) == 2
 
 

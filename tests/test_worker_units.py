@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from core.queue import broker_ok, enqueue, queue_depth
+from core.settings import Settings
+from core.store import Store
 from deploy.registry import RUNTIME_KEYS, Registry, read_model_json
 from tests.service_fixtures import RedisServer
 from tests.test_deploy_registry import make_export
 from worker.publish import publish_model
-from worker.queue import broker_ok, enqueue, queue_depth
 from worker.recovery import recover
-from worker.settings import Settings
-from worker.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,18 +120,18 @@ def test_worker_modules_import_without_torch():
     """The API imports the store and the queue, and the worker's main process runs the lifecycle:
     none of them may pull in torch (training and export happen in child processes)."""
     code = (
-        "import sys; import worker.store, worker.queue, worker.settings, worker.jobs, worker.recovery, "
-        "worker.checks, worker.main, worker.tasks, worker.hooks, worker.publish, worker.process; "
+        "import sys; import core.store, core.queue, core.settings, worker.jobs, worker.recovery, "
+        "core.checks, worker.main, worker.tasks, worker.hooks, worker.publish, worker.process; "
         "bad = [m for m in ('torch', 'torchvision', 'onnx') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def test_a_worker_app_loads_the_task_and_its_hooks(tmp_path):
-    """What ``celery -A worker.celery_app worker`` (and ``python -m worker``) does at start: the app's
+    """What ``celery -A core.celery_app worker`` (and ``python -m worker``) does at start: the app's
     ``include`` brings in the task and the hooks on the worker's signals; the API's import does not."""
     code = (
-        "import json, sys; from celery import signals; from worker.celery_app import TASK_RUN_JOB, app; "
+        "import json, sys; from celery import signals; from core.celery_app import TASK_RUN_JOB, app; "
         "before = TASK_RUN_JOB in app.tasks or 'worker.tasks' in sys.modules; app.loader.import_default_modules(); "
         "hooks = [getattr(r[1], '__name__', '') for r in signals.worker_ready.receivers "
         "+ signals.worker_shutting_down.receivers]; "

@@ -77,7 +77,8 @@ class Page:
     def wait(self, css: str, timeout: float = 15) -> Any:
         try:
             return WebDriverWait(self.driver, timeout, poll_frequency=0.02).until(
-                lambda d: d.find_element(By.CSS_SELECTOR, css))
+                lambda d: d.find_element(By.CSS_SELECTOR, css)
+            )
         except TimeoutException:
             raise AssertionError(f"no {css!r} on the page:\n{self.text()[:2000]}\n{self.console()}") from None
 

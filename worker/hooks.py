@@ -1,5 +1,5 @@
 """Hooks on a Celery worker's own lifecycle (they fire only in a worker process; it imports this module
-through the app's ``include``, see ``worker.celery_app``).
+through the app's ``include``, see ``core.celery_app``).
 
 - ready: start the recovery loop (``worker.recovery``) in a thread of the main process;
 - warm shutdown (SIGTERM to the main process, e.g. ``docker stop``): Celery would wait for the running
@@ -27,10 +27,10 @@ from typing import Any
 from celery import signals
 from celery.worker import state as worker_state
 
-from worker.celery_app import current_settings
-from worker.queue import queue_depth
+from core.celery_app import current_settings
+from core.queue import queue_depth
+from core.settings import Settings
 from worker.recovery import start_recovery_loop
-from worker.settings import Settings
 
 log = logging.getLogger("ldd.worker")
 
@@ -60,8 +60,9 @@ def start_recovery(**_: Any) -> None:
     start_recovery_loop(current_settings())
 
 
-def consumer_stalled(busy: bool, waiting: int | None, stalled_since: float | None, now: float,
-                     limit_s: float) -> tuple[float | None, bool]:
+def consumer_stalled(
+    busy: bool, waiting: int | None, stalled_since: float | None, now: float, limit_s: float
+) -> tuple[float | None, bool]:
     """One look of the watchdog: ``(stalled_since, stuck)``. Stalled means idle (``busy`` False) while the
     broker holds messages (``waiting`` > 0; None: broker unreachable, which says nothing); stuck means
     stalled for ``limit_s`` without a break."""
@@ -82,12 +83,19 @@ def start_consumer_watchdog(settings: Settings, queues: Collection[str]) -> thre
         while not RESTART.is_set():
             time.sleep(period)
             busy = bool(worker_state.active_requests or worker_state.reserved_requests)
-            since, stuck = consumer_stalled(busy, None if busy else queue_depth(settings, queues), since,
-                                            time.monotonic(), settings.consumer_stall_seconds)
+            since, stuck = consumer_stalled(
+                busy,
+                None if busy else queue_depth(settings, queues),
+                since,
+                time.monotonic(),
+                settings.consumer_stall_seconds,
+            )
             if stuck:
-                log.error("this worker has taken no message for %.0f s while messages wait in its queues (a "
-                          "consumer stuck after a broker outage, celery#9054): restarting it",
-                          settings.consumer_stall_seconds)
+                log.error(
+                    "this worker has taken no message for %.0f s while messages wait in its queues (a "
+                    "consumer stuck after a broker outage, celery#9054): restarting it",
+                    settings.consumer_stall_seconds,
+                )
                 RESTART.set()
                 os.kill(os.getpid(), signal.SIGTERM)  # a warm shutdown; worker.main starts the worker again
 

@@ -1,6 +1,6 @@
 """One attempt at one job: the body of the Celery task ``worker.tasks.run_job`` (no Celery or torch in here).
 
-    claim (lease) -> check the job, ids to local paths (worker.checks) -> runs/<job>/spec.json
+    claim (lease) -> check the job, ids to local paths (core.checks) -> runs/<job>/spec.json
       -> child: python -m distill train spec.json --out runs/<job>   (resumes from checkpoints/last.pt;
          with schedule.gpus = N > 1: python -m torch.distributed.run --standalone --nproc_per_node N -m distill ...)
       -> child: python -m worker.export runs/<job>/model.pt runs/<job>/export runs/<job>/export.json --spec ...
@@ -35,15 +35,15 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from core import history, studies
+from core.checks import JobRefused, resolve_job
+from core.routing import job_processes
+from core.settings import Settings
+from core.store import Store
 from deploy.registry import Registry
 from distill.files import NoRoom, atomic_write_json, ensure_room
-from worker import history, studies
-from worker.checks import JobRefused, resolve_job
 from worker.process import die_with_parent, stop_group
 from worker.publish import publish_model
-from worker.routing import job_processes
-from worker.settings import Settings
-from worker.store import Store
 
 log = logging.getLogger("ldd.worker")
 
@@ -181,8 +181,17 @@ class Attempt:
         shutil.rmtree(export_dir, ignore_errors=True)
         _check_room(self.settings, "ONNX export")
         # The formats, the data set (int8 calibration, AP per format) and the serving runtime that measures it.
-        args = ["-m", "worker.export", str(model_pt), str(export_dir), str(described), "--spec", str(spec_path),
-                "--backend", self.settings.backend]
+        args = [
+            "-m",
+            "worker.export",
+            str(model_pt),
+            str(export_dir),
+            str(described),
+            "--spec",
+            str(spec_path),
+            "--backend",
+            self.settings.backend,
+        ]
         if self.settings.providers:
             args += ["--providers", ",".join(self.settings.providers)]
         rc = self._child("export", args)
@@ -247,8 +256,10 @@ class Attempt:
             mtime: float | None = path.stat().st_mtime
         except FileNotFoundError:
             mtime = None
-        if mtime is not None and mtime != self._progress_mtime and (
-            force or now - self._progress_sent >= self.settings.progress_seconds
+        if (
+            mtime is not None
+            and mtime != self._progress_mtime
+            and (force or now - self._progress_sent >= self.settings.progress_seconds)
         ):
             try:
                 self.progress = json.loads(path.read_text())
@@ -307,8 +318,11 @@ class Attempt:
         tail = _tail(self.run_dir / "worker_child.log", 5)
         if _out_of_room(message or "", tail):
             # Retrying cannot help until someone frees space; the atomic writes kept the last good checkpoint.
-            return self._end("failed", error=_no_room(self.settings, f"{what} ran out of room") + (
-                " Its last good checkpoint is kept in the run folder."))
+            return self._end(
+                "failed",
+                error=_no_room(self.settings, f"{what} ran out of room")
+                + (" Its last good checkpoint is kept in the run folder."),
+            )
         if rc in (1, 2) and message:
             return self._end("failed", error=message)  # the program's own verdict: retrying won't help
         # Killed by a signal (OOM killer, someone's kill) or crashed without a verdict: maybe transient.

@@ -1,9 +1,9 @@
 """Starting a worker: ``python -m worker`` (what ``ldd worker`` and ``ldd up`` run) or ``run_worker(settings)``.
 
 One Celery worker process with one pool process (``-c 1``: one job at a time), on the queues of the job sizes
-it can run (``worker.routing``: ``gpu``, ``gpu.2`` .. ``gpu.<slots>``, slots from ``LDD_WORKER_GPUS`` or
+it can run (``core.routing``: ``gpu``, ``gpu.2`` .. ``gpu.<slots>``, slots from ``LDD_WORKER_GPUS`` or
 detected), plus the recovery loop in a thread of the main process (started when the worker is ready, by
-``worker.hooks``). ``celery -A worker.celery_app worker -Q gpu,gpu.2`` starts the same worker with 2 slots.
+``worker.hooks``). ``celery -A core.celery_app worker -Q gpu,gpu.2`` starts the same worker with 2 slots.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import os
 import socket
 import sys
 
-from worker.celery_app import configure, get_app
+from core.celery_app import configure, get_app
+from core.routing import worker_queues, worker_slots
+from core.settings import Settings
 from worker.hooks import RESTART
-from worker.routing import worker_queues, worker_slots
-from worker.settings import Settings
 
 log = logging.getLogger("ldd.worker")
 

@@ -16,13 +16,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from core.store import Store
 from deploy.registry import Registry
-from worker.store import Store
 
 
 def publish_model(
-    store: Store, registry: Registry, export_dir: Path, description: dict[str, Any], *, model_id: str,
-    job_id: str | None, **fields: Any,
+    store: Store,
+    registry: Registry,
+    export_dir: Path,
+    description: dict[str, Any],
+    *,
+    model_id: str,
+    job_id: str | None,
+    **fields: Any,
 ) -> dict[str, Any]:
     """Publish ``export_dir`` (from ``deploy.export``: fp32 in it, each other format in ``<format>/``) as
     ``model_id`` (fp32) and ``<model_id><format>`` (e.g. ``mdl_5e6f...int8``), and record each in the
@@ -41,8 +47,9 @@ def publish_model(
         _publish_one(store, registry, export_dir / fmt, {**variant, **fields}, ids[fmt], job_id, fmt, model_id)
     meta = {k: v for k, v in description.items() if k != "variants"}
     # Last: the job's fp32 model is what says the job is published.
-    return _publish_one(store, registry, export_dir, {**meta, **fields, "variants": ids}, model_id, job_id, "fp32",
-                        None)
+    return _publish_one(
+        store, registry, export_dir, {**meta, **fields, "variants": ids}, model_id, job_id, "fp32", None
+    )
 
 
 def _publish_one(

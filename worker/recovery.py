@@ -7,7 +7,7 @@ Every worker runs it in a thread of its main process, at start and every ``recov
    sent again; the next attempt resumes from ``runs/<job>/checkpoints/last.pt``;
 2. queued jobs whose message the broker lost (a broker restarted without persistence, a crash
    between ``create_job`` and ``enqueue``) get a new one. The broker cannot tell which messages it
-   holds, so when a queue (one per job size, ``worker.routing``) holds fewer than there are queued jobs
+   holds, so when a queue (one per job size, ``core.routing``) holds fewer than there are queued jobs
    of that size, the jobs of that size waiting longest since their last message are re-sent; a duplicate
    costs a claim that fails, nothing more;
 3. studies whose jobs have all ended are finished (report written) even when no worker ran the last one.
@@ -22,11 +22,11 @@ import threading
 from collections import Counter
 from typing import Any
 
-from worker import studies
-from worker.queue import enqueue, queue_depths
-from worker.routing import queue_for
-from worker.settings import Settings
-from worker.store import Store
+from core import studies
+from core.queue import enqueue, queue_depths
+from core.routing import queue_for
+from core.settings import Settings
+from core.store import Store
 
 log = logging.getLogger("ldd.recovery")
 

@@ -1,6 +1,6 @@
 """The Celery task of the service: ``ldd.run_job``, one attempt at one job.
 
-A worker loads this module through the app's ``include`` (``worker.celery_app``); the API never does,
+A worker loads this module through the app's ``include`` (``core.celery_app``); the API never does,
 since it sends the message by name. The attempt itself knows nothing of Celery (``worker.jobs``): it
 returns how it ended, and this task turns that into what the broker must hear.
 """
@@ -13,12 +13,12 @@ from typing import Any
 from celery import shared_task
 from celery.exceptions import Reject
 
+from core.celery_app import TASK_RUN_JOB, current_settings
+from core.queue import enqueue
+from core.routing import job_processes, queue_for, worker_slots
+from core.settings import Settings
+from core.store import TERMINAL_STATES
 from worker import jobs
-from worker.celery_app import TASK_RUN_JOB, current_settings
-from worker.queue import enqueue
-from worker.routing import job_processes, queue_for, worker_slots
-from worker.settings import Settings
-from worker.store import TERMINAL_STATES
 
 log = logging.getLogger("ldd.worker")
 

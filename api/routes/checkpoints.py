@@ -19,9 +19,9 @@ from api.deps import CallerDep, ResourceId, SettingsDep, StoreDep, get_or_404
 from api.errors import APIError, error_docs
 from api.presenters import public_checkpoint
 from api.uploads import ensure_room, save_upload, upload_folder, upload_size
+from core.db import new_id
 from distill.ckpt_layout import describe_checkpoint
 from distill.ckpt_reader import CheckpointError
-from worker.store import new_id
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
 

@@ -24,9 +24,9 @@ from api.deps import CallerDep, ResourceId, SettingsDep, StoreDep, get_or_404
 from api.errors import APIError, error_docs
 from api.presenters import public_dataset
 from api.uploads import ensure_room, save_upload, upload_folder, upload_size
+from core.db import new_id
 from deploy.draw import draw_detections
 from distill.data.annotations import CocoData, load_coco
-from worker.store import new_id
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

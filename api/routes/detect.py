@@ -18,10 +18,10 @@ from api.batcher import PredictorCache
 from api.deps import ID_PATTERN, CallerDep, PredictorsDep, ResourceId, SettingsDep, StoreDep, get_or_404
 from api.detect_body import DETECT_OPENAPI, read_detect_body
 from api.errors import APIError, ErrorResponse, error_docs
+from core.settings import Settings
+from core.store import Store
+from core.tenants import Caller
 from deploy.runtime import ImageError, load_image
-from worker.settings import Settings
-from worker.store import Store
-from worker.tenants import Caller
 
 log = logging.getLogger("ldd.api")
 
@@ -55,16 +55,22 @@ async def detect(
     settings: SettingsDep,
     predictors: PredictorsDep,
     caller: CallerDep,
-    model: Annotated[str | None, Query(max_length=64, pattern=ID_PATTERN,
-                                       description="model id; default: the caller's newest")] = None,
+    model: Annotated[
+        str | None, Query(max_length=64, pattern=ID_PATTERN, description="model id; default: the caller's newest")
+    ] = None,
     score_threshold: Threshold = None,
 ) -> dict[str, Any]:
     return await _detect(request, model, score_threshold, store, settings, predictors, caller)
 
 
 async def _detect(
-    request: Request, model_id: str | None, score_threshold: float | None, store: Store, settings: Settings,
-    predictors: PredictorCache, caller: Caller,
+    request: Request,
+    model_id: str | None,
+    score_threshold: float | None,
+    store: Store,
+    settings: Settings,
+    predictors: PredictorCache,
+    caller: Caller,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     body = await read_detect_body(request)

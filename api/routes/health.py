@@ -14,8 +14,8 @@ from api.deps import MetricsDep, PredictorsDep, SettingsDep, StoreDep
 from api.metrics import CONTENT_TYPE
 from api.supervisor import worker_check
 from api.uploads import free_bytes
-from worker.queue import broker_ok
-from worker.settings import Settings
+from core.queue import broker_ok
+from core.settings import Settings
 
 router = APIRouter(tags=["health"])
 
@@ -48,8 +48,11 @@ async def readyz(store: StoreDep, settings: SettingsDep, predictors: PredictorsD
         try:
             predictor, _ = await predictors.get(newest["id"])
             checks["model"] = f"ok ({newest['id']})"
-            checks["serving"] = {"model": newest["id"], "backend": predictor.backend,
-                                 "providers": list(predictor.providers)}
+            checks["serving"] = {
+                "model": newest["id"],
+                "backend": predictor.backend,
+                "providers": list(predictor.providers),
+            }
         except Exception as e:
             checks["model"] = f"cannot load {newest['id']}: {e}"
     worker = await run_in_threadpool(worker_check, settings.data_dir)

@@ -1,6 +1,6 @@
 """``/v1/jobs``: submit (checked, then queued), list, describe, cancel, and follow by server-sent events.
 
-A job is checked by ``worker.checks.check_job``, the same function the worker calls before running it; the
+A job is checked by ``core.checks.check_job``, the same function the worker calls before running it; the
 store then holds the job (the source of truth) and the broker only carries a wake-up for the workers.
 """
 
@@ -20,18 +20,18 @@ from api import schemas
 from api.deps import CallerDep, IdempotencyKey, ResourceId, SettingsDep, StoreDep, get_or_404
 from api.errors import APIError, ErrorResponse, error_docs
 from api.presenters import public_job
+from core import history
+from core.checks import JobRefused, check_job
+from core.queue import enqueue
+from core.store import JOB_STATES, TERMINAL_STATES, IdempotencyConflict, Store, TooManyActiveJobs
 from distill.spec import JobSpec
-from worker import history
-from worker.checks import JobRefused, check_job
-from worker.queue import enqueue
-from worker.store import JOB_STATES, TERMINAL_STATES, IdempotencyConflict, Store, TooManyActiveJobs
 
 assert set(schemas.JobState.__args__) == set(JOB_STATES)  # type: ignore[attr-defined]
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 # OpenAPI examples: requests that pass the spec (tests/test_api_routes.py validates them). The ids are
-# of the shapes the service makes: <prefix>_<16 hex> (worker.store.new_id), a job's model mdl_<its hex>.
+# of the shapes the service makes: <prefix>_<16 hex> (core.store.new_id), a job's model mdl_<its hex>.
 JOB_EXAMPLES = {
     "distill": {
         "summary": "distil a ResNet-18 student from a published teacher",

@@ -25,8 +25,10 @@ def list_models(store: StoreDep, caller: CallerDep) -> dict[str, Any]:
                     "it, source job, sha256, and the backend and providers that serve it here",
             responses=error_docs(404))  # fmt: skip
 def get_model(model_id: ResourceId, store: StoreDep, caller: CallerDep, services: ServicesDep) -> dict[str, Any]:
-    return {**public_model(get_or_404(store.get_model, "model", model_id, caller.scope)),
-            "serving": services.serving(model_id)}
+    return {
+        **public_model(get_or_404(store.get_model, "model", model_id, caller.scope)),
+        "serving": services.serving(model_id),
+    }
 
 
 @router.get(

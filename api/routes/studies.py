@@ -1,10 +1,10 @@
 """``/v1/studies``: which method pays off on this data? The plain student and each method row over N seeds, run
-as ordinary jobs (``worker.studies``), then a report: a table of AP mean ± std, gains paired by seed and their
+as ordinary jobs (``core.studies``), then a report: a table of AP mean ± std, gains paired by seed and their
 significance, the paper's figure 4 per row, a chart, and the recommended model.
 
 A study is checked whole before anything is stored: each of its jobs passes the one job check
-(``worker.checks.check_job``). Its jobs are queued and woken exactly as ``POST /v1/jobs`` does
-(``worker.queue.enqueue``; the recovery loop re-sends a lost message).
+(``core.checks.check_job``). Its jobs are queued and woken exactly as ``POST /v1/jobs`` does
+(``core.queue.enqueue``; the recovery loop re-sends a lost message).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import CallerDep, IdempotencyKey, ResourceId, SettingsDep, StoreDep, get_or_404
 from api.errors import APIError, ErrorResponse, error_docs
 from api.schemas import JobState
-from worker import studies
-from worker.checks import JobRefused
-from worker.queue import enqueue
-from worker.settings import Settings
-from worker.store import Store
+from core import studies
+from core.checks import JobRefused
+from core.queue import enqueue
+from core.settings import Settings
+from core.store import Store
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
@@ -35,8 +35,12 @@ STUDY_EXAMPLES = {
             "teacher": {"job": "job_5e6f7a8b9c0d1e2f"},
             "student": {"arch": "gfl_tiny"},
             "schedule": {"epochs": 4, "batch_size": 8, "image_size": [256, 192]},
-            "methods": ["ld", "crosskd", "bckd",
-                        {"name": "crosskd+vlr", "distill": {"method": "crosskd", "weights": {"vlr_ld": 0.25}}}],
+            "methods": [
+                "ld",
+                "crosskd",
+                "bckd",
+                {"name": "crosskd+vlr", "distill": {"method": "crosskd", "weights": {"vlr_ld": 0.25}}},
+            ],
             "seeds": 3,
         },  # fmt: skip
     },
@@ -75,7 +79,8 @@ class Study(_Open):
     jobs: list[StudyJob]
     progress: StudyProgress
     report: dict[str, Any] | None = Field(
-        None, description="null until every job ended; then rows (AP, AP50, AP75 as mean/std/n, gain paired by "
+        None,
+        description="null until every job ended; then rows (AP, AP50, AP75 as mean/std/n, gain paired by "
         "seed vs the student alone, significant, diagnostics, best, failed), recommended, failures, report_md and "
         "report_png (links)",
     )
@@ -129,7 +134,7 @@ def submit_study(
         raise APIError(429, "too_many_active_jobs", str(e),
                        {"active": e.active, "limit": e.limit, "needed": e.needed}) from e  # fmt: skip
     for job_id in job_ids:
-        job = store.get_job(job_id)  # its spec picks its queue (worker.routing)
+        job = store.get_job(job_id)  # its spec picks its queue (core.routing)
         # Best effort, as POST /v1/jobs: the recovery loop re-sends lost messages.
         enqueue(job_id, settings, spec=job and job["spec"])
     if not created:
@@ -137,8 +142,12 @@ def submit_study(
     return _view(store, settings, study)
 
 
-@router.get("", response_model=StudyList, summary="List studies (the caller's tenant's), newest first",
-            responses=error_docs(507))
+@router.get(
+    "",
+    response_model=StudyList,
+    summary="List studies (the caller's tenant's), newest first",
+    responses=error_docs(507),
+)
 def list_studies(
     store: StoreDep, settings: SettingsDep, caller: CallerDep, limit: Annotated[int, Query(ge=1, le=200)] = 50
 ) -> dict[str, Any]:
@@ -177,9 +186,12 @@ def _report_file(store: Store, settings: Settings, study_id: str, scope: str | N
     return FileResponse(path, media_type=media)
 
 
-@router.get("/{study_id}/report.md", summary="The study's report as a Markdown table (404 until written)",
-            response_class=FileResponse,
-            responses={200: {"content": {"text/markdown": {"schema": {"type": "string"}}}}, **error_docs(404, 507)})
+@router.get(
+    "/{study_id}/report.md",
+    summary="The study's report as a Markdown table (404 until written)",
+    response_class=FileResponse,
+    responses={200: {"content": {"text/markdown": {"schema": {"type": "string"}}}}, **error_docs(404, 507)},
+)
 def study_report_md(study_id: ResourceId, store: StoreDep, settings: SettingsDep, caller: CallerDep) -> FileResponse:
     return _report_file(store, settings, study_id, caller.scope, "report.md")
 

@@ -47,10 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     voc = sub.add_parser("import-voc", help="Pascal VOC XML + images -> a COCO dataset folder")
     voc.add_argument("root", type=Path)
     voc.add_argument("out_dir", type=Path)
-    voc.add_argument("--split", action="append", default=[], metavar="NAME=CSV",
-                     help="mark the images listed in CSV's 'filename' column with split NAME")
-    voc.add_argument("--image-set", action="append", default=[], metavar="LIST=SPLIT",
-                     help="ImageSets/Main/LIST.txt gives split SPLIT (replaces the default train/val/test)")
+    voc.add_argument(
+        "--split",
+        action="append",
+        default=[],
+        metavar="NAME=CSV",
+        help="mark the images listed in CSV's 'filename' column with split NAME",
+    )
+    voc.add_argument(
+        "--image-set",
+        action="append",
+        default=[],
+        metavar="LIST=SPLIT",
+        help="ImageSets/Main/LIST.txt gives split SPLIT (replaces the default train/val/test)",
+    )
     a = p.parse_args(argv)
     if a.command == "check":
         return _check(a.path)
@@ -61,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {len(coco['images'])} images, {len(coco['annotations'])} boxes, "
-          f"{len(coco['categories'])} classes to {a.out_dir}")
+    print(
+        f"wrote {len(coco['images'])} images, {len(coco['annotations'])} boxes, "
+        f"{len(coco['categories'])} classes to {a.out_dir}"
+    )
     return _check(a.out_dir)
 
 

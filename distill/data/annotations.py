@@ -68,10 +68,11 @@ class CocoData:
         """sha256 of the classes, images (name, size, split) and boxes: equal for the same data wherever
         its folder is."""
         keep = ("id", "file_name", "width", "height", "split")
-        content = {"classes": self.classes,
-                   "images": [{k: im.get(k) for k in keep} for im in self.images],
-                   "boxes": {str(i): [[a["label"], *a["bbox"]] for a in anns] for i, anns in
-                             sorted(self.annotations.items())}}
+        content = {
+            "classes": self.classes,
+            "images": [{k: im.get(k) for k in keep} for im in self.images],
+            "boxes": {str(i): [[a["label"], *a["bbox"]] for a in anns] for i, anns in sorted(self.annotations.items())},
+        }
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
     def image(self, image_id: int) -> dict[str, Any]:
@@ -213,9 +214,7 @@ def _locate(root: Path, file_name: Any) -> Path | None:
     return None
 
 
-def load_coco(
-    path: str | os.PathLike[str], *, check_images: bool = True, max_pixels: int | None = None
-) -> CocoData:
+def load_coco(path: str | os.PathLike[str], *, check_images: bool = True, max_pixels: int | None = None) -> CocoData:
     """Read and validate a COCO dataset: a folder holding ``annotations.json``, or the JSON file itself
     (image ``file_name``s are relative to its folder, or to its ``images/`` subfolder).
 
@@ -244,8 +243,9 @@ def load_coco(
     cats = _require(coco["categories"], "categories", ("id", "name"))
     if not cats:
         raise DatasetError(f"{json_path.name}: 'categories' is empty")
-    problems, warnings = ([str(p) for p in coco[key]] if isinstance(coco.get(key), list) else []
-                          for key in ("problems", "warnings"))
+    problems, warnings = (
+        [str(p) for p in coco[key]] if isinstance(coco.get(key), list) else [] for key in ("problems", "warnings")
+    )
 
     label_of: dict[int, int] = {}
     classes, category_ids = [], []
@@ -278,8 +278,10 @@ def load_coco(
                 problems.append(f"{name}: cannot decode image ({type(e).__name__}: {e})")
                 continue
             if (im.get("width"), im.get("height")) != (w, h) and "width" in im:
-                problems.append(f"{name}: size {im.get('width')}x{im.get('height')} in the JSON differs "
-                                f"from the image's {w}x{h}, using the image's")
+                problems.append(
+                    f"{name}: size {im.get('width')}x{im.get('height')} in the JSON differs "
+                    f"from the image's {w}x{h}, using the image's"
+                )
             entry.update(width=w, height=h, path=str(file))
         usable[im["id"]] = entry
 
@@ -315,11 +317,17 @@ def load_coco(
             problems.append(f"{where}: {note}")
         if box is None:
             continue
-        grouped[im["id"]].append({
-            "id": a["id"], "image_id": im["id"], "category_id": a["category_id"], "bbox": box,
-            "area": float(a.get("area") or box[2] * box[3]), "iscrowd": int(bool(a.get("iscrowd", 0))),
-            "label": label_of[a["category_id"]],
-        })
+        grouped[im["id"]].append(
+            {
+                "id": a["id"],
+                "image_id": im["id"],
+                "category_id": a["category_id"],
+                "bbox": box,
+                "area": float(a.get("area") or box[2] * box[3]),
+                "iscrowd": int(bool(a.get("iscrowd", 0))),
+                "label": label_of[a["category_id"]],
+            }
+        )
     return CocoData(root, classes, category_ids, list(usable.values()), grouped, problems, warnings)
 
 
@@ -356,8 +364,7 @@ def split(data: CocoData, val_split: float, seed: int) -> tuple[list[int], list[
         shuffled = sorted(ids)
         random.Random(seed).shuffle(shuffled)
         val = set(shuffled[:n_val])
-    return ([i for i in data.image_ids if i not in val and i not in held_out],
-            [i for i in data.image_ids if i in val])
+    return ([i for i in data.image_ids if i not in val and i not in held_out], [i for i in data.image_ids if i in val])
 
 
 def write_coco(coco: dict[str, Any], path: str | os.PathLike[str]) -> Path:

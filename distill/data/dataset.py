@@ -26,8 +26,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from distill.data.annotations import CocoData, DatasetError, load_coco, split
 from distill.data.images import normalize_image, read_image, rescale_size, resize_image
 
-__all__ = ["DetectionDataset", "EpochSampler", "build_loaders", "collate", "default_workers", "hflip",
-           "normalize", "resize", "set_epoch"]
+__all__ = [
+    "DetectionDataset",
+    "EpochSampler",
+    "build_loaders",
+    "collate",
+    "default_workers",
+    "hflip",
+    "normalize",
+    "resize",
+    "set_epoch",
+]
 
 Target = dict[str, Any]
 _MIX = 1_000_003  # combines (seed, epoch, image id) into one generator seed
@@ -124,8 +133,10 @@ class DetectionDataset(Dataset[tuple[Tensor, Target]]):
         image = read_image(info["path"])
         boxes, labels = self.data.boxes(image_id)
         if image.size != (info["width"], info["height"]):  # only when loaded with check_images=False
-            raise DatasetError(f"{info['file_name']}: image is {image.width}x{image.height}, "
-                               f"annotations say {info['width']}x{info['height']}")
+            raise DatasetError(
+                f"{info['file_name']}: image is {image.width}x{image.height}, "
+                f"annotations say {info['width']}x{info['height']}"
+            )
         orig_size = (image.height, image.width)
         image_size = self.image_size
         if self.train and self.scales:  # its own draw, so adding scales leaves the flips as they were
@@ -152,9 +163,7 @@ class DetectionDataset(Dataset[tuple[Tensor, Target]]):
         return tensor, target
 
 
-def collate(
-    batch: Sequence[tuple[Tensor, Target]], size_divisor: int = 32
-) -> tuple[Tensor, list[Target]]:
+def collate(batch: Sequence[tuple[Tensor, Target]], size_divisor: int = 32) -> tuple[Tensor, list[Target]]:
     """Stack ``(image (3, H_i, W_i), target)`` pairs into ``images (N, 3, Hp, Wp)``, zero-padded at the
     bottom and right to multiples of ``size_divisor`` (zero = the mean colour after normalisation), and the
     list of targets."""
@@ -182,8 +191,9 @@ class EpochSampler(Sampler[int]):
     (only when fewer images than processes remain), so every rank takes the same number of steps.
     """
 
-    def __init__(self, n: int, *, shuffle: bool = True, seed: int = 0, batch_size: int = 1, rank: int = 0,
-                 world: int = 1) -> None:
+    def __init__(
+        self, n: int, *, shuffle: bool = True, seed: int = 0, batch_size: int = 1, rank: int = 0, world: int = 1
+    ) -> None:
         self.n, self.shuffle, self.seed = n, shuffle, seed
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.epoch, self.start = 0, 0
@@ -197,13 +207,13 @@ class EpochSampler(Sampler[int]):
         return torch.randperm(self.n, generator=_generator(self.seed, self.epoch)).tolist()
 
     def __iter__(self) -> Iterator[int]:
-        order = self.order()[self.start:]
+        order = self.order()[self.start :]
         if self.world == 1:
             return iter(order)
         g = self.batch_size * self.world
         mine: list[int] = []
         for i in range(0, len(order), g):
-            chunk = order[i:i + g]
+            chunk = order[i : i + g]
             share = self._share(len(chunk))
             mine += chunk[share] if share.stop > share.start else chunk[:1]
         return iter(mine)
@@ -294,8 +304,7 @@ def build_loaders(
         "pin_memory": torch.cuda.is_available() if pin_memory is None else pin_memory,
         "prefetch_factor": 2 if workers else None,
     }
-    train_set = DetectionDataset(data, train_ids, image_size=image_size, train=True, seed=seed,
-                                 scales=scales)
+    train_set = DetectionDataset(data, train_ids, image_size=image_size, train=True, seed=seed, scales=scales)
     val_set = DetectionDataset(data, val_ids, image_size=image_size, train=False, seed=seed)
     sampler = EpochSampler(len(train_set), shuffle=True, seed=seed, batch_size=batch_size, rank=rank, world=world)
     train_loader = DataLoader(train_set, sampler=sampler, persistent_workers=workers > 0, **common)

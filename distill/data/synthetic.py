@@ -88,8 +88,15 @@ def _digit_alpha(rng: np.random.Generator, sample: np.ndarray, size: int) -> np.
 
 
 def _compose(
-    rng: np.random.Generator, pool: list[list[np.ndarray]], digits: list[int], w: int, h: int,
-    n_objects: int, min_size: int, max_size: int, max_occlusion: float,
+    rng: np.random.Generator,
+    pool: list[list[np.ndarray]],
+    digits: list[int],
+    w: int,
+    h: int,
+    n_objects: int,
+    min_size: int,
+    max_size: int,
+    max_occlusion: float,
 ) -> tuple[np.ndarray, list[tuple[int, list[float]]]]:
     """One image ``(h, w, 3)`` uint8 and its objects ``(digit index, [x, y, w, h])``."""
     canvas = np.asarray(_background(rng, w, h), dtype=np.float32).copy()
@@ -111,7 +118,7 @@ def _compose(
                 break
         else:
             continue  # no placement keeps the earlier digits visible enough
-        region = canvas[y0:y0 + ph, x0:x0 + pw]
+        region = canvas[y0 : y0 + ph, x0 : x0 + pw]
         under = region[alpha >= thr].mean(0)
         for _attempt in range(10):
             colour = rng.uniform(0, 255, 3)
@@ -141,7 +148,7 @@ def _overlap(p: tuple, x0: int, y0: int, alpha: np.ndarray) -> tuple[np.ndarray,
     xb, yb = min(px + vis.shape[1], x0 + alpha.shape[1]), min(py + vis.shape[0], y0 + alpha.shape[0])
     if xa >= xb or ya >= yb:
         return vis[:0, :0], alpha[:0, :0]
-    return vis[ya - py:yb - py, xa - px:xb - px], alpha[ya - y0:yb - y0, xa - x0:xb - x0]
+    return vis[ya - py : yb - py, xa - px : xb - px], alpha[ya - y0 : yb - y0, xa - x0 : xb - x0]
 
 
 def _ink_left(p: tuple, x0: int, y0: int, alpha: np.ndarray) -> int:
@@ -201,11 +208,20 @@ def make_synthetic(
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         for (split, _, j), objects in zip(jobs, pool.map(one, jobs), strict=True):
             image_id = len(images) + 1
-            images.append({"id": image_id, "file_name": f"images/{split}_{j:05d}.png", "width": w, "height": h,
-                           "split": split})
+            images.append(
+                {"id": image_id, "file_name": f"images/{split}_{j:05d}.png", "width": w, "height": h, "split": split}
+            )
             for k, box in objects:
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": k + 1,
-                                    "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": k + 1,
+                        "bbox": box,
+                        "area": box[2] * box[3],
+                        "iscrowd": 0,
+                    }
+                )
     categories = [{"id": k + 1, "name": str(d)} for k, d in enumerate(digits)]
     write_coco({"images": images, "annotations": annotations, "categories": categories}, out)
     return out
@@ -222,8 +238,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--classes", type=int, default=10, help="digits 0..N-1")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    out = make_synthetic(a.out_dir, num_train=a.train, num_val=a.val, image_size=tuple(a.size),
-                         min_objects=a.min_objects, max_objects=a.max_objects, num_classes=a.classes, seed=a.seed)
+    out = make_synthetic(
+        a.out_dir,
+        num_train=a.train,
+        num_val=a.val,
+        image_size=tuple(a.size),
+        min_objects=a.min_objects,
+        max_objects=a.max_objects,
+        num_classes=a.classes,
+        seed=a.seed,
+    )
     print(f"wrote {a.train} train + {a.val} val images to {out}")
 
 

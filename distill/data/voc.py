@@ -42,8 +42,10 @@ IMAGE_SETS = {"train": "train", "val": "val", "test": "test"}
 def _files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
     """Files under ``root`` with one of ``suffixes`` (any case), skipping hidden and ``__MACOSX`` folders."""
     return sorted(
-        p for p in root.rglob("*")
-        if p.suffix.lower() in suffixes and p.is_file()
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in suffixes
+        and p.is_file()
         and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(root).parts)
     )
 
@@ -78,7 +80,10 @@ def _image_set_files(root: Path, image_sets: dict[str, str] | None) -> list[tupl
 
 
 def _apply_image_sets(
-    root: Path, found: list[tuple[Path, str]], images: dict[Path, dict[str, Any]], problems: list[str],
+    root: Path,
+    found: list[tuple[Path, str]],
+    images: dict[Path, dict[str, Any]],
+    problems: list[str],
     warnings: list[str],
 ) -> None:
     """Set ``split`` on the images (keyed by their XML file) listed in ``found``'s files.
@@ -108,24 +113,28 @@ def _apply_image_sets(
                 splits.setdefault(xml, {})[where] = name
         if unmatched:
             more = f" (and {len(unmatched) - 5} more)" if len(unmatched) > 5 else ""
-            warnings.append(f"{where}: {len(unmatched)} id(s) match no annotated image, ignored: "
-                            f"{', '.join(unmatched[:5])}{more}")
+            warnings.append(
+                f"{where}: {len(unmatched)} id(s) match no annotated image, ignored: {', '.join(unmatched[:5])}{more}"
+            )
     if not found:
         return
     unlisted = []
     for xml, im in images.items():
         given = splits.get(xml, {})
         if len(set(given.values())) > 1:
-            problems.append(f"{xml.relative_to(root).as_posix()}: listed in "
-                            f"{' and '.join(sorted(given))}: which split is it in?")
+            problems.append(
+                f"{xml.relative_to(root).as_posix()}: listed in {' and '.join(sorted(given))}: which split is it in?"
+            )
         elif given:
             im["split"] = next(iter(given.values()))
         else:
             unlisted.append(im["file_name"])
     if unlisted:
         more = f" (and {len(unlisted) - 5} more)" if len(unlisted) > 5 else ""
-        warnings.append(f"{len(unlisted)} annotated image(s) are in no ImageSets list, so they train: "
-                        f"{', '.join(unlisted[:5])}{more}")
+        warnings.append(
+            f"{len(unlisted)} annotated image(s) are in no ImageSets list, so they train: "
+            f"{', '.join(unlisted[:5])}{more}"
+        )
 
 
 def voc_to_coco(root: str | os.PathLike[str], *, image_sets: dict[str, str] | None = None) -> dict[str, Any]:
@@ -181,8 +190,9 @@ def voc_to_coco(root: str | os.PathLike[str], *, image_sets: dict[str, str] | No
             continue
         size = (ann.findtext("size/width"), ann.findtext("size/height"))
         if all(size) and size != ("0", "0") and size != (str(width), str(height)):
-            problems.append(f"{where}: size {size[0]}x{size[1]} differs from the image's {width}x{height}, "
-                            "using the image's")
+            problems.append(
+                f"{where}: size {size[0]}x{size[1]} differs from the image's {width}x{height}, using the image's"
+            )
         used.add(image_path)
         image_id = len(images) + 1
         images.append({"id": image_id, "file_name": rel, "width": width, "height": height})
@@ -217,8 +227,14 @@ def voc_to_coco(root: str | os.PathLike[str], *, image_sets: dict[str, str] | No
     return {
         "images": images,
         "annotations": [
-            {"id": k + 1, "image_id": image_id, "category_id": category[name], "bbox": box,
-             "area": box[2] * box[3], "iscrowd": crowd}
+            {
+                "id": k + 1,
+                "image_id": image_id,
+                "category_id": category[name],
+                "bbox": box,
+                "area": box[2] * box[3],
+                "iscrowd": crowd,
+            }
             for k, (image_id, name, box, crowd) in enumerate(objects)
         ],
         "categories": [{"id": category[name], "name": name} for name in classes],
@@ -227,9 +243,7 @@ def voc_to_coco(root: str | os.PathLike[str], *, image_sets: dict[str, str] | No
     }
 
 
-def apply_split_csv(
-    coco: dict[str, Any], csv_path: str | os.PathLike[str], split_name: str
-) -> dict[str, Any]:
+def apply_split_csv(coco: dict[str, Any], csv_path: str | os.PathLike[str], split_name: str) -> dict[str, Any]:
     """Set ``"split": split_name`` on the images listed in a CSV's ``filename`` column (matched by file
     name, without folders), e.g. raccoon-voc's ``data/train_labels.csv``. Names that match no image are
     added to ``coco["problems"]``. Returns ``coco`` (changed in place)."""

@@ -10,7 +10,7 @@ A sigmoid detector's classifier is a set of independent binary problems, so its 
   classifier still disagrees, which covers objects and their surroundings without an assigner.
 
 Both are means over the valid locations (the images' unpadded areas) through
-:func:`distill.distillation.weighted_mean`, so batch size and object count do not change their scale (the
+:func:`distill.losses.reduce.weighted_mean`, so batch size and object count do not change their scale (the
 reference divides sums by the number of positives, which ties the weight to the data set). The teacher side
 is always detached. CrossKD (:mod:`distill.losses.crosskd`) reuses :func:`binary_kd` for its cross-head
 classification.
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.boxes import distance_to_box
-from distill.distillation import weighted_mean
 from distill.losses.gfl import giou_loss
+from distill.losses.reduce import weighted_mean
 
 
 def binary_kd(student_logits: Tensor, teacher_logits: Tensor, beta: float = 1.0) -> Tensor:
@@ -45,18 +45,27 @@ def _paired(s_cls: Tensor, t_cls: Tensor, columns: tuple[Tensor, Tensor] | None)
     return (s_cls, t_cls) if columns is None else (s_cls[:, columns[0]], t_cls[:, columns[1]])
 
 
-def bckd_cls_loss(s_cls: Tensor, t_cls: Tensor, valid: Tensor, beta: float,
-                  columns: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def bckd_cls_loss(
+    s_cls: Tensor, t_cls: Tensor, valid: Tensor, beta: float, columns: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
     """Mean :func:`binary_kd` over the valid locations: ``s_cls (B, A, C_S)``, ``t_cls (B, A, C_T)``, ``valid
     (B, A)`` bool. ``columns``: the paired student and teacher class indices ``(M,)``, as in
-    :func:`distill.distillation.region_kd` (None: same classes, same order)."""
+    :func:`distill.losses.ld.region_kd` (None: same classes, same order)."""
     b, a = valid.nonzero(as_tuple=True)
     s, t = _paired(s_cls[b, a], t_cls[b, a], columns)
     return weighted_mean(binary_kd(s, t, beta), None)
 
 
-def bckd_loc_loss(s_reg: Tensor, t_reg: Tensor, s_cls: Tensor, t_cls: Tensor, centres: Tensor, valid: Tensor,
-                  integral: nn.Module, columns: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def bckd_loc_loss(
+    s_reg: Tensor,
+    t_reg: Tensor,
+    s_cls: Tensor,
+    t_cls: Tensor,
+    centres: Tensor,
+    valid: Tensor,
+    integral: nn.Module,
+    columns: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """GIoU loss between the student's and the teacher's boxes, weighted by :func:`class_gap`, over the valid
     locations. ``s_reg``, ``t_reg (B, A, 4, R + 1)``; ``s_cls (B, A, C_S)``, ``t_cls (B, A, C_T)`` (the gap
     is taken over the paired ``columns``); ``centres (A, 2)`` location centres in stride units (boxes are

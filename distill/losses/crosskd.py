@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from distill.distillation import weighted_mean
 from distill.losses.bckd import binary_kd
 from distill.losses.ld import ld_loss
+from distill.losses.reduce import weighted_mean
 from distill.models.gfl import GFLHead
 
 
@@ -52,9 +52,13 @@ def align_stats(student: Tensor, teacher: Tensor, eps: float = 1e-6) -> Tensor:
     return (s - s_mean) / (s_std + eps) * t_std + t_mean
 
 
-def cross_head(teacher_head: GFLHead, student_feats: tuple[list[Tensor], list[Tensor]],
-               teacher_feats: tuple[list[Tensor], list[Tensor]], k: int,
-               adapter: CrossKDAdapter | None) -> tuple[list[Tensor], list[Tensor]]:
+def cross_head(
+    teacher_head: GFLHead,
+    student_feats: tuple[list[Tensor], list[Tensor]],
+    teacher_feats: tuple[list[Tensor], list[Tensor]],
+    k: int,
+    adapter: CrossKDAdapter | None,
+) -> tuple[list[Tensor], list[Tensor]]:
     """The cross-head outputs per level: the student's ``(cls, reg)`` tower features after layer ``k`` (lists
     over levels of ``(N, C_S, H_l, W_l)``, as :meth:`GFLHead.forward_tower` holds them) through ``adapter``
     (if any), aligned to the teacher's features of the same layer, then through the rest of
@@ -64,15 +68,17 @@ def cross_head(teacher_head: GFLHead, student_feats: tuple[list[Tensor], list[Te
     for level, (s_cls, s_reg, t_cls, t_reg) in enumerate(zip(*student_feats, *teacher_feats, strict=True)):
         if adapter is not None:
             s_cls, s_reg = adapter.cls(s_cls), adapter.reg(s_reg)
-        c, r = teacher_head.from_tower(align_stats(s_cls, t_cls).to(s_cls.dtype),
-                                       align_stats(s_reg, t_reg).to(s_reg.dtype), k, level)
+        c, r = teacher_head.from_tower(
+            align_stats(s_cls, t_cls).to(s_cls.dtype), align_stats(s_reg, t_reg).to(s_reg.dtype), k, level
+        )
         cls_out.append(c)
         reg_out.append(r)
     return cls_out, reg_out
 
 
-def crosskd_cls_loss(cross_cls: Tensor, t_cls: Tensor, valid: Tensor, beta: float,
-                     columns: Tensor | None = None) -> Tensor:
+def crosskd_cls_loss(
+    cross_cls: Tensor, t_cls: Tensor, valid: Tensor, beta: float, columns: Tensor | None = None
+) -> Tensor:
     """Mean :func:`binary_kd` of the cross-head logits to the teacher's over the valid locations:
     ``cross_cls``, ``t_cls (B, A, C_T)``, ``valid (B, A)`` bool; ``columns (M,)``: the teacher classes the
     student's classes pair with (None: all)."""
@@ -92,4 +98,3 @@ def crosskd_reg_loss(cross_reg: Tensor, t_reg: Tensor, t_cls: Tensor, valid: Ten
     per_edge = ld_loss(cross_reg[b, a].reshape(-1, bins), t_reg[b, a].reshape(-1, bins), tau).reshape(-1, 4)
     weight = t_cls[b, a].detach().float().sigmoid().max(-1).values
     return weighted_mean(per_edge.mean(1), weight)
-

@@ -66,8 +66,10 @@ def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
     right = left + 1
     w_left = right.float() - target
     w_right = target - left.float()
-    return (F.cross_entropy(logits, left, reduction="none") * w_left
-            + F.cross_entropy(logits, right, reduction="none") * w_right)
+    return (
+        F.cross_entropy(logits, left, reduction="none") * w_left
+        + F.cross_entropy(logits, right, reduction="none") * w_right
+    )
 
 
 def giou_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -90,8 +92,15 @@ def find_positives(
     stride = strides[pos_a][:, None]
     centre = points[pos_a] / stride
     pos_reg = reg[pos_b, pos_a]
-    return Positives(pos_b, pos_a, gt_idx, centre, pos_reg, distance_to_box(centre, integral(pos_reg)),
-                     gt_boxes[pos_b, gt_idx] / stride)
+    return Positives(
+        pos_b,
+        pos_a,
+        gt_idx,
+        centre,
+        pos_reg,
+        distance_to_box(centre, integral(pos_reg)),
+        gt_boxes[pos_b, gt_idx] / stride,
+    )
 
 
 def gfl_losses(cls: Tensor, pos: Positives, gt_labels: Tensor, weights: GFLWeights) -> dict[str, Tensor]:

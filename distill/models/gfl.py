@@ -117,8 +117,9 @@ class GFLHead(nn.Module):
             bbox_preds.append(scale(self.gfl_reg(reg_feat)).float())
         return cls_scores, bbox_preds
 
-    def forward_tower(self, feats: list[Tensor], k: int) -> tuple[list[Tensor], list[Tensor], list[Tensor],
-                                                                   list[Tensor]]:
+    def forward_tower(
+        self, feats: list[Tensor], k: int
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
         """:meth:`forward`'s outputs, plus each level's cls and reg tower features after layer ``k`` (1-based;
         0 = the FPN level itself), taken before that layer's ReLU (CrossKD aligns them before the activation,
         as its authors do). Returns ``(cls_scores, bbox_preds, cls_feats, reg_feats)``, the last two

@@ -16,7 +16,7 @@ import subprocess
 from collections.abc import Mapping
 from typing import Any
 
-from worker.settings import Settings
+from core.settings import Settings
 
 QUEUE = "gpu"  # one-process jobs; also the queue of every job sent by earlier versions
 

@@ -1,7 +1,7 @@
-"""The job store: the service's source of truth (the catalogue of ``worker.catalogue``, and the jobs).
+"""The job store: the service's source of truth (the catalogue of ``core.catalogue``, and the jobs).
 
 SQLAlchemy 2 Core on SQLite (default, one machine) or PostgreSQL (by URL), schema by Alembic migrations
-run on start (``worker.db``). Every public method returns plain JSON-ready dicts (timestamps as ISO 8601
+run on start (``core.db``). Every public method returns plain JSON-ready dicts (timestamps as ISO 8601
 strings in UTC). The worker's lease protocol is built on conditional ``UPDATE ... WHERE <state is what I
 expect>`` statements, which are atomic on both databases, so a job never runs twice at once however many
 workers race for it:
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -28,10 +27,10 @@ from sqlalchemy import String, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from worker.catalogue import Catalogue
-from worker.db import plain, utcnow
-from worker.schema import jobs, study_jobs
-from worker.tenants import DEFAULT_TENANT
+from core.catalogue import Catalogue
+from core.db import new_id, plain, utcnow
+from core.schema import jobs, study_jobs
+from core.tenants import DEFAULT_TENANT
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -58,10 +57,6 @@ class TooManyActiveJobs(Exception):
         self.tenant, self.active, self.limit = tenant, active, limit
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(8)}"
-
-
 def spec_digest(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -73,7 +68,7 @@ def job_row(spec: dict[str, Any], idempotency_key: str | None, tenant: str) -> d
                 created_at=(now := utcnow()), updated_at=now, tenant=tenant)  # fmt: skip
 
 
-# A job row with the study it belongs to (``worker.studies``; None for most jobs).
+# A job row with the study it belongs to (``core.studies``; None for most jobs).
 _JOB_WITH_STUDY = select(jobs, study_jobs.c.study_id).outerjoin(study_jobs, study_jobs.c.job_id == jobs.c.id)
 
 
@@ -90,7 +85,11 @@ class Store(Catalogue):
     # -- jobs -----------------------------------------------------------------------------------
 
     def create_job(
-        self, spec: dict[str, Any], idempotency_key: str | None = None, *, tenant: str = DEFAULT_TENANT,
+        self,
+        spec: dict[str, Any],
+        idempotency_key: str | None = None,
+        *,
+        tenant: str = DEFAULT_TENANT,
         max_active: int = 0,
     ) -> tuple[dict[str, Any], bool]:
         """A new ``queued`` job of ``tenant``, or (same tenant, key and spec) the job made before and ``False``.
@@ -98,7 +97,7 @@ class Store(Catalogue):
         Raises ``IdempotencyConflict`` when the tenant used the key with a different spec, and
         ``TooManyActiveJobs`` when ``max_active`` > 0 and the tenant has that many queued or running jobs (a
         replay of an existing job is answered even then). Sending the broker message is the caller's business
-        (``worker.queue.enqueue``); the recovery loop re-sends it if it is lost, so a crash between the two
+        (``core.queue.enqueue``); the recovery loop re-sends it if it is lost, so a crash between the two
         loses nothing.
         """
         digest = spec_digest(spec)

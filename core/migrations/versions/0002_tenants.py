@@ -1,4 +1,4 @@
-"""Tenants: every dataset, checkpoint, job and model belongs to one (``worker.tenants``).
+"""Tenants: every dataset, checkpoint, job and model belongs to one (``core.tenants``).
 
 - a ``tenant`` column (NOT NULL, indexed) on the four tables; the rows already there go to the default
   tenant, so a store upgraded from a single-tenant service keeps every row and serves it as before;
@@ -23,7 +23,7 @@ down_revision = "0001"
 branch_labels = None
 depends_on = None
 
-DEFAULT_TENANT = "default"  # frozen here: worker.tenants.DEFAULT_TENANT at the time of this revision
+DEFAULT_TENANT = "default"  # frozen here: core.tenants.DEFAULT_TENANT at the time of this revision
 TABLES = ("datasets", "checkpoints", "jobs", "models")
 UNIQUE_KEY = "uq_jobs_tenant_idempotency_key"
 

@@ -1,10 +1,10 @@
 """Alembic's environment for the job store.
 
-At run time ``worker.db.migrate`` passes the connection to migrate (and holds the lock on it). From the
-command line, to write a new revision after changing ``worker/schema.py``::
+At run time ``core.db.migrate`` passes the connection to migrate (and holds the lock on it). From the
+command line, to write a new revision after changing ``core/schema.py``::
 
-    LDD_STORE_URL=sqlite:///scratch.db alembic -c worker/migrations/alembic.ini upgrade head
-    LDD_STORE_URL=sqlite:///scratch.db alembic -c worker/migrations/alembic.ini revision --autogenerate -m "..."
+    LDD_STORE_URL=sqlite:///scratch.db alembic -c core/migrations/alembic.ini upgrade head
+    LDD_STORE_URL=sqlite:///scratch.db alembic -c core/migrations/alembic.ini revision --autogenerate -m "..."
 
 the store named by the ``LDD_*`` settings is used.
 """
@@ -14,9 +14,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from worker.db import make_engine
-from worker.schema import metadata
-from worker.settings import Settings
+from core.db import make_engine
+from core.schema import metadata
+from core.settings import Settings
 
 
 def run(connection: Connection, transactional_ddl: bool | None = None) -> None:
@@ -29,7 +29,7 @@ def run(connection: Connection, transactional_ddl: bool | None = None) -> None:
 
 given = context.config.attributes.get("connection")
 if given is not None:
-    run(given, transactional_ddl=True)  # worker.db.migrate holds a transaction open on both databases
+    run(given, transactional_ddl=True)  # core.db.migrate holds a transaction open on both databases
 else:
     engine = make_engine(Settings().store_url)
     with engine.connect() as conn:

@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     # An idle worker with messages waiting this long has a stuck consumer and restarts (worker.hooks); 0: never.
     consumer_stall_seconds: float = 60.0
     # The processes one job may run on this worker (``schedule.gpus``): it takes jobs of up to this many
-    # (``worker.routing``). 0 = detect: the GPUs it sees (CUDA_VISIBLE_DEVICES, else nvidia-smi), or its CPU
+    # (``core.routing``). 0 = detect: the GPUs it sees (CUDA_VISIBLE_DEVICES, else nvidia-smi), or its CPU
     # cores when it sees none (gloo).
     worker_gpus: Count = Field(0, ge=0)
     # Where torchvision's ImageNet weights are cached for the service; None = torchvision's own default

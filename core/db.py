@@ -14,6 +14,7 @@ which creates only what is missing: its rows stay as they are.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import cache
@@ -65,7 +66,7 @@ def make_engine(url: str) -> Engine:
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
-    """Alembic's configuration for ``worker/migrations``, on ``connection`` if given."""
+    """Alembic's configuration for ``core/migrations``, on ``connection`` if given."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
@@ -95,6 +96,11 @@ def migrate(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         command.upgrade(alembic_config(conn), "head")  # a no-op when another process just did it
         conn.commit()
+
+
+def new_id(prefix: str) -> str:
+    """A fresh record id, ``<prefix>_<16 hex digits>``."""
+    return f"{prefix}_{secrets.token_hex(8)}"
 
 
 def utcnow() -> datetime:

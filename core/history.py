@@ -16,9 +16,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import delete, insert, select
 
-from worker.catalogue import Catalogue
-from worker.db import plain, utcnow
-from worker.schema import job_history
+from core.catalogue import Catalogue
+from core.db import plain, utcnow
+from core.schema import job_history
 
 log = logging.getLogger("ldd.worker")
 

@@ -11,15 +11,15 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from worker.celery_app import TASK_RUN_JOB, get_app
-from worker.routing import QUEUE, queue_for
-from worker.settings import Settings
+from core.celery_app import TASK_RUN_JOB, get_app
+from core.routing import QUEUE, queue_for
+from core.settings import Settings
 
 log = logging.getLogger("ldd.queue")
 
 
 def enqueue(job_id: str, settings: Settings | None = None, *, spec: Mapping[str, Any] | None = None) -> bool:
-    """Send the ``run_job`` message for ``job_id`` to its queue (``worker.routing.queue_for(spec)``). False if
+    """Send the ``run_job`` message for ``job_id`` to its queue (``core.routing.queue_for(spec)``). False if
     the broker refused.
 
     Without ``spec`` the message goes to queue ``gpu``, as every message did before jobs were routed by size; a

@@ -1,6 +1,6 @@
 """The catalogue half of the job store: uploaded datasets and checkpoints, published models. Torch-free.
 
-Every method returns plain JSON-ready dicts (timestamps as ISO 8601 strings in UTC). ``worker.store.Store``
+Every method returns plain JSON-ready dicts (timestamps as ISO 8601 strings in UTC). ``core.store.Store``
 adds the jobs and their lease protocol on top of it; the API and the worker use that one class.
 
 A published model's row is the one place its description lives (architecture, classes, input size,
@@ -19,9 +19,9 @@ from sqlalchemy import insert, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from worker.db import make_engine, migrate, plain, utcnow
-from worker.schema import checkpoints, datasets, jobs, models
-from worker.tenants import DEFAULT_TENANT
+from core.db import make_engine, migrate, plain, utcnow
+from core.schema import checkpoints, datasets, jobs, models
+from core.tenants import DEFAULT_TENANT
 
 
 class Catalogue:

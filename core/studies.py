@@ -3,12 +3,12 @@
 A :class:`StudySpec` names one dataset, teacher, student and schedule, the method rows to compare and a number
 of seeds. :func:`plan` turns it into job specs: for each seed, the plain student (kind ``train``, row
 ``"student alone"``) and one ``distill`` job per method row, all with that seed. :func:`submit` checks every one
-of them with ``worker.checks.check_job`` (the one job check) before anything is stored, then inserts the study
+of them with ``core.checks.check_job`` (the one job check) before anything is stored, then inserts the study
 and its jobs in one transaction: all or nothing, the tenant's active-job limit counted for the whole study. The
 jobs are ordinary queued jobs of the same table, queue, leases and resume; the caller sends their wake-ups
-(``worker.queue.enqueue``), as ``POST /v1/jobs`` does.
+(``core.queue.enqueue``), as ``POST /v1/jobs`` does.
 
-When the last job of a study ends, :func:`refresh` writes the report (``worker.study_report``) and sets the
+When the last job of a study ends, :func:`refresh` writes the report (``core.study_report``) and sets the
 study's final state in one conditional UPDATE. It is idempotent and safe to race: the worker calls it when a job
 of a study ends, the API when it reads a study whose jobs ended without a worker (queued jobs cancelled, jobs
 failed by the recovery loop); both compute the same report from the same ended jobs, files are replaced
@@ -26,6 +26,21 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from core import study_report
+from core.checks import JobRefused, check_job
+from core.db import plain, utcnow
+from core.schema import jobs, studies, study_jobs
+from core.settings import Settings
+from core.store import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    Store,
+    job_row,
+    new_id,
+    spec_digest,
+)
+from core.study_report import PLAIN_ROW
+from core.tenants import DEFAULT_TENANT
 from distill.spec import (
     DistillSpec,
     ExportSpec,
@@ -36,21 +51,6 @@ from distill.spec import (
     StudentSpec,
     TeacherSpec,
 )
-from worker import study_report
-from worker.checks import JobRefused, check_job
-from worker.db import plain, utcnow
-from worker.schema import jobs, studies, study_jobs
-from worker.settings import Settings
-from worker.store import (
-    ACTIVE_STATES,
-    TERMINAL_STATES,
-    Store,
-    job_row,
-    new_id,
-    spec_digest,
-)
-from worker.study_report import PLAIN_ROW
-from worker.tenants import DEFAULT_TENANT
 
 log = logging.getLogger("ldd.studies")
 
@@ -79,8 +79,12 @@ class StudySpec(BaseModel):
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     methods: list[Method | MethodRow] = Field(
-        ..., min_length=1, max_length=8, description="the rows beside the plain student: a method name "
-        "(distill.method with its preset weights) or {name, distill}", examples=[["ld", "crosskd", "bckd"]],
+        ...,
+        min_length=1,
+        max_length=8,
+        description="the rows beside the plain student: a method name "
+        "(distill.method with its preset weights) or {name, distill}",
+        examples=[["ld", "crosskd", "bckd"]],
     )
     seeds: int = Field(3, ge=1, le=10, description="every row runs with seeds 0..seeds-1 (paired by seed)")
 
@@ -115,8 +119,14 @@ def plan(spec: StudySpec) -> list[PlannedJob]:
                   schedule=spec.schedule, export=spec.export)  # fmt: skip
     label = spec.name or "study"
     for seed in range(spec.seeds):
-        out.append(PlannedJob(PLAIN_ROW, None, seed, JobSpec(
-            kind="train", name=f"{label}: {PLAIN_ROW}, seed {seed}"[:200], seed=seed, **shared)))
+        out.append(
+            PlannedJob(
+                PLAIN_ROW,
+                None,
+                seed,
+                JobSpec(kind="train", name=f"{label}: {PLAIN_ROW}, seed {seed}"[:200], seed=seed, **shared),
+            )
+        )
         for row in spec.methods:
             distill = DistillSpec(method=row) if isinstance(row, str) else row.distill
             name = row_name(row)
@@ -138,13 +148,20 @@ class StudyTooBig(Exception):
     """The study's jobs would take the tenant past its limit of queued or running jobs."""
 
     def __init__(self, tenant: str, active: int, limit: int, needed: int):
-        super().__init__(f"this study needs {needed} jobs; tenant {tenant!r} has {active} queued or running and the "
-                         f"limit is {limit} (LDD_MAX_ACTIVE_JOBS): wait for some to end, or run fewer methods or seeds")
+        super().__init__(
+            f"this study needs {needed} jobs; tenant {tenant!r} has {active} queued or running and the "
+            f"limit is {limit} (LDD_MAX_ACTIVE_JOBS): wait for some to end, or run fewer methods or seeds"
+        )
         self.tenant, self.active, self.limit, self.needed = tenant, active, limit, needed
 
 
 def submit(
-    store: Store, settings: Settings, spec: StudySpec, *, tenant: str = DEFAULT_TENANT, scope: str | None = None,
+    store: Store,
+    settings: Settings,
+    spec: StudySpec,
+    *,
+    tenant: str = DEFAULT_TENANT,
+    scope: str | None = None,
     idempotency_key: str | None = None,
 ) -> tuple[dict[str, Any], bool, list[str]]:
     """Check and store a study: (its row, created, the ids of the jobs to enqueue).
@@ -170,11 +187,25 @@ def submit(
         try:
             check_job(p.spec, store, settings, scope)
         except JobRefused as e:
-            raise JobRefused(f"row {p.row!r}, seed {p.seed}: {e.message}", e.code, e.status,
-                             {**(e.details or {}), "row": p.row, "seed": p.seed}) from e
+            raise JobRefused(
+                f"row {p.row!r}, seed {p.seed}: {e.message}",
+                e.code,
+                e.status,
+                {**(e.details or {}), "row": p.row, "seed": p.seed},
+            ) from e
     now = utcnow()
-    study = dict(id=new_id("st"), name=spec.name, state="running", spec=body, spec_sha256=digest,
-                 idempotency_key=idempotency_key, cancel_requested=False, report=None, created_at=now, tenant=tenant)
+    study = dict(
+        id=new_id("st"),
+        name=spec.name,
+        state="running",
+        spec=body,
+        spec_sha256=digest,
+        idempotency_key=idempotency_key,
+        cancel_requested=False,
+        report=None,
+        created_at=now,
+        tenant=tenant,
+    )
     rows = [job_row(p.spec.model_dump(mode="json"), None, tenant) for p in planned]
     limit = settings.max_active_jobs
     try:
@@ -301,8 +332,11 @@ def refresh(store: Store, settings: Settings, study_id: str) -> dict[str, Any] |
 def finish_ended(store: Store, settings: Settings) -> list[str]:
     """Finish every unfinished study none of whose jobs is still queued or running: the recovery loop's sweep
     for jobs that ended without a worker's hook (failed by an expired lease, cancelled while queued)."""
-    active = select(study_jobs.c.study_id).join(jobs, jobs.c.id == study_jobs.c.job_id) \
+    active = (
+        select(study_jobs.c.study_id)
+        .join(jobs, jobs.c.id == study_jobs.c.job_id)
         .where(jobs.c.state.in_(("queued", "running")))
+    )
     q = select(studies.c.id).where(studies.c.finished_at.is_(None), studies.c.id.not_in(active))
     with store.engine.connect() as conn:
         ids = list(conn.execute(q).scalars())
@@ -337,4 +371,3 @@ def _fraction(m: dict[str, Any]) -> float | None:
         return 1.0
     p = m["progress"] or {}
     return round(min(1.0, p["iter"] / p["total_iters"]), 3) if p.get("total_iters") and p.get("iter") else 0.0
-

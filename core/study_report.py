@@ -1,4 +1,4 @@
-"""A study's report (``worker.studies``): one row per method row, computed from its ended jobs. Torch-free.
+"""A study's report (``core.studies``): one row per method row, computed from its ended jobs. Torch-free.
 
 For each row, over the seeds whose job succeeded:
 
@@ -65,7 +65,7 @@ def _diagnostics(ok: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def build(study_id: str, members: list[dict[str, Any]]) -> dict[str, Any]:
-    """The report of a study whose jobs all ended. ``members``: ``worker.studies.members`` (plan order: row,
+    """The report of a study whose jobs all ended. ``members``: ``core.studies.members`` (plan order: row,
     method, seed, job_id, state, metrics, model_id, error)."""
     order: list[str] = []
     for m in members:
@@ -91,8 +91,11 @@ def build(study_id: str, members: list[dict[str, Any]]) -> dict[str, Any]:
                     row["significant"] = bool(gain["mean"] > 2 * spread)
         row["diagnostics"] = _diagnostics(ok) if name != PLAIN_ROW else None
         best = max(ok, key=lambda m: _bbox(m)["AP"], default=None)  # type: ignore[index]
-        row["best"] = None if best is None else {"seed": best["seed"], "job_id": best["job_id"],
-                                                 "model_id": best["model_id"], "AP": _bbox(best)["AP"]}  # type: ignore[index]
+        row["best"] = (
+            None
+            if best is None
+            else {"seed": best["seed"], "job_id": best["job_id"], "model_id": best["model_id"], "AP": _bbox(best)["AP"]}
+        )  # type: ignore[index]
         row["failed"] = [{"job_id": m["job_id"], "seed": m["seed"], "state": m["state"], "error": m.get("error")}
                          for m in mine if not _bbox(m)]  # fmt: skip
         failures += [{"row": name, **f} for f in row["failed"]]
@@ -102,9 +105,14 @@ def build(study_id: str, members: list[dict[str, Any]]) -> dict[str, Any]:
     recommended = None if top is None else {"row": top["row"], **top["best"]}
     teacher = [t["AP"] for m in members if isinstance(t := (m.get("metrics") or {}).get("teacher_bbox"), dict)
                and isinstance(t.get("AP"), int | float)]  # fmt: skip
-    return {"rows": rows, "recommended": recommended, "failures": failures,
-            "teacher_AP": statistics.mean(teacher) if teacher else None,
-            "report_md": f"/v1/studies/{study_id}/report.md", "report_png": f"/v1/studies/{study_id}/report.png"}
+    return {
+        "rows": rows,
+        "recommended": recommended,
+        "failures": failures,
+        "teacher_AP": statistics.mean(teacher) if teacher else None,
+        "report_md": f"/v1/studies/{study_id}/report.md",
+        "report_png": f"/v1/studies/{study_id}/report.png",
+    }
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -120,21 +128,29 @@ def _pct(s: dict[str, Any] | None) -> str:
 def markdown(study: dict[str, Any], report: dict[str, Any]) -> str:
     spec = study.get("spec") or {}
     title = study.get("name") or study["id"]
-    lines = [f"# Study {title}", "",
-             f"Student {spec.get('student', {}).get('arch')}, dataset {spec.get('dataset')}, "
-             f"{spec.get('seeds')} seed(s), {spec.get('schedule', {}).get('epochs')} epoch(s). "
-             "AP in points (COCO AP x 100), mean ± std over the seeds that succeeded; gain paired by seed against "
-             "the student alone; significant when the gain exceeds twice the larger std of the two rows.", ""]
+    lines = [
+        f"# Study {title}",
+        "",
+        f"Student {spec.get('student', {}).get('arch')}, dataset {spec.get('dataset')}, "
+        f"{spec.get('seeds')} seed(s), {spec.get('schedule', {}).get('epochs')} epoch(s). "
+        "AP in points (COCO AP x 100), mean ± std over the seeds that succeeded; gain paired by seed against "
+        "the student alone; significant when the gain exceeds twice the larger std of the two rows.",
+        "",
+    ]
     if report.get("teacher_AP") is not None:
         lines += [f"Teacher AP on the same validation split: {100 * report['teacher_AP']:.1f}", ""]
-    lines += ["| row | method | AP | AP50 | AP75 | seeds | gain (AP) | > 2x spread | best model |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "| row | method | AP | AP50 | AP75 | seeds | gain (AP) | > 2x spread | best model |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in report["rows"]:
         sig = {None: "-", True: "yes", False: "no"}[r["significant"]]
         best = f"{r['best']['model_id']} (seed {r['best']['seed']})" if r["best"] else "-"
         gain = "-" if r["gain"] is None else f"{100 * r['gain']['mean']:+.1f} ± {100 * r['gain']['std']:.1f}"
-        lines.append(f"| {r['row']} | {r['method'] or '-'} | {_pct(r['AP'])} | {_pct(r['AP50'])} | {_pct(r['AP75'])} "
-                     f"| {r['AP']['n']} | {gain} | {sig} | {best} |")
+        lines.append(
+            f"| {r['row']} | {r['method'] or '-'} | {_pct(r['AP'])} | {_pct(r['AP50'])} | {_pct(r['AP75'])} "
+            f"| {r['AP']['n']} | {gain} | {sig} | {best} |"
+        )
     diag = [r for r in report["rows"] if r["diagnostics"]]
     if diag:
         lines += ["", "Figure 4 after distillation: mean L1 error between teacher and student on the validation set "
@@ -149,8 +165,15 @@ def markdown(study: dict[str, Any], report: dict[str, Any]) -> str:
             box = "-" if d["box_l1_mean"] is None else f"{d['box_l1_mean']:.4f}"
             lines.append(f"| {r['row']} | {cls} | {box} | {levels} |")
     rec = report.get("recommended")
-    lines += ["", "Recommended model: " + (f"**{rec['model_id']}** ({rec['row']}, seed {rec['seed']}, AP "
-                                           f"{100 * rec['AP']:.1f})" if rec else "none (no job succeeded)")]
+    lines += [
+        "",
+        "Recommended model: "
+        + (
+            f"**{rec['model_id']}** ({rec['row']}, seed {rec['seed']}, AP {100 * rec['AP']:.1f})"
+            if rec
+            else "none (no job succeeded)"
+        ),
+    ]
     if report["failures"]:
         lines += ["", "## Jobs that did not succeed", ""]
         lines += [f"- {f['row']}, seed {f['seed']}: job {f['job_id']} {f['state']}: {f.get('error') or ''}"

@@ -20,6 +20,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from core.settings import Settings
+from core.store import Store
+from core.tenants import visible
 from distill.ckpt_layout import describe_checkpoint
 from distill.ckpt_reader import CheckpointError
 from distill.class_map import ClassMapError, map_classes
@@ -31,9 +34,6 @@ from distill.spec import (
     crosskd_layer_problem,
     teacher_cache_refusal,
 )
-from worker.settings import Settings
-from worker.store import Store
-from worker.tenants import visible
 
 # An id in the job that names nothing the caller may see (none, or another tenant's): 404, as a GET of it.
 NOT_FOUND = 404
@@ -43,8 +43,9 @@ class JobRefused(ValueError):
     """The job cannot run as specified. ``message`` is shown to the user; ``status`` is the HTTP status the
     API answers with, ``code`` the error code of its body."""
 
-    def __init__(self, message: str, code: str = "invalid_job", status: int = 422,
-                 details: dict[str, Any] | None = None):
+    def __init__(
+        self, message: str, code: str = "invalid_job", status: int = 422, details: dict[str, Any] | None = None
+    ):
         super().__init__(message)
         self.message, self.code, self.status, self.details = message, code, status, details
 
@@ -67,13 +68,14 @@ def check_job(spec: JobSpec, store: Store, settings: Settings, scope: str | None
     neither cached nor downloadable, a teacher whose ``reg_max`` or strides differ from the student's,
     a class map naming unknown classes, ``distill.teacher_cache: "on"`` where the cache cannot apply.
 
-    ``scope``: the tenant whose datasets, checkpoints, jobs and models the job may name (``worker.tenants``;
+    ``scope``: the tenant whose datasets, checkpoints, jobs and models the job may name (``core.tenants``;
     None: any). Another tenant's id is refused exactly as an id that names nothing.
     """
     ds = _get(store.get_dataset, spec.dataset, scope)
     if ds is None:
-        raise JobRefused(f"dataset: no dataset {spec.dataset!r} (upload one to /v1/datasets)", "unknown_dataset",
-                         NOT_FOUND)
+        raise JobRefused(
+            f"dataset: no dataset {spec.dataset!r} (upload one to /v1/datasets)", "unknown_dataset", NOT_FOUND
+        )
     dataset_dir = Path(ds["path"])
     if refusal := teacher_cache_refusal(spec):
         raise JobRefused(refusal, "invalid_teacher_cache")
@@ -84,8 +86,9 @@ def check_job(spec: JobSpec, store: Store, settings: Settings, scope: str | None
         teacher_path, facts = _teacher(spec.teacher.model_dump(), store, settings, scope)
         _check_teacher(facts, student, spec.student.arch)
         if spec.distill is not None and spec.distill.crosskd_layer is not None and facts.get("stacked_convs"):
-            problem = crosskd_layer_problem(spec.distill.crosskd_layer, int(student["stacked_convs"]),
-                                            int(facts["stacked_convs"]))
+            problem = crosskd_layer_problem(
+                spec.distill.crosskd_layer, int(student["stacked_convs"]), int(facts["stacked_convs"])
+            )
             if problem:
                 raise JobRefused(problem, "invalid_crosskd_layer", details={"field": "distill.crosskd_layer"})
         if spec.distill is not None and spec.distill.class_map:
@@ -138,8 +141,11 @@ def _check_init(
         return None
     ck = _get(store.get_checkpoint, init.checkpoint, scope)
     if ck is None:
-        raise JobRefused(f"student.init: no checkpoint {init.checkpoint!r} (upload one to /v1/checkpoints)",
-                         "unknown_checkpoint", NOT_FOUND)
+        raise JobRefused(
+            f"student.init: no checkpoint {init.checkpoint!r} (upload one to /v1/checkpoints)",
+            "unknown_checkpoint",
+            NOT_FOUND,
+        )
     facts = ck["arch"] or {}
     layout = (facts.get("depth"), facts.get("base_width"))
     if layout != (student["depth"], student["base_width"]):
@@ -147,7 +153,9 @@ def _check_init(
         raise JobRefused(
             f"student.init: checkpoint {init.checkpoint} holds a {what} ResNet-{facts.get('depth')} of width "
             f"{facts.get('base_width')}; {spec.student.arch} has ResNet-{student['depth']} of width "
-            f"{student['base_width']}, so none of its backbone would load", "invalid_init")
+            f"{student['base_width']}, so none of its backbone would load",
+            "invalid_init",
+        )
     return _existing(Path(ck["path"]), f"student.init: checkpoint {init.checkpoint}", "invalid_init")
 
 
@@ -190,7 +198,9 @@ def _check_imagenet(arch: str, weights_dir: Path | None) -> None:
         f"student.init 'imagenet': torchvision's weights file {name} is not in the cache folder {folder} and "
         f"{url} cannot be reached from this server; put the file into {folder} (or set LDD_WEIGHTS_DIR), "
         "or upload a backbone with POST /v1/checkpoints and use init {'checkpoint': id}",
-        "weights_missing", details={"file": name, "folder": str(folder), "url": url})
+        "weights_missing",
+        details={"file": name, "folder": str(folder), "url": url},
+    )
 
 
 # ----------------------------------------------------------------------------------------------- teacher
@@ -206,16 +216,20 @@ def _teacher(
             raise JobRefused(f"teacher: no checkpoint {cid!r}", "invalid_teacher", NOT_FOUND)
         facts = ck["arch"] or {}
         if facts.get("kind", "detector") != "detector":
-            raise JobRefused(f"teacher: checkpoint {cid} is a {facts.get('kind')}, not a GFL detector",
-                             "invalid_teacher")
+            raise JobRefused(
+                f"teacher: checkpoint {cid} is a {facts.get('kind')}, not a GFL detector", "invalid_teacher"
+            )
         return _existing(Path(ck["path"]), f"checkpoint {cid}"), facts
     if mid := teacher.get("model"):
         model = _get(store.get_model, mid, scope)
         if model is None:
             raise JobRefused(f"teacher: no model {mid!r}", "invalid_teacher", NOT_FOUND)
         if not model["job_id"]:
-            raise JobRefused(f"teacher: model {mid} was not made by a job here; its PyTorch weights are not "
-                             "kept (upload them to /v1/checkpoints)", "invalid_teacher")
+            raise JobRefused(
+                f"teacher: model {mid} was not made by a job here; its PyTorch weights are not "
+                "kept (upload them to /v1/checkpoints)",
+                "invalid_teacher",
+            )
         return _job_checkpoint(model["job_id"], settings, f"model {mid}")
     jid = teacher["job"]
     job = _get(store.get_job, jid, scope)

@@ -1,12 +1,12 @@
 """The one Celery app of the service (torch-free: the API imports it to send messages).
 
 The broker only carries wake-ups: a message names a job id, and the worker that receives it claims
-the job in the store (``worker.store``), which is the source of truth. So a lost or duplicated
+the job in the store (``core.store``), which is the source of truth. So a lost or duplicated
 message is harmless: the recovery loop (``worker.recovery``) re-sends lost ones, and a duplicate
 finds the job already claimed and returns.
 
 Jobs are routed by size: a job of N processes goes to queue ``gpu`` (N = 1) or ``gpu.N``, and a worker takes
-the queues of the sizes it can run (``worker.routing``). Only ``gpu`` is declared here; the others are declared
+the queues of the sizes it can run (``core.routing``). Only ``gpu`` is declared here; the others are declared
 by whoever sends to or consumes them first (Celery creates missing queues, the same way on both sides).
 
 The broker is ``redis://...`` in production and, by default, kombu's filesystem transport with its
@@ -23,8 +23,8 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
-from worker.routing import QUEUE
-from worker.settings import Settings
+from core.routing import QUEUE
+from core.settings import Settings
 
 TASK_RUN_JOB = "ldd.run_job"
 # What a worker imports at start (by name, so that this module, which the API imports too, needs neither):
@@ -118,7 +118,7 @@ def get_app(settings: Settings | None = None) -> Celery:
 
 
 def __getattr__(name: str) -> Any:
-    # ``celery -A worker.celery_app worker`` looks up ``app``; build it only when asked.
+    # ``celery -A core.celery_app worker`` looks up ``app``; build it only when asked.
     if name in ("app", "celery"):
         return get_app()
     raise AttributeError(name)

@@ -1,7 +1,7 @@
 """The job store's tables (SQLAlchemy Core). Torch-free.
 
 This is the schema the code expects; the database gets it through the Alembic migrations in
-``worker/migrations/versions`` (``worker.db.migrate``), and ``tests/test_migrations.py`` checks that the two
+``core/migrations/versions`` (``core.db.migrate``), and ``tests/test_migrations.py`` checks that the two
 agree. A change here needs a new migration.
 """
 
@@ -10,13 +10,13 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy import JSON, Boolean, Column, DateTime, Float, Integer, MetaData, String, Table, Text, UniqueConstraint
 
-from worker.tenants import DEFAULT_TENANT
+from core.tenants import DEFAULT_TENANT
 
 metadata = MetaData()
 
 
 def tenant_column() -> Column:
-    """The tenant that created the row (``worker.tenants``); rows older than tenants are the default's."""
+    """The tenant that created the row (``core.tenants``); rows older than tenants are the default's."""
     return Column("tenant", String(64), nullable=False, server_default=DEFAULT_TENANT, index=True)
 
 
@@ -95,7 +95,7 @@ models = Table(
     UniqueConstraint("job_id", "format", name="uq_models_job_id_format"),
 )  # fmt: skip
 
-# A job's run over time (``worker.history``): one row per progress record the worker relayed (losses, learning
+# A job's run over time (``core.history``): one row per progress record the worker relayed (losses, learning
 # rate, evaluation results), kept apart from ``jobs.progress`` (the latest only) so the curves survive restarts.
 job_history = Table(
     "job_history", metadata,
@@ -108,7 +108,7 @@ job_history = Table(
     sa.Index("ix_job_history_job_id_iter", "job_id", "iter"),
 )  # fmt: skip
 
-# A study (``worker.studies``): the plain student and each method row, each over N seeds, run as ordinary jobs;
+# A study (``core.studies``): the plain student and each method row, each over N seeds, run as ordinary jobs;
 # ``report`` is written once, when every one of its jobs has ended (``finished_at`` set at the same moment).
 studies = Table(
     "studies", metadata,

@@ -22,7 +22,7 @@ depends_on = None
 
 
 def _tables() -> dict[str, list[sa.Column | sa.Constraint]]:
-    """The schema of this revision (frozen here: ``worker.schema`` may move on in later revisions)."""
+    """The schema of this revision (frozen here: ``core.schema`` may move on in later revisions)."""
     return {
         "datasets": [
             sa.Column("id", sa.String(64), primary_key=True),

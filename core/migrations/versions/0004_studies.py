@@ -1,4 +1,4 @@
-"""Studies (``worker.studies``): a comparison of the plain student and each method over N seeds, run as ordinary
+"""Studies (``core.studies``): a comparison of the plain student and each method over N seeds, run as ordinary
 jobs. Two new tables; ``jobs`` is unchanged (a job's study and place in it live in ``study_jobs``).
 
 Revision ID: 0004
@@ -16,7 +16,7 @@ down_revision = "0003"
 branch_labels = None
 depends_on = None
 
-DEFAULT_TENANT = "default"  # frozen here: worker.tenants.DEFAULT_TENANT at the time of this revision
+DEFAULT_TENANT = "default"  # frozen here: core.tenants.DEFAULT_TENANT at the time of this revision
 
 
 def upgrade() -> None:
