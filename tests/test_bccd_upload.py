@@ -17,11 +17,10 @@ import httpx
 import pytest
 
 from tests.api_server import ApiServer
+from tests.shared_data import needs_shared, shared_path
 
-BCCD = Path(__file__).resolve().parents[2] / "shared/data/bccd-voc"
-if not BCCD.is_dir():
-    BCCD = Path("/work/shared/data/bccd-voc")
-pytestmark = pytest.mark.skipif(not BCCD.is_dir(), reason="shared/data/bccd-voc not present")
+BCCD = shared_path("data/bccd-voc")
+pytestmark = needs_shared("data/bccd-voc")
 
 # xmin == xmax and ymin == ymax in these two files (object index, class, corners).
 POINT_BOXES = {

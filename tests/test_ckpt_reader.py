@@ -10,11 +10,12 @@ import pytest
 
 from distill.ckpt_layout import describe_checkpoint
 from distill.ckpt_reader import CheckpointError, read_checkpoint
+from tests.shared_data import needs_shared, shared_path
 
-FIXTURE = Path("/work/shared/fixtures/mmdet_gfl_r18_c64.pth")
+FIXTURE = shared_path("fixtures/mmdet_gfl_r18_c64.pth")
 
 
-@pytest.mark.skipif(not FIXTURE.exists(), reason="shared fixture missing")
+@needs_shared("fixtures/mmdet_gfl_r18_c64.pth")
 def test_mmdetection_fixture_architecture() -> None:
     info = describe_checkpoint(FIXTURE)
     assert info["source"] == "mmdetection"
@@ -78,7 +79,7 @@ def test_malicious_pickle_is_not_executed(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.skipif(not FIXTURE.exists(), reason="shared fixture missing")
+@needs_shared("fixtures/mmdet_gfl_r18_c64.pth")
 def test_truncated_and_garbage_files_refused(tmp_path: Path) -> None:
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"this is not a checkpoint at all" * 10)

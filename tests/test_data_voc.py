@@ -11,10 +11,9 @@ from PIL import Image
 
 from distill.data.annotations import DatasetError, load_coco, split
 from distill.data.voc import apply_split_csv, import_voc, voc_to_coco
+from tests.shared_data import needs_shared, shared_path
 
-RACCOON = Path(__file__).resolve().parents[2] / "shared/data/raccoon-voc"
-if not RACCOON.is_dir():
-    RACCOON = Path("/work/shared/data/raccoon-voc")
+RACCOON = shared_path("data/raccoon-voc")
 
 
 def _xml(filename: str, size: tuple[int, int] | None, objects: list[tuple[str, tuple, int]]) -> str:
@@ -32,7 +31,7 @@ def _image(path: Path, size: tuple[int, int]) -> None:
     Image.new("RGB", size, (90, 120, 150)).save(path)
 
 
-@pytest.mark.skipif(not RACCOON.is_dir(), reason="shared/data/raccoon-voc not present")
+@needs_shared("data/raccoon-voc")
 def test_raccoon_import_with_official_split(tmp_path: Path) -> None:
     coco = import_voc(
         RACCOON,

@@ -29,13 +29,14 @@ from api.client import Client
 from bench.servers import free_port
 from tests.api_server import ApiServer, private_redis_url
 from tests.service_fixtures import WorkerProcess, postgres_database, wait_for
+from tests.shared_data import needs_shared, shared_path
 
 ROOT = Path(__file__).resolve().parents[1]
-RACCOON = Path("/work/shared/data/raccoon-voc")
+RACCOON = shared_path("data/raccoon-voc")
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not RACCOON.is_dir(), reason="shared raccoon-voc data missing"),
+    needs_shared("data/raccoon-voc"),
 ]
 
 

@@ -15,9 +15,9 @@ from distill.ckpt_layout import describe_checkpoint
 from distill.init import initialise
 from distill.models.gfl import GFL, DetectorConfig
 from distill.spec import IMAGENET_URLS, InitPath, LocalJobSpec
+from tests.shared_data import needs_shared, shared_path
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-MMDET = FIXTURES / "mmdet_gfl_r18_c64.pth"
+MMDET = shared_path("fixtures/mmdet_gfl_r18_c64.pth")
 
 
 def test_imagenet_table_is_torchvisions():
@@ -88,6 +88,7 @@ def test_from_scratch_trains_the_whole_backbone():
     assert all(p.requires_grad for p in model.parameters())
 
 
+@needs_shared("fixtures/mmdet_gfl_r18_c64.pth")
 def test_mmdetection_checkpoint_into_a_student_with_other_classes():
     fixture = read_checkpoint(MMDET)["state_dict"]
     cfg = DetectorConfig(depth=18, base_width=64, channels=64, stacked_convs=2, num_classes=1, classes=["cell"])

@@ -1,7 +1,6 @@
 """Detector shapes, architecture inference and mmdetection checkpoint compatibility."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,10 +9,9 @@ import distill
 from distill.checkpoint import CheckpointError, build_detector, detector_state, infer_config, read_checkpoint
 from distill.models.gfl import GFL
 from distill.spec import ARCHITECTURES
+from tests.shared_data import FIXTURES, needs_shared, shared_path
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-if not FIXTURES.exists():
-    FIXTURES = Path("/work/shared/fixtures")
+MMDET_GFL = shared_path("fixtures/mmdet_gfl_r18_c64.pth")
 
 
 def test_raw_output_shapes_match_mmdetection_layout():
@@ -62,8 +60,9 @@ def test_project_checkpoint_round_trip(tmp_path):
         assert torch.equal(a, b)
 
 
+@needs_shared("fixtures/mmdet_gfl_r18_c64.pth")
 def test_mmdetection_fixture_reproduces_raw_outputs():
-    model = distill.load_detector(FIXTURES / "mmdet_gfl_r18_c64.pth")
+    model = distill.load_detector(MMDET_GFL)
     cfg = json.loads((FIXTURES / "mmdet_gfl_r18_c64_config.json").read_text())
     assert model.num_classes == cfg["head"]["num_classes"] and model.cfg.stacked_convs == cfg["head"]["stacked_convs"]
     assert model.cfg.channels == cfg["neck"]["out_channels"] and list(model.strides) == cfg["head"]["strides"]
@@ -84,9 +83,10 @@ def test_paper_teacher_key_layout_maps_completely():
     assert all(list(ours[k].shape) == keys[k] for k in keys)
 
 
+@needs_shared("fixtures/mmdet_gfl_r18_c64.pth")
 def test_mmengine_checkpoint_with_foreign_objects_is_read_without_running_them(tmp_path):
     # A checkpoint that pickles an arbitrary class: it must be read as inert data, never imported/called.
-    state = torch.load(FIXTURES / "mmdet_gfl_r18_c64.pth", weights_only=True)
+    state = torch.load(MMDET_GFL, weights_only=True)
     state["message_hub"] = _Exploding()
     torch.save(state, tmp_path / "mm.pth")
     model = distill.load_detector(tmp_path / "mm.pth")
