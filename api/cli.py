@@ -270,7 +270,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ldd", description="LD service: distil, serve and call object detectors.")
+    p = argparse.ArgumentParser(
+        prog="ldd",
+        description="LD service: distil, serve and call object detectors.",
+        epilog="Client commands read LDD_URL (the API's address) and LDD_API_KEY (the key sent as 'Authorization: "
+        "Bearer <key>' when the server sets LDD_API_KEYS; without it such a server answers 401).",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def server(name: str, help: str) -> argparse.ArgumentParser:
@@ -371,6 +376,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except APIClientError as e:
         print(f"ldd: {e.status} {e.code}: {e.message}", file=sys.stderr)
+        if e.status == 401:
+            hint = (
+                "the key in LDD_API_KEY is not one the server knows"
+                if os.environ.get("LDD_API_KEY")
+                else "set LDD_API_KEY"
+            )
+            print(f"ldd: the API wants a key: {hint} (sent as 'Authorization: Bearer <key>')", file=sys.stderr)
         if e.details:
             print(json.dumps(e.details, indent=2)[:4000], file=sys.stderr)
         return 2

@@ -30,12 +30,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 @pytest.fixture(scope="module")
 def checkpoint(server: ApiServer, http: httpx.Client) -> dict[str, Any]:
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from distill.checkpoint import atomic_save, build_detector, detector_state
 
     path = server.work / "teacher.pt"  # type: ignore[attr-defined]
     atomic_save(detector_state(build_detector("gfl_tiny", 2, ["a", "b"])), path)
-    assert torch is not None
     with open(path, "rb") as f:
         r = http.post("/v1/checkpoints", files={"file": ("teacher.pt", f)})
     assert r.status_code == 201, r.text
