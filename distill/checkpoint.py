@@ -1,8 +1,8 @@
-"""Building detectors, saving them, and loading project or mmdetection GFL checkpoints.
+"""Building detectors of every family, saving them, and loading project or mmdetection GFL checkpoints.
 
 A project checkpoint is a plain dict read with ``weights_only=True``::
 
-    {"format": "ld-service/1", "arch": "gfl_r18", "config": DetectorConfig.to_dict(),
+    {"format": "ld-service/1", "arch": "gfl_r18", "config": DetectorConfig.to_dict() (with its family),
      "state_dict": {...}, "meta": {"input_size": [long, short], "mean": [...], "std": [...], ...}}
 
 (the resume checkpoint ``last.pt`` has the same keys plus the training state). An mmdetection checkpoint is
@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distill.ckpt_layout import backbone_tensors, detector_tensors, infer_gfl_architecture
+from distill.ckpt_layout import backbone_tensors, detector_tensors, infer_architecture
 from distill.ckpt_reader import CheckpointError, InertUnpickler
 from distill.files import atomic_write
-from distill.models.gfl import GFL, DetectorConfig
+from distill.models.config import DetectorConfig
+from distill.models.detector import Detector
 from distill.spec import ARCHITECTURES, arch_config
 
 FORMAT = "ld-service/1"
@@ -46,8 +47,9 @@ __all__ = [
 
 def build_detector(
     arch: str, num_classes: int, classes: list[str] | None = None, *, frozen_stages: int = -1, norm_eval: bool = False
-) -> GFL:
-    """A freshly initialised detector of a named architecture (``gfl_tiny``, ``gfl_r18``, ... ``gfl_r101``).
+) -> Detector:
+    """A freshly initialised detector of a named architecture (``<family>_<size>``: ``gfl_tiny``,
+    ``retina_r50``, ``fcos_r18``, ...; ``distill.spec.ARCHITECTURES``).
 
     ``frozen_stages``/``norm_eval`` are mmdetection's backbone regime for pretrained weights
     (``distill.init`` loads those).
@@ -61,10 +63,10 @@ def build_detector(
         frozen_stages=frozen_stages,
         norm_eval=norm_eval,
     )
-    return GFL(cfg, arch)
+    return Detector(cfg, arch)
 
 
-def detector_state(model: GFL, meta: dict | None = None) -> dict[str, Any]:
+def detector_state(model: Detector, meta: dict | None = None) -> dict[str, Any]:
     """The checkpoint dict of a detector (without training state)."""
     return {
         "format": FORMAT,
@@ -113,12 +115,17 @@ def state_dict_of(ckpt: dict[str, Any]) -> dict[str, Tensor]:
 
 
 def infer_config(state: dict[str, Tensor], meta: dict[str, Any] | None = None) -> DetectorConfig:
-    """The :class:`DetectorConfig` of a GFL state dict, read off its shapes by the torch-free reader."""
-    info = infer_gfl_architecture(state, meta)
+    """The :class:`DetectorConfig` of a detector's state dict, read off its shapes by the torch-free reader."""
+    info = infer_architecture(state, meta)
     if info["depth"] is None:
         raise CheckpointError(f"unsupported backbone of width {info['base_width']}: not a ResNet-18/34/50/101")
+    if info["reg_max"] < 1:
+        raise CheckpointError(
+            f"a {info['family']} head that regresses {4 * (info['reg_max'] + 1)} numbers per anchor, not edge "
+            "distributions: not a checkpoint of this project's detectors"
+        )
     return DetectorConfig(
-        depth=info["depth"], base_width=info["base_width"], channels=info["channels"],
+        family=info["family"], depth=info["depth"], base_width=info["base_width"], channels=info["channels"],
         stacked_convs=info["stacked_convs"], num_classes=info["num_classes"], reg_max=info["reg_max"],
         strides=tuple(info["strides"]), classes=list(info["classes"] or []),
     )  # fmt: skip
@@ -126,8 +133,9 @@ def infer_config(state: dict[str, Tensor], meta: dict[str, Any] | None = None) -
 
 def load_detector(
     source: str | os.PathLike | dict[str, Any], device: str | torch.device = "cpu", *, name: str | None = None
-) -> GFL:
-    """An eval-mode detector from a project checkpoint or an mmdetection GFL checkpoint: a file, or the dict
+) -> Detector:
+    """An eval-mode detector of any family from a project checkpoint (a config without ``family`` is a GFL)
+    or an mmdetection GFL/GFocalV2 checkpoint with distributions: a file, or the dict
     ``read_checkpoint`` returned (so a caller that also wants ``checkpoint_meta`` reads the file once).
     ``name`` labels errors about a dict."""
     ckpt = source if isinstance(source, dict) else read_checkpoint(source)
@@ -138,12 +146,14 @@ def load_detector(
         arch = ckpt.get("arch")
     else:
         cfg = infer_config(state, _plain_meta(ckpt))
-        arch = infer_gfl_architecture(state)["name"] or f"gfl_r{cfg.depth}_w{cfg.base_width}_c{cfg.channels}"
-    model = GFL(cfg, arch)
+        arch = infer_architecture(state)["name"] or f"{cfg.family}_r{cfg.depth}_w{cfg.base_width}_c{cfg.channels}"
+    model = Detector(cfg, arch)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("integral.project")]  # a buffer mmdetection doesn't save
     if missing or unexpected:
-        raise CheckpointError(f"{path}: keys do not map onto GFL: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise CheckpointError(
+            f"{path}: keys do not map onto a {cfg.family} detector: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
     return model.to(device).eval()
 
 
@@ -155,7 +165,7 @@ def checkpoint_meta(source: str | os.PathLike | dict[str, Any]) -> dict[str, Any
         return {"arch": ckpt.get("arch"), "config": ckpt["config"], "meta": ckpt.get("meta", {})}
     state = detector_tensors(state_dict_of(ckpt))
     cfg = infer_config(state, _plain_meta(ckpt))
-    return {"arch": infer_gfl_architecture(state)["name"], "config": cfg.to_dict(), "meta": {"source": "mmdetection"}}
+    return {"arch": infer_architecture(state)["name"], "config": cfg.to_dict(), "meta": {"source": "mmdetection"}}
 
 
 def _plain_meta(ckpt: dict[str, Any]) -> dict[str, Any]:

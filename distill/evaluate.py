@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distill.models.gfl import GFL
+from distill.models.detector import Detector
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -38,7 +38,7 @@ def coco_ap(gt: dict, detections: list[dict]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def predict_dataset(model: GFL, loader: Iterable, device: torch.device) -> list[dict]:
+def predict_dataset(model: Detector, loader: Iterable, device: torch.device) -> list[dict]:
     """Detections over a loader in COCO result format, boxes in original image pixels.
 
     ``category_id`` is the contiguous label (0..C-1); callers map it to the dataset's category ids.

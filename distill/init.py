@@ -3,9 +3,10 @@
 - ``"imagenet"``: the ResNet's ``IMAGENET1K_V1`` weights through torchvision's own weights API, so they
   come from its cache (``$TORCH_HOME/hub/checkpoints``, or ``weights_dir``) and are downloaded there once
   when the machine has internet.
-- a checkpoint file: a GFL detector (ours or mmdetection's, e.g. COCO-trained) initialises every tensor
-  whose name and shape match; the class layer starts fresh when the classes differ. A ResNet backbone
-  state dict (torchvision's or mmdetection's layout) initialises the backbone.
+- a checkpoint file: a detector (ours of any family, or mmdetection's, e.g. COCO-trained) initialises every
+  tensor whose name and shape match; the class layer starts fresh when the classes differ. Across families
+  the backbone, FPN and towers match, and the predictors of another family's head (other names) start fresh.
+  A ResNet backbone state dict (torchvision's or mmdetection's layout) initialises the backbone.
 
 Key names are normalised by the torch-free reader (``distill.ckpt_reader``), the same rule the API used
 when the file was uploaded. The :class:`InitReport` says what was loaded and what started fresh; it goes
@@ -22,11 +23,9 @@ import torchvision
 from torch import Tensor
 
 from distill.checkpoint import read_checkpoint, state_dict_of
-from distill.ckpt_layout import backbone_tensors, describe_state, detector_tensors, resnet_layout
-from distill.models.gfl import GFL
+from distill.ckpt_layout import backbone_tensors, class_layer, describe_state, detector_tensors, resnet_layout
+from distill.models.detector import Detector
 from distill.spec import Init, InitCheckpoint, InitPath
-
-CLASS_LAYER = ("bbox_head.gfl_cls.",)
 
 
 @dataclass
@@ -59,7 +58,7 @@ def imagenet_state(depth: int, weights_dir: str | os.PathLike[str] | None = None
     return weights.get_state_dict(progress=False, model_dir=model_dir, weights_only=True)
 
 
-def initialise(model: GFL, init: Init | InitPath, weights_dir: str | os.PathLike[str] | None = None) -> InitReport:
+def initialise(model: Detector, init: Init | InitPath, weights_dir: str | os.PathLike[str] | None = None) -> InitReport:
     """Load ``init`` into ``model`` in place and report what was loaded.
 
     ``init`` is None (from scratch), ``"imagenet"``, or a checkpoint given by local path (the service
@@ -84,7 +83,7 @@ def initialise(model: GFL, init: Init | InitPath, weights_dir: str | os.PathLike
     return _load_detector(model, detector_tensors(state), info, f"detector:{os.path.basename(init.path)}")
 
 
-def _load_backbone(model: GFL, state: dict[str, Tensor], source: str) -> InitReport:
+def _load_backbone(model: Detector, state: dict[str, Tensor], source: str) -> InitReport:
     body = backbone_tensors(state)
     depth, width = resnet_layout(body)
     if (depth, width) != (model.cfg.depth, model.cfg.base_width):
@@ -104,7 +103,7 @@ def _load_backbone(model: GFL, state: dict[str, Tensor], source: str) -> InitRep
     return report
 
 
-def _load_detector(model: GFL, state: dict[str, Tensor], info: dict[str, Any], source: str) -> InitReport:
+def _load_detector(model: Detector, state: dict[str, Tensor], info: dict[str, Any], source: str) -> InitReport:
     own = model.state_dict()
     theirs = info.get("classes")
     ours = model.cfg.classes
@@ -115,7 +114,7 @@ def _load_detector(model: GFL, state: dict[str, Tensor], info: dict[str, Any], s
     for k, v in state.items():
         if k not in own or tuple(v.shape) != tuple(own[k].shape):
             continue
-        if not same_classes and k.startswith(CLASS_LAYER):
+        if not same_classes and k.startswith(class_layer(model.family)):
             continue
         fits[k] = v
     if not same_classes:

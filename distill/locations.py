@@ -1,7 +1,9 @@
-"""Locations of a dense head: one point per feature-map cell, and the preset square anchor around it.
+"""Locations of a dense head: one point per feature-map cell, and the preset anchors around it.
 
 Points sit at ``(x * stride, y * stride)`` (mmdetection's prior generator with ``center_offset = 0``), so
-outputs match mmdetection's GFL exactly. Anchors exist only for label assignment and for finding the VLR.
+outputs match mmdetection's GFL exactly. One-anchor families (GFL, GFocalV2, ATSS, FCOS) have one square
+anchor per point, which exists only for label assignment and for finding the VLR; RetinaNet has nine
+(:func:`retina_anchors`), each with its own outputs. Every family measures box edges from the point.
 """
 
 from __future__ import annotations
@@ -10,6 +12,12 @@ import torch
 from torch import Tensor
 
 ANCHOR_SCALE = 8  # anchor side = 8 x stride (GFL/ATSS "octave_base_scale")
+# RetinaNet's anchors (mmdetection's ``AnchorGenerator`` for RetinaNet): octave base 4, three scales per
+# octave, ratios h/w of 0.5, 1 and 2.
+RETINA_OCTAVE_BASE = 4
+RETINA_SCALES_PER_OCTAVE = 3
+RETINA_RATIOS = (0.5, 1.0, 2.0)
+RETINA_ANCHORS = RETINA_SCALES_PER_OCTAVE * len(RETINA_RATIOS)
 
 
 def grid_locations(
@@ -36,4 +44,23 @@ def grid_locations(
 def square_anchors(points: Tensor, strides: Tensor, scale: float = ANCHOR_SCALE) -> Tensor:
     """``points (A, 2)``, ``strides (A,)`` -> anchors ``(A, 4)`` of side ``scale * stride``."""
     half = (strides * scale / 2)[:, None]
+    return torch.cat([points - half, points + half], dim=-1)
+
+
+def retina_anchor_sizes() -> Tensor:
+    """The nine anchors' ``(w, h)`` in stride units, ``(9, 2)``, in mmdetection's ``AnchorGenerator`` order
+    (``scale_major``: index = ratio * 3 + scale): side ``4 * 2^(i/3)``, width / sqrt(ratio), height x sqrt(ratio)."""
+    scales = RETINA_OCTAVE_BASE * 2 ** (torch.arange(RETINA_SCALES_PER_OCTAVE, dtype=torch.float32) / 3)
+    h_ratios = torch.tensor(RETINA_RATIOS).sqrt()
+    w_ratios = 1 / h_ratios
+    ws = (w_ratios[:, None] * scales[None, :]).reshape(-1)
+    hs = (h_ratios[:, None] * scales[None, :]).reshape(-1)
+    return torch.stack([ws, hs], dim=-1)
+
+
+def retina_anchors(points: Tensor, strides: Tensor) -> Tensor:
+    """``points (L*9, 2)``, ``strides (L*9,)``, each location repeated nine times (anchor-minor, as
+    ``Detector.locations`` gives them) -> RetinaNet's anchors ``(L*9, 4)`` x1y1x2y2 around each point."""
+    sizes = retina_anchor_sizes().to(points.device).repeat(points.shape[0] // RETINA_ANCHORS, 1)
+    half = sizes * strides[:, None] / 2
     return torch.cat([points - half, points + half], dim=-1)

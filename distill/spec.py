@@ -22,17 +22,37 @@ RESNET_LAYERS: dict[int, tuple[tuple[int, int, int, int], bool]] = {
 REG_MAX = 16
 STRIDES = (8, 16, 32, 64, 128)
 
-# name -> (backbone depth, backbone base width, FPN/head channels, stacked convs).
-# ``gfl_tiny`` is a narrow ResNet-18 layout for tests and CPU demos, ``gfl_small`` (4x its parameters) a CPU
-# teacher for it; the rest are torchvision ResNets with the paper's 256-channel FPN and 4 stacked convs.
-ARCHITECTURES: dict[str, tuple[int, int, int, int]] = {
-    "gfl_tiny": (18, 16, 32, 2),
-    "gfl_small": (18, 32, 64, 4),
-    "gfl_r18": (18, 64, 256, 4),
-    "gfl_r34": (34, 64, 256, 4),
-    "gfl_r50": (50, 64, 256, 4),
-    "gfl_r101": (101, 64, 256, 4),
+# The dense detector families (DESIGN section 2): every one regresses edge distributions, on the same ResNet,
+# FPN and towers; they differ in the head, the anchors per location and the assignment.
+FAMILIES = ("gfl", "gflv2", "atss", "fcos", "retina")
+# Anchors per location: RetinaNet's 3 scales x 3 ratios (``distill.locations.retina_anchor_sizes``); the
+# others are anchor-free or one-anchor heads.
+NUM_ANCHORS = {"gfl": 1, "gflv2": 1, "atss": 1, "fcos": 1, "retina": 9}
+
+# size -> (backbone depth, backbone base width, FPN/head channels, stacked convs).
+# ``tiny`` is a narrow ResNet-18 layout for tests and CPU demos, ``small`` (4x its parameters) a CPU teacher
+# for it; the rest are torchvision ResNets with the paper's 256-channel FPN and 4 stacked convs.
+SIZES: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (18, 16, 32, 2),
+    "small": (18, 32, 64, 4),
+    "r18": (18, 64, 256, 4),
+    "r34": (34, 64, 256, 4),
+    "r50": (50, 64, 256, 4),
+    "r101": (101, 64, 256, 4),
 }
+# ``<family>_<size>`` -> the size's layout, e.g. ``gfl_r18``, ``retina_tiny``.
+ARCHITECTURES: dict[str, tuple[int, int, int, int]] = {
+    f"{family}_{size}": layout for family in FAMILIES for size, layout in SIZES.items()
+}
+
+
+def arch_family(arch: str) -> str:
+    """The family of an architecture name (``retina_r50`` -> ``retina``; also our ``gfl_r18_w64_c256`` names
+    for checkpoints whose layout matches no size)."""
+    family = arch.split("_", 1)[0]
+    if family not in FAMILIES:
+        raise ValueError(f"architecture {arch!r} names no detector family; families: {', '.join(FAMILIES)}")
+    return family
 
 
 class _Strict(BaseModel):
@@ -42,12 +62,13 @@ class _Strict(BaseModel):
 # Architectures whose backbone is a torchvision ResNet with ImageNet weights (DESIGN section 2).
 # torchvision's ResNet{depth}_Weights.IMAGENET1K_V1 files (the API checks its cache without torch;
 # tests/test_init.py checks these against torchvision's own table).
-IMAGENET_URLS = {
-    "gfl_r18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
-    "gfl_r34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
-    "gfl_r50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
-    "gfl_r101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+_RESNET_URLS = {
+    "r18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "r34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
+    "r50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "r101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
 }
+IMAGENET_URLS = {f"{family}_{size}": url for family in FAMILIES for size, url in _RESNET_URLS.items()}
 IMAGENET_ARCHS = tuple(IMAGENET_URLS)
 _ID = r"^[a-z]+_[0-9a-z]{8,64}$"  # ids the service makes (a prefix, "_", letters and digits); never a path
 
@@ -68,7 +89,11 @@ Init = Literal["imagenet"] | InitCheckpoint | None
 class StudentSpec(_Strict):
     """The model a job trains: the student of a distillation, or the detector of a ``train`` job."""
 
-    arch: str = Field("gfl_r18", examples=["gfl_r18"])
+    arch: str = Field(
+        "gfl_r18",
+        examples=["gfl_r18", "retina_r50", "fcos_tiny"],
+        description="<family>_<size>: family gfl, gflv2, atss, fcos or retina; size tiny, small, r18, r34, r50 or r101",
+    )
     init: Init = Field(
         None,
         description="null: from scratch; 'imagenet': torchvision's ImageNet weights for the ResNet backbone; "
@@ -406,10 +431,11 @@ def teacher_cache_refusal(job: JobSpec) -> str | None:
     return f"distill.teacher_cache is 'on' but the teacher's outputs cannot be cached: {why}; use 'auto' or 'off'"
 
 
-def arch_config(arch: str) -> dict[str, int | tuple[int, ...]]:
-    """The detector config of a named architecture (``distill.models.gfl.DetectorConfig`` fields)."""
+def arch_config(arch: str) -> dict[str, str | int | tuple[int, ...]]:
+    """The detector config of a named architecture (``distill.models.config.DetectorConfig`` fields)."""
     depth, width, channels, stacked = ARCHITECTURES[arch]
     return {
+        "family": arch_family(arch),
         "depth": depth,
         "base_width": width,
         "channels": channels,
@@ -419,6 +445,7 @@ def arch_config(arch: str) -> dict[str, int | tuple[int, ...]]:
     }
 
 
-def arch_name(depth: int | None, base_width: int, channels: int, stacked_convs: int) -> str | None:
-    """The name of :data:`ARCHITECTURES` with this layout, or None."""
-    return next((n for n, v in ARCHITECTURES.items() if v == (depth, base_width, channels, stacked_convs)), None)
+def arch_name(depth: int | None, base_width: int, channels: int, stacked_convs: int, family: str = "gfl") -> str | None:
+    """The name of :data:`ARCHITECTURES` with this family and layout, or None."""
+    layout = (depth, base_width, channels, stacked_convs)
+    return next((f"{family}_{size}" for size, v in SIZES.items() if v == layout and family in FAMILIES), None)

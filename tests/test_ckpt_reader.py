@@ -103,7 +103,7 @@ def test_neither_detector_nor_backbone_refused(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     path = tmp_path / "classifier_head.pt"
     torch.save({"fc.weight": torch.zeros(3, 4)}, path)
-    with pytest.raises(CheckpointError, match="neither a GFL detector nor a ResNet"):
+    with pytest.raises(CheckpointError, match="neither a detector nor a ResNet"):
         describe_checkpoint(path)
 
 

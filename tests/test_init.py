@@ -22,7 +22,7 @@ MMDET = shared_path("fixtures/mmdet_gfl_r18_c64.pth")
 
 def test_imagenet_table_is_torchvisions():
     for arch, url in IMAGENET_URLS.items():
-        depth = int(arch.removeprefix("gfl_r"))
+        depth = int(arch.rsplit("_r", 1)[1])  # every family: <family>_r18 ... _r101
         assert getattr(torchvision.models, f"ResNet{depth}_Weights").IMAGENET1K_V1.url == url
 
 
