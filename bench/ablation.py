@@ -6,6 +6,7 @@
                                                   # (teacher ~65 min, students ~35 min on the shared 2-core CPU;
                                                   # --teacher RUN/model.pt reuses a teacher)
     python bench/ablation.py --quick              # a 2-minute smoke run of the whole pipeline
+    python bench/ablation.py --regenerate --dataset bccd   # re-judge the stored results, no training
 
 One teacher (a wider and deeper model, ``--teacher-arch``) is trained once; then the student
 (``gfl_tiny``) is trained with each configuration below and each seed, every run through
@@ -23,10 +24,14 @@ The seed changes the student's initialisation and the data order, not the data o
 ``--jobs`` worker processes, each with ``--threads`` torch threads: on a small shared CPU, one thread per
 process avoids OpenMP's spin-waiting under load, which was measured to make a step up to 10x slower.
 
-Writes ``bench/results/ablation[_raccoon|_bccd].md|json|png``: AP, AP50, AP75 mean and standard deviation over
-the seeds, the difference to row a paired by seed, and a verdict on whether each distilled row beats (a) by
->= 2 AP beyond twice the spread, and the best one by >= 3 AP (DESIGN section 7). ``--merge OLD.json`` takes
+Writes ``bench/results/ablation[_raccoon|_bccd].md|json|png`` with their provenance (``report.save``): AP, AP50,
+AP75 mean and standard deviation over the seeds and each row's gain over (a) paired by seed with its 95% interval
+from Student's t, computed by the comparison engine that the studies use (``core.comparison``, ``core.stats``);
+a distilled row meets "+2 AP" when its gain is >= 2 AP and its interval excludes 0 ("inside noise" when the gain
+reaches 2 AP but the interval includes 0), the best one "+3 AP" (DESIGN section 7). ``--merge OLD.json`` takes
 the rows this run did not train from an earlier run of the same settings (and says so in the table).
+``--regenerate`` re-judges the stored summary from its per-seed values and rewrites its files, keeping their
+provenance and the notes written by hand below their generated part.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from ablation_plan import ROWS, Plan, job_spec, prepare_data, run_job, worker_init
-from ablation_report import chart, markdown, summarise
+from ablation_report import chart, markdown, regenerate, summarise
 from report import save
 
 
@@ -79,7 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="an earlier summary (.json) of the same settings: its rows this run does not train are kept",
     )
+    parser.add_argument(
+        "--regenerate",
+        action="store_true",
+        help="re-judge bench/results/<out>.json from its stored per-seed values (no training) and rewrite its files",
+    )
     args = parser.parse_args(argv)
+    out_name = args.out or ("ablation" if args.dataset == "synthetic" else f"ablation_{args.dataset}")
+    if args.regenerate:
+        print(regenerate(out_name).read_text())
+        return 0
 
     plan = Plan(dataset=args.dataset, jobs=args.jobs, threads=args.threads, device=args.device)
     if args.dataset == "raccoon":
@@ -118,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
         plan.object_size = tuple(args.object_size)
     if args.distill:
         plan.distill = json.loads(args.distill)
-    out_name = args.out or ("ablation" if args.dataset == "synthetic" else f"ablation_{args.dataset}")
 
     started = time.monotonic()
     work = args.work or Path(tempfile.mkdtemp(prefix="ld-ablation-"))

@@ -1,5 +1,10 @@
-"""The ablation's figures: the rows' statistics over seeds, their comparison with row (a), the markdown
-table with its verdict and the bar chart (``bench/results/ablation*.md|json|png``).
+"""The ablation's figures, computed by the comparison engine (``core.comparison``, the same as a study's report):
+the rows' statistics over seeds, their gain over row (a) paired by seed with its 95% interval from Student's t,
+the verdicts (DESIGN section 7: a distilled row meets "+2 AP" when its gain is >= 2 AP and its interval excludes 0;
+the best one "+3 AP"), the markdown and the bar chart (``bench/results/ablation*.md|json|png``).
+
+:func:`judge` recomputes every statistic and verdict from the rows' stored per-seed values, so a stored summary is
+re-judged without training (``python bench/ablation.py --regenerate``).
 """
 
 from __future__ import annotations
@@ -11,28 +16,26 @@ from pathlib import Path
 from typing import Any
 
 from ablation_plan import METRICS, ROWS, TERMS, Plan
+from report import RESULTS, provenance, provenance_line, save
 
+from core import comparison
 from distill.spec import METHOD_WEIGHTS
+
+BASELINE = ROWS["a"][0]  # "student alone", the name the studies give the plain student too
+GOALS = {"verdict_2AP": 0.02, "verdict_3AP": 0.03}  # DESIGN section 7: every distilled row; the best one
+NOTES = "## Notes (written by hand after the run)"  # what follows this heading in a results file is kept as it is
 
 
 def summarise(
     plan: Plan, runs: dict[str, list[dict]], teacher: dict, wall_s: float, merged: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The rows' statistics over seeds, their comparison with (a) and the verdict's facts. ``merged``: an
-    earlier summary of the same settings whose rows this run did not train are taken as they are."""
+    """The rows' per-seed values and their judgement (:func:`judge`). ``merged``: an earlier summary of the same
+    settings whose rows this run did not train are taken as they are."""
     from distill.spec import DistillSpec
 
     rows: dict[str, Any] = {}
     for row, results in runs.items():
         by_seed = sorted(results, key=lambda r: r["spec"]["seed"])
-        stats = {}
-        for m in METRICS:
-            values = [r["bbox"][m] for r in by_seed]
-            stats[m] = {
-                "mean": statistics.mean(values),
-                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "values": values,
-            }
         distill_spec = by_seed[0]["spec"].get("distill")
         terms = {}
         if distill_spec is not None:
@@ -43,7 +46,8 @@ def summarise(
         rows[row] = {
             "name": ROWS[row][0],
             "terms": terms,
-            **stats,
+            "seeds": [r["spec"]["seed"] for r in by_seed],
+            **{m: {"values": [r["bbox"][m] for r in by_seed]} for m in METRICS},
             "box_l1_after": statistics.mean(x["box_l1_mean"] for x in diag) if diag else None,
             "cls_l1_after": statistics.mean(cls_diag) if cls_diag else None,
             "wall_s": [r["wall_s"] for r in by_seed],
@@ -53,7 +57,7 @@ def summarise(
             if row not in rows:
                 rows[row] = {**r, "from": merged.get("source", "an earlier run")}
         rows = dict(sorted(rows.items()))
-    compare(rows)
+    judge(rows)
     return {
         "plan": asdict(plan),
         "defaults": DistillSpec().model_dump(),
@@ -63,29 +67,28 @@ def summarise(
     }
 
 
-def compare(rows: dict[str, Any]) -> None:
-    """Adds to every row but (a): ``paired_diff`` (the per-seed AP differences to (a): mean and std) and
-    ``beats_a`` (the gain, the spread = the larger std of the two rows, and whether the gain clears it: by more
-    than the spread; by >= 2 AP and twice the spread; by >= 3 AP and twice the spread, DESIGN section 7)."""
-    if "a" not in rows:
-        return
-    base = rows["a"]
-    for row, r in rows.items():
-        if row == "a":
-            continue
-        diffs = {m: [x - y for x, y in zip(r[m]["values"], base[m]["values"], strict=True)] for m in METRICS}
-        r["paired_diff"] = {
-            m: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0} for m, v in diffs.items()
-        }
-        spread = max(base["AP"]["std"], r["AP"]["std"])
-        gain = r["paired_diff"]["AP"]["mean"]
-        r["beats_a"] = {
-            "AP_gain": gain,
-            "spread": spread,
-            "by_more_than_spread": gain > spread,
-            "by_2AP_and_twice_spread": gain >= 0.02 and gain > 2 * spread,
-            "by_3AP_and_twice_spread": gain >= 0.03 and gain > 2 * spread,
-        }
+def per_seed(rows: dict[str, Any]) -> dict[str, dict[int, dict[str, float]]]:
+    """The engine's input: row name -> {seed: {AP, AP50, AP75}} from the rows' stored values (in seed order;
+    summaries written before rows recorded their seeds ran seeds 0..n-1)."""
+    out = {}
+    for r in rows.values():
+        seeds = r.get("seeds") or list(range(len(r["AP"]["values"])))
+        out[r["name"]] = {s: {m: r[m]["values"][i] for m in METRICS} for i, s in enumerate(seeds)}
+    return out
+
+
+def judge(rows: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every row's statistics, gain over (a) and verdicts, recomputed by the engine from its per-seed values and
+    written into the row (the judgement of earlier rules, ``paired_diff`` and ``beats_a``, goes). Returns the
+    engine's rows, in the same order."""
+    compared = comparison.compare(per_seed(rows), BASELINE)
+    for r, c in zip(rows.values(), compared, strict=True):
+        r.pop("paired_diff", None)
+        r.pop("beats_a", None)
+        r.update({m: c[m] for m in METRICS}, seeds=c["seeds"], gain=c["gain"], significant=c["significant"])
+        for key, goal in GOALS.items():
+            r[key] = comparison.verdict(c, goal)
+    return compared
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -121,61 +124,56 @@ def markdown(summary: dict[str, Any]) -> str:
         f"Whole run: {summary['wall_s'] / 60:.1f} min on {plan['device']} ({plan['jobs']} process(es) x "
         f"{plan['threads']} thread(s)).",
         "",
-        "| row | " + " | ".join(TERMS[k] for k in used) + " | AP | AP50 | AP75 | AP - AP(a), paired by seed "
-        "| box L1 to teacher |",
-        "|---|" + ":-:|" * len(used) + "---:|---:|---:|---:|---:|",
+    ]
+    if summary.get("provenance"):
+        lines.append(provenance_line(summary["provenance"]))
+    lines += [
+        "",
+        "| row | " + " | ".join(TERMS[k] for k in used) + " | box L1 to teacher |",
+        "|---|" + ":-:|" * len(used) + "---:|",
     ]
     for row, r in rows.items():
         t = r["terms"]
         marks = [f"{t[k]:g}" if t.get(k, 0) > 0 else "" for k in used]
-        cells = [f"{100 * r[m]['mean']:.1f} ± {100 * r[m]['std']:.1f}" for m in METRICS]
-        diff = r.get("paired_diff", {}).get("AP")
-        diff_cell = f"{100 * diff['mean']:+.1f} ± {100 * diff['std']:.1f}" if diff else ""
         box = f"{r['box_l1_after']:.3f}" if r["box_l1_after"] is not None else ""
-        name = r["name"] + (" *" if r.get("from") else "")
         lines.append(
-            f"| ({row}) {name} | "
-            + " | ".join(marks)
-            + (" | " if marks else "")
-            + " | ".join(cells)
-            + f" | {diff_cell} | {box} |"
+            f"| ({row}) {r['name']}{' *' if r.get('from') else ''} | " + "".join(m + " | " for m in marks) + f"{box} |"
         )
     lines += [
         "",
-        "Term columns: the weight of each term a row switches on. AP in percent, mean ± standard "
-        "deviation over seeds. Box L1: mean L1 distance between the student's and the teacher's edge "
-        "distributions on the validation images after training (paper fig. 4; in [0, 2]).",
+        "Term columns: the weight of each term a row switches on. Box L1: mean L1 distance between the student's and "
+        "the teacher's edge distributions on the validation images after training (paper fig. 4; in [0, 2]).",
     ]
     merged = sorted({r["from"] for r in rows.values() if r.get("from")})
     if merged:
         lines.append(
             f"Rows marked * were not trained in this run: they come from {', '.join(merged)} (same settings and seeds)."
         )
-    lines.append("")
-    lines.append("## Verdict")
-    lines.append("")
+    lines += [
+        "",
+        f"Compared with (a) {BASELINE} by the comparison engine (``core.comparison``, as in a study's report):",
+        "",
+    ]
+    lines += comparison.table(engine_rows(summary))
+    lines += ["", comparison.CAPTION, "", "## Verdict", ""]
     if "a" in rows:
         lead = teacher["bbox"]["AP"] - rows["a"]["AP"]["mean"]
         lines.append(f"- Teacher vs (a): the teacher leads the student alone by {100 * lead:+.1f} AP (wanted: >= 5).")
     for row, r in rows.items():
-        if "beats_a" in r and row in "deghi":
-            b = r["beats_a"]
-            ok = "yes" if b["by_more_than_spread"] else "NO"
-            ok2 = "yes" if b.get("by_2AP_and_twice_spread") else "NO"
+        if r.get("gain"):
             lines.append(
-                f"- ({row}) {r['name']} vs (a): AP gain {100 * b['AP_gain']:+.1f} points (paired by seed), "
-                f"spread (larger std of the two rows) {100 * b['spread']:.1f}: above (a) by more than the "
-                f"spread: **{ok}**; by >= 2 AP and more than twice the spread (DESIGN section 7): **{ok2}**."
+                f"- ({row}) {r['name']} vs (a): gain {comparison.gain_cell(r)} AP, 95% interval "
+                f"{comparison.interval_cell(r)}, paired over {r['gain']['n']} seeds: significant: "
+                f"**{ {None: '-', True: 'yes', False: 'no'}[r['significant']] }**; "
+                f"+2 AP (DESIGN section 7): **{r['verdict_2AP']}**."
             )
-    distilled = {row: r for row, r in rows.items() if "beats_a" in r}
+    distilled = {row: r for row, r in rows.items() if r.get("gain")}
     if distilled:
-        best = max(distilled, key=lambda row: distilled[row]["beats_a"]["AP_gain"])
-        b = distilled[best]["beats_a"]
-        ok3 = "yes" if b.get("by_3AP_and_twice_spread") else "NO"
+        best = max(distilled, key=lambda row: distilled[row]["gain"]["mean"])
+        r = distilled[best]
         lines.append(
-            f"- Best row: ({best}) {distilled[best]['name']}, {100 * b['AP_gain']:+.1f} AP over (a) "
-            f"(spread {100 * b['spread']:.1f}): >= 3 AP and more than twice the spread (DESIGN section 7, "
-            f"the best method): **{ok3}**."
+            f"- Best row: ({best}) {r['name']}, {comparison.gain_cell(r)} AP over (a), interval "
+            f"{comparison.interval_cell(r)}: +3 AP (DESIGN section 7, the best method): **{r['verdict_3AP']}**."
         )
     order = [r for r in ("a", "c", "d", "e") if r in rows]
     if len(order) > 1:
@@ -189,31 +187,44 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def engine_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The summary's rows as the comparison engine's rows (named as a study names them)."""
+    return [{**r, "row": r["name"]} for r in summary["rows"].values()]
+
+
 def chart(summary: dict[str, Any], path: Path) -> None:
+    """The engine's bars, one figure (``ablation*.png``)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    rows = summary["rows"]
-    labels = [f"({k}) {v['name']}" for k, v in rows.items()]
-    fig, ax = plt.subplots(figsize=(max(9, 1.2 * len(rows)), 4.5))
-    width = 0.27
-    for i, m in enumerate(METRICS):
-        xs = [j + (i - 1) * width for j in range(len(rows))]
-        ax.bar(
-            xs,
-            [100 * r[m]["mean"] for r in rows.values()],
-            width,
-            yerr=[100 * r[m]["std"] for r in rows.values()],
-            capsize=3,
-            label=m,
-        )
-    ax.axhline(100 * summary["teacher"]["bbox"]["AP"], color="k", ls="--", lw=1, label="teacher AP")
-    ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("percent")
-    ax.set_title(f"Distillation ablation ({summary['plan']['dataset']}, {summary['plan']['seeds']} seeds, mean ± std)")
-    ax.legend(fontsize=8)
+    rows = [{**r, "row": f"({k}) {r['name']}"} for k, r in summary["rows"].items()]
+    fig = Figure(figsize=(max(9, 1.2 * len(rows)), 4.5), dpi=110)
+    ax = fig.subplots()
+    plan = summary["plan"]
+    comparison.draw(
+        ax, rows, f"Distillation ablation ({plan['dataset']}, {plan['seeds']} seeds)", summary["teacher"]["bbox"]["AP"]
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.savefig(path, metadata={"Software": None})
+
+
+def regenerate(name: str) -> Path:
+    """Re-judge ``bench/results/<name>.json`` from its stored per-seed values (no training) and rewrite its
+    ``.json``, ``.md`` and ``.png``. The provenance of the measurement is kept, with a note of this re-judgement;
+    the markdown's hand-written notes (from :data:`NOTES` on) are kept as they are. The ``.md`` path."""
+    summary = json.loads((RESULTS / f"{name}.json").read_text())
+    if "provenance" not in summary:
+        raise SystemExit(f"{name}.json has no provenance: add the commit, date, machine and load it was measured at")
+    now = provenance()
+    summary["provenance"]["note"] = (
+        f"Verdicts re-judged from the stored per-seed values (core.stats, paired 95% t interval) at commit "
+        f"{now['commit']} on {now['date']}."
+    )
+    judge(summary["rows"])
+    old = (RESULTS / f"{name}.md").read_text()
+    text = markdown(summary) + ("\n" + old[old.index(NOTES) :] if NOTES in old else "")
+    md_path = save(name, summary, text)
+    chart(summary, md_path.with_suffix(".png"))
+    return md_path

@@ -1,19 +1,16 @@
 """A study's report (``core.studies``): one row per method row, computed from its ended jobs. Torch-free.
 
-For each row, over the seeds whose job succeeded:
+The rows, their statistics over seeds, the gain over the plain student paired by seed with its 95% interval
+from Student's t, ``significant`` (the interval excludes 0) and the comparison table and bars are the comparison
+engine's (``core.comparison``, the same as ``bench/ablation.py``'s). This module adds, per row:
 
-- AP, AP50, AP75: mean, sample standard deviation (0 with one seed) and n;
-- the gain over the plain student, paired by seed (row's AP minus the plain student's AP with the same seed,
-  over the seeds where both succeeded): mean and standard deviation of those differences;
-- ``significant``: whether the mean gain exceeds twice the spread, the spread being the larger standard deviation
-  of the two rows' APs (the verdict DESIGN section 7 and bench/ablation.py use); None with fewer than two pairs,
-  where there is no spread to compare against;
 - the paper's figure 4 diagnostics after distillation (per FPN level L1 errors between teacher and student),
   averaged over seeds;
 - its best seed (highest AP) and that job's model; and the jobs that did not succeed, with their error.
 
-The recommended model is the best seed of the row with the highest mean AP. ``write`` renders report.md (a
-table) and report.png (matplotlib, Agg) and replaces each atomically (``distill.files``).
+The recommended model is the best seed of the row with the highest mean AP. ``write`` renders report.md (the
+engine's table, then the models and figure 4) and report.png (matplotlib, Agg) and replaces each atomically
+(``distill.files``).
 """
 
 from __future__ import annotations
@@ -23,17 +20,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from core import comparison
 from distill.files import atomic_write_bytes, atomic_write_text, ensure_room
 
-PLAIN_ROW = "student alone"  # the plain student's row (no distillation)
-METRICS = ("AP", "AP50", "AP75")
-
-
-def _stats(values: list[float]) -> dict[str, Any]:
-    if not values:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}  # fmt: skip
+PLAIN_ROW = "student alone"  # the plain student's row (no distillation): the comparison's baseline
 
 
 def _bbox(m: dict[str, Any]) -> dict[str, Any] | None:
@@ -71,24 +61,13 @@ def build(study_id: str, members: list[dict[str, Any]]) -> dict[str, Any]:
     for m in members:
         if m["row"] not in order:
             order.append(m["row"])
-    plain_ap = {m["seed"]: b["AP"] for m in members if m["row"] == PLAIN_ROW and (b := _bbox(m))}
-    plain_std = _stats(list(plain_ap.values()))["std"]
+    per_seed = {name: {m["seed"]: _bbox(m) for m in members if m["row"] == name and _bbox(m)} for name in order}
+    compared = {r["row"]: r for r in comparison.compare(per_seed, PLAIN_ROW)}  # type: ignore[arg-type]
     rows, failures = [], []
     for name in order:
         mine = [m for m in members if m["row"] == name]
         ok = [m for m in mine if _bbox(m)]
-        row: dict[str, Any] = {"row": name, "method": mine[0]["method"]}
-        for key in METRICS:
-            row[key] = _stats([float(_bbox(m).get(key) or 0.0) for m in ok])  # type: ignore[union-attr]
-        row["gain"] = row["significant"] = None
-        if name != PLAIN_ROW:
-            diffs = [_bbox(m)["AP"] - plain_ap[m["seed"]] for m in ok if m["seed"] in plain_ap]  # type: ignore[index]
-            if diffs:
-                gain = _stats(diffs)
-                row["gain"] = {"mean": gain["mean"], "std": gain["std"], "pairs": gain["n"]}
-                if len(diffs) > 1:
-                    spread = max(row["AP"]["std"] or 0.0, plain_std or 0.0)
-                    row["significant"] = bool(gain["mean"] > 2 * spread)
+        row: dict[str, Any] = {"row": name, "method": mine[0]["method"], **compared[name]}
         row["diagnostics"] = _diagnostics(ok) if name != PLAIN_ROW else None
         best = max(ok, key=lambda m: _bbox(m)["AP"], default=None)  # type: ignore[index]
         row["best"] = (
@@ -118,13 +97,6 @@ def build(study_id: str, members: list[dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- files
 
 
-def _pct(s: dict[str, Any] | None) -> str:
-    """A mean ± std of AP-like values (0-1) in AP points."""
-    if not s or s.get("mean") is None:
-        return "-"
-    return f"{100 * s['mean']:.1f} ± {100 * (s.get('std') or 0.0):.1f}"
-
-
 def markdown(study: dict[str, Any], report: dict[str, Any]) -> str:
     spec = study.get("spec") or {}
     title = study.get("name") or study["id"]
@@ -132,25 +104,17 @@ def markdown(study: dict[str, Any], report: dict[str, Any]) -> str:
         f"# Study {title}",
         "",
         f"Student {spec.get('student', {}).get('arch')}, dataset {spec.get('dataset')}, "
-        f"{spec.get('seeds')} seed(s), {spec.get('schedule', {}).get('epochs')} epoch(s). "
-        "AP in points (COCO AP x 100), mean ± std over the seeds that succeeded; gain paired by seed against "
-        "the student alone; significant when the gain exceeds twice the larger std of the two rows.",
+        f"{spec.get('seeds')} seed(s), {spec.get('schedule', {}).get('epochs')} epoch(s); the baseline is the "
+        f"{PLAIN_ROW}. {comparison.CAPTION}",
         "",
     ]
     if report.get("teacher_AP") is not None:
         lines += [f"Teacher AP on the same validation split: {100 * report['teacher_AP']:.1f}", ""]
-    lines += [
-        "| row | method | AP | AP50 | AP75 | seeds | gain (AP) | > 2x spread | best model |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    lines += comparison.table(report["rows"])
+    lines += ["", "| row | method | best model |", "| --- | --- | --- |"]
     for r in report["rows"]:
-        sig = {None: "-", True: "yes", False: "no"}[r["significant"]]
         best = f"{r['best']['model_id']} (seed {r['best']['seed']})" if r["best"] else "-"
-        gain = "-" if r["gain"] is None else f"{100 * r['gain']['mean']:+.1f} ± {100 * r['gain']['std']:.1f}"
-        lines.append(
-            f"| {r['row']} | {r['method'] or '-'} | {_pct(r['AP'])} | {_pct(r['AP50'])} | {_pct(r['AP75'])} "
-            f"| {r['AP']['n']} | {gain} | {sig} | {best} |"
-        )
+        lines.append(f"| {r['row']} | {r['method'] or '-'} | {best} |")
     diag = [r for r in report["rows"] if r["diagnostics"]]
     if diag:
         lines += ["", "Figure 4 after distillation: mean L1 error between teacher and student on the validation set "
@@ -182,7 +146,8 @@ def markdown(study: dict[str, Any], report: dict[str, Any]) -> str:
 
 
 def chart(study: dict[str, Any], report: dict[str, Any]) -> bytes:
-    """PNG: AP, AP50 and AP75 per row (mean ± std) and, for the distilled rows, figure 4's box L1 per level."""
+    """PNG: the comparison engine's bars (AP, AP50, AP75 per row, the paired gain with its 95% interval) and, for
+    the distilled rows, figure 4's box L1 per level."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,22 +156,7 @@ def chart(study: dict[str, Any], report: dict[str, Any]) -> bytes:
     rows = report["rows"]
     fig = Figure(figsize=(11, 4.2), dpi=100)
     ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
-    width = 0.8 / len(METRICS)
-    for k, key in enumerate(METRICS):
-        means = [100 * (r[key]["mean"] or 0.0) for r in rows]
-        stds = [100 * (r[key]["std"] or 0.0) for r in rows]
-        ax.bar([i + (k - 1) * width for i in range(len(rows))], means, width, yerr=stds, capsize=3, label=key)
-    for i, r in enumerate(rows):  # the paired gain over the student alone above each AP bar; * beyond 2x spread
-        if r["gain"] is not None:
-            top = 100 * ((r["AP"]["mean"] or 0.0) + (r["AP"]["std"] or 0.0))
-            ax.annotate(f"{100 * r['gain']['mean']:+.1f}{' *' if r['significant'] else ''}", (i - width, top),
-                        xytext=(0, 3), textcoords="offset points", ha="center", fontsize=8)  # fmt: skip
-    ax.set_xticks(range(len(rows)), [r["row"] + ("" if r["AP"]["n"] else "\n(no result)") for r in rows],
-                  rotation=15, ha="right")  # fmt: skip
-    ax.set_ylabel("COCO AP x 100 (mean ± std over seeds)")
-    ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1]))
-    ax.set_title(f"Study {study.get('name') or study['id']}: gain vs alone, * beyond 2x spread", fontsize=10)
-    ax.legend(fontsize=8)
+    comparison.draw(ax, rows, f"Study {study.get('name') or study['id']}")
     drawn: list[int] = []
     for r in rows:
         d = r["diagnostics"]

@@ -1,7 +1,8 @@
 """Studies (issue 11): the plain student and each method over seeds, run as ordinary jobs, then a report.
 
-- the report's numbers on hand-made job results (means, sample std, gains paired by seed, the twice-the-spread
-  verdict, figure 4 averages, failures, the recommended model) and its files;
+- the report's numbers on hand-made job results (means, sample std, gains paired by seed with their 95% t
+  interval worked by hand, significance = the interval excludes 0, figure 4 averages, failures, the recommended
+  model) and its files;
 - a study's plan and the bodies it refuses;
 - on a store alone (no worker): refusals (a job check, the tenant's limit) store nothing, Idempotency-Key, a study
   cancelled while all its jobs are queued finishes at once, and jobs that ended without a worker's hook finish
@@ -85,15 +86,28 @@ def test_report_numbers_and_files(tmp_path: Path) -> None:
     rows = {r["row"]: r for r in report["rows"]}
     assert list(rows) == [PLAIN_ROW, "ld", "weak"]
 
-    assert rows[PLAIN_ROW]["AP"] == {"mean": statistics.mean(plain), "std": statistics.stdev(plain), "n": 3}
+    assert rows[PLAIN_ROW]["AP"] == {"mean": statistics.mean(plain), "std": statistics.stdev(plain), "n": 3,
+                                     "values": plain}  # fmt: skip
     assert rows[PLAIN_ROW]["gain"] is None and rows[PLAIN_ROW]["diagnostics"] is None
     assert rows["ld"]["AP"]["n"] == 2 and rows["ld"]["AP75"]["mean"] == pytest.approx(0.305)
     diffs = [0.40 - 0.30, 0.41 - 0.34]  # paired by seed; seed 2 has no pair
     assert rows["ld"]["gain"]["mean"] == pytest.approx(statistics.mean(diffs))
     assert rows["ld"]["gain"]["std"] == pytest.approx(statistics.stdev(diffs)) and rows["ld"]["gain"]["pairs"] == 2
-    spread = max(statistics.stdev([0.40, 0.41]), statistics.stdev(plain))
-    assert rows["ld"]["significant"] is (statistics.mean(diffs) > 2 * spread) is True
-    assert rows["weak"]["significant"] is False  # +1 AP with a 2 AP spread
+    # Two pairs: t(0.975, 1) = 12.706, so +8.5 AP with sd 2.1 is +8.5 ± 19.1: the interval holds 0.
+    assert rows["ld"]["gain"]["half_width"] == pytest.approx(12.7062 * statistics.stdev(diffs) / 2**0.5, rel=1e-4)
+    assert rows["ld"]["significant"] is False
+    assert rows["weak"]["significant"] is False  # +1.3 ± 1.4 (t(0.975, 2) = 4.303, sd 0.58)
+    # Three pairs of +10, +11, +9 AP: +10 ± 4.303 * 1 / sqrt(3) = +10 ± 2.48, significant.
+    kd_ap = [ap + d for ap, d in zip(plain, [0.10, 0.11, 0.09], strict=True)]
+    strong = study_report.build(
+        "st_s", [job(PLAIN_ROW, s, ap) for s, ap in enumerate(plain)] + [job("kd", s, ap) for s, ap in enumerate(kd_ap)]
+    )
+    kd = strong["rows"][1]
+    assert kd["significant"] is True and kd["gain"]["half_width"] == pytest.approx(0.02484, abs=1e-5)
+    assert (kd["gain"]["low"], kd["gain"]["high"]) == (
+        pytest.approx(0.07516, abs=1e-5),
+        pytest.approx(0.12484, abs=1e-5),
+    )
     assert rows["ld"]["diagnostics"]["box_l1"] == pytest.approx([0.15, 0.2]) and rows["ld"]["diagnostics"]["seeds"] == 2
     assert rows["ld"]["diagnostics"]["cls_l1"] is None  # no class pairs: unknown, not 0
     assert rows["ld"]["best"] == {"seed": 1, "job_id": "job_ld1", "model_id": "mdl_ld1", "AP": 0.41}
@@ -112,7 +126,8 @@ def test_report_numbers_and_files(tmp_path: Path) -> None:
     study = {"id": "st_0123456789abcdef", "name": "unit", "spec": {"seeds": 3}}
     study_report.write(tmp_path / "st", study, report)
     md = (tmp_path / "st" / "report.md").read_text()
-    assert "| ld | ld | 40.5 ± 0.7 |" in md and "| +8.5 ± 2.1 | yes |" in md
+    assert "| ld | 40.5 ± 0.7 | 60.5 ± 0.7 | 30.5 ± 0.7 | 2 | +8.5 ± 19.1 (sd 2.1) | [-10.6, +27.6] | no |" in md
+    assert "| ld | ld | mdl_ld1 (seed 1) |" in md and "95% interval from Student's t" in md
     assert "mdl_ld1" in md and "job_ld2 failed" in md
     png = (tmp_path / "st" / "report.png").read_bytes()
     assert png.startswith(PNG) and len(png) > 5000
