@@ -7,7 +7,7 @@ Every field but ``kind`` and ``dataset`` has a default; unknown fields are refus
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -188,6 +188,8 @@ class GFLWeights(_Strict):
 
 
 Method = Literal["ld", "crosskd", "bckd", "tbr", "fitnets"]
+# Feature imitation on the FPN levels (paper table 3, and PKD): distill.losses.imitation.
+IMITATION_TERMS = ("fitnets", "inside_gt", "main_region", "fine_grained", "defeat", "gi", "pkd")
 
 # The weights each method switches on by default (every other distillation weight defaults to 0). A job may
 # set any weight whatever its method, so combinations (CrossKD + VLR LD, BCKD + Main LD) are ordinary jobs.
@@ -219,7 +221,13 @@ class LossWeights(_Strict):
     bckd_cls: float | None = Field(None, ge=0, description="BCKD: binary classification distillation")
     bckd_loc: float | None = Field(None, ge=0, description="BCKD: GIoU to the teacher's boxes")
     tbr: float | None = Field(None, ge=0, description="TBR: teacher-bounded pseudo-box regression")
-    fitnets: float | None = Field(None, ge=0, description="FitNets: FPN feature imitation")
+    fitnets: float | None = Field(None, ge=0, description="FitNets: FPN feature imitation, whole maps")
+    inside_gt: float | None = Field(None, ge=0, description="feature imitation inside the ground-truth boxes")
+    main_region: float | None = Field(None, ge=0, description="feature imitation in the Main region")
+    fine_grained: float | None = Field(None, ge=0, description="Fine-Grained feature imitation (near objects)")
+    defeat: float | None = Field(None, ge=0, description="DeFeat: imitation inside and outside the boxes apart")
+    gi: float | None = Field(None, ge=0, description="GI imitation: where teacher and student disagree most")
+    pkd: float | None = Field(None, ge=0, description="PKD: imitation of channel-normalised features (Pearson)")
 
     def filled(self, method: str) -> LossWeights:
         """These weights with every weight left out set to ``method``'s default."""
@@ -260,6 +268,12 @@ class DistillSpec(_Strict):
         "auto",
         description="reuse the teacher's outputs per (image, flip) across epochs: 'auto' where the "
         "schedule and terms allow it, 'on' refuses a job where they do not, 'off' never",
+    )
+    allow_teacher_overlap: bool = Field(
+        False,
+        description="run even though the teacher was trained on some of this job's validation images (matched "
+        "by content): its AP there is inflated and distillation passes their labels on, so the job is refused "
+        "unless this is true; recorded in the job's metrics (teacher_overlap) and shown in study reports",
     )
 
     @model_validator(mode="after")
@@ -355,7 +369,13 @@ class JobSpec(_Strict):
     kind: Literal["train", "distill"]
     name: str | None = Field(None, max_length=200)
     dataset: str = Field(..., pattern=_ID, description="dataset id (from POST /v1/datasets)")
-    val_split: float = Field(0.2, ge=0, lt=1, description="used when the dataset has no split of its own")
+    val_split: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="deprecated: a data set's split is fixed at upload (POST /v1/datasets val_split, split_seed) "
+        "and the same for every job; a value other than the data set's is refused (422 split_conflict)",
+    )
     student: StudentSpec = Field(default_factory=StudentSpec)
     teacher: TeacherSpec | None = None
     loss: GFLWeights = Field(default_factory=GFLWeights)
@@ -385,6 +405,13 @@ class LocalJobSpec(JobSpec):
     dataset: str = Field(..., min_length=1, description="a local dataset folder")
     student: LocalStudentSpec = Field(default_factory=LocalStudentSpec)
     teacher: LocalTeacherSpec | None = None  # type: ignore[assignment]
+    # A folder whose images name no validation or test split is split by a draw of val_split seeded by
+    # split_seed (distill.data.annotations.split), never by the training seed; the service passes its data set's.
+    val_split: float = Field(0.2, ge=0, lt=1)  # type: ignore[assignment]
+    split_seed: int = Field(0, ge=0, le=2**31 - 1)
+    # What the job check found about the teacher's training images and this job's validation images
+    # (core.checks.teacher_overlap); training copies it into metrics["teacher_overlap"].
+    teacher_overlap: dict[str, Any] | None = None
 
 
 def teacher_cache_blocker(job: JobSpec) -> str | None:
@@ -401,8 +428,8 @@ def teacher_cache_blocker(job: JobSpec) -> str | None:
         )
     if w("crosskd_cls") > 0 or w("crosskd_reg") > 0:
         return "CrossKD passes the student's features through the teacher's head: its outputs change every step"
-    if w("fitnets") > 0:
-        return "FitNets imitates the teacher's FPN features, which the cache does not hold"
+    if on := [n for n in IMITATION_TERMS if w(n) > 0]:
+        return f"feature imitation ({', '.join(on)}) reads the teacher's FPN features, which the cache does not hold"
     return None
 
 
