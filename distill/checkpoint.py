@@ -26,6 +26,7 @@ from distill.ckpt_reader import CheckpointError, InertUnpickler
 from distill.files import atomic_write
 from distill.models.config import DetectorConfig
 from distill.models.detector import Detector
+from distill.models.standard import StandardDetector, load_standard
 from distill.spec import ARCHITECTURES, arch_config
 
 FORMAT = "ld-service/1"
@@ -133,9 +134,10 @@ def infer_config(state: dict[str, Tensor], meta: dict[str, Any] | None = None) -
 
 def load_detector(
     source: str | os.PathLike | dict[str, Any], device: str | torch.device = "cpu", *, name: str | None = None
-) -> Detector:
+) -> Detector | StandardDetector:
     """An eval-mode detector of any family from a project checkpoint (a config without ``family`` is a GFL)
-    or an mmdetection GFL/GFocalV2 checkpoint with distributions: a file, or the dict
+    or an mmdetection GFL/GFocalV2 checkpoint with distributions, or mmdetection's standard RetinaNet, FCOS or
+    ATSS as trained (``distill.models.standard``; ``spread_teacher`` makes one a teacher): a file, or the dict
     ``read_checkpoint`` returned (so a caller that also wants ``checkpoint_meta`` reads the file once).
     ``name`` labels errors about a dict."""
     ckpt = source if isinstance(source, dict) else read_checkpoint(source)
@@ -145,6 +147,8 @@ def load_detector(
         cfg = DetectorConfig.from_dict(ckpt["config"])  # also the inference settings we saved
         arch = ckpt.get("arch")
     else:
+        if (info := infer_architecture(state, _plain_meta(ckpt))).get("form") == "standard":
+            return load_standard(state, info, path).to(device)  # mmdetection's RetinaNet/FCOS/ATSS as trained
         cfg = infer_config(state, _plain_meta(ckpt))
         arch = infer_architecture(state)["name"] or f"{cfg.family}_r{cfg.depth}_w{cfg.base_width}_c{cfg.channels}"
     model = Detector(cfg, arch)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from distill.ckpt_reader import CheckpointError, read_checkpoint
+from distill.mmdet_standard import standard_form
 from distill.spec import FAMILIES, NUM_ANCHORS, RESNET_LAYERS, arch_name
 
 DETECTOR_PARTS = ("backbone.", "neck.", "bbox_head.")
@@ -28,6 +29,8 @@ PREDICTORS: dict[str, tuple[str, str]] = {
     "fcos": ("conv_cls", "conv_reg"),
     "retina": ("retina_cls", "retina_reg"),
 }
+# The quality branch of the families that have one (GFocalV2's DGQP, FCOS's and ATSS's centerness).
+QUALITY_LAYERS: dict[str, str] = {"gflv2": "reg_conf", "atss": "atss_centerness", "fcos": "conv_centerness"}
 _GFLV2_KEY = "bbox_head.reg_conf.0.weight"
 
 
@@ -161,6 +164,9 @@ def infer_architecture(sd: dict[str, T], meta: dict[str, Any] | None = None) -> 
         "num_params": sum(_numel(t.shape) for t in det.values()),
     }
     info["name"] = arch_name(depth, width or 0, info["channels"], stacked, family)
+    if info["reg_max"] == 0 and info["source"] == "mmdetection":
+        # One number per edge: mmdetection's standard RetinaNet/FCOS/ATSS (form, options from its config text).
+        info.update(standard_form(det, meta, info))
     return info
 
 

@@ -172,7 +172,11 @@ def standard_form(det: dict[str, Any], meta: dict[str, Any] | None, info: dict[s
         assumed.append("relu_before_extra")
     options["relu_before_extra"] = bool(neck.get("relu_before_extra_convs", relu_default))
     extra_in = tuple(det["neck.fpn_convs.3.conv.weight"].shape)[1] if "neck.fpn_convs.3.conv.weight" in det else None
-    options["extra_on_input"] = neck.get("add_extra_convs") == "on_input" or extra_in not in (None, info["channels"])
+    # 2.x also wrote add_extra_convs=True with extra_convs_on_inputs (default True) for 'on_input'.
+    on_input = neck.get("add_extra_convs") == "on_input" or (
+        neck.get("add_extra_convs") is True and neck.get("extra_convs_on_inputs", True)
+    )
+    options["extra_on_input"] = bool(on_input) or extra_in not in (None, info["channels"])
     options["tower_norm"] = "bbox_head.cls_convs.0.gn.weight" in det
     norm_cfg = head.get("norm_cfg") if isinstance(head.get("norm_cfg"), dict) else {}
     options["gn_groups"] = int(norm_cfg.get("num_groups", 32))
