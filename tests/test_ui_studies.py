@@ -6,8 +6,8 @@ The study is submitted when the module starts, so it runs while the other tests 
 shows it with its progress and the form renders (no console errors); a bad field gets the server's own 4xx message
 beside the form, and nothing is created; a study started through the form opens its page with its jobs, and its
 cancel button ends every one of them; the running study's page follows its jobs until the report exists, then shows
-the table (mean ± std, the paired gain and its verdict), the chart (SVG bars with error bars), the recommended
-model's link (which opens that model's page) and the report files' links. Screenshots go to the test's
+the table (mean ± std, the paired gain with its 95% interval and verdict), the chart (SVG bars with error bars),
+the recommended model's link (which opens that model's page) and the report files' links. Screenshots go to the test's
 ``tmp_path`` (``bench/results/ui/studies-*.png`` hold copies).
 
 Skipped, with the reason, where Chromium, chromedriver, Selenium or torch are missing.
@@ -184,11 +184,13 @@ def test_study_page_follows_its_jobs_to_the_report(
         text = rows[r["row"]]
         if r["AP"] and r["AP"]["mean"] is not None:
             assert f"{100 * r['AP']['mean']:.1f} ± {100 * r['AP']['std']:.1f} %" in text, (text, r["AP"])
-        want = {True: "significant (> 2× spread)", False: "within noise", None: None}[r["significant"]]
-        if want:
-            assert want in text, (text, r)
-        elif r["gain"]:  # one seed: a gain, but no spread to judge it by
-            assert "no spread to judge by" in text, (text, r)
+        want = {True: "significant (interval excludes 0)", False: "inside noise (interval includes 0)", None: None}
+        if want[r["significant"]]:
+            assert want[r["significant"]] in text, (text, r)
+            g = r["gain"]  # the page shows the interval it judges by
+            assert f"± {100 * g['half_width']:.1f}" in text and f"{abs(100 * g['high']):.1f}]" in text, (text, g)
+        elif r["gain"]:  # one seed: a gain, but no interval to judge it by
+            assert "no interval to judge by" in text, (text, r)
     assert "baseline" in rows["student alone"]
 
     # The chart: a bar and an error bar per row with a result, drawn in SVG.

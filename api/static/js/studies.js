@@ -256,19 +256,27 @@ function spread(stat) {
   return `${(100 * stat.mean).toFixed(1)} ± ${(100 * (stat.std || 0)).toFixed(1)} %`;
 }
 
+function signed(v) {
+  return `${v >= 0 ? "+" : "−"}${Math.abs(v).toFixed(1)}`;
+}
+
+// The gain as the server judged it (core/stats.py): mean ± the half-width of its 95% interval from Student's t on
+// the per-seed differences, and the interval itself; one pair has a mean but no interval.
 function gain(row) {
   const g = row.gain;
   if (!g || typeof g.mean !== "number") return row.row === PLAIN ? "baseline" : "—";
   const d = 100 * g.mean;
-  return h("span", { class: `delta ${d > 0 ? "up" : d < 0 ? "down" : ""}` },
-    `${d >= 0 ? "+" : "−"}${Math.abs(d).toFixed(1)} ± ${(100 * (g.std || 0)).toFixed(1)}`,
-    h("span", { class: "muted" }, ` (${g.pairs} pair${g.pairs === 1 ? "" : "s"})`));
+  const half = typeof g.half_width === "number" ? ` ± ${(100 * g.half_width).toFixed(1)}` : "";
+  const range = typeof g.low === "number" && typeof g.high === "number"
+    ? ` 95% interval [${signed(100 * g.low)}, ${signed(100 * g.high)}],` : "";
+  return h("span", { class: `delta ${d > 0 ? "up" : d < 0 ? "down" : ""}` }, `${signed(d)}${half}`,
+    h("span", { class: "muted interval" }, `${range} ${g.pairs} pair${g.pairs === 1 ? "" : "s"}`));
 }
 
 function verdict(row) {
-  if (row.significant === true) return h("span", { class: "verdict significant" }, "significant (> 2× spread)");
-  if (row.significant === false) return h("span", { class: "verdict noise" }, "within noise");
-  if (row.gain) return h("span", { class: "verdict noise" }, "one pair: no spread to judge by");
+  if (row.significant === true) return h("span", { class: "verdict significant" }, "significant (interval excludes 0)");
+  if (row.significant === false) return h("span", { class: "verdict noise" }, "inside noise (interval includes 0)");
+  if (row.gain) return h("span", { class: "verdict noise" }, "one pair: no interval to judge by");
   return "";
 }
 
@@ -277,7 +285,7 @@ function report(r, signal) {
   const rec = r.recommended;
   const table = h("div", { class: "table-wrap" }, h("table", { id: "study-table" },
     h("thead", {}, h("tr", {}, h("th", {}, "row"), ["AP", "AP50", "AP75"].map((k) => h("th", { class: "num" }, k)),
-      h("th", { class: "num" }, "gain in AP points"), h("th", {}, "verdict"),
+      h("th", { class: "num" }, "gain in AP points (95% interval)"), h("th", {}, "verdict"),
       h("th", { class: "num hide-narrow" }, "cls L1 / box L1"), h("th", { class: "hide-narrow" }, "best run"))),
     h("tbody", {}, rows.map((row) => h("tr", { "data-row": row.row,
       class: rec && rec.row === row.row ? "recommended" : null },
@@ -289,8 +297,9 @@ function report(r, signal) {
     h("td", { class: "hide-narrow" }, row.best ? h("a", { href: `#/jobs/${row.best.job_id}` },
       `seed ${row.best.seed}: ${percent(row.best.AP)}`) : "—")))),
     h("caption", { class: "muted", style: "caption-side: bottom; text-align: left; padding-top: 6px" },
-      "Mean ± std over seeds. Gain: each seed's AP minus the student alone's with the same seed, mean ± std. ",
-      "Significant when the mean gain exceeds twice the spread (the larger std of the two rows). cls L1 / box L1: ",
+      "Mean ± std over seeds. Gain: each seed's AP minus the student alone's with the same seed, mean ± the ",
+      "half-width of its 95% interval from Student's t on those differences. Significant when the interval ",
+      "excludes 0. cls L1 / box L1: ",
       "the student's mean distance to the teacher after distillation (the paper's figure 4), lower is closer.")));
   const chart = h("div", { id: "study-chart", class: "study-chart" }, intervals("AP per row, mean ± std over seeds",
     rows.map((row) => ({ label: row.row, mean: row.AP && typeof row.AP.mean === "number" ? 100 * row.AP.mean : NaN,
