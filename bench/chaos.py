@@ -6,6 +6,13 @@ workers are SIGKILLed during training, export and publish, and Redis, PostgreSQL
     python bench/chaos.py --quick              # 2 jobs, one kill during training (development)
     python bench/chaos.py --jobs 4 --plan train,redis,postgres,api    # choose the disruptions
 
+The work is sized on the machine it runs on: the teacher jobs' training steps are timed, and each
+distillation job gets the epochs that make it train about ``--train-seconds`` (at least ``--epochs``).
+Every disruption strikes at a point of a job's own progress (``chaos_faults``), and jobs are submitted
+only as the plan can use them, so each planned disruption finds its moment on a fast or a slow machine.
+One that still finds none is reported as such, apart from the verdict, which judges the invariants only.
+Exit status: 0 PASS, 1 FAIL, 2 PASS but a planned disruption found no moment.
+
 The stack is the bench's own: a redis-server (append-only file on) and a PostgreSQL cluster on free
 ports in temporary folders, so the machine's shared servers are never touched; everything is torn
 down at the end, also on Ctrl-C or an error (``--keep`` keeps the folders and logs). Jobs go in over
@@ -45,14 +52,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from chaos_client import IMAGE_SIZE, Submitter, get_job, post_json, schedule, upload_dataset
-from chaos_faults import KILLS, SERVICES, Chaos, Disruption
-from chaos_figures import TERMINAL
-from chaos_report import collect, render, verdict
-from chaos_stack import ROOT, Stack
+from chaos_client import BATCH_SIZE, IMAGE_SIZE, Submitter, get_job, post_json, schedule, upload_dataset
+from chaos_faults import KILLS, SERVICES, Chaos, Timing, size_epochs
+from chaos_figures import TERMINAL, step_seconds
+from chaos_report import collect, missing_moments, provenance, render, verdict
+from chaos_stack import ROOT, Stack, progress_lines
 from chaos_watch import Watcher
 from report import save
 from servers import wait_for
@@ -64,6 +72,7 @@ FULL_PLAN = ("train", "redis", "export", "postgres", "publish", "train", "api", 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
+    prov = provenance()
     root = Path(tempfile.mkdtemp(prefix="ldd-chaos-"))
     env = {"LDD_LEASE_SECONDS": str(args.lease), "LDD_HEARTBEAT_SECONDS": "1", "LDD_PROGRESS_SECONDS": "1",
            "LDD_RECOVER_SECONDS": "2", "LDD_MAX_ATTEMPTS": "3", "LDD_KILL_GRACE_SECONDS": "5",
@@ -108,26 +117,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if (get_job(stack, t) or {}).get("state") != "succeeded":
                 raise RuntimeError(f"teacher job {t} did not succeed: {get_job(stack, t)}")
         t_teachers = time.time()
-        print(f"chaos: teachers ready after {t_teachers - t_start:.0f} s", file=sys.stderr)
+        timing = measure(stack, watcher, teacher_ids[0], args)
+        print(f"chaos: teachers ready after {t_teachers - t_start:.0f} s; step {timing.step_s} s, export "
+              f"{timing.export_s} s: {timing.epochs} epochs per distillation job", file=sys.stderr)  # fmt: skip
 
         specs = [{"kind": "distill", "name": f"chaos-{i}", "dataset": dataset, "student": {"arch": "gfl_tiny"},
-                  "teacher": {"job": teacher_ids[i % len(teacher_ids)]}, "schedule": schedule(args.epochs),
+                  "teacher": {"job": teacher_ids[i % len(teacher_ids)]}, "schedule": schedule(timing.epochs),
                   "seed": i} for i in range(args.jobs)]  # fmt: skip
         submitter = Submitter(stack, watcher, specs, len(stack.workers), token)
+        chaos = Chaos(stack, watcher, submitter, rng, args.outage, args.stall, list(args.plan), timing)
         submitter.start()
-        chaos = Chaos(stack, watcher, submitter, rng, args.outage, args.stall)
-        disruptions: list[Disruption] = []
-        for kind in args.plan:
-            d = chaos.kill_worker(kind) if kind in KILLS else chaos.restart(kind)
-            if d is not None:
-                disruptions.append(d)
+        disruptions = chaos.run_plan()
         wait_for(chaos.all_done, 1800, "every job to end", 1.0)
         disruptions = sorted(disruptions + chaos.rescues, key=lambda d: d.t)
         time.sleep(1.5)  # a last look by the observers
         submitter.close()
         watcher.close()
         t_end = time.time()
-        return collect(stack, watcher, submitter, disruptions, teacher_ids, args, t_start, t_teachers, t_end)
+        res = collect(stack, watcher, submitter, disruptions, teacher_ids, args, t_start, t_teachers, t_end)
+        res["provenance"] = {**prov, "load_avg_end": [round(x, 2) for x in os.getloadavg()]}
+        res["timing"] = {**asdict(timing), "planned_train_s": timing.planned_train_s()}
+        res["settings"].update(epochs=timing.epochs, min_epochs=args.epochs, train_seconds=args.train_seconds)
+        return res
     finally:
         if submitter is not None:
             submitter.stop.set()
@@ -140,13 +151,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             subprocess.run(["rm", "-rf", str(stack.pg_root)], check=False)
 
 
+def measure(stack: Stack, watcher: Watcher, teacher: str, args: argparse.Namespace) -> Timing:
+    """Time the first teacher (gfl_tiny, the students' architecture, trained under the same two workers):
+    its seconds per step and its export child's lifetime; size the distillation jobs from them."""
+    lines = progress_lines(stack, teacher)
+    step_s = step_seconds(lines)
+    with watcher.lock:
+        exports = [c["gone"] - c["first"] for c in watcher.children.values()
+                   if c["job"] == teacher and c["what"] == "export" and c["gone"] is not None]  # fmt: skip
+    last = lines[-1] if lines else {}
+    per_epoch = (last.get("total_iters") or 0) // max(1, last.get("epochs") or 1) or -(-args.images // BATCH_SIZE)
+    return Timing(
+        step_s=None if step_s is None else round(step_s, 3),
+        export_s=round(max(exports), 1) if exports else None,
+        per_epoch=per_epoch,
+        epochs=size_epochs(step_s, per_epoch, args.train_seconds, args.epochs),
+        train_s=args.train_seconds,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--jobs", type=int, default=10, help="distillation jobs (default 10)")
     p.add_argument("--quick", action="store_true", help="2 jobs, one teacher, one kill during training")
     p.add_argument("--plan", help=f"comma-separated disruptions, in order, from {', '.join(KILLS + SERVICES)} "
                    f"(default: {','.join(FULL_PLAN)})")  # fmt: skip
-    p.add_argument("--epochs", type=int, default=3, help="epochs of each distillation job")
+    p.add_argument("--epochs", type=int, default=3, help="the fewest epochs of each distillation job (2 or more)")
+    p.add_argument(
+        "--train-seconds",
+        type=float,
+        default=25.0,
+        help="training time aimed at per distillation job, from the measured step time (default 25: a "
+        "PostgreSQL or API restart then falls inside a job's training with epochs still to come)",
+    )
     p.add_argument("--teacher-epochs", type=int, default=2)
     p.add_argument("--images", type=int, default=24, help="training images (4 per iteration)")
     p.add_argument("--lease", type=float, default=10.0, help="LDD_LEASE_SECONDS of the stack")
@@ -165,9 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         args.jobs = 2 if args.jobs == 10 else args.jobs
         args.teacher_epochs = 1
         args.epochs = min(args.epochs, 2)
-        # With 24 images an epoch is 6 iterations: training can end between two progress reports, before the
-        # kill's target iteration is ever seen (the train kill then finds no moment).
-        args.images = max(args.images, 96)
+    if args.epochs < 2:
+        p.error("--epochs must be 2 or more: the strikes in training come after the first epoch and before the last")
     plan = args.plan.split(",") if args.plan else (["train"] if args.quick else list(FULL_PLAN))
     if unknown := [k for k in plan if k not in KILLS + SERVICES]:
         p.error(f"unknown disruptions {unknown}")
@@ -177,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     path = save(args.out, res, md)
     print(f"wrote {path}", file=sys.stderr)
-    return 0 if verdict(res)[0] else 1
+    if not verdict(res)[0]:
+        return 1
+    return 2 if missing_moments(res) else 0
 
 
 if __name__ == "__main__":

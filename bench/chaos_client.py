@@ -8,6 +8,7 @@ import io
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +18,20 @@ from chaos_stack import Stack
 from chaos_watch import Watcher
 
 IMAGE_SIZE = (128, 96)  # the jobs' images, small: a whole job takes a minute or two on the 2-core CPU
+BATCH_SIZE = 4
 
 
 class Submitter:
-    """Keeps ``in_flight`` jobs queued or running by submitting the next one whenever one ends; each POST
-    carries an ``Idempotency-Key`` and is retried until the API takes it (the API may be down)."""
+    """Keeps up to ``in_flight`` jobs queued or running by submitting the next one whenever one ends and
+    ``gate(index)`` allows it (the disruptions hold jobs back until they can use them); each POST carries an
+    ``Idempotency-Key`` and is retried until the API takes it (the API may be down)."""
 
     def __init__(self, stack: Stack, watcher: Watcher, specs: list[dict[str, Any]], in_flight: int, token: str):
         self.stack, self.watcher, self.specs, self.in_flight, self.token = stack, watcher, specs, in_flight, token
         self.submitted: list[dict[str, Any]] = []  # {id, index, t_post, t_done}
         self.error: str | None = None
         self.stop = threading.Event()
+        self.gate: Callable[[int], bool] = lambda index: True
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> None:
@@ -48,7 +52,7 @@ class Submitter:
 
     def _submit_all(self) -> None:
         for i, spec in enumerate(self.specs):
-            while not self.stop.is_set() and self._active() >= self.in_flight:
+            while not self.stop.is_set() and (self._active() >= self.in_flight or not self.gate(i)):
                 time.sleep(0.2)
             if self.stop.is_set():
                 return
@@ -97,7 +101,7 @@ def upload_dataset(stack: Stack, folder: Path) -> str:
 def schedule(epochs: int) -> dict[str, Any]:
     return {
         "epochs": epochs,
-        "batch_size": 4,
+        "batch_size": BATCH_SIZE,
         "image_size": list(IMAGE_SIZE),
         "num_workers": 0,
         "warmup_iters": 2,

@@ -1,10 +1,23 @@
 """The chaos bench's disruptions: SIGKILLing a worker during training, export or publish, and restarting
 Redis, PostgreSQL or the API, each at a moment chosen from what the observers see; and a watchdog that
 restarts a worker that stopped taking jobs (recorded as a failure).
+
+Every moment is found in the jobs' own progress, never on a clock, so that a faster or slower machine
+only changes how long the bench takes:
+- a kill in training, and a PostgreSQL or API restart, strike when a job's ``progress.json`` reaches a
+  target iteration between the end of its first epoch and the end of its last-but-one. Every epoch end is
+  reported, so a report at or after the target and before the end of training always comes, however short
+  the steps;
+- a kill in export strikes at a fraction of the export time measured on the teacher job; a kill in publish
+  and the Redis restart follow an export child to its exit;
+- jobs are handed to the submitter only as the plan can use them (``may_submit``): a job that ran while no
+  disruption could strike would be one fewer for the disruptions still to come. The epochs come from the
+  step time measured on the teacher (``size_epochs``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -24,6 +37,56 @@ from servers import descendants, kill, kill_pid, pid_alive, wait_for
 KILLS = ("train", "export", "publish")
 SERVICES = ("redis", "postgres", "api")
 SETTLE_S = 240.0  # the longest a disruption may take to recover before the bench moves on
+# Kinds that strike while a job trains: the job must not be past its training to serve them.
+IN_TRAINING = ("train", "postgres", "api")
+
+
+@dataclass
+class Timing:
+    """What the bench measured before the disruptions (on the gfl_tiny teacher job, which trains the student's
+    architecture on the same data, under the same two workers) and the work it chose from it."""
+
+    step_s: float | None  # seconds per training iteration; None if it could not be measured
+    export_s: float | None  # seconds of the teacher's ONNX export child
+    per_epoch: int  # iterations per epoch (train images / batch size)
+    epochs: int  # chosen for each distillation job
+    train_s: float  # the training time aimed at per job
+
+    def planned_train_s(self) -> float | None:
+        return None if self.step_s is None else round(self.step_s * self.per_epoch * self.epochs, 1)
+
+
+def size_epochs(step_s: float | None, per_epoch: int, train_s: float, min_epochs: int, max_epochs: int = 200) -> int:
+    """Epochs for each distillation job so that it trains for at least ``train_s`` seconds at ``step_s`` per
+    iteration (a distillation step also runs the teacher, so it is no faster than the measured training step:
+    the jobs train at least that long). ``min_epochs`` (2 or more) leaves an epoch end between the first and
+    the last one for the strikes in training; without a measurement, ``min_epochs``."""
+    if step_s is None or step_s <= 0:
+        return min_epochs
+    return max(min_epochs, min(max_epochs, math.ceil(train_s / (step_s * per_epoch))))
+
+
+def strike_window(per_epoch: int, total: int) -> tuple[int, int] | None:
+    """The iterations at which a strike in training may be aimed: from the end of the first epoch (its
+    checkpoint written: a kill then exercises the resume) to the end of the last-but-one (an epoch still to
+    train after it). Both ends are epoch ends, which are always reported. None with fewer than two epochs."""
+    lo, hi = per_epoch, total - per_epoch
+    return (lo, hi) if per_epoch >= 1 and hi >= lo else None
+
+
+def due(progress: dict[str, Any], target: int) -> bool:
+    """A job's latest progress record says it has trained to ``target`` and is still training."""
+    it, total = progress.get("iter") or 0, progress.get("total_iters") or 0
+    return progress.get("phase") == "train" and target <= it < total
+
+
+def may_submit(left_after: int, pending: int, starving: bool, release: bool) -> bool:
+    """Whether the submitter may hand in the next job: ``left_after`` jobs would remain unsubmitted and
+    ``pending`` planned disruptions have not struck yet (0 once the plan is through). Each disruption needs
+    at most one fresh job, so the bench keeps that many back; it lets one more go when the armed disruption
+    has no running job that can serve it (``starving``) or needs a submission now (``release``: a job sent
+    while Redis is down)."""
+    return release or starving or left_after >= pending
 
 
 @dataclass
@@ -40,15 +103,59 @@ class Disruption:
 
 class Chaos:
     def __init__(
-        self, stack: Stack, watcher: Watcher, submitter: Submitter, rng: random.Random, outage_s: float, stall_s: float
+        self,
+        stack: Stack,
+        watcher: Watcher,
+        submitter: Submitter,
+        rng: random.Random,
+        outage_s: float,
+        stall_s: float,
+        plan: list[str],
+        timing: Timing,
     ):
         self.stack, self.watcher, self.submitter, self.rng, self.outage_s = stack, watcher, submitter, rng, outage_s
-        self.stall_s = stall_s
+        self.stall_s, self.plan, self.timing = stall_s, plan, timing
         self.rescues: list[Disruption] = []
         self.killed: set[str] = set()
-        self.targets: dict[str, int] = {}  # job -> the training iteration at which to kill it
+        self.targets: dict[tuple[str, str], int] = {}  # (kind, job) -> the training iteration to strike at
         self.delays: dict[int, float] = {}  # export child pid -> how long after its start to kill it
         self.publish_kills = 0
+        self.finished = 0  # planned disruptions that struck or found no moment (counted when they strike)
+        self.armed: str | None = None  # the kind waiting for its moment
+        self.release_below: int | None = None  # let jobs go until this many are submitted (Redis down)
+        submitter.gate = self.may_submit
+
+    def run_plan(self) -> list[Disruption]:
+        """Each planned disruption in turn; a disruption that finds no moment before every job ended is left
+        out of the list (the report names it)."""
+        done: list[Disruption] = []
+        for kind in self.plan:
+            d = self.kill_worker(kind) if kind in KILLS else self.restart(kind)
+            if d is not None:
+                done.append(d)
+        return done
+
+    def may_submit(self, index: int) -> bool:
+        """The submitter's gate for job ``index`` (``may_submit``)."""
+        pending = len(self.plan) - self.finished
+        release = self.release_below is not None and len(self.submitter.submitted) < self.release_below
+        return may_submit(len(self.submitter.specs) - index - 1, pending, self._starving(), release)
+
+    def _starving(self) -> bool:
+        """The armed disruption has no job in flight that could still serve it."""
+        kind = self.armed
+        if kind is None:
+            return False
+        for s in self.submitter.submitted:
+            j = self.watcher.job(s["id"])
+            if j is not None and j.get("state") in TERMINAL:
+                continue
+            if kind not in ("postgres", "api") and s["id"] in self.killed:
+                continue  # kills strike a job once; Redis waits for the export of a job not killed
+            if kind in IN_TRAINING and progress_file(self.stack, s["id"]).get("phase") not in (None, "train"):
+                continue  # past its training (evaluating, exporting)
+            return False
+        return True
 
     def all_done(self) -> bool:
         """Every job submitted and ended. Also the watchdog's tick (every wait of the bench calls this)."""
@@ -103,21 +210,37 @@ class Chaos:
         return sorted(((p, c) for p, c in live if c["job"] in ours and c["job"] not in self.killed
                        and c["worker"] is not None), key=lambda pc: pc[1]["first"])  # fmt: skip
 
-    def arm(self, pick: Callable[[], Any], what: str) -> Any:
-        """Poll ``pick`` until it returns a target; None when every job ended first."""
-        while not self.all_done():
-            target = pick()
-            if target:
-                return target
-            time.sleep(0.1)
-        print(f"chaos: no moment for {what} before the jobs ended; skipped", file=sys.stderr)
+    def arm(self, kind: str, pick: Callable[[], Any], what: str) -> Any:
+        """Poll ``pick`` until it returns a target; None when every job ended first. The poll is well below
+        the shortest time a reported epoch end stays the latest record (a second, or an epoch)."""
+        self.armed = kind
+        try:
+            while not self.all_done():
+                target = pick()
+                if target:
+                    return target
+                time.sleep(0.05)
+        finally:
+            # Struck (or given up): from now on the gate keeps jobs back only for the disruptions after it, so
+            # the next one's job may start while this one settles.
+            self.armed = None
+            self.finished += 1
+        print(f"chaos: no moment found for {what} before the jobs ended", file=sys.stderr)
         return None
+
+    def _target(self, kind: str, job: str, p: dict[str, Any]) -> int | None:
+        """The iteration at which ``kind`` strikes ``job`` (drawn once per job from ``strike_window``)."""
+        total = p.get("total_iters") or 0
+        window = strike_window(total // max(1, p.get("epochs") or 1), total)
+        if window is None:
+            return None
+        return self.targets.setdefault((kind, job), self.rng.randint(*window))
 
     # -- worker kills
 
     def kill_worker(self, kind: str) -> Disruption | None:
         pick = {"train": self._pick_train, "export": self._pick_export, "publish": self._pick_publish}[kind]
-        target = self.arm(pick, f"a kill during {kind}")
+        target = self.arm(kind, pick, f"a kill during {kind}")
         if target is None:
             return None
         job_id, slot, at = target
@@ -126,21 +249,20 @@ class Chaos:
     def _pick_train(self) -> tuple[str, int, str] | None:
         for _pid, c in self.candidates("train"):
             p = progress_file(self.stack, c["job"])
-            total = p.get("total_iters") or 0
-            if p.get("phase") != "train" or total < 2 or p.get("iter", 0) >= total:
+            if p.get("phase") != "train":
                 continue  # not training (yet, or any more)
-            # After the first epoch's checkpoint, so that the kill exercises the resume (a kill in epoch 1
-            # simply starts again from scratch).
-            per_epoch = total // max(1, p.get("epochs") or 1)
-            target = self.targets.setdefault(c["job"], self.rng.randint(min(per_epoch + 1, total - 1), total - 1))
-            if p.get("iter", 0) >= target:
-                return c["job"], c["worker"], f"train, iter {p['iter']}/{total}"
+            target = self._target("train", c["job"], p)
+            if target is not None and due(p, target):
+                return c["job"], c["worker"], f"train, iter {p['iter']}/{p['total_iters']} (aimed at {target})"
         return None
 
     def _pick_export(self) -> tuple[str, int, str] | None:
         now = time.time()
+        # In the first half of an export as long as the teacher's (10 s when it was not measured): the student's
+        # has the same architecture, and a shorter one than measured must not end before the kill.
+        export_s = self.timing.export_s or 10.0
         for pid, c in self.candidates("export"):
-            delay = self.delays.setdefault(pid, self.rng.uniform(1.0, 20.0))
+            delay = self.delays.setdefault(pid, self.rng.uniform(0.1, 0.5) * export_s)
             if now - c["first"] >= delay and pid_alive(pid, c["start"]):
                 return c["job"], c["worker"], f"export, its child running {now - c['first']:.1f} s"
         return None
@@ -228,9 +350,14 @@ class Chaos:
         else:
 
             def pick() -> bool:
-                return any(progress_file(self.stack, j).get("phase") == "train" for j in self.running_jobs())
+                for j in self.running_jobs():
+                    p = progress_file(self.stack, j)
+                    target = self._target(kind, j, p)
+                    if target is not None and due(p, target):
+                        return True
+                return False
 
-        if self.arm(pick, f"a {kind} restart") is None:
+        if self.arm(kind, pick, f"a {kind} restart") is None:
             return None
         # Watched: the jobs training now (their progress records show when the service works again); a job
         # in export writes none until it ends, so it is listed but not timed.
@@ -243,11 +370,13 @@ class Chaos:
             self.stack.redis.stop()
             d.at = "SIGKILL, append-only file kept"
             # Down until a job was submitted meanwhile (its message cannot be sent) and then ``outage_s``.
+            self.release_below = n_before + 1
             try:
                 wait_for(lambda: len(self.submitter.submitted) > n_before or self.all_done(), 30, "a submission",
                          0.1)  # fmt: skip
             except TimeoutError:
                 pass
+            self.release_below = None
             time.sleep(self.outage_s)
             self.stack.redis.start()
             d.extra["submitted_while_down"] = [s["id"] for s in self.submitter.submitted[n_before:]]

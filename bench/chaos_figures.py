@@ -71,6 +71,16 @@ def epochs_repeated(lines: list[dict[str, Any]], t_gone: float, per_epoch: int) 
     }
 
 
+def step_seconds(lines: list[dict[str, Any]]) -> float | None:
+    """Seconds per training iteration of one attempt, from its ``progress.jsonl`` lines: the span of its
+    training records over the iterations between them (checkpoint writes at epoch ends included, as in any
+    job). None with fewer than two records of different iterations."""
+    train = [ln for ln in lines if ln.get("phase") == "train" and ln.get("iter") is not None and "time" in ln]
+    if len(train) < 2 or train[-1]["iter"] <= train[0]["iter"]:
+        return None
+    return (train[-1]["time"] - train[0]["time"]) / (train[-1]["iter"] - train[0]["iter"])
+
+
 def job_sig(job: dict[str, Any]) -> tuple[Any, ...]:
     """What of a job, as ``GET /v1/jobs`` shows it, tells that it moved: state, attempt and progress."""
     p = job.get("progress") or {}

@@ -1,5 +1,7 @@
 """The pure helpers of the chaos bench (``bench/chaos.py`` and its ``chaos_*`` modules): how it reads run
-folders and REST observations into its figures (the bench itself runs the real stack and is not run here)."""
+folders and REST observations into its figures, how it sizes the work from a measured step time and times
+its disruptions by the jobs' progress, and how it keeps the verdict apart from disruptions that found no
+moment (the bench itself runs the real stack and is not run here)."""
 
 from __future__ import annotations
 
@@ -196,3 +198,92 @@ def test_verdict_and_report(chaos):
     assert any("without exactly one model" in p for p in problems) and any("ran twice" in p for p in problems)
     assert any(p.startswith("a worker stopped taking jobs (2 job(s) queued") for p in problems)
     assert "**Verdict: FAIL.**" in chaos.report.render(bad)
+
+
+@pytest.fixture(scope="module")
+def faults(chaos):
+    """``chaos_faults``: how the bench times its disruptions and sizes its work (``chaos`` put bench/ on the path)."""
+    return importlib.import_module("chaos_faults")
+
+
+def test_step_seconds(chaos):
+    lines = [line(0, 10.0), line(3, 11.5), line(6, 13.0), line(12, 16.0), line(12, 20.0, phase="done")]
+    assert chaos.figures.step_seconds(lines) == pytest.approx(0.5)  # the eval and done records are not steps
+    assert chaos.figures.step_seconds([line(0, 10.0)]) is None
+    assert chaos.figures.step_seconds([line(0, 10.0, phase="eval"), line(12, 16.0, phase="done")]) is None
+
+
+def test_epochs_sized_from_the_measured_step(faults):
+    # 6 steps per epoch, 25 s of training aimed at: a fast machine gets more epochs, a slow one the floor
+    assert faults.size_epochs(0.1, 6, 25.0, 3) == 42  # 0.6 s epochs
+    assert faults.size_epochs(0.5, 6, 25.0, 3) == 9
+    assert faults.size_epochs(2.0, 6, 25.0, 3) == 3  # 12 s epochs: the floor, 36 s of training
+    assert faults.size_epochs(0.001, 6, 25.0, 3) == 200  # capped
+    assert faults.size_epochs(None, 6, 25.0, 2) == 2  # not measured
+    for step in (0.05, 0.2, 0.7, 1.3):  # every epoch count trains at least the time aimed at
+        e = faults.size_epochs(step, 6, 25.0, 2)
+        assert e * 6 * step >= 25.0 and (e - 1) * 6 * step < 25.0 or e == 2
+
+
+def test_every_target_in_the_window_is_reported_before_training_ends(faults):
+    """The fastest machine reports only at epoch ends (each step shorter than the report interval): every
+    target the window offers is still met by a record that is due, for any number of epochs."""
+    for per_epoch, epochs in ((6, 2), (6, 3), (24, 2), (1, 5), (6, 42)):
+        total = per_epoch * epochs
+        lo, hi = faults.strike_window(per_epoch, total)
+        records = [{"phase": "train", "iter": k * per_epoch, "total_iters": total} for k in range(epochs + 1)]
+        for target in range(lo, hi + 1):
+            hits = [r["iter"] for r in records if faults.due(r, target)]
+            assert hits and min(hits) < total
+            assert target >= per_epoch  # after the first epoch's checkpoint: the kill exercises the resume
+    assert faults.strike_window(6, 6) is None  # one epoch: no epoch end between the first and the last
+    assert not faults.due({"phase": "train", "iter": 18, "total_iters": 18}, 12)  # training over
+    assert not faults.due({"phase": "eval", "iter": 12, "total_iters": 18}, 12)
+    assert not faults.due({}, 0)
+
+
+def test_jobs_are_held_back_for_the_disruptions_to_come(faults):
+    """10 jobs, 9 planned disruptions: the gate keeps a fresh job for every disruption that has not struck,
+    and lets one go when the armed disruption has no running job to strike or Redis is down."""
+
+    def gate(submitted: int, struck: int, starving: bool = False, release: bool = False) -> bool:
+        return faults.may_submit(10 - submitted - 1, 9 - struck, starving, release)
+
+    assert gate(0, 0)  # 9 left for the 9 to come
+    assert not gate(1, 0)  # a second job now would leave 8 for 9
+    assert gate(1, 0, starving=True) and gate(1, 0, release=True)
+    assert gate(1, 1) and not gate(2, 1)
+    assert gate(9, 9)  # the plan is through: the rest go in
+    # the whole run, one disruption after the other, never the gate's fault that a disruption finds no job
+    submitted = 0
+    for struck in range(9):
+        while gate(submitted, struck) and submitted < 10:
+            submitted += 1
+        assert 10 - submitted >= 9 - struck - 1  # a fresh job left for each disruption after this one
+        if submitted < 10 and gate(submitted, struck, starving=True):
+            submitted += 1  # the armed one had nothing to strike: it gets one
+
+
+def test_a_disruption_without_a_moment_is_reported_apart_from_the_verdict(chaos):
+    kill = {"kind": "train", "job": "job_" + "a" * 16, "attempt": 1, "at": "train, iter 6/18", "t": 100.0,
+            "down_s": 0.1, "orphans": 0, "job_state": "running", "recovery_s": 20.0, "running_again_s": 11.0,
+            "at_iter": 6, "resumed_from": 6, "repeated": 0.0}  # fmt: skip
+    res = result([a_job(kill["job"], attempts=2, kills=["train"]), a_job("job_" + "b" * 16)], [kill])
+    res["settings"]["plan"] = ["train", "api", "train"]
+    assert chaos.report.verdict(res) == (True, [])  # the invariants held for what struck
+    assert sorted(chaos.report.missing_moments(res)) == ["api", "train"]
+    md = chaos.report.render(res)
+    assert "**Verdict: PASS.**" in md
+    assert "**Disruptions: 1 of 3 planned found their moment.** No moment found for: train, api" in md
+    res["settings"]["plan"] = ["train"]
+    assert chaos.report.missing_moments(res) == []
+    assert "**Disruptions: 1 of 1 planned found their moment.**\n" in chaos.report.render(res)
+    # and a broken invariant still fails, whatever the moments
+    res["jobs"][1]["state"] = "failed"
+    assert chaos.report.verdict(res)[0] is False
+
+
+def test_first_attempt(chaos):
+    lines = [line(0, 0), line(4, 1), line(6, 2), line(4, 3, 4), line(12, 4, 4)]
+    assert chaos.report.first_attempt(lines) == lines[:3]
+    assert chaos.report.first_attempt(lines[:3]) == lines[:3]
