@@ -45,3 +45,22 @@ def test_figure5_takes_the_first_validation_image_unpadded():
         len(fig["maps"][1]),
         len(fig["maps"][1][0]),
     ] == [2, 3]
+
+
+def test_error_maps_are_drawn_over_the_image_with_one_scale_per_column():
+    from PIL import Image
+
+    from deploy.draw import draw_error_maps
+
+    photo = Image.new("RGB", (150, 100), (128, 128, 128))
+    hot = [[0.0] * 5 for _ in range(4)]
+    hot[0][0] = 2.0  # one bright cell at the top left of P5, after distillation only
+    fig = {"size": [100, 150], "strides": [32, 64], "maps": [hot, [[0.0] * 3 for _ in range(2)]], "image_id": 1}
+    cold = {**fig, "maps": [[[1.0] * 5 for _ in range(4)], [[0.0] * 3 for _ in range(2)]]}
+    out = draw_error_maps(photo, {"before": cold, "after": fig}, panel=150)
+    # Two columns of 150 x 100 panels beside the row labels, two rows under the titles.
+    assert out.size == (70 + 2 * 158, 22 + 2 * 108 + 4)
+    bright = out.getpixel((70 + 5, 22 + 108 + 5))  # after, P5, the hot cell
+    dark = out.getpixel((70 + 140, 22 + 108 + 90))  # after, P5, a cold cell
+    mid = out.getpixel((70 + 140, 22 + 5))  # before, P5, error 1.0 on the same scale (max 2.0)
+    assert sum(bright) > sum(mid) > sum(dark)

@@ -433,6 +433,13 @@ def test_real_worker_train_then_distill(
     assert len(page.all(".fig4[data-metric='box_l1'] rect.bar-rect")) == 10
     rows = {r.get_attribute("data-row"): r.text for r in page.all("#ap-table tbody tr")}
     assert all("%" in rows[k] for k in ("teacher", "plain student", "distilled student")), rows
+    # Figure 5: the error maps at P5 and P6, drawn by the server over the first validation image.
+    drawn = "const i = document.getElementById('figure5'); return !!i && i.complete && i.naturalWidth > 0"
+    page.until(lambda: page.driver.execute_script(drawn), "figure 5 drawn on the distillation page")
+    with httpx.Client(base_url=srv.url, timeout=30) as http:
+        png = http.get(f"/v1/jobs/{distilled}/figure5.png")
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert http.get(f"/v1/jobs/{plain}/figure5.png").status_code == 404  # a plain student has no teacher
     page.shot("live-distillation")
     page.open(f"/models/{teacher}", "#model-metrics")  # AP as the serving runtime measured it, and in training
     assert "measured by the runtime" in page.find("#model-metrics").text

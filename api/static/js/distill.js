@@ -1,7 +1,7 @@
 // Distillation: what distillation changed. Teacher, plain student (a train job the user picks) and distilled
 // student side by side (AP, AP50, AP75), and the paper's figure 4: per FPN level, the student's distance to the
 // teacher (classification and box-distribution L1) before and after distillation.
-import { api } from "./api.js";
+import { api, objectUrl } from "./api.js";
 import { bars } from "./charts.js";
 import { empty, fill, h, num, pct } from "./dom.js";
 
@@ -36,6 +36,8 @@ export async function render(main, { query, signal }) {
     h("div", { class: "card" }, h("h2", {}, "Box AP on the validation images"), table(m, twin)),
     h("div", { class: "card" }, h("h2", {}, "Figure 4: the student's distance to the teacher, per FPN level"),
       figure4(m.diagnostics)),
+    h("div", { class: "card" }, h("h2", {}, "Figure 5: where the student's box logits are far from the teacher's"),
+      figure5(chosen, m.diagnostics, signal)),
     m.class_map ? h("div", { class: "card" }, h("details", {}, h("summary", {}, "Classes paired for KD"),
       h("pre", {}, JSON.stringify(m.class_map, null, 2)))) : null);
 }
@@ -86,4 +88,16 @@ function figure4(diag) {
   return h("div", {}, h("div", { class: "grid2" }, charts), h("p", { class: "muted" },
     `Measured on ${after.images ?? "?"} validation images. Lower is closer to the teacher; "before" is the `,
     "student as initialised, before its first step."));
+}
+
+function figure5(job, diag, signal) {
+  if (!diag || !diag.figure5 || !diag.figure5.after) return empty("This run has no figure 5 (it ran before figure 5 was recorded).");
+  const img = h("img", { id: "figure5", alt: "box-logit error maps at P5 and P6, before and after distillation",
+    style: "max-width: 100%" });
+  objectUrl(`/v1/jobs/${encodeURIComponent(job.id)}/figure5.png`, signal).then((url) => { img.src = url; })
+    .catch(() => { img.alt = "figure 5 could not be drawn"; });
+  return h("div", {}, img, h("p", { class: "muted" },
+    "Per location of P5 and P6 on the first validation image: the L1 distance between the student's and the ",
+    "teacher's box logits (per edge as log-probabilities, summed over the bins and the four edges), for the ",
+    "student as initialised (top) and after distillation (bottom). Brighter is farther; each column has one scale."));
 }
