@@ -187,7 +187,9 @@ class GFLWeights(_Strict):
     dfl: float = Field(0.25, ge=0, description="l2: distribution focal loss")
 
 
-Method = Literal["ld", "crosskd", "bckd", "tbr", "fitnets"]
+Method = Literal[
+    "ld", "crosskd", "bckd", "tbr", "fitnets", "inside_gt", "main_region", "fine_grained", "defeat", "gi", "pkd"
+]
 # Feature imitation on the FPN levels (paper table 3, and PKD): distill.losses.imitation.
 IMITATION_TERMS = ("fitnets", "inside_gt", "main_region", "fine_grained", "defeat", "gi", "pkd")
 
@@ -204,6 +206,8 @@ METHOD_WEIGHTS: dict[str, dict[str, float]] = {
     "bckd": {"bckd_cls": 8.0, "bckd_loc": 2.0},
     "tbr": {"main_kd": 1.0, "tbr": 1.0},
     "fitnets": {"main_kd": 1.0, "fitnets": 1.0},
+    # Each feature imitation alone (paper table 3's first column); "LD + it" is a row with both weights set.
+    **{name: {name: 1.0} for name in ("inside_gt", "main_region", "fine_grained", "defeat", "gi", "pkd")},
 }
 
 
@@ -243,7 +247,9 @@ class DistillSpec(_Strict):
     method: Method = Field(
         "ld",
         description="which terms are on by default: 'ld' (Main LD + VLR LD + Main KD), "
-        "'crosskd', 'bckd', 'tbr', 'fitnets'; any weight may still be set",
+        "'crosskd', 'bckd', 'tbr', and the feature imitations 'fitnets', 'inside_gt', 'main_region', "
+        "'fine_grained', 'defeat', 'gi', 'pkd' (each alone); any weight may still be set, so LD + an imitation is "
+        "method 'ld' with that imitation's weight",
     )
     tau: float = Field(10.0, gt=0, description="LD temperature")
     gamma: float = Field(0.25, ge=0, le=1, description="VLR lower bound as a fraction of alpha_pos")

@@ -14,6 +14,12 @@ const METHODS = [
   ["bckd", "BCKD", true],
   ["tbr", "TBR (for comparison)", false],
   ["fitnets", "FitNets (for comparison)", false],
+  ["inside_gt", "imitation inside the boxes", false],
+  ["main_region", "imitation in the Main region", false],
+  ["fine_grained", "Fine-Grained imitation", false],
+  ["defeat", "DeFeat imitation", false],
+  ["gi", "GI imitation", false],
+  ["pkd", "PKD (Pearson imitation)", false],
 ];
 const ARCHS = ["gfl_tiny", "gfl_small", "gfl_r18", "gfl_r34", "gfl_r50", "gfl_r101"]; // suggestions; the server checks
 const PLAIN = "student alone";
