@@ -5,12 +5,8 @@ folders into the figures (``chaos.json``), ``verdict`` checks them and ``render`
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import re
 import statistics
-import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -29,27 +25,9 @@ from chaos_figures import (
     seconds,
     step_seconds,
 )
-from chaos_stack import ROOT, Stack, progress_lines
+from chaos_stack import Stack, progress_lines
 from chaos_watch import Watcher
-
-
-def provenance() -> dict[str, Any]:
-    """Where and when the bench ran: the commit (and whether the tree had changes), the date, the machine
-    and its load when the bench started (the machine may be shared: the load says how much)."""
-
-    def git(*a: str) -> str:
-        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False)
-        return r.stdout.strip()
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())  # fmt: skip
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "tree_changed": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": f"{platform.node()}: {platform.system()} {platform.release()}, {os.cpu_count()} CPUs, {cpu}",
-        "load_avg_start": [round(x, 2) for x in os.getloadavg()],
-    }
+from report import provenance_line
 
 
 def first_attempt(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -178,7 +156,6 @@ def collect(
         "rest_failures": len(watcher.rest_failures),
         "minutes": {"total": round((t_end - t_start) / 60, 1), "teachers": round((t_teachers - t_start) / 60, 1),
                     "chaos": round((t_end - t_teachers) / 60, 1)},
-        "load_avg": [round(x, 2) for x in os.getloadavg()],
     }  # fmt: skip
 
 
@@ -212,10 +189,6 @@ def verdict(res: dict[str, Any]) -> tuple[bool, list[str]]:
             problems.append(f"a worker stopped taking jobs ({r['at']}{'; ' + errors if errors else ''})")
     # A planned disruption that found no moment is not judged here (missing_moments): it tested nothing.
     return not problems, problems
-
-
-def fmt_load(load: list[float] | None) -> str:
-    return "-" if not load else "/".join(f"{x:.1f}" for x in load)
 
 
 def render(res: dict[str, Any]) -> str:
@@ -263,7 +236,7 @@ def render(res: dict[str, Any]) -> str:
     ]  # fmt: skip
     missing = missing_moments(res)
     planned = len(s["plan"])
-    prov, timing = res.get("provenance") or {}, res.get("timing") or {}
+    prov, timing = res.get("provenance"), res.get("timing") or {}
     steps = [j["step_s"] for j in jobs if j.get("step_s") is not None]
     out = [
         "# Chaos: reliability under failures",
@@ -276,9 +249,7 @@ def render(res: dict[str, Any]) -> str:
         f"{s['heartbeat_seconds']} s, recovery loop every {s['recover_seconds']} s, at most {s['max_attempts']} "
         f"attempts. {res['minutes']['total']} min in all ({res['minutes']['teachers']} min for the teachers).",
         "",
-        f"Measured at commit {str(prov.get('commit', '?'))[:10]}{' (with changes)' if prov.get('tree_changed') else ''}"
-        f" on {prov.get('date', '?')}, {prov.get('machine', '?')}; load average {fmt_load(prov.get('load_avg_start'))}"
-        f" at the start, {fmt_load(prov.get('load_avg_end'))} at the end.",
+        provenance_line(prov) if prov else "",
         "",
         "Work sized on this machine: the gfl_tiny teacher trained at "
         f"{fmt(timing.get('step_s'))} s per step ({timing.get('per_epoch')} steps per epoch) and exported in "

@@ -133,7 +133,6 @@ def result(jobs: list[dict], rows: list[dict]) -> dict:
         "unattributed_folders": [],
         "rest_failures": 0,
         "minutes": {"total": 1.0, "teachers": 0.5, "chaos": 0.5},
-        "load_avg": (1.0, 1.0, 1.0),
     }
 
 
@@ -179,6 +178,10 @@ def test_verdict_and_report(chaos):
     md = chaos.report.render(good)
     assert "**Verdict: PASS.**" in md and "| jobs that ran twice at once | 0 | 0 |" in md
     assert "running again after 11.2 s; next progress record after 30.0 s" in md
+    assert "Provenance:" not in md  # none recorded: report.save adds it
+    good["provenance"] = {"commit": "0123456789ab", "date": "2026-12-07T22:00:00Z", "machine": "a CPU, 2 CPUs",
+                          "load": {"start": [6.3, 3.0, 1.3], "end": [9.7, 6.0, 2.7]}}  # fmt: skip
+    assert "\nProvenance: commit 0123456789ab, date 2026-12-07T22:00:00Z, machine a CPU" in chaos.report.render(good)
 
     rescue = (
         {"kind": "redis", "job": None, "at": "SIGKILL", "t": 200.0, "down_s": 3.0, "affected": [], "recovery_s": None},
