@@ -2,7 +2,7 @@
 
     ldd up [--host 127.0.0.1] [--port 8000] [--data-dir DIR]   API + one supervised worker on this machine
     ldd api | ldd worker                                        one of the two
-    ldd datasets upload PATH [--name N] | ldd datasets list
+    ldd datasets upload PATH [--name N] [--val-split F] [--split-seed S] | ldd datasets list
     ldd checkpoints upload PATH                                 a detector or a ResNet backbone
     ldd jobs submit SPEC.json | ldd jobs submit --kind train --dataset ID [--arch A] [--init I] [--epochs N] ...
     ldd jobs status ID | watch ID | cancel ID | list
@@ -88,7 +88,7 @@ def _client(args: argparse.Namespace) -> Client:
 def cmd_datasets(args: argparse.Namespace) -> int:
     with _client(args) as c:
         if args.action == "upload":
-            _print(c.upload_dataset(args.path, name=args.name))
+            _print(c.upload_dataset(args.path, name=args.name, val_split=args.val_split, split_seed=args.split_seed))
         else:
             _print(c.list_datasets())
     return 0
@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     u = a.add_parser("upload", help="upload a zip, or a folder (zipped for you)")
     u.add_argument("path")
     u.add_argument("--name")
+    u.add_argument("--val-split", type=float, help="a data set whose images name no split: validation share (0.2)")
+    u.add_argument("--split-seed", type=int, help="the seed of that draw (0); every job on the data set uses it")
     a.add_parser("list")
     c.set_defaults(func=cmd_datasets)
 

@@ -98,15 +98,20 @@ class Client:
 
     # -- datasets and checkpoints ---------------------------------------------------------------
 
-    def upload_dataset(self, path: str | os.PathLike, name: str | None = None) -> dict[str, Any]:
-        """Upload a dataset zip, or a folder (zipped to a temporary file first)."""
+    def upload_dataset(
+        self, path: str | os.PathLike, name: str | None = None, val_split: float | None = None,
+        split_seed: int | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Upload a dataset zip, or a folder (zipped to a temporary file first). ``val_split`` and ``split_seed``:
+        the draw that splits a data set whose images name no split (the server's defaults when None)."""
         path = Path(path)
         if path.is_dir():
             with tempfile.TemporaryDirectory() as tmp:
                 archive = zip_folder(path, Path(tmp) / f"{path.name}.zip")
-                return self.upload_dataset(archive, name or path.name)
+                return self.upload_dataset(archive, name or path.name, val_split, split_seed)
         with open(path, "rb") as f:
-            data = {"name": name} if name else {}
+            given = {"name": name, "val_split": val_split, "split_seed": split_seed}
+            data = {k: str(v) for k, v in given.items() if v is not None}
             return self._json("POST", "/v1/datasets", files={"file": (path.name, f, "application/zip")}, data=data)
 
     def list_datasets(self) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from distill.data.annotations import DatasetError, load_coco
+from distill.data.annotations import DatasetError, file_sha256, has_own_split, load_coco, split_roles
 from distill.data.voc import import_voc
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -51,6 +51,11 @@ class ImportedDataset:
     num_boxes: int
     splits: dict[str, int]
     problems: list[str] = field(default_factory=list)  # reported, not refusing (the import's warnings)
+    # The split every job uses: drawn with val_split and split_seed (both None when the images' own split
+    # decides); per image its id, file name, content hash and part ("train", "val", "test").
+    val_split: float | None = None
+    split_seed: int | None = None
+    images: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _member_path(info: zipfile.ZipInfo) -> PurePosixPath | None:
@@ -160,8 +165,12 @@ def _check_file_names(coco: dict[str, Any]) -> list[str]:
     return bad
 
 
-def import_dataset(zip_path: Path, work: Path, limits: ZipLimits, max_image_pixels: int) -> ImportedDataset:
-    """Extract and validate an uploaded zip under ``work`` (a private temp folder).
+def import_dataset(
+    zip_path: Path, work: Path, limits: ZipLimits, max_image_pixels: int, val_split: float = 0.2, split_seed: int = 0
+) -> ImportedDataset:
+    """Extract and validate an uploaded zip under ``work`` (a private temp folder), and fix its split: the images'
+    own when they name a validation or test split, else a draw of ``val_split`` seeded by ``split_seed``
+    (``distill.data.annotations.split``, the function training uses), with each image's content hash.
 
     COCO: the folder of the JSON file becomes the dataset (the JSON renamed ``annotations.json``).
     VOC: ``distill.data.voc.import_voc`` writes ``work/dataset`` (``images/`` + ``annotations.json``), the
@@ -204,6 +213,10 @@ def import_dataset(zip_path: Path, work: Path, limits: ZipLimits, max_image_pixe
     if problems:
         raise UploadError(422, "invalid_dataset", _problem_message(problems), problems[:200])
     summary = data.summary()
+    drawn = not has_own_split(data)
+    roles = split_roles(data, val_split, split_seed)
+    images = [{"image_id": im["id"], "file_name": im["file_name"], "sha256": file_sha256(im["path"]),
+               "split": roles[im["id"]]} for im in data.images]  # fmt: skip
     return ImportedDataset(
         root=root,
         format=fmt,
@@ -212,6 +225,9 @@ def import_dataset(zip_path: Path, work: Path, limits: ZipLimits, max_image_pixe
         num_boxes=summary["num_boxes"],
         splits=dict(summary["splits"] or {}),
         problems=list(data.warnings),
+        val_split=val_split if drawn else None,
+        split_seed=split_seed if drawn else None,
+        images=images,
     )
 
 

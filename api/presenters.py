@@ -32,7 +32,8 @@ def public_model(model: dict[str, Any]) -> dict[str, Any]:
 
 
 def public_dataset(ds: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in ds.items() if k != "path"}
+    # val_split and split_seed are shown inside ``split`` (core.catalogue), with the images in each part.
+    return {k: v for k, v in ds.items() if k not in ("path", "val_split", "split_seed")}
 
 
 def public_checkpoint(ck: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,22 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class DatasetSplit(_Open):
+    """The split every job and study on the data set uses, fixed at upload."""
+
+    source: Literal["drawn", "own", "unknown"] = Field(
+        ...,
+        description="drawn: a seeded draw of val_split images for validation, made at upload (the images name no "
+        "validation or test split); own: the images' split fields; unknown: recorded without one",
+        examples=["drawn"],
+    )
+    val_split: float | None = Field(None, examples=[0.2])
+    split_seed: int | None = Field(None, examples=[0])
+    train: int | None = Field(None, description="training images (null when unknown)", examples=[130])
+    val: int | None = Field(None, description="validation images", examples=[33])
+    test: int | None = Field(None, description="held-out images (never trained on, never validated on)", examples=[0])
+
+
 class Dataset(_Open):
     id: str = Field(..., examples=["ds_3f2a9c1b0d4e5f67"])
     name: str = Field(..., examples=["raccoon"])
@@ -20,6 +36,7 @@ class Dataset(_Open):
     num_boxes: int = Field(..., examples=[217])
     splits: dict[str, int] = Field(..., description="images per split ({} when the dataset has none)",
                                    examples=[{"train": 160, "val": 40}])  # fmt: skip
+    split: DatasetSplit | None = Field(None, description="the split every job on the data set uses")
     format: str | None = Field(None, description="what was uploaded: coco or voc", examples=["voc"])
     created_at: str | None = Field(None, examples=["2026-11-01T12:00:00+00:00"])
 

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from core.db import make_engine, migrate, plain, utcnow
-from core.schema import checkpoints, datasets, jobs, models
+from core.schema import checkpoints, dataset_images, datasets, jobs, models
 from core.tenants import DEFAULT_TENANT
 
 
@@ -53,21 +53,27 @@ class Catalogue:
 
     def add_dataset(
         self, id: str, name: str, path: str, classes: list[str], num_images: int, num_boxes: int,
-        splits: dict[str, Any], problems: list[str], tenant: str = DEFAULT_TENANT,
+        splits: dict[str, Any], problems: list[str], tenant: str = DEFAULT_TENANT, *,
+        val_split: float | None = None, split_seed: int | None = None, images: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:  # fmt: skip
+        """Record a published data set, with its split: ``val_split`` and ``split_seed`` when it was drawn at
+        upload (None when the images' own split decides), and ``images``, each ``{image_id, file_name, sha256,
+        split}`` (``split``: train, val or test), in the same transaction."""
         values = dict(
             id=id, name=name, path=str(path), classes=list(classes), num_images=int(num_images),
             num_boxes=int(num_boxes), splits=dict(splits), problems=list(problems), created_at=utcnow(),
-            tenant=tenant,
+            tenant=tenant, val_split=val_split, split_seed=split_seed,
         )  # fmt: skip
         with self._tx() as conn:
             conn.execute(insert(datasets).values(**values))
-        return plain(values)
+            if images:
+                conn.execute(insert(dataset_images), [{"dataset_id": id, **im} for im in images])
+        return self._with_split(plain(values))
 
     def get_dataset(self, id: str) -> dict[str, Any] | None:
         with self._tx() as conn:
             row = conn.execute(select(datasets).where(datasets.c.id == id)).first()
-        return None if row is None else plain(row._mapping)
+        return None if row is None else self._with_split(plain(row._mapping))
 
     def list_datasets(self, tenant: str | None = None) -> list[dict[str, Any]]:
         """Newest first; only ``tenant``'s unless None."""
@@ -76,7 +82,29 @@ class Catalogue:
             q = q.where(datasets.c.tenant == tenant)
         with self._tx() as conn:
             rows = conn.execute(q).all()
-        return [plain(r._mapping) for r in rows]
+        return [self._with_split(plain(r._mapping)) for r in rows]
+
+    def dataset_images(self, id: str) -> list[dict[str, Any]]:
+        """The data set's images, ``{image_id, file_name, sha256, split}``, by image id ([] when none are known)."""
+        q = select(dataset_images).where(dataset_images.c.dataset_id == id).order_by(dataset_images.c.image_id)
+        with self._tx() as conn:
+            return [{k: v for k, v in r._mapping.items() if k != "dataset_id"} for r in conn.execute(q)]
+
+    def _with_split(self, ds: dict[str, Any]) -> dict[str, Any]:
+        """``ds`` with ``split``: its ``source`` ("drawn": a seeded draw of ``val_split`` by ``split_seed``; "own":
+        the images' own split fields; "unknown": added without one) and the images in each part (None when its
+        images are not known)."""
+        q = (select(dataset_images.c.split, sa.func.count()).where(dataset_images.c.dataset_id == ds["id"])
+             .group_by(dataset_images.c.split))  # fmt: skip
+        with self._tx() as conn:
+            counts = dict(conn.execute(q).all())
+        drawn = ds.get("val_split") is not None
+        ds["split"] = {
+            "source": "drawn" if drawn else ("own" if counts else "unknown"),
+            "val_split": ds.get("val_split"), "split_seed": ds.get("split_seed"),
+            **{part: counts.get(part, 0) if counts else None for part in ("train", "val", "test")},
+        }  # fmt: skip
+        return ds
 
     # -- checkpoints ----------------------------------------------------------------------------
 

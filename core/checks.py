@@ -10,6 +10,7 @@ torch-free checkpoint reader (``distill.ckpt_reader``) and the one architecture 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import urllib.request
@@ -26,6 +27,7 @@ from core.tenants import visible
 from distill.ckpt_layout import describe_checkpoint
 from distill.ckpt_reader import CheckpointError
 from distill.class_map import ClassMapError, map_classes
+from distill.data.annotations import draw_val
 from distill.spec import (
     IMAGENET_URLS,
     InitCheckpoint,
@@ -37,6 +39,7 @@ from distill.spec import (
 
 # An id in the job that names nothing the caller may see (none, or another tenant's): 404, as a GET of it.
 NOT_FOUND = 404
+DEFAULT_VAL_SPLIT = 0.2  # a data set recorded without a split, and a job that gives none: the old default
 
 
 class JobRefused(ValueError):
@@ -60,6 +63,11 @@ class CheckedJob:
     teacher_path: Path | None
     teacher_facts: dict[str, Any] | None
     init_path: Path | None
+    # The data set's split as the training draws it (LocalJobSpec val_split, split_seed), and what
+    # ``teacher_overlap`` found (None for a train job).
+    val_split: float = DEFAULT_VAL_SPLIT
+    split_seed: int = 0
+    teacher_overlap: dict[str, Any] | None = None
 
 
 def check_job(spec: JobSpec, store: Store, settings: Settings, scope: str | None = None) -> CheckedJob:
@@ -77,6 +85,7 @@ def check_job(spec: JobSpec, store: Store, settings: Settings, scope: str | None
             f"dataset: no dataset {spec.dataset!r} (upload one to /v1/datasets)", "unknown_dataset", NOT_FOUND
         )
     dataset_dir = Path(ds["path"])
+    val_split, split_seed = _split(spec, ds)
     if refusal := teacher_cache_refusal(spec):
         raise JobRefused(refusal, "invalid_teacher_cache")
     student = arch_config(spec.student.arch)
@@ -98,7 +107,18 @@ def check_job(spec: JobSpec, store: Store, settings: Settings, scope: str | None
                 map_classes(ds["classes"], teacher_classes, spec.distill.class_map)
             except ClassMapError as e:
                 raise JobRefused(str(e), "invalid_class_map") from e
-    return CheckedJob(spec, dataset_dir, list(ds["classes"]), teacher_path, facts, init_path)
+    overlap = teacher_overlap(spec, ds, store)
+    if overlap and overlap["seen"] and not overlap["allowed"]:
+        raise JobRefused(
+            f"teacher {overlap['teacher']} was trained on {overlap['seen']} of this job's {overlap['val_images']} "
+            f"validation images (data set {ds['id']}, matched by content): its AP there is inflated and "
+            "distillation would pass their labels on. Teach with a model trained on none of them (e.g. on this "
+            "data set's training split), or set distill.allow_teacher_overlap: true to run anyway",
+            "teacher_saw_validation",
+            details={**overlap, "field": "distill.allow_teacher_overlap"},
+        )
+    return CheckedJob(spec, dataset_dir, list(ds["classes"]), teacher_path, facts, init_path, val_split, split_seed,
+                      overlap)  # fmt: skip
 
 
 def resolve_job(spec: dict[str, Any], store: Store, settings: Settings) -> dict[str, Any]:
@@ -118,7 +138,66 @@ def resolve_job(spec: dict[str, Any], store: Store, settings: Settings) -> dict[
         local["student"]["init"] = {"path": str(checked.init_path)}
     if checked.teacher_path is not None:
         local["teacher"] = {"path": str(checked.teacher_path)}
+    local.update(val_split=checked.val_split, split_seed=checked.split_seed, teacher_overlap=checked.teacher_overlap)
     return local
+
+
+# ----------------------------------------------------------------------------------------------- split
+
+
+def _split(spec: JobSpec, ds: dict[str, Any]) -> tuple[float, int]:
+    """``(val_split, split_seed)`` of the draw that splits the data set when its images name no split: the data
+    set's, fixed at upload. A job's ``val_split`` (deprecated) may only repeat it; a data set recorded without a
+    draw (its images' own split decides, or a row from before splits were stored) takes the job's, seed 0."""
+    if ds.get("val_split") is None:
+        return (DEFAULT_VAL_SPLIT if spec.val_split is None else spec.val_split), int(ds.get("split_seed") or 0)
+    if spec.val_split is not None and not math.isclose(spec.val_split, ds["val_split"]):
+        raise JobRefused(
+            f"val_split {spec.val_split}: data set {ds['id']}'s split was fixed at upload (val_split "
+            f"{ds['val_split']}, split_seed {ds['split_seed']}) and every job on it uses that split; leave val_split "
+            "out (it is deprecated), or upload the data set again with the val_split you want",
+            "split_conflict",
+            details={"field": "val_split", "val_split": ds["val_split"], "split_seed": ds["split_seed"]},
+        )
+    return float(ds["val_split"]), int(ds["split_seed"] or 0)
+
+
+def teacher_overlap(spec: JobSpec, ds: dict[str, Any], store: Store) -> dict[str, Any] | None:
+    """How many of the job's validation images its teacher was trained on, matched by content hash (the same
+    picture in another data set counts): ``{teacher, teacher_job, val_images, seen, allowed}``; ``seen`` is None
+    where it cannot be known, with ``why``: a teacher that is an uploaded checkpoint (its training data is
+    unknown: never refused), or images the store does not know. None for a train job."""
+    if spec.teacher is None or spec.distill is None:
+        return None
+    allowed = spec.distill.allow_teacher_overlap
+    t = spec.teacher
+    if t.checkpoint:
+        why = "an uploaded checkpoint: the images it was trained on are unknown"
+        return {"teacher": f"checkpoint {t.checkpoint}", "teacher_job": None, "val_images": None, "seen": None,
+                "allowed": allowed, "why": why}  # fmt: skip
+    model = store.get_model(t.model) if t.model else None
+    job_id = model["job_id"] if model else t.job
+    teacher = f"model {t.model} (job {job_id})" if t.model else f"job {job_id}"
+    job = store.get_job(job_id) if job_id else None
+    val = [im["sha256"] for im in store.dataset_images(ds["id"]) if im["split"] == "val"]
+    trained = _trained_on(store, job) if job else None
+    out = {"teacher": teacher, "teacher_job": job_id, "val_images": len(val), "allowed": allowed}
+    if trained is None or not val:
+        return {**out, "seen": None, "why": "the store does not know the images of the teacher's or this data set"}
+    return {**out, "seen": sum(h in trained for h in val)}
+
+
+def _trained_on(store: Store, job: dict[str, Any]) -> set[str] | None:
+    """Content hashes of the images a job trained on: its data set's training part, or for a job from before
+    data sets had their split (``jobs.split_draw``) the draw it made itself. None when the store does not know
+    the data set's images."""
+    images = store.dataset_images(str(job["spec"].get("dataset")))
+    if not images:
+        return None
+    if draw := job.get("split_draw"):
+        val = draw_val([im["image_id"] for im in images], float(draw["val_split"]), int(draw["seed"]))
+        return {im["sha256"] for im in images if im["image_id"] not in val and im["split"] != "test"}
+    return {im["sha256"] for im in images if im["split"] == "train"}
 
 
 # ----------------------------------------------------------------------------------------------- init

@@ -32,6 +32,23 @@ datasets = Table(
     Column("problems", JSON, nullable=False),
     Column("created_at", DateTime, nullable=False),
     tenant_column(),
+    # The split every job on the data set uses (DESIGN section 4): for a data set whose images name no validation
+    # or test split, the seeded draw made at upload (``distill.data.annotations.split``); both null when the
+    # images' own split decides, or for a row added without a split (tests, a folder gone before 0006).
+    Column("val_split", Float, nullable=True),
+    Column("split_seed", Integer, nullable=True),
+)  # fmt: skip
+
+# Each image of a data set: its content hash (sha256 of the file) and its part of the data set's split ("train",
+# "val", or "test": held out). The job check compares a teacher's training images with a job's validation images
+# by hash, so the same picture in another data set is caught too.
+dataset_images = Table(
+    "dataset_images", metadata,
+    Column("dataset_id", String(64), primary_key=True),
+    Column("image_id", Integer, primary_key=True),
+    Column("file_name", Text, nullable=False),
+    Column("sha256", String(64), nullable=False, index=True),
+    Column("split", String(8), nullable=False),
 )  # fmt: skip
 
 checkpoints = Table(
@@ -75,6 +92,10 @@ jobs = Table(
     Column("updated_at", DateTime, nullable=False),
     tenant_column(),
     UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
+    # A job from before data sets had their split (migration 0006) drew validation with its own val_split and
+    # training seed: ``{"val_split", "seed"}`` when that draw differs from its data set's stored split, so the
+    # job check knows what it trained on as a teacher; null: the job used its data set's split.
+    Column("split_draw", JSON, nullable=True),
 )  # fmt: skip
 
 # The catalogue of published models: ``meta`` is the model's description (architecture, classes, input

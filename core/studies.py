@@ -72,7 +72,7 @@ class StudySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str | None = Field(None, max_length=200, examples=["which method on bccd"])
     dataset: str = JobSpec.model_fields["dataset"]
-    val_split: float = JobSpec.model_fields["val_split"]
+    val_split: float | None = JobSpec.model_fields["val_split"]
     teacher: TeacherSpec
     student: StudentSpec = Field(default_factory=StudentSpec)
     loss: GFLWeights = Field(default_factory=GFLWeights)

@@ -82,13 +82,17 @@ def build(study_id: str, members: list[dict[str, Any]]) -> dict[str, Any]:
     ranked = [r for r in rows if r["best"] is not None]
     top = max(ranked, key=lambda r: r["AP"]["mean"], default=None)
     recommended = None if top is None else {"row": top["row"], **top["best"]}
+    # Every job of a study validates on its data set's one split, so the teacher's AP (measured by each distillation
+    # job) is on the students' split; what the job check found about the teacher's training images is the same too.
     teacher = [t["AP"] for m in members if isinstance(t := (m.get("metrics") or {}).get("teacher_bbox"), dict)
                and isinstance(t.get("AP"), int | float)]  # fmt: skip
+    overlap = next((o for m in members if isinstance(o := (m.get("metrics") or {}).get("teacher_overlap"), dict)), None)
     return {
         "rows": rows,
         "recommended": recommended,
         "failures": failures,
         "teacher_AP": statistics.mean(teacher) if teacher else None,
+        "teacher_overlap": overlap,
         "report_md": f"/v1/studies/{study_id}/report.md",
         "report_png": f"/v1/studies/{study_id}/report.png",
     }
@@ -109,7 +113,13 @@ def markdown(study: dict[str, Any], report: dict[str, Any]) -> str:
         "",
     ]
     if report.get("teacher_AP") is not None:
-        lines += [f"Teacher AP on the same validation split: {100 * report['teacher_AP']:.1f}", ""]
+        lines += [f"Teacher AP on the students' validation split: {100 * report['teacher_AP']:.1f}", ""]
+    if (o := report.get("teacher_overlap")) and o.get("seen"):
+        lines += [f"**The teacher ({o['teacher']}) was trained on {o['seen']} of these {o['val_images']} validation "
+                  "images** (run with distill.allow_teacher_overlap): its AP and the distilled rows' gains are "
+                  "inflated.", ""]  # fmt: skip
+    elif o and o.get("seen") is None:
+        lines += [f"Whether the teacher ({o['teacher']}) saw these validation images is unknown: {o.get('why')}.", ""]
     lines += comparison.table(report["rows"])
     lines += ["", "| row | method | best model |", "| --- | --- | --- |"]
     for r in report["rows"]:

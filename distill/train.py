@@ -108,6 +108,7 @@ class Trainer:
             rank=ddp.rank(),
             world=ddp.world(),
             pin_memory=self.device.type == "cuda",
+            split_seed=spec.split_seed,
         )
         for problem in self.data.problems:
             self.log(f"dataset: {problem}")
@@ -374,6 +375,8 @@ class Trainer:
             }
             assert isinstance(self.criterion, DistillCriterion)
             metrics["class_map"] = self.criterion.class_report()
+            # The job check's finding: how many validation images the teacher trained on, and whether allowed.
+            metrics["teacher_overlap"] = self.spec.teacher_overlap
             if self.teacher_cache is not None:
                 metrics["teacher_cache"] = self.teacher_cache.report()
                 self.log(f"teacher cache: {metrics['teacher_cache']}")

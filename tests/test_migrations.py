@@ -19,11 +19,15 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
+from core.checks import teacher_overlap
 from core.db import alembic_config, current_revision, head_revision, make_engine
 from core.schema import metadata
 from core.store import JOB_STATES, IdempotencyConflict, Store, spec_digest
 from core.tenants import DEFAULT_TENANT
+from distill.data.annotations import file_sha256, load_coco, split
+from distill.spec import JobSpec
 from tests.service_fixtures import postgres_database
+from tests.test_dataset_split import dataset_folder
 
 # The schema the store had before migrations (SQLAlchemy's DDL for the ORM classes of the old
 # ``worker/store.py`` on SQLite; PostgreSQL's differs only in the timestamp type).
@@ -121,7 +125,8 @@ def table_contents(url: str) -> dict[str, list[dict[str, object]]]:
 
 
 # Columns later revisions added to rows that already existed, and the value an old row gets.
-ADDED_COLUMNS = {"tenant": DEFAULT_TENANT, "format": "fp32", "fp32_id": None}
+# The legacy data set's images name no validation split, so 0006 gives it the draw its jobs made: seed 0, 0.2.
+ADDED_COLUMNS = {"tenant": DEFAULT_TENANT, "format": "fp32", "fp32_id": None, "val_split": 0.2, "split_seed": 0}
 
 
 def kept(before: list[dict[str, object]], after: list[dict[str, object]]) -> bool:
@@ -306,6 +311,60 @@ def test_upgrade_to_model_formats_links_siblings_to_their_job(url):
         assert store.add_model("mdl_afp16", "job_a", "/m", {}, format="fp16", fp32_id="mdl_a")["job_id"] == "job_a"
         with pytest.raises(ValueError, match="fp32 sibling"):
             store.add_model("mdl_c", "job_c", "/m", {}, format="int8")
+    finally:
+        store.close()
+    assert schema_differences(url) == []
+
+
+def test_upgrade_to_dataset_splits_stores_the_split_the_jobs_used(url, tmp_path):
+    """A store at revision 0005 with a data set whose images name no split (jobs with seeds 0 and 1 on it), one
+    with its own split, and one whose folder is gone, upgraded to head: the first gets the old code's seed-0 draw
+    and its images' hashes, the seed-1 job keeps the draw it trained on (``jobs.split_draw``), so as a teacher it is
+    known to have seen the validation images; the second keeps its own split; the third is recorded without images."""
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        command.upgrade(alembic_config(conn), "0005")
+        conn.commit()
+    drawn, own = dataset_folder(tmp_path / "drawn", 10), dataset_folder(tmp_path / "own", 6, splits=True)
+    rows = {"ds_drawn000": drawn, "ds_own00000": own, "ds_gone0000": tmp_path / "gone"}
+    with engine.begin() as conn:
+        for ds_id, folder in rows.items():
+            conn.execute(sa.text("INSERT INTO datasets (id, name, path, classes, num_images, num_boxes, splits, "
+                                 "problems, created_at) VALUES (:id, 'd', :path, '[\"a\"]', 10, 10, '{}', '[]', :t)"),
+                         {"id": ds_id, "path": str(folder), "t": T0})  # fmt: skip
+        for ds_id, seed in (("ds_drawn000", 0), ("ds_drawn000", 1), ("ds_own00000", 1)):
+            spec = {"kind": "train", "dataset": ds_id, "seed": seed, "val_split": 0.2}
+            conn.execute(sa.text("INSERT INTO jobs (id, kind, state, spec, spec_sha256, attempts, cancel_requested, "
+                                 "created_at, updated_at) VALUES (:id, 'train', 'succeeded', :spec, 'x', 1, false, "
+                                 ":t, :t)"),
+                         {"id": f"job_{ds_id[3:]}s{seed}", "spec": json.dumps(spec), "t": T0})  # fmt: skip
+    engine.dispose()
+
+    store = Store(url)
+    try:
+        data = load_coco(drawn)
+        assert split(data, 0.2, 0) != split(data, 0.2, 1)  # the two jobs did validate on different images
+        ds = store.get_dataset("ds_drawn000")
+        assert (ds["val_split"], ds["split_seed"]) == (0.2, 0)
+        assert ds["split"] == {"source": "drawn", "val_split": 0.2, "split_seed": 0, "train": 8, "val": 2, "test": 0}
+        images = store.dataset_images("ds_drawn000")
+        assert [im["image_id"] for im in images if im["split"] == "val"] == split(data, 0.2, 0)[1]
+        assert [im["sha256"] for im in images] == [file_sha256(im["path"]) for im in data.images]
+        assert store.get_job("job_drawn000s0")["split_draw"] is None  # it used the stored split
+        assert store.get_job("job_drawn000s1")["split_draw"] == {"val_split": 0.2, "seed": 1}
+        # As teachers: the seed-0 job trained on the stored training part, the seed-1 job on some validation images.
+        saw = len(set(split(data, 0.2, 0)[1]) - set(split(data, 0.2, 1)[1]))
+        assert saw > 0
+        for seed, seen in ((0, 0), (1, saw)):
+            job = JobSpec(kind="distill", dataset="ds_drawn000", teacher={"job": f"job_drawn000s{seed}"})
+            assert teacher_overlap(job, ds, store)["seen"] == seen
+        mine = store.get_dataset("ds_own00000")
+        assert mine["split"] == {"source": "own", "val_split": None, "split_seed": None, "train": 4, "val": 1,
+                                 "test": 1}  # fmt: skip
+        assert store.get_job("job_own00000s1")["split_draw"] is None
+        gone = store.get_dataset("ds_gone0000")
+        assert gone["split"]["source"] == "drawn" and gone["split"]["val"] is None
+        assert store.dataset_images("ds_gone0000") == []
     finally:
         store.close()
     assert schema_differences(url) == []

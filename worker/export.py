@@ -4,7 +4,7 @@ the worker's export child.
 Runs ``deploy.export.export_model`` in its own process, so torch and the ONNX tooling are loaded there
 and never in the worker (which stays light and long-lived; nothing in the worker imports this module).
 ``--spec`` is the job's local spec (``runs/<job>/spec.json``): its ``export.formats`` say which formats to
-make, its data set folder, ``val_split`` and ``seed`` give int8 its calibration pictures (training split)
+make, its data set folder, ``val_split`` and ``split_seed`` give int8 its calibration pictures (training split)
 and every format its AP (validation split, as training split it), measured by ``--backend`` with
 ``--providers``: the runtime that will serve the model (``LDD_BACKEND``, ``LDD_PROVIDERS``).
 Exit 0 with ``OUT_DIR/model.onnx`` and ``OUT_DIR/model.json`` (what the runtime needs; other formats in
@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = json.loads(args.spec.read_text()) if args.spec else {}
         description = export_model(
             args.checkpoint, args.out_dir, formats=(spec.get("export") or {}).get("formats") or ["fp32"],
-            dataset=spec.get("dataset"), val_split=float(spec.get("val_split", 0.2)), seed=int(spec.get("seed", 0)),
+            dataset=spec.get("dataset"), val_split=float(spec.get("val_split", 0.2)),
+            seed=int(spec.get("split_seed", 0)),  # the data set's split seed, never the job's training seed
             backend=args.backend, providers=[p for p in args.providers.split(",") if p] or None,
         )  # fmt: skip
     except Exception as e:

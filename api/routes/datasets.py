@@ -29,6 +29,11 @@ from deploy.draw import draw_detections
 from distill.data.annotations import CocoData, load_coco
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+SPLIT_DOC = (
+    "for a data set whose images name no validation or test split: the share of images drawn for validation, "
+    "once, here; the split is stored and every job and study on the data set uses it (a job's seed never moves "
+    "an image between train and validation)"
+)
 
 
 @router.post(
@@ -44,6 +49,8 @@ async def upload_dataset(
     store: StoreDep,
     caller: CallerDep,
     name: Annotated[str | None, Form(max_length=200, description="a name for humans")] = None,
+    val_split: Annotated[float, Form(ge=0, lt=1, description=SPLIT_DOC)] = 0.2,
+    split_seed: Annotated[int, Form(ge=0, le=2**31 - 1, description="the seed of that draw")] = 0,
 ) -> dict[str, Any]:
     # Room for the archive and what it unpacks to, checked before either is written.
     ensure_room(settings.data_dir, upload_size(file), settings.min_free_bytes)
@@ -54,7 +61,9 @@ async def upload_dataset(
         # The unpacked size may exceed the upload's (images compress little, JSON a lot), within reason.
         limits = ZipLimits(max_total_bytes=max(4 * settings.max_upload_bytes, 64 << 20))
         try:
-            imported = await run_in_threadpool(import_dataset, archive, work, limits, settings.max_image_pixels)
+            imported = await run_in_threadpool(
+                import_dataset, archive, work, limits, settings.max_image_pixels, val_split, split_seed
+            )
         except UploadError as e:
             if isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.ENOSPC:
                 raise e.__cause__ from e  # the disk filled while unpacking: upload_folder answers 507
@@ -66,6 +75,7 @@ async def upload_dataset(
             row = await run_in_threadpool(
                 store.add_dataset, dataset_id, ds_name, str(final), imported.classes,
                 imported.num_images, imported.num_boxes, imported.splits, imported.problems, caller.tenant,
+                val_split=imported.val_split, split_seed=imported.split_seed, images=imported.images,
             )  # fmt: skip
         except Exception:
             shutil.rmtree(final, ignore_errors=True)  # no folder without its row
@@ -112,7 +122,7 @@ def dataset_sample(
     max_side: Annotated[int, Query(ge=32, le=2048, description="longest side of the picture, pixels")] = 480,
 ) -> Response:
     row = get_or_404(store.get_dataset, "dataset", dataset_id, caller.scope)
-    data = _annotations(row["path"])
+    data = published_annotations(row["path"])
     if index >= len(data.images):
         raise APIError(404, "not_found", f"dataset {dataset_id!r} has {len(data.images)} images; no image {index}")
     image = data.images[index]
@@ -128,6 +138,6 @@ def dataset_sample(
 
 
 @lru_cache(maxsize=4)
-def _annotations(path: str) -> CocoData:
+def published_annotations(path: str) -> CocoData:
     """The published dataset's annotations (checked at upload, so the images are not opened again)."""
     return load_coco(path, check_images=False)

@@ -334,7 +334,25 @@ def load_coco(path: str | os.PathLike[str], *, check_images: bool = True, max_pi
 # ------------------------------------------------------------------------------------- splitting, writing
 
 
-def split(data: CocoData, val_split: float, seed: int) -> tuple[list[int], list[int]]:
+def has_own_split(data: CocoData) -> bool:
+    """Whether the images' ``split`` fields name a validation or test image, so that they decide the split
+    (``split``); otherwise the split is a seeded draw."""
+    return any(str(im.get("split", "")).lower() in VAL_SPLIT_NAMES | TEST_SPLIT_NAMES for im in data.images)
+
+
+def draw_val(image_ids: list[int], val_split: float, seed: int) -> set[int]:
+    """The validation images of a seeded draw: a shuffle of the sorted ids by ``random.Random(seed)`` puts
+    ``round(n * val_split)`` of them in validation, at least one in each part when ``val_split > 0`` and there
+    are two images or more. Depends only on the set of ids, ``val_split`` and ``seed``."""
+    n_val = round(len(image_ids) * val_split)
+    if val_split > 0 and len(image_ids) >= 2:
+        n_val = min(max(n_val, 1), len(image_ids) - 1)
+    shuffled = sorted(image_ids)
+    random.Random(seed).shuffle(shuffled)
+    return set(shuffled[:n_val])
+
+
+def split(data: CocoData, val_split: float, seed: int = 0) -> tuple[list[int], list[int]]:
     """``(train_image_ids, val_image_ids)``.
 
     When images have a ``split`` field it decides, as Pascal VOC's image sets mean it:
@@ -345,8 +363,10 @@ def split(data: CocoData, val_split: float, seed: int) -> tuple[list[int], list[
     - everything else (``train``, ``trainval``, no field) trains;
     - when the fields name no validation or test image at all, the seeded draw below is made among them.
 
-    Otherwise a seeded shuffle puts ``round(n * val_split)`` images in validation, at least one in each part
-    when ``val_split > 0`` and there are two images or more. Both lists keep the dataset's image order.
+    Otherwise ``draw_val(ids, val_split, seed)`` validates. ``seed`` is the *data set's* split seed (the
+    service's ``split_seed``, fixed at upload), never a job's training seed: a training seed must not move
+    images between train and validation, or a teacher and its students would validate on different images.
+    Both lists keep the dataset's image order.
     """
     named = {im["id"]: str(im.get("split", "")).lower() for im in data.images}
     val = {i for i, s in named.items() if s in VAL_SPLIT_NAMES}
@@ -357,14 +377,27 @@ def split(data: CocoData, val_split: float, seed: int) -> tuple[list[int], list[
     elif test:
         val = test
     else:
-        ids = data.image_ids
-        n_val = round(len(ids) * val_split)
-        if val_split > 0 and len(ids) >= 2:
-            n_val = min(max(n_val, 1), len(ids) - 1)
-        shuffled = sorted(ids)
-        random.Random(seed).shuffle(shuffled)
-        val = set(shuffled[:n_val])
+        val = draw_val(data.image_ids, val_split, seed)
     return ([i for i in data.image_ids if i not in val and i not in held_out], [i for i in data.image_ids if i in val])
+
+
+def split_roles(data: CocoData, val_split: float, seed: int = 0) -> dict[int, str]:
+    """Image id -> ``"train"``, ``"val"`` or ``"test"`` (held out) under ``split``: what the store keeps per
+    image of a data set."""
+    train, val = split(data, val_split, seed)
+    roles = dict.fromkeys(data.image_ids, "test")
+    roles.update(dict.fromkeys(train, "train"))
+    roles.update(dict.fromkeys(val, "val"))
+    return roles
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file's bytes: an image's content hash, equal for the same picture in any data set."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_coco(coco: dict[str, Any], path: str | os.PathLike[str]) -> Path:
