@@ -39,6 +39,7 @@ from distill.evaluate import coco_ap, predict_dataset
 from distill.files import atomic_write_json, ensure_room
 from distill.init import initialise
 from distill.models.gfl import GFL
+from distill.models.spread_teacher import spread_teacher
 from distill.run_state import differences, rng_state, run_fingerprint, seed_everything, set_rng_state
 from distill.spec import JobSpec, LocalJobSpec
 from distill.teacher import TeacherMismatch, check_teacher
@@ -136,7 +137,8 @@ class Trainer:
         self.criterion: GFLCriterion | DistillCriterion = GFLCriterion(self.model, spec.loss, self.amp)
         if spec.kind == "distill":
             assert spec.teacher is not None and spec.distill is not None
-            self.teacher = load_detector(spec.teacher.path, self.device)  # DistillCriterion freezes it
+            # DistillCriterion freezes it; a standard-form mmdetection teacher spreads its boxes over our bins.
+            self.teacher = spread_teacher(load_detector(spec.teacher.path, self.device), self.model.reg_max)
             try:
                 check_teacher(self.teacher, self.model)
             except TeacherMismatch as e:

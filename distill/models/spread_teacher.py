@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from distill.locations import grid_locations
 from distill.models.config import DetectorConfig
 from distill.models.detector import Detector
 from distill.models.head import Integral
@@ -40,20 +41,45 @@ def two_bin_spread(edges: Tensor, reg_max: int) -> Tensor:
     return probs
 
 
-class _SpreadHead(nn.Module):
-    """What the training side reads off a detector's ``bbox_head``: anchors per location, quality, integral."""
+class SpreadHead(nn.Module):
+    """The standard model's head followed by the spread: what the training side reads off a detector's
+    ``bbox_head`` (``forward(feats)``, ``num_anchors``, ``has_quality``, ``integral``)."""
 
-    def __init__(self, num_anchors: int, has_quality: bool, reg_max: int):
+    def __init__(self, standard: StandardDetector, reg_max: int):
         super().__init__()
-        self.num_anchors, self.has_quality, self.reg_max = num_anchors, has_quality, reg_max
+        self.standard = standard
+        self.num_anchors, self.has_quality = standard.num_anchors, standard.bbox_head.has_centerness
+        self.reg_max = reg_max
         self.integral = Integral(reg_max)
+
+    def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], ...]:
+        """The standard model's FPN levels -> per level ``cls (N, A*C, H, W)`` logits, ``reg (N, A*4*(R+1), H,
+        W)`` log two-bin probabilities of the teacher's decoded edges, measured from the families' points
+        (``Detector.locations``: ``(x * s, y * s)``, each repeated A times), and, for FCOS/ATSS, centerness
+        logits ``(N, A, H, W)``."""
+        raw = self.standard.bbox_head(feats)
+        cls_scores = raw[0]
+        boxes, _, counts = self.standard.decode(*raw)  # (N, L*A, 4) in input pixels
+        sizes = [(c.shape[-2], c.shape[-1]) for c in cls_scores]
+        points, strides, _ = grid_locations(sizes, list(self.standard.strides), boxes.device)
+        a = self.num_anchors
+        points, strides = points.repeat_interleave(a, 0), strides.repeat_interleave(a, 0)
+        edges = torch.cat([points - boxes[..., :2], boxes[..., 2:] - points], -1) / strides[None, :, None]
+        logits = two_bin_spread(edges, self.reg_max).clamp_min(EMPTY_BIN).log()  # (N, L*A, 4, R+1)
+        n = boxes.shape[0]
+        reg = [
+            lvl.reshape(n, h, w, a * 4 * (self.reg_max + 1)).permute(0, 3, 1, 2)
+            for lvl, (h, w) in zip(logits.split(counts, 1), sizes, strict=True)
+        ]
+        return (cls_scores, reg, *raw[2:])
 
 
 class SpreadTeacher(Detector):
     """``standard``'s predictions as a ``Detector`` of its family with ``reg_max`` bins (the student's).
 
-    Takes our pipeline's images (``adapt_input`` converts them to the checkpoint's own normalisation). Only the
-    outputs exist: no towers for CrossKD, and ``features`` are the standard model's own FPN levels.
+    Takes our pipeline's images (``features`` converts them to the checkpoint's own normalisation first). Only
+    the outputs exist: no towers for CrossKD (``distill.pairing`` refuses it), and ``features`` are the
+    standard model's own FPN levels.
     """
 
     hard_edge_targets = True
@@ -61,44 +87,32 @@ class SpreadTeacher(Detector):
     def __init__(self, standard: StandardDetector, reg_max: int):
         nn.Module.__init__(self)  # no ResNet/FPN/head of our own: the standard model computes everything
         info = standard.info
-        self.standard = standard.eval()
         self.cfg = DetectorConfig(
             family=standard.family, depth=info["depth"], base_width=info["base_width"], channels=info["channels"],
             stacked_convs=info["stacked_convs"], num_classes=standard.num_classes, reg_max=reg_max,
             strides=standard.strides, classes=list(standard.classes),
         )  # fmt: skip
         self.arch = info.get("name")
-        self.bbox_head = _SpreadHead(standard.num_anchors, standard.bbox_head.has_centerness, reg_max)
+        self.bbox_head = SpreadHead(standard.eval(), reg_max)
+
+    @property
+    def standard(self) -> StandardDetector:
+        return self.bbox_head.standard
 
     def train(self, mode: bool = True) -> SpreadTeacher:
-        """A teacher stays in eval mode (batch-norm statistics, no dropout) whatever its caller asks."""
+        """A teacher stays in eval mode (batch-norm statistics) whatever its caller asks."""
         super().train(False)
         return self
 
     def features(self, images: Tensor) -> list[Tensor]:
+        """Our pipeline's ``images (N, 3, H, W)`` -> the standard model's FPN levels ``[P3, ..., P7]``;
+        ``raw_outputs`` (``bbox_head(features(images))``) gives the spread maps (:class:`SpreadHead`)."""
         return self.standard.features(self.standard.adapt_input(images))
-
-    def raw_outputs(self, images: Tensor) -> tuple[list[Tensor], ...]:
-        """Our pipeline's ``images (N, 3, H, W)`` -> per level ``cls (N, A*C, H, W)`` logits, ``reg
-        (N, A*4*(R+1), H, W)`` log two-bin probabilities of the teacher's decoded edges measured from
-        :meth:`locations`' points, and, for FCOS/ATSS, centerness logits ``(N, A, H, W)``."""
-        raw = self.standard.raw_outputs(self.standard.adapt_input(images))
-        cls_scores = raw[0]
-        boxes, _, counts = self.standard.decode(*raw)  # (N, L*A, 4) in input pixels
-        points, strides, _ = self.locations(cls_scores)
-        edges = torch.cat([points - boxes[..., :2], boxes[..., 2:] - points], -1) / strides[None, :, None]
-        logits = two_bin_spread(edges, self.reg_max).clamp_min(EMPTY_BIN).log()  # (N, L*A, 4, R+1)
-        n, a = boxes.shape[0], self.num_anchors
-        reg = [
-            lvl.reshape(n, c.shape[-2], c.shape[-1], a * 4 * (self.reg_max + 1)).permute(0, 3, 1, 2)
-            for lvl, c in zip(logits.split(counts, 1), cls_scores, strict=True)
-        ]
-        return (cls_scores, reg, *raw[2:])
-
-    forward = raw_outputs
 
 
 def spread_teacher(model: nn.Module, reg_max: int) -> nn.Module:
     """The teacher LD reads: a standard-form model wrapped as :class:`SpreadTeacher` with the student's
     ``reg_max``; any other model as it is."""
-    return SpreadTeacher(model, reg_max) if isinstance(model, StandardDetector) else model
+    if not isinstance(model, StandardDetector):
+        return model
+    return SpreadTeacher(model, reg_max).to(next(model.parameters()).device)
