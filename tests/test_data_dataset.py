@@ -13,7 +13,6 @@ from PIL import Image
 from distill.data.annotations import load_coco, write_coco
 from distill.data.dataset import (
     DetectionDataset,
-    EpochSampler,
     build_loaders,
     collate,
     hflip,
@@ -22,6 +21,7 @@ from distill.data.dataset import (
     set_epoch,
 )
 from distill.data.images import MEAN, STD, rescale_size
+from distill.data.sampler import EpochSampler
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from distill.checkpoint import read_checkpoint
-from distill.data.dataset import EpochSampler, build_loaders, set_epoch
+from distill.data.dataset import build_loaders, set_epoch
+from distill.data.sampler import EpochSampler
 from distill.data.synthetic import make_synthetic
 from distill.spec import LocalJobSpec
 from distill.train import run

@@ -14,21 +14,21 @@ from __future__ import annotations
 import math
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from distill.data.annotations import CocoData, DatasetError, load_coco, split
 from distill.data.images import normalize_image, read_image, rescale_size, resize_image
+from distill.data.sampler import EpochSampler, GroupedBatchSampler, aspect_groups, seeded_generator
 
 __all__ = [
     "DetectionDataset",
-    "EpochSampler",
     "build_loaders",
     "collate",
     "default_workers",
@@ -39,16 +39,6 @@ __all__ = [
 ]
 
 Target = dict[str, Any]
-_MIX = 1_000_003  # combines (seed, epoch, image id) into one generator seed
-
-
-def _generator(*keys: int) -> torch.Generator:
-    seed = 0
-    for k in keys:
-        seed = (seed * _MIX + k) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
-
-
 # ---------------------------------------------------------------------------------------------- transforms
 
 
@@ -140,13 +130,13 @@ class DetectionDataset(Dataset[tuple[Tensor, Target]]):
         orig_size = (image.height, image.width)
         image_size = self.image_size
         if self.train and self.scales:  # its own draw, so adding scales leaves the flips as they were
-            pick = torch.randint(len(self.scales), (), generator=_generator(self.seed, self.epoch, image_id, 1))
+            pick = torch.randint(len(self.scales), (), generator=seeded_generator(self.seed, self.epoch, image_id, 1))
             image_size = self.scales[int(pick)]
         image, box_t, scale = resize(image, torch.from_numpy(boxes), image_size)
         tensor = normalize(image)
         flipped = False
         if self.train and self.flip_prob > 0:
-            u = torch.rand((), generator=_generator(self.seed, self.epoch, image_id)).item()
+            u = torch.rand((), generator=seeded_generator(self.seed, self.epoch, image_id)).item()
             if u < self.flip_prob:
                 tensor, box_t = hflip(tensor, box_t)
                 flipped = True
@@ -179,63 +169,11 @@ def collate(batch: Sequence[tuple[Tensor, Target]], size_divisor: int = 32) -> t
 # ------------------------------------------------------------------------------------------------- loaders
 
 
-class EpochSampler(Sampler[int]):
-    """Indices ``0..n-1``, shuffled by ``(seed, epoch)`` when ``shuffle``; ``set_epoch(epoch, start)``
-    also skips the first ``start`` indices, to resume in the middle of an epoch.
-
-    One job over ``world`` processes (``distill.ddp``): the same global order is cut into global batches of
-    ``batch_size * world`` indices and rank ``rank`` takes its ``batch_size`` slice of each, so the ranks
-    together see exactly the batches one process with the global batch sees, and ``start`` counts global
-    indices (a run resumed with another number of processes goes on with the same order). A short last
-    global batch is split as evenly as possible; a rank left without an index repeats that batch's first one
-    (only when fewer images than processes remain), so every rank takes the same number of steps.
-    """
-
-    def __init__(
-        self, n: int, *, shuffle: bool = True, seed: int = 0, batch_size: int = 1, rank: int = 0, world: int = 1
-    ) -> None:
-        self.n, self.shuffle, self.seed = n, shuffle, seed
-        self.batch_size, self.rank, self.world = batch_size, rank, world
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.n))
-        return torch.randperm(self.n, generator=_generator(self.seed, self.epoch)).tolist()
-
-    def __iter__(self) -> Iterator[int]:
-        order = self.order()[self.start :]
-        if self.world == 1:
-            return iter(order)
-        g = self.batch_size * self.world
-        mine: list[int] = []
-        for i in range(0, len(order), g):
-            chunk = order[i : i + g]
-            share = self._share(len(chunk))
-            mine += chunk[share] if share.stop > share.start else chunk[:1]
-        return iter(mine)
-
-    def _share(self, m: int) -> slice:
-        """This rank's slice of a global batch of ``m`` indices."""
-        if m == self.batch_size * self.world:
-            return slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        return slice(self.rank * m // self.world, (self.rank + 1) * m // self.world)
-
-    def __len__(self) -> int:
-        remaining = max(0, self.n - self.start)
-        if self.world == 1:
-            return remaining
-        full, rest = divmod(remaining, self.batch_size * self.world)
-        share = self._share(rest)
-        return full * self.batch_size + (max(1, share.stop - share.start) if rest else 0)
-
-
 def set_epoch(loader: DataLoader, epoch: int, start_iter: int = 0) -> None:
     """Prepare ``loader`` (from ``build_loaders``) for ``epoch``, starting at batch ``start_iter``."""
-    if isinstance(loader.sampler, EpochSampler):  # start_iter counts global batches (all ranks' together)
+    if isinstance(loader.batch_sampler, GroupedBatchSampler):  # start_iter counts global batches
+        loader.batch_sampler.set_epoch(epoch, start_iter)
+    elif isinstance(loader.sampler, EpochSampler):  # start_iter counts global batches (all ranks' together)
         loader.sampler.set_epoch(epoch, start_iter * (loader.batch_size or 1) * loader.sampler.world)
     if isinstance(loader.dataset, DetectionDataset):
         loader.dataset.set_epoch(epoch)
@@ -278,13 +216,14 @@ def build_loaders(
     job's training seed, orders the batches and draws the flips: it never moves an image between train and
     validation.
 
-    Batches are ``collate``'s ``(images, targets)``. The training loader shuffles with an ``EpochSampler``
+    Batches are ``collate``'s ``(images, targets)``. The training loader shuffles and batches with a
+    ``GroupedBatchSampler`` (one aspect group per batch; ``EpochSampler``'s batches on single-group data)
     and flips (and draws one of ``scales`` per image when given); call ``set_epoch(loader, epoch)`` before
     each epoch. ``data.problems`` lists what was
     dropped. Raises ``DatasetError`` when no usable training image is left.
 
     One job over ``world`` processes: ``batch_size`` is this process's share of the global batch and the
-    training loader reads rank ``rank``'s shard (``EpochSampler``); validation is rank 0's, whole.
+    training loader reads rank ``rank``'s shard (``GroupedBatchSampler``); validation is rank 0's, whole.
 
     Loading defaults, so that the device does not wait for data: ``num_workers`` None means
     ``default_workers(world)``; ``pin_memory`` (None: when CUDA is present) lets the copy to the GPU run
@@ -309,7 +248,10 @@ def build_loaders(
     }
     train_set = DetectionDataset(data, train_ids, image_size=image_size, train=True, seed=seed, scales=scales)
     val_set = DetectionDataset(data, val_ids, image_size=image_size, train=False, seed=seed)
-    sampler = EpochSampler(len(train_set), shuffle=True, seed=seed, batch_size=batch_size, rank=rank, world=world)
-    train_loader = DataLoader(train_set, sampler=sampler, persistent_workers=workers > 0, **common)
+    # Training batches hold one aspect group each (landscape or portrait): less padding on mixed-size photos.
+    groups = aspect_groups([(data.image(i)["width"], data.image(i)["height"]) for i in train_ids])
+    batches = GroupedBatchSampler(groups, batch_size, shuffle=True, seed=seed, rank=rank, world=world)
+    train_common = {k: v for k, v in common.items() if k != "batch_size"}
+    train_loader = DataLoader(train_set, batch_sampler=batches, persistent_workers=workers > 0, **train_common)
     val_loader = DataLoader(val_set, shuffle=False, **common)
     return train_loader, val_loader, data
