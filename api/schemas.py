@@ -60,6 +60,16 @@ class Architecture(_Open):
     strides: list[int] | None = Field(None, description="detector", examples=[[8, 16, 32, 64, 128]])
     classes: list[str] | None = Field(None, description="detector: class names, when the file names them")
     source: Literal["mmdetection", "project"] | None = Field(None, description="detector: who wrote it")
+    family: str | None = Field(None, description="detector: gfl, gflv2, atss, fcos or retina", examples=["gfl"])
+    num_anchors: int | None = Field(None, description="detector: anchors per location (RetinaNet 9)", examples=[1])
+    form: Literal["standard"] | None = Field(
+        None,
+        description="detector: 'standard' for mmdetection's RetinaNet, FCOS or ATSS as trained (one number per "
+        "edge, reg_max null): as a teacher its boxes are spread over the student's bins; null: edge distributions",
+    )
+    options: dict[str, Any] | None = Field(
+        None, description="standard detector: what its config text says (style, norm_on_bbox, anchors, input, ...)"
+    )
     layout: Literal["torchvision", "mmdetection"] | None = Field(None, description="backbone: key layout")
     num_params: int = Field(..., examples=[19_000_000])
 

@@ -6,25 +6,38 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
+from api import deps
+from api.errors import install_error_handlers
+from api.routes import checkpoints as checkpoints_routes
+from core.checks import JobRefused, check_job
+from core.settings import Settings
+from core.store import Store
 from distill.checkpoint import load_detector
 from distill.ckpt_layout import describe_checkpoint
 from distill.ckpt_reader import CheckpointError
+from distill.data.synthetic import make_synthetic
 from distill.init import initialise
 from distill.locations import retina_anchors
+from distill.losses.gfl import distribution_focal_loss
+from distill.losses.ld import ld_loss
 from distill.mmdet_standard import parse_config_text
 from distill.models.backbone import ResNet
 from distill.models.config import DetectorConfig
 from distill.models.detector import Detector
-from distill.models.spread_teacher import SpreadTeacher, spread_teacher, two_bin_spread
+from distill.models.spread_teacher import EMPTY_BIN, SpreadTeacher, spread_teacher, two_bin_spread
 from distill.models.standard import StandardDetector, caffe_style, delta_to_box
-from distill.spec import InitPath
+from distill.spec import InitPath, JobSpec, LocalJobSpec
+from distill.train import run
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FAMILIES = ("retina", "fcos", "atss")
@@ -256,3 +269,72 @@ def test_initialises_a_family_student(checkpoints: dict[str, Path], family: str)
     torch.testing.assert_close(
         student.state_dict()["backbone.layer4.1.conv2.weight"], standard.state_dict()["backbone.layer4.1.conv2.weight"]
     )
+
+
+def test_ld_at_tau_1_on_the_spread_is_dfl_towards_the_teachers_edge():
+    torch.manual_seed(0)
+    edges = torch.rand(64) * 15.9  # DFL's range [0, reg_max)
+    student = torch.randn(64, 17, requires_grad=True)
+    teacher_logits = two_bin_spread(edges, 16).clamp_min(EMPTY_BIN).log()
+    ld = ld_loss(student, teacher_logits, tau=1.0)
+    dfl = distribution_focal_loss(student, edges)
+    p = two_bin_spread(edges, 16)
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
+    torch.testing.assert_close(ld, dfl - entropy, atol=1e-5, rtol=1e-5)  # KL = cross-entropy - entropy
+    (g_ld,) = torch.autograd.grad(ld.sum(), student)
+    (g_dfl,) = torch.autograd.grad(dfl.sum(), student)
+    torch.testing.assert_close(g_ld, g_dfl, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_distils_a_gfl_student_from_a_standard_teacher(tmp_path: Path, family: str):
+    """A real run (``distill.train.run``) from each fixture, its classes renamed to the data set's digits."""
+    data = make_synthetic(tmp_path / "data", num_train=4, num_val=2, image_size=(128, 96), seed=3)
+    spec = _spec_of(family)
+    spec["meta"]["dataset_meta"]["classes"] = ["7", "2", "not-a-digit"]
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    make_checkpoint.write_checkpoint(tmp_path / "spec.json", tmp_path / "teacher.pth")
+    job = LocalJobSpec.model_validate(
+        {
+            "kind": "distill",
+            "dataset": str(data),
+            "student": {"arch": "gfl_tiny"},
+            "teacher": {"path": str(tmp_path / "teacher.pth")},
+            "schedule": {"epochs": 1, "batch_size": 2, "image_size": [128, 96], "warmup_iters": 2, "num_workers": 0},
+        }
+    )
+    metrics = run(job, tmp_path / "run")
+    assert metrics["class_map"]["mapping"] == {"7": "7", "2": "2"} and metrics["class_map"]["by"] == "name"
+    steps = [json.loads(line) for line in (tmp_path / "run" / "progress.jsonl").read_text().splitlines()]
+    losses = [s["losses"] for s in steps if s["phase"] == "train" and s["losses"]]
+    assert losses and all(math.isfinite(v) for step in losses for v in step.values())
+    assert all(step["main_ld"] > 0 and step["main_kd"] > 0 for step in losses)
+
+
+def test_uploaded_standard_checkpoint_is_described_and_teaches(checkpoints: dict[str, Path], tmp_path: Path):
+    """``POST /v1/checkpoints`` describes it through the torch-free reader; the one job check accepts it as the
+    teacher of a GFL student (no bins to compare), and refuses CrossKD, which needs a distribution head."""
+    store = Store(f"sqlite:///{tmp_path / 'ldd.db'}")
+    settings = Settings(data_dir=tmp_path / "data")
+    app = FastAPI()
+    install_error_handlers(app)
+    app.include_router(checkpoints_routes.router)
+    app.dependency_overrides[deps.get_store] = lambda: store
+    app.dependency_overrides[deps.get_settings] = lambda: settings
+    with TestClient(app) as http:
+        with open(checkpoints["retina"], "rb") as f:
+            answer = http.post("/v1/checkpoints", files={"file": ("retina.pth", f)})
+    assert answer.status_code == 201, answer.text
+    arch = answer.json()["arch"]
+    assert (arch["kind"], arch["family"], arch["form"], arch["num_anchors"], arch["reg_max"]) == (
+        "detector", "retina", "standard", 9, None,
+    )  # fmt: skip
+    (tmp_path / "ds").mkdir()
+    store.add_dataset("ds_00000000000000aa", "tiny", str(tmp_path / "ds"), ["class_2", "x"], 3, 4, {"train": 3}, [])
+    job = {"kind": "distill", "dataset": "ds_00000000000000aa", "student": {"arch": "gfl_tiny"},
+           "teacher": {"checkpoint": answer.json()["id"]}}  # fmt: skip
+    checked = check_job(JobSpec.model_validate(job), store, settings)
+    assert checked.teacher_facts is not None and checked.teacher_facts["form"] == "standard"
+    with pytest.raises(JobRefused, match="CrossKD"):
+        check_job(JobSpec.model_validate({**job, "distill": {"method": "crosskd"}}), store, settings)
+    store.close()

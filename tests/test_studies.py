@@ -355,6 +355,10 @@ def test_studies_over_http(service: Any) -> None:
             assert r["gain"]["pairs"] == 2 and isinstance(r["significant"], bool)
             assert r["gain"]["mean"] == pytest.approx(r["AP"]["mean"] - rows[PLAIN_ROW]["AP"]["mean"])
             assert r["diagnostics"]["strides"] == [8, 16, 32, 64, 128] and len(r["diagnostics"]["box_l1"]) == 5
+    # Every job validated on the data set's one split: the teacher's AP in the report is its AP there, as its own
+    # job measured it; it was trained on the training part, so it saw none of the validation images.
+    assert report["teacher_AP"] == pytest.approx(done["metrics"]["bbox"]["AP"], abs=1e-9)
+    assert report["teacher_overlap"]["seen"] == 0 and report["teacher_overlap"]["teacher_job"] == teacher["id"]
     rec = report["recommended"]
     assert rec["AP"] == max(r["best"]["AP"] for r in rows.values())
     assert a.get_model(rec["model_id"])["job_id"] == rec["job_id"]

@@ -13,7 +13,7 @@ export async function render(main, { id, signal }) {
     h("td", {}, d.classes.join(", ")),
     h("td", { class: "num" }, d.num_images),
     h("td", { class: "num" }, d.num_boxes),
-    h("td", { class: "hide-narrow" }, splits(d.splits)),
+    h("td", { class: "hide-narrow" }, parts(d)),
     h("td", { class: "num" }, (d.problems || []).length),
     h("td", { class: "hide-narrow" }, when(d.created_at))));
   fill(main,
@@ -31,12 +31,32 @@ export async function render(main, { id, signal }) {
 
 function splits(s) {
   const entries = Object.entries(s || {});
-  return entries.length ? entries.map(([k, v]) => `${k} ${v}`).join(" · ") : "none (split at training)";
+  return entries.length ? entries.map(([k, v]) => `${k} ${v}`).join(" · ") : "none";
+}
+
+function parts(d) {
+  const s = d.split;
+  if (!s || s.train === null) return splits(d.splits);
+  return `train ${s.train} · val ${s.val}` + (s.test ? ` · test ${s.test}` : "");
+}
+
+// The split every job on the data set uses (fixed at upload): how it was made and the images in each part.
+function split(d) {
+  const s = d.split;
+  if (!s) return splits(d.splits);
+  const how = s.source === "drawn" ? `drawn at upload: val_split ${s.val_split}, split_seed ${s.split_seed}`
+    : s.source === "own" ? "the images' own split" : "not recorded";
+  return `${parts(d)} (${how}; the same for every job and seed)`;
 }
 
 function uploadForm(signal) {
   const file = h("input", { type: "file", id: "dataset-file", accept: ".zip,application/zip", required: true });
   const name = h("input", { type: "text", id: "dataset-name", placeholder: "name (optional)", maxlength: 200 });
+  // Used only when the images name no validation or test split: the draw made once, here, for every job.
+  const valSplit = h("input", { type: "number", id: "dataset-val-split", min: 0, max: 0.95, step: 0.05, value: 0.2,
+    title: "validation share, drawn once at upload when the images name no split" });
+  const splitSeed = h("input", { type: "number", id: "dataset-split-seed", min: 0, step: 1, value: 0,
+    title: "seed of that draw" });
   const status = h("div", { class: "progress-text", id: "upload-status" });
   const button = h("button", { class: "primary", type: "submit", id: "upload-button" }, "Upload");
   const form = h("form", { onsubmit: async (e) => {
@@ -45,6 +65,8 @@ function uploadForm(signal) {
     const body = new FormData();
     body.append("file", file.files[0]);
     if (name.value.trim()) body.append("name", name.value.trim());
+    body.append("val_split", valSplit.value || "0.2");
+    body.append("split_seed", splitSeed.value || "0");
     button.disabled = true;
     fill(status, `uploading ${file.files[0].name}… (checked on arrival: images, boxes, classes)`);
     try {
@@ -55,7 +77,8 @@ function uploadForm(signal) {
       fill(status, errorBox(err));
       button.disabled = false;
     }
-  } }, h("div", { class: "row" }, file, name, button), status);
+  } }, h("div", { class: "row" }, file, name, h("label", {}, "val_split ", valSplit),
+    h("label", {}, "split_seed ", splitSeed), button), status);
   return h("div", { class: "card" }, h("h2", {}, "Upload a dataset"), form);
 }
 
@@ -70,7 +93,7 @@ async function renderOne(main, id, signal) {
       h("div", { class: "card" }, h("h2", {}, "Contents"), facts([
         ["images", d.num_images], ["boxes", d.num_boxes],
         ["boxes per image", d.num_images ? (d.num_boxes / d.num_images).toFixed(2) : "—"],
-        ["classes", `${d.classes.length}: ${d.classes.join(", ")}`], ["splits", splits(d.splits)],
+        ["classes", `${d.classes.length}: ${d.classes.join(", ")}`], ["split", split(d)],
         ["uploaded", when(d.created_at)]])),
       h("div", { class: "card", id: "problems" }, h("h2", {}, `Problems found at upload (${problems.length})`),
         problems.length
