@@ -39,12 +39,14 @@ from report import device_tag, save
 
 from distill.checkpoint import atomic_save, build_detector, detector_state
 from distill.class_map import map_classes
-from distill.criterion import DistillCriterion, GFLCriterion, pad_targets
+from distill.criterion import DistillCriterion
 from distill.data.annotations import load_coco, split
 from distill.data.dataset import DetectionDataset, collate
 from distill.data.synthetic import make_synthetic
 from distill.data.voc import import_voc
+from distill.outputs import pad_targets
 from distill.spec import DistillSpec, GFLWeights, LocalJobSpec
+from distill.task_criteria import GFLCriterion
 from distill.teacher_cache import TeacherCache
 from distill.train import Trainer
 
@@ -106,7 +108,7 @@ def measure(
         def regions(images: torch.Tensor, targets: list[dict]) -> tuple[float, int, int]:
             with torch.no_grad():
                 gt = pad_targets(targets, dev)
-                _, state = criterion.gfl.losses(criterion.gfl.forward(images), gt)
+                _, state = criterion.task.losses(criterion.task.forward(images), gt)
                 found = []
                 elapsed = _timed(lambda: found.append(criterion.regions(state, gt)), dev)[0]
                 return elapsed, int(found[0].main.sum()), int(found[0].vlr.sum())

@@ -32,10 +32,10 @@ import torch
 from report import device_tag, save
 
 from distill.assigners import atss_assign
-from distill.criterion import pad_targets
 from distill.data.dataset import default_workers
 from distill.data.synthetic import make_synthetic
 from distill.losses.gfl import find_positives, gfl_losses
+from distill.outputs import pad_targets
 from distill.spec import LocalJobSpec
 from distill.train import Trainer
 

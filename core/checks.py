@@ -28,8 +28,10 @@ from distill.ckpt_layout import describe_checkpoint
 from distill.ckpt_reader import CheckpointError
 from distill.class_map import ClassMapError, map_classes
 from distill.data.annotations import draw_val
+from distill.pairing import pair_problems
 from distill.spec import (
     IMAGENET_URLS,
+    NUM_ANCHORS,
     InitCheckpoint,
     JobSpec,
     arch_config,
@@ -93,7 +95,7 @@ def check_job(spec: JobSpec, store: Store, settings: Settings, scope: str | None
     teacher_path, facts = None, None
     if spec.teacher is not None:
         teacher_path, facts = _teacher(spec.teacher.model_dump(), store, settings, scope)
-        _check_teacher(facts, student, spec.student.arch)
+        _check_teacher(facts, student, spec.student.arch, spec)
         if spec.distill is not None and spec.distill.crosskd_layer is not None and facts.get("stacked_convs"):
             problem = crosskd_layer_problem(
                 spec.distill.crosskd_layer, int(student["stacked_convs"]), int(facts["stacked_convs"])
@@ -334,14 +336,14 @@ def _existing(path: Path, what: str, code: str = "invalid_teacher") -> Path:
     return path
 
 
-def _check_teacher(facts: dict[str, Any], student: dict[str, Any], arch: str) -> None:
-    """LD compares edge distributions bin by bin and location by location: reg_max and strides must agree.
-    Classes need not (KD maps them by name; LD carries no class)."""
-    problems = []
-    if facts.get("reg_max") is not None and int(facts["reg_max"]) != student["reg_max"]:
-        problems.append(f"reg_max {facts['reg_max']} != {arch}'s {student['reg_max']}")
-    strides = facts.get("strides")
-    if strides is not None and tuple(int(s) for s in strides) != tuple(student["strides"]):
-        problems.append(f"strides {list(strides)} != {arch}'s {list(student['strides'])}")
-    if problems:
-        raise JobRefused("teacher does not match the student: " + "; ".join(problems), "teacher_mismatch")
+def _check_teacher(facts: dict[str, Any], student: dict[str, Any], arch: str, spec: JobSpec) -> None:
+    """The one pairing rule (``distill.pairing``): same reg_max and strides, anchors per location that match,
+    and a method the pair can run. Families and classes need not agree (KD maps classes by name; LD carries
+    no class)."""
+    student_facts = {**student, "num_anchors": NUM_ANCHORS[str(student["family"])]} if "family" in student else student
+    weight = spec.distill.weights.value if spec.distill is not None else None
+    if problems := pair_problems(facts, student_facts, weight):
+        raise JobRefused(
+            f"teacher does not match the student {arch}: " + "; ".join(problems),
+            "teacher_mismatch",
+        )

@@ -1,9 +1,17 @@
-"""ATSS label assignment (Zhang et al. 2020), vectorised over the batch.
+"""Label assignment of the dense detector families (DESIGN section 2), each vectorised over the batch.
 
-Per ground truth: take the ``topk`` locations per level whose anchor centres are closest to the box centre;
-the IoU threshold ``alpha_pos`` is the mean + std of those candidates' anchor IoUs; candidates with
-IoU >= alpha_pos whose centre lies inside the box are positive. A location positive for several boxes
-takes the one it overlaps most. Matches mmdetection's ``ATSSAssigner``.
+- :func:`atss_assign` (GFL, GFocalV2, ATSS; Zhang et al. 2020): per ground truth, the ``topk`` anchors per
+  level whose centres are closest to the box centre are candidates; the IoU threshold ``alpha_pos`` is the
+  mean + std of the candidates' IoUs; candidates with IoU >= alpha_pos whose centre lies inside the box are
+  positive. An anchor positive for several boxes takes the one it overlaps most. As mmdetection's
+  ``ATSSAssigner``.
+- :func:`max_iou_assign` (RetinaNet): IoU >= 0.5 positive, < 0.4 negative, between ignored, plus each box's
+  best anchors (mmdetection's ``MaxIoUAssigner`` with ``match_low_quality``).
+- :func:`fcos_assign` (FCOS): points inside the box's centre region (radius 1.5 strides) whose largest edge
+  distance falls in their level's regression range; the smallest box wins.
+
+All work per anchor: a head with several anchors per location passes every anchor (levels concatenated,
+anchor-minor), with ``counts`` the anchors per level.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ class Assignment:
     positive: Tensor  # (B, A) bool
     threshold: Tensor  # (B, G) alpha_pos of each ground truth (0 for padding)
     iou: Tensor  # (B, A, G) anchor IoU with each ground truth (0 for padding)
+    # (B, A) bool: neither positive nor negative, left out of the classification loss (max-IoU only)
+    ignore: Tensor | None = None
 
 
 def atss_assign(anchors: Tensor, counts: list[int], gt_boxes: Tensor, gt_valid: Tensor, topk: int = 9) -> Assignment:
@@ -73,3 +83,115 @@ def atss_assign(anchors: Tensor, counts: list[int], gt_boxes: Tensor, gt_valid: 
     positive = best >= 0
     gt_index = torch.where(positive, gt_index, torch.full_like(gt_index, -1))
     return Assignment(gt_index, positive, threshold * gt_valid, iou)
+
+
+def max_iou_assign(
+    anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor, pos_iou: float = 0.5, neg_iou: float = 0.4
+) -> Assignment:
+    """RetinaNet's assignment of ``A`` anchors to ground truths.
+
+    An anchor whose best IoU is ``>= pos_iou`` is positive for that box, ``< neg_iou`` negative, in between
+    ignored. Then every box also takes the anchors that overlap it most (its best IoU, ties included), even
+    below ``pos_iou``, so no box goes without a positive (mmdetection's ``match_low_quality`` with
+    ``gt_max_assign_all``). Where mmdetection's ``min_pos_iou = 0`` lets a box that touches no anchor take
+    every anchor (all tie at IoU 0), we require a best IoU above 0. An anchor that is the best of several
+    boxes takes the one it overlaps most (mmdetection: the last box in the list). ``threshold`` is
+    ``pos_iou`` for every real box: the VLR's ``alpha_pos``.
+
+    Args:
+        anchors: ``(A, 4)``; gt_boxes: ``(B, G, 4)`` padded; gt_valid: ``(B, G)`` bool, False for padding.
+    """
+    b, g = gt_valid.shape
+    a = anchors.shape[0]
+    if g == 0:
+        return Assignment(
+            anchors.new_full((b, a), -1, dtype=torch.long),
+            torch.zeros((b, a), dtype=torch.bool, device=anchors.device),
+            anchors.new_zeros((b, 0)),
+            anchors.new_zeros((b, a, 0)),
+            torch.zeros((b, a), dtype=torch.bool, device=anchors.device),
+        )
+    iou = pairwise_iou(anchors[None].expand(b, -1, -1), gt_boxes) * gt_valid[:, None, :]  # (B, A, G)
+    best, gt_index = iou.max(dim=2)  # (B, A)
+    positive = best >= pos_iou
+    # Each box's best anchors (IoU equal to the box's maximum, above 0) are positive for it.
+    gt_best = iou.max(dim=1, keepdim=True).values  # (B, 1, G)
+    is_best = (iou == gt_best) & (gt_best > 0) & gt_valid[:, None, :]
+    low_quality = is_best.any(-1)
+    low_gt = torch.where(is_best, iou, torch.full_like(iou, -1.0)).argmax(-1)
+    gt_index = torch.where(positive, gt_index, low_gt)
+    positive = positive | low_quality
+    ignore = ~positive & (best >= neg_iou)
+    gt_index = torch.where(positive, gt_index, torch.full_like(gt_index, -1))
+    threshold = gt_valid.float() * pos_iou
+    return Assignment(gt_index, positive, threshold, iou, ignore)
+
+
+# FCOS's regression range of each FPN level (P3-P7), in input pixels: a level regresses the boxes whose
+# largest edge distance from the point falls in its range.
+FCOS_RANGES: tuple[tuple[float, float], ...] = (
+    (-1.0, 64.0),
+    (64.0, 128.0),
+    (128.0, 256.0),
+    (256.0, 512.0),
+    (512.0, 1e8),
+)
+
+
+def fcos_assign(
+    points: Tensor,
+    strides: Tensor,
+    counts: list[int],
+    gt_boxes: Tensor,
+    gt_valid: Tensor,
+    radius: float = 1.5,
+    ranges: tuple[tuple[float, float], ...] = FCOS_RANGES,
+) -> Assignment:
+    """FCOS's assignment of ``A`` points (Tian et al. 2019, with centre sampling as mmdetection's FCOS).
+
+    A point is positive for a box when (1) it lies strictly inside the box's centre region: the square of
+    half-side ``radius x stride`` around the box centre, clipped to the box; and (2) its largest distance to
+    the box's four edges lies in its level's regression range ``[lo, hi]``. A point positive for several
+    boxes takes the one of smallest area (first in the list on a tie). FCOS has no IoU threshold:
+    ``threshold`` is 0 and ``iou`` empty (the criterion sets the VLR's ``alpha_pos``).
+
+    Args:
+        points: ``(A, 2)`` (x, y); strides: ``(A,)``; counts: points per level (sums to A, at most
+            ``len(ranges)`` levels); gt_boxes: ``(B, G, 4)`` padded; gt_valid: ``(B, G)`` bool.
+    """
+    b, g = gt_valid.shape
+    a = points.shape[0]
+    if g == 0:
+        return Assignment(
+            points.new_full((b, a), -1, dtype=torch.long),
+            torch.zeros((b, a), dtype=torch.bool, device=points.device),
+            points.new_zeros((b, 0)),
+            points.new_zeros((b, a, 0)),
+        )
+    bounds = torch.repeat_interleave(
+        torch.tensor(ranges[: len(counts)], dtype=points.dtype, device=points.device),
+        torch.tensor(counts, device=points.device),
+        dim=0,
+    )  # (A, 2)
+    x, y = points[None, :, None, 0], points[None, :, None, 1]  # (1, A, 1)
+    x1, y1, x2, y2 = (gt_boxes[:, None, :, i] for i in range(4))  # (B, 1, G) each
+    distances = torch.stack([x - x1, y - y1, x2 - x, y2 - y], -1)  # (B, A, G, 4)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    r = (strides * radius)[None, :, None]  # (1, A, 1)
+    centre = torch.stack(
+        [
+            x - torch.maximum(cx - r, x1),
+            y - torch.maximum(cy - r, y1),
+            torch.minimum(cx + r, x2) - x,
+            torch.minimum(cy + r, y2) - y,
+        ],
+        -1,
+    )  # (B, A, G, 4): distances to the clipped centre region
+    largest = distances.amax(-1)
+    ok = (centre.amin(-1) > 0) & (largest >= bounds[None, :, None, 0]) & (largest <= bounds[None, :, None, 1])
+    ok &= gt_valid[:, None, :]
+    area = ((x2 - x1) * (y2 - y1)).expand(b, a, g)
+    smallest, gt_index = torch.where(ok, area, torch.full_like(area, torch.inf)).min(-1)
+    positive = torch.isfinite(smallest)
+    gt_index = torch.where(positive, gt_index, torch.full_like(gt_index, -1))
+    return Assignment(gt_index, positive, points.new_zeros((b, g)), points.new_zeros((b, a, 0)))

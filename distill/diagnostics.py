@@ -11,6 +11,7 @@ from torch import Tensor
 
 from distill.class_map import ClassMap
 from distill.models.gfl import GFL
+from distill.outputs import head_outputs, score_logits, student_layout
 
 
 @torch.no_grad()
@@ -24,7 +25,10 @@ def diagnostics(
     - ``box_l1``: the L1 distance between the edge distributions, ``sum_i |softmax(z_S)_i - softmax(z_T)_i|``
       (in ``[0, 2]``), averaged over locations and the four edges.
 
-    Only locations inside each image's unpadded area count. Both models run in eval mode; the student's
+    Any two families with the same strides compare: the teacher's outputs are put into the student's rows
+    (:func:`distill.outputs.student_layout`, the rule of :mod:`distill.anchor_match`) and each side's class
+    score is the one it ranks by (class x quality for FCOS, ATSS, GFocalV2). Only locations inside each
+    image's unpadded area count. Both models run in eval mode; the student's
     train/eval mode is restored afterwards. Returns ``{"strides", "cls_l1", "box_l1"}`` (lists over the
     levels), their location-weighted means ``cls_l1_mean``, ``box_l1_mean``, and ``images``.
     """
@@ -41,10 +45,11 @@ def diagnostics(
     try:
         for images, targets in loader:
             images = images.to(device, non_blocking=True)
-            s_cls_maps, s_reg_maps = student.raw_outputs(images)
-            s_cls, s_reg = student.flatten(s_cls_maps, s_reg_maps)
-            t_cls, t_reg = teacher.flatten(*teacher.raw_outputs(images))
-            points, _, counts = student.locations(s_cls_maps)
+            s_out = head_outputs(student, images, amp=False)
+            t_out = student_layout(head_outputs(teacher, images, amp=False), teacher.num_anchors, student.num_anchors)
+            s_cls, s_reg, t_cls, t_reg = score_logits(s_out), s_out.reg, t_out.cls, t_out.reg
+            shapes = [torch.empty((0, 0, h, w), device=device) for h, w in s_out.sizes]
+            points, _, counts = student.locations(shapes)
             sizes = torch.tensor(
                 [list(t.get("size", images.shape[-2:])) for t in targets], device=device, dtype=torch.float32
             )  # (B, 2) unpadded (h, w)

@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 from distill.models.gfl import GFL
+from distill.pairing import pair_problems
+from distill.spec import DistillSpec
 
 
 class TeacherMismatch(ValueError):
     pass
 
 
-def check_teacher(teacher: GFL, student: GFL) -> None:
-    """Raises :class:`TeacherMismatch` naming every difference that makes distillation meaningless: the
-    edge distributions must have the same bins (``reg_max``) and the locations the same strides. The
-    classes may differ: LD needs none, and KD maps them (:func:`distill.class_map.map_classes`)."""
-    problems = []
-    if teacher.reg_max != student.reg_max:
-        problems.append(
-            f"reg_max differs (teacher {teacher.reg_max}, student {student.reg_max}): LD compares "
-            "edge distributions bin by bin"
-        )
-    if tuple(teacher.strides) != tuple(student.strides):
-        problems.append(f"strides differ (teacher {list(teacher.strides)}, student {list(student.strides)})")
-    if problems:
+def model_facts(model: GFL) -> dict:
+    """The facts :func:`distill.pairing.pair_problems` compares, of a built detector."""
+    return {
+        "family": model.family,
+        "reg_max": model.reg_max,
+        "strides": list(model.strides),
+        "num_anchors": model.num_anchors,
+        "form": "standard" if getattr(model, "hard_edge_targets", False) else None,
+    }
+
+
+def check_teacher(teacher: GFL, student: GFL, spec: DistillSpec | None = None) -> None:
+    """Raises :class:`TeacherMismatch` naming every difference that makes distillation meaningless
+    (:func:`distill.pairing.pair_problems`): the edge distributions must have the same bins (``reg_max``), the
+    locations the same strides, the anchors per location a matching rule, and the job's method (``spec``)
+    must run on the pair. The families and classes may differ: LD needs no class, KD maps them
+    (:func:`distill.class_map.map_classes`)."""
+    weight = spec.weights.value if spec is not None else None
+    if problems := pair_problems(model_facts(teacher), model_facts(student), weight):
         raise TeacherMismatch("teacher does not match the student: " + "; ".join(problems))

@@ -2,13 +2,13 @@
 training image depends only on the pixels it sees, named by ``(image id, flipped, padded size)``, so it is
 computed once and reused in every later epoch.
 
-What is stored. The Main region (ATSS positives) and the VLR come from the preset anchors and the ground-truth
-boxes, never from predictions, so they are fixed per key too, and the LD / KD / TBR terms read the teacher
-only there. An entry holds those locations' ``4 x (R + 1)`` edge logits in fp16, and the class logits of the
-columns KD reads only where KD reads them (by default the Main region: the VLR, most of the rows, is LD's
-alone). Terms that read every location (BCKD) make every entry dense (all locations, all classes). The padded
-size is part of the key because the batch's padding changes the locations (and the head's GroupNorm
-statistics): with one image size, as BCCD or the synthetic sets, it never varies.
+What is stored. The Main region (the student family's positives) and the VLR come from the preset anchors and
+the ground-truth boxes, never from predictions, so they are fixed per key too, and the LD / KD / TBR terms
+read the teacher only there. An entry holds those locations' ``4 x (R + 1)`` edge logits in fp16, and the
+class logits of the columns KD reads only where KD reads them (by default the Main region: the VLR, most of
+the rows, is LD's alone). Terms that read every location (BCKD) make every entry dense (all locations, all
+classes). The padded size is part of the key because the batch's padding changes the locations (and the head's
+GroupNorm statistics): with one image size, as BCCD or the synthetic sets, it never varies.
 
 On disk (the run folder's ``teacher_cache/``), append-only::
 
@@ -49,9 +49,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distill.assigners import atss_assign
-from distill.criterion import DistillCriterion, HeadOutputs, pad_targets
+from distill.criterion import DistillCriterion
 from distill.files import NoRoom, atomic_write_json, ensure_room
+from distill.outputs import HeadOutputs, pad_targets
 from distill.regions import find_regions
 from distill.spec import JobSpec, teacher_cache_blocker, teacher_cache_refusal
 
@@ -279,7 +279,9 @@ class TeacherCache:
         b, _, h, w = images.shape
         strides = self.criterion.teacher.strides
         sizes = tuple((math.ceil(h / s), math.ceil(w / s)) for s in strides)  # the backbone's ceil halvings
-        a = sum(y * x for y, x in sizes)
+        # Rows in the student's layout (its anchors per location): the cache holds the teacher's outputs as the
+        # terms read them (``DistillCriterion.to_student``: matched anchors, quality folded into the scores).
+        a = sum(y * x for y, x in sizes) * self.criterion.student_anchors
         lay, dev = self.layout, images.device
         cls = images.new_full((b, a, lay.num_classes), self.fill)
         reg = images.new_full((b, a, 4, lay.bins), self.fill)
@@ -302,7 +304,7 @@ class TeacherCache:
         self.lookups += b
         self.hits += b - len(miss)
         if miss:
-            live = self.criterion.teacher_forward(images[miss])
+            live = self.criterion.to_student(self.criterion.teacher_forward(images[miss]))
             if live.sizes != sizes:
                 raise RuntimeError(f"teacher maps {live.sizes} for input {h}x{w}, expected {sizes}")
             cls[miss], reg[miss] = live.cls, live.reg
@@ -330,9 +332,9 @@ class TeacherCache:
         """The locations the enabled terms read, from anchors and boxes only: ``(M, A)`` bool masks of those
         whose class logits are read too (KD) and of the others (edges only)."""
         lay = self.layout
-        loc = self.criterion.gfl.locations(sizes, device)
+        loc = self.criterion.task.locations(sizes, device)
         gt = pad_targets(targets, device)
-        assignment = atss_assign(loc.anchors, loc.counts, gt.boxes, gt.valid)
+        assignment = self.criterion.task.assign(loc, gt)  # the student family's Main region
         main = assignment.positive
         vlr = torch.zeros_like(main)
         if lay.reg_vlr or lay.cls_vlr:

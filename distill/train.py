@@ -1,5 +1,6 @@
-"""The training loop of one job: a GFL student trained alone (``kind: train``) or distilled from a frozen
-teacher (``kind: distill``), with exact resume from checkpoints, progress reports and COCO evaluation.
+"""The training loop of one job: a student of any detector family trained alone (``kind: train``) or
+distilled from a frozen teacher (``kind: distill``), with exact resume from checkpoints, progress reports and
+COCO evaluation.
 
 Run layout (``out_dir``)::
 
@@ -31,17 +32,19 @@ from torch.utils.data import DataLoader
 from distill import ddp
 from distill.checkpoint import atomic_save, build_detector, detector_state, load_detector, read_checkpoint
 from distill.class_map import ClassMap, ClassMapError, map_classes
-from distill.criterion import DistillCriterion, GFLCriterion
+from distill.criterion import DistillCriterion
 from distill.data.dataset import DetectionDataset, build_loaders, collate, set_epoch
 from distill.data.images import MEAN, STD
 from distill.diagnostics import diagnostics
 from distill.evaluate import coco_ap, predict_dataset
 from distill.files import atomic_write_json, ensure_room
 from distill.init import initialise
+from distill.logit_maps import figure5
 from distill.models.gfl import GFL
 from distill.models.spread_teacher import spread_teacher
 from distill.run_state import differences, rng_state, run_fingerprint, seed_everything, set_rng_state
 from distill.spec import JobSpec, LocalJobSpec
+from distill.task_criteria import TaskCriterion, task_criterion
 from distill.teacher import TeacherMismatch, check_teacher
 from distill.teacher_cache import CacheOff, CacheRefused, TeacherCache, attach
 
@@ -134,13 +137,13 @@ class Trainer:
         self.teacher: GFL | None = None
         # The criterion owns the losses: assigner, anchors, weights (spec.loss), and for a distillation the
         # teacher's forward pass, regions, class map and distillation terms.
-        self.criterion: GFLCriterion | DistillCriterion = GFLCriterion(self.model, spec.loss, self.amp)
+        self.criterion: TaskCriterion | DistillCriterion = task_criterion(self.model, spec.loss, self.amp)
         if spec.kind == "distill":
             assert spec.teacher is not None and spec.distill is not None
             # DistillCriterion freezes it; a standard-form mmdetection teacher spreads its boxes over our bins.
             self.teacher = spread_teacher(load_detector(spec.teacher.path, self.device), self.model.reg_max)
             try:
-                check_teacher(self.teacher, self.model)
+                check_teacher(self.teacher, self.model, spec.distill)
             except TeacherMismatch as e:
                 raise TrainingError(str(e)) from e
             self.criterion = self._distill_criterion(self.teacher)
@@ -341,7 +344,7 @@ class Trainer:
         plain = DetectionDataset(self.data, train.image_ids, image_size=train.image_size, train=False)
         return DataLoader(
             plain,
-            batch_size=self.train_loader.batch_size,
+            batch_size=self.train_loader.batch_sampler.batch_size,  # a GroupedBatchSampler's
             collate_fn=collate,
             num_workers=self.train_loader.num_workers,
         )
@@ -352,6 +355,8 @@ class Trainer:
         diagnostics_before = None
         if self.teacher is not None and self.resumed_from is None and ddp.is_main():
             diagnostics_before = diagnostics(self.model, self.teacher, self.val_loader, self.device, self._classes())
+            # Figure 5's "before": kept with figure 4's in the file, so a resumed attempt still has it.
+            diagnostics_before["figure5"] = figure5(self.model, self.teacher, self.val_loader, self.device)
             atomic_write_json(self.out / "diagnostics_before.json", diagnostics_before)
         ddp.barrier()  # the other ranks wait for rank 0's diagnostics (within the group's timeout)
         self.report("train")
@@ -371,9 +376,14 @@ class Trainer:
             before = diagnostics_before
             if before is None and (self.out / "diagnostics_before.json").exists():
                 before = json.loads((self.out / "diagnostics_before.json").read_text())
+            before_maps = (before or {}).pop("figure5", None)
             metrics["diagnostics"] = {
                 "before": before,
                 "after": diagnostics(self.model, self.teacher, self.val_loader, self.device, self._classes()),
+                "figure5": {
+                    "before": before_maps,
+                    "after": figure5(self.model, self.teacher, self.val_loader, self.device),
+                },
             }
             assert isinstance(self.criterion, DistillCriterion)
             metrics["class_map"] = self.criterion.class_report()

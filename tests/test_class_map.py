@@ -10,12 +10,14 @@ import torch
 
 from distill.checkpoint import atomic_save, build_detector, detector_state
 from distill.class_map import ClassMapError, map_classes
-from distill.criterion import DistillCriterion, GFLCriterion, GroundTruth, head_outputs
+from distill.criterion import DistillCriterion
 from distill.data.synthetic import make_synthetic
 from distill.diagnostics import diagnostics
 from distill.losses import sigmoid_kd_loss
 from distill.models.gfl import GFL, DetectorConfig
+from distill.outputs import GroundTruth, head_outputs
 from distill.spec import DistillSpec, GFLWeights, LocalJobSpec
+from distill.task_criteria import GFLCriterion
 from distill.train import Trainer, TrainingError
 
 GT = GroundTruth(
@@ -55,7 +57,7 @@ def _terms(student: GFL, teacher: GFL, spec: DistillSpec = KD_BOTH, t_cls: torch
         if t_cls is not None:
             t_out.cls = t_cls
         losses = criterion.losses(s_out, t_out, GT)
-        _, state = criterion.gfl.losses(s_out, GT)
+        _, state = criterion.task.losses(s_out, GT)
         regions = criterion.regions(state, GT)
     return criterion, losses, s_out, t_out, regions
 

@@ -8,11 +8,13 @@ import torch
 
 from distill.boxes import distance_to_box
 from distill.class_map import map_classes
-from distill.criterion import DistillCriterion, GFLCriterion, GroundTruth, head_outputs, pad_targets
+from distill.criterion import DistillCriterion
 from distill.data.synthetic import make_synthetic
 from distill.locations import square_anchors
 from distill.models.gfl import GFL, DetectorConfig
+from distill.outputs import GroundTruth, head_outputs, pad_targets
 from distill.spec import DistillSpec, GFLWeights, LocalJobSpec
+from distill.task_criteria import GFLCriterion
 from distill.train import Trainer
 
 GT = GroundTruth(

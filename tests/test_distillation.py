@@ -11,15 +11,17 @@ from pydantic import ValidationError
 import distill.criterion
 from distill.checkpoint import atomic_save, detector_state
 from distill.class_map import map_classes
-from distill.criterion import DistillCriterion, GFLCriterion, GroundTruth, HeadOutputs, head_outputs
+from distill.criterion import DistillCriterion
 from distill.data.synthetic import make_synthetic
 from distill.diagnostics import diagnostics
 from distill.losses import ld_loss
 from distill.losses.gfl import giou_loss
-from distill.losses.imitation import build_adapters, needs_features
+from distill.losses.imitation import build_adapters, imitation_weights
 from distill.models.gfl import GFL, DetectorConfig
+from distill.outputs import GroundTruth, HeadOutputs, head_outputs
 from distill.regions import find_regions
 from distill.spec import DistillSpec, GFLWeights, LocalJobSpec
+from distill.task_criteria import GFLCriterion
 from distill.teacher import TeacherMismatch, check_teacher
 from distill.train import Trainer
 
@@ -178,7 +180,7 @@ def test_vlr_ld_is_the_iou_weighted_mean_over_the_regions_edges(pair):
         t_out = _outputs(teacher, images)
     criterion = _criterion(student, teacher, _spec(weights={"main_ld": 0, "main_kd": 0, "vlr_ld": 2.0}))
     got = criterion.losses(s_out, t_out, _gt())
-    _, state = criterion.gfl.losses(s_out, _gt())
+    _, state = criterion.task.losses(s_out, _gt())
     a = state.assignment
     r = find_regions(state.locations.anchors, GT_BOXES, GT_VALID, a.positive, a.threshold, 0.25)
     assert r.vlr.sum() > 10
@@ -236,20 +238,24 @@ def test_fitnets_adapters_and_loss(pair):
     student, _, images = pair
     teacher = GFL(DetectorConfig(depth=18, base_width=16, channels=48, stacked_convs=2, num_classes=3)).eval()
     spec = _spec(method="fitnets", weights={"main_kd": 0})
-    assert needs_features(spec) and not needs_features(DistillSpec())
-    assert build_adapters(student, teacher, DistillSpec()) is None
-    adapters = build_adapters(student, teacher, spec)
+    assert imitation_weights(spec.weights.value) == {"fitnets": 1.0} and not imitation_weights(
+        DistillSpec().weights.value
+    )
+    assert build_adapters(32, 32, 5) is None
+    adapters = build_adapters(32, 48, 5)
     assert len(adapters) == 5 and adapters[0].weight.shape == (48, 32, 1, 1)
     criterion = _criterion(student, teacher, spec)
-    assert criterion.keep_feats and list(criterion.adapters) == ["fitnets"] and len(criterion.adapters["fitnets"]) == 5
-    criterion.adapters["fitnets"].load_state_dict(adapters.state_dict())
+    assert (
+        criterion.keep_feats and list(criterion.adapters) == ["imitation"] and len(criterion.adapters["imitation"]) == 5
+    )
+    criterion.adapters["imitation"].load_state_dict(adapters.state_dict())
     s_out = _outputs(student, images, feats=True)
     t_out = criterion.teacher_forward(images)
     assert t_out.feats is not None and not t_out.feats[0].requires_grad
     losses = criterion.losses(s_out, t_out, _gt())
     assert set(losses) == {"qfl", "giou", "dfl", "fitnets"} and losses["fitnets"] > 0
     losses["fitnets"].backward()
-    assert criterion.adapters["fitnets"][0].weight.grad.abs().sum() > 0
+    assert criterion.adapters["imitation"][0].weight.grad.abs().sum() > 0
     assert student.neck.fpn_convs[0].conv.weight.grad is not None
     assert all(p.grad is None for p in teacher.parameters())
 

@@ -12,13 +12,15 @@ import torch
 from distill.boxes import distance_to_box
 from distill.checkpoint import atomic_save, build_detector, detector_state
 from distill.class_map import map_classes
-from distill.criterion import DistillCriterion, GFLCriterion, GroundTruth, head_outputs
+from distill.criterion import DistillCriterion
 from distill.data.synthetic import make_synthetic
 from distill.losses.bckd import bckd_cls_loss, bckd_loc_loss, binary_kd, class_gap
 from distill.losses.crosskd import align_stats, crosskd_cls_loss, crosskd_reg_loss
 from distill.losses.gfl import giou_loss
 from distill.models.gfl import GFL, DetectorConfig, Integral
+from distill.outputs import GroundTruth, head_outputs
 from distill.spec import DistillSpec, GFLWeights, LocalJobSpec
+from distill.task_criteria import GFLCriterion
 from distill.train import Trainer
 
 ALL_TERMS = {"crosskd_cls": 1.0, "crosskd_reg": 1.0, "bckd_cls": 1.0, "bckd_loc": 1.0}
@@ -56,7 +58,7 @@ def _images(batch: int = 2) -> torch.Tensor:
 
 
 def _terms(criterion: DistillCriterion, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    student = head_outputs(criterion.gfl.model, images, False, tower_layer=criterion.crosskd_layer)
+    student = head_outputs(criterion.task.model, images, False, tower_layer=criterion.crosskd_layer)
     teacher = criterion.teacher_forward(images)
     losses = criterion.losses(student, teacher, _gt(images.shape[0]))
     return {k: v for k, v in losses.items() if k in KD_KEYS}

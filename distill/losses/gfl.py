@@ -57,6 +57,22 @@ def quality_focal_loss(logits: Tensor, labels: Tensor, quality: Tensor, beta: fl
     return loss.sum(1)
 
 
+def quality_focal_loss_prob(prob: Tensor, labels: Tensor, quality: Tensor, beta: float = 2.0) -> Tensor:
+    """QFL of probabilities ``prob (M, C)`` rather than logits (GFocalV2 trains the joint score
+    ``sigmoid(cls) * sigmoid(DGQP)``, which no single logit gives); otherwise as :func:`quality_focal_loss`.
+    Returns ``(M,)``."""
+    p = prob.clamp(1e-6, 1 - 1e-6)
+    loss = F.binary_cross_entropy(p, torch.zeros_like(p), reduction="none") * p.pow(beta)
+    num_classes = prob.shape[1]
+    pos = ((labels >= 0) & (labels < num_classes)).nonzero().squeeze(1)
+    if pos.numel():
+        lab = labels[pos]
+        q = quality[pos].to(p.dtype)
+        scale = (q - p[pos, lab]).abs().pow(beta)
+        loss[pos, lab] = F.binary_cross_entropy(p[pos, lab], q, reduction="none") * scale
+    return loss.sum(1)
+
+
 def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
     """DFL: cross-entropy towards the two bins around a continuous target.
 
@@ -103,29 +119,40 @@ def find_positives(
     )
 
 
-def gfl_losses(cls: Tensor, pos: Positives, gt_labels: Tensor, weights: GFLWeights) -> dict[str, Tensor]:
+def gfl_losses(
+    cls: Tensor, pos: Positives, gt_labels: Tensor, weights: GFLWeights, quality: Tensor | None = None
+) -> dict[str, Tensor]:
     """GFL's weighted QFL (``qfl``), GIoU (``giou``) and DFL (``dfl``) for a batch; a weight of 0 leaves its
     term out and skips its computation.
 
     Args:
         cls: ``(B, A, C)`` class logits; pos: the batch's :class:`Positives`.
         gt_labels: ``(B, G)`` class of each ground truth (padding is never read: only matched ones are).
+        quality: GFocalV2's ``(B, A)`` DGQP logits: QFL then trains the joint score ``sigmoid(cls) *
+            sigmoid(quality)``, which also weighs GIoU and DFL (as the authors' ``GFLHeadV2``).
     """
     b, a, num_classes = cls.shape
     reg_max = pos.reg.shape[-1] - 1
     # Both divisors are all-reduced over the processes of a job, on every rank, whatever weights are set.
     num_pos = mean_denominator(torch.tensor(float(pos.b.numel()), device=cls.device), 1.0)
+    prob = None if quality is None else cls.float().sigmoid() * quality.float().sigmoid()[..., None]
     # GIoU and DFL weight each positive by its (detached) best class score, as mmdetection's GFLHead.
-    score_weight = cls[pos.b, pos.a].detach().sigmoid().max(1).values  # (P,)
+    if prob is None:
+        score_weight = cls[pos.b, pos.a].detach().sigmoid().max(1).values  # (P,)
+    else:
+        score_weight = prob[pos.b, pos.a].detach().max(1).values
     weight_sum = mean_denominator(score_weight.sum(), 1e-6)
 
     losses: dict[str, Tensor] = {}
     if weights.cls > 0:
         labels = torch.full((b, a), num_classes, dtype=torch.long, device=cls.device)
         labels[pos.b, pos.a] = gt_labels[pos.b, pos.gt]
-        quality = torch.zeros((b, a), dtype=torch.float32, device=cls.device)
-        quality[pos.b, pos.a] = aligned_iou(pos.pred.detach(), pos.target).clamp(min=1e-6)
-        qfl = quality_focal_loss(cls.reshape(b * a, -1).float(), labels.reshape(-1), quality.reshape(-1))
+        iou = torch.zeros((b, a), dtype=torch.float32, device=cls.device)
+        iou[pos.b, pos.a] = aligned_iou(pos.pred.detach(), pos.target).clamp(min=1e-6)
+        if prob is None:
+            qfl = quality_focal_loss(cls.reshape(b * a, -1).float(), labels.reshape(-1), iou.reshape(-1))
+        else:
+            qfl = quality_focal_loss_prob(prob.reshape(b * a, -1), labels.reshape(-1), iou.reshape(-1))
         losses["qfl"] = weights.cls * qfl.sum() / num_pos
     if weights.giou > 0:
         losses["giou"] = weights.giou * (giou_loss(pos.pred, pos.target) * score_weight).sum() / weight_sum
