@@ -113,8 +113,9 @@ def standard_form(det: dict[str, Any], meta: dict[str, Any] | None, info: dict[s
     ``det`` holds the detector's tensors (anything with ``.shape``), keyed as mmdetection's. Returns ``form``
     ("standard"), ``reg_max`` None (a standard teacher has no bins: it spreads its edges over the student's),
     ``name`` and ``options``: ``style``, ``norm_on_bbox``, ``centerness_on_reg``, ``center_sampling``,
-    ``relu_before_extra``, ``extra_on_input``, ``tower_norm``, ``gn_groups``, ``anchors``, ``coder_stds``,
-    ``input`` (mean, std, rgb), ``assumed`` (options taken from mmdetection's defaults for want of config text).
+    ``relu_before_extra``, ``extra_on_input``, ``tower_norm``, ``tower_bias``, ``gn_groups``, ``anchors``,
+    ``coder_stds``, ``input`` (mean, std, rgb), ``assumed`` (options taken from mmdetection's defaults for want of
+    config text).
     Raises :class:`CheckpointError` where a missing config leaves a choice that changes the outputs open.
     """
     family = info["family"]
@@ -178,6 +179,8 @@ def standard_form(det: dict[str, Any], meta: dict[str, Any] | None, info: dict[s
     )
     options["extra_on_input"] = bool(on_input) or extra_in not in (None, info["channels"])
     options["tower_norm"] = "bbox_head.cls_convs.0.gn.weight" in det
+    # ConvModule drops the conv's bias before a norm unless the config says conv_bias=True (FCOS's tricks).
+    options["tower_bias"] = "bbox_head.cls_convs.0.conv.bias" in det
     norm_cfg = head.get("norm_cfg") if isinstance(head.get("norm_cfg"), dict) else {}
     options["gn_groups"] = int(norm_cfg.get("num_groups", 32))
     norm = _input_norm(cfg or {})

@@ -25,6 +25,7 @@ from core.store import Store
 from distill.checkpoint import load_detector
 from distill.ckpt_layout import describe_checkpoint
 from distill.ckpt_reader import CheckpointError
+from distill.data.images import MEAN, STD
 from distill.data.synthetic import make_synthetic
 from distill.init import initialise
 from distill.locations import retina_anchors
@@ -338,3 +339,26 @@ def test_uploaded_standard_checkpoint_is_described_and_teaches(checkpoints: dict
     with pytest.raises(JobRefused, match="CrossKD"):
         check_job(JobSpec.model_validate({**job, "distill": {"method": "crosskd"}}), store, settings)
     store.close()
+
+
+def test_towers_with_conv_bias_and_the_input_normalisation(tmp_path: Path):
+    # FCOS's "tricks" configs set conv_bias=True: the GN towers' convs keep their biases.
+    spec = _spec_of("fcos")
+    bias_keys = [[f"bbox_head.{t}_convs.{i}.conv.bias", [64]] for t in ("cls", "reg") for i in range(2)]
+    spec["keys_shapes"] += bias_keys
+    spec["meta"]["cfg"] = spec["meta"]["cfg"].replace("type='FCOSHead'", "conv_bias=True, type='FCOSHead'")
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    make_checkpoint.write_checkpoint(tmp_path / "spec.json", tmp_path / "fcos.pth")
+    model = load_detector(tmp_path / "fcos.pth")
+    assert isinstance(model, StandardDetector) and model.info["options"]["tower_bias"]
+    state = torch.load(tmp_path / "fcos.pth", weights_only=True)["state_dict"]
+    torch.testing.assert_close(model.bbox_head.reg_convs[1].conv.bias, state["bbox_head.reg_convs.1.conv.bias"])
+    # Our pipeline's RGB images, (pixel - MEAN) / STD, become the caffe model's BGR pixel - its mean.
+    pixels = torch.rand(1, 3, 4, 5) * 255
+    ours = (pixels - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    caffe_mean = torch.tensor([102.9801, 115.9465, 122.7717]).view(1, 3, 1, 1)
+    torch.testing.assert_close(model.adapt_input(ours), pixels.flip(1) - caffe_mean, atol=1e-3, rtol=1e-5)
+    # mmdetection 2.x says it with img_norm_cfg.
+    text = "img_norm_cfg = dict(mean=[1.0, 2.0, 3.0], std=[4.0, 5.0, 6.0], to_rgb=False)\nmodel = dict(type='FCOS')"
+    info = describe_checkpoint(_write(tmp_path, "fcos", cfg=text, key="config"))
+    assert info["options"]["input"] == {"mean": [1.0, 2.0, 3.0], "std": [4.0, 5.0, 6.0], "rgb": False}

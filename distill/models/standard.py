@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.ckpt_reader import CheckpointError
 from distill.data.images import MEAN, STD
 from distill.locations import grid_locations
 from distill.models.backbone import ResNet
@@ -50,11 +51,12 @@ def caffe_style(resnet: ResNet) -> None:
 
 
 class TowerConv(nn.Module):
-    """mmcv's ``ConvModule`` as these heads use it: a 3x3 conv (with a bias when there is no norm), GN, ReLU."""
+    """mmcv's ``ConvModule`` as these heads use it: a 3x3 conv (a bias without a norm, or with ``conv_bias``),
+    GN, ReLU."""
 
-    def __init__(self, channels: int, norm: bool, groups: int):
+    def __init__(self, channels: int, norm: bool, groups: int, bias: bool):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=not norm)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=bias)
         self.gn = nn.GroupNorm(groups, channels) if norm else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -69,12 +71,9 @@ class StandardHead(nn.Module):
         self.family, self.num_anchors, self.num_classes = info["family"], a, info["num_classes"]
         self.norm_on_bbox = bool(opts.get("norm_on_bbox", False))
         self.centerness_on_reg = self.family == "atss" or bool(opts.get("centerness_on_reg", False))
-        self.cls_convs = nn.ModuleList(
-            TowerConv(c, opts["tower_norm"], opts["gn_groups"]) for _ in range(info["stacked_convs"])
-        )
-        self.reg_convs = nn.ModuleList(
-            TowerConv(c, opts["tower_norm"], opts["gn_groups"]) for _ in range(info["stacked_convs"])
-        )
+        tower = (c, opts["tower_norm"], opts["gn_groups"], opts.get("tower_bias", not opts["tower_norm"]))
+        self.cls_convs = nn.ModuleList(TowerConv(*tower) for _ in range(info["stacked_convs"]))
+        self.reg_convs = nn.ModuleList(TowerConv(*tower) for _ in range(info["stacked_convs"]))
         cls_name, reg_name, ctr_name = PREDICTORS[self.family]
         self.cls_name, self.reg_name, self.ctr_name = cls_name, reg_name, ctr_name
         setattr(self, cls_name, nn.Conv2d(c, a * self.num_classes, 3, padding=1))
@@ -223,3 +222,16 @@ def delta_to_box(anchors: Tensor, deltas: Tensor, stds: list[float]) -> Tensor:
     new_ctr = ctr + wh * d[..., :2]
     new_wh = wh * d[..., 2:].clamp(-limit, limit).exp()
     return torch.cat([new_ctr - new_wh / 2, new_ctr + new_wh / 2], -1)
+
+
+def load_standard(state: dict[str, Tensor], info: dict[str, Any], name: str) -> StandardDetector:
+    """An eval-mode :class:`StandardDetector` from mmdetection's state dict (wrappers stripped, as
+    ``distill.ckpt_layout.detector_tensors`` gives it) and its ``info``; ``name`` labels errors."""
+    model = StandardDetector(info)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{name}: keys do not map onto mmdetection's standard {info['family']}: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}"
+        )
+    return model.eval()
