@@ -20,7 +20,7 @@ from fastapi import Depends, FastAPI
 from api.deps import BEARER, Services, callers_of, get_caller
 from api.errors import error_docs, install_error_handlers
 from api.middleware import BodyLimitMiddleware, LatencyMiddleware
-from api.routes import checkpoints, datasets, detect, health, jobs, models, studies, ui
+from api.routes import checkpoints, datasets, deployments, detect, figures, health, jobs, models, studies, ui
 from api.uploads import remove_stale_uploads
 from core.settings import Settings
 from core.store import Store
@@ -81,6 +81,6 @@ def create_app(
     if callers_of(settings):
         dependencies.append(Depends(BEARER))
         responses = error_docs(401)
-    for module in (datasets, checkpoints, jobs, studies, models, detect):
+    for module in (datasets, checkpoints, jobs, figures, studies, models, deployments, detect):
         app.include_router(module.router, dependencies=dependencies, responses=responses)
     return app

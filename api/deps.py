@@ -7,6 +7,7 @@ mount a single router on a bare app and hand it real objects with ``app.dependen
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Callable
 from functools import lru_cache
@@ -15,6 +16,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, Request
 from fastapi import Path as PathParam
 from fastapi.security import HTTPBearer
+from PIL import Image
 
 from api.batcher import PredictorCache
 from api.errors import APIError
@@ -36,8 +38,10 @@ class Services:
     ):
         self.settings, self.store = settings, store
         self.registry = Registry(settings.models_dir)
+        storage = {"datasets": settings.datasets_dir, "checkpoints": settings.checkpoints_dir,
+                   "runs": settings.runs_dir, "models": settings.models_dir}  # fmt: skip
         self.metrics = Metrics(
-            store.count_jobs_by_state, lambda: free_bytes(settings.data_dir), settings.min_free_bytes
+            store.count_jobs_by_state, lambda: free_bytes(settings.data_dir), settings.min_free_bytes, storage
         )
         self.predictors = PredictorCache(
             self.load_predictor,
@@ -45,6 +49,7 @@ class Services:
             max_batch=max_batch,
             max_wait_s=max_wait_s,
             on_batch=self.metrics.batch_size.observe,
+            max_queue=settings.detect_queue,
         )
         # What serves each model this process has loaded: backend and providers (``serving``).
         self._serving: dict[str, dict[str, Any]] = {}
@@ -59,6 +64,13 @@ class Services:
                                               "session.inter_op.allow_spinning": "0"})  # fmt: skip
         self._serving[model_id] = {"backend": predictor.backend, "providers": predictor.providers, "loaded": True}
         return predictor
+
+    async def warm(self, model_id: str) -> None:
+        """Load ``model_id`` and run it once on a blank image, so that the first request a deployment switches
+        to it pays neither the session's opening nor its first-call allocations."""
+        predictor, _ = await self.predictors.get(model_id)
+        width, height = predictor.input_size
+        await asyncio.to_thread(predictor.predict_loaded, [Image.new("RGB", (int(width), int(height)))])
 
     def serving(self, model_id: str) -> dict[str, Any]:
         """The backend and providers that serve ``model_id`` here: those of its session once loaded, else

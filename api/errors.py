@@ -74,6 +74,8 @@ _MEANINGS = {
     415: "unsupported media type",
     422: "validation failed (the message says which field and why)",
     429: "too many active jobs for this tenant (LDD_MAX_ACTIVE_JOBS)",
+    503: "the model's detect queue is full (LDD_DETECT_QUEUE; see Retry-After) or the model cannot be loaded",
+    504: "not served within X-Request-Timeout-Ms",
     507: "not enough free space in the data folder (LDD_MIN_FREE_BYTES)",
 }
 

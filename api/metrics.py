@@ -5,6 +5,11 @@
 - ``ldd_jobs{state}``: jobs by state and ``ldd_queue_depth``: queued jobs, both read from the job store
   (the source of truth) when scraped.
 - ``ldd_detect_batch_size``: images per ONNX Runtime call of the micro-batcher.
+- ``ldd_detect_requests_total``, ``ldd_detect_errors_total``, ``ldd_detect_rejected_total`` (503: queue full;
+  504: deadline), ``ldd_detect_queue_depth`` and ``ldd_detect_seconds`` (a latency histogram), each by
+  ``deployment`` (empty when the model was named directly) and ``model``.
+- ``ldd_storage_bytes{kind}``: bytes the datasets, checkpoints, runs and models take in the data folder, read
+  when scraped (a deletion shows here).
 - ``ldd_data_free_bytes``: free space in the data folder's file system, and ``ldd_data_min_free_bytes``, what
   writes must leave free (``LDD_MIN_FREE_BYTES``), both read when scraped.
 
@@ -14,9 +19,11 @@ The latency is recorded by ``api.middleware.LatencyMiddleware``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -57,10 +64,33 @@ class _DiskCollector(Collector):
                                 value=self.min_free_bytes)  # fmt: skip
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (0 when it is missing); files vanishing meanwhile count 0."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name), follow_symlinks=False).st_size
+            except OSError:
+                pass
+    return total
+
+
+class _StorageCollector(Collector):
+    def __init__(self, folders: dict[str, Path]):
+        self.folders = folders
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        used = GaugeMetricFamily("ldd_storage_bytes", "Bytes stored in the data folder by kind", labels=["kind"])
+        for kind, folder in self.folders.items():
+            used.add_metric([kind], folder_bytes(folder))
+        yield used
+
+
 class Metrics:
     def __init__(
         self, job_counts: Callable[[], dict[str, int]], free_bytes: Callable[[], int] | None = None,
-        min_free_bytes: int = 0,
+        min_free_bytes: int = 0, storage: dict[str, Path] | None = None,
     ):  # fmt: skip
         self.registry = CollectorRegistry()
         self.latency = Histogram(
@@ -76,7 +106,22 @@ class Metrics:
             registry=self.registry,
             buckets=(1, 2, 4, 8, 16, 32, 64),
         )
+        labels = ["deployment", "model"]
+        self.detect_requests = Counter("ldd_detect_requests", "Detect requests answered or refused", labels,
+                                       registry=self.registry)  # fmt: skip
+        self.detect_errors = Counter("ldd_detect_errors", "Detect requests that failed (4xx, 5xx)", labels,
+                                     registry=self.registry)  # fmt: skip
+        self.detect_rejected = Counter("ldd_detect_rejected", "Detect requests refused by backpressure",
+                                       [*labels, "reason"], registry=self.registry)  # fmt: skip
+        self.detect_queue = Gauge("ldd_detect_queue_depth", "Detect requests waiting or running", labels,
+                                  registry=self.registry)  # fmt: skip
+        self.detect_seconds = Histogram(
+            "ldd_detect_seconds", "Detect latency of answered requests", labels, registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )  # fmt: skip
         self.registry.register(_StoreCollector(job_counts))
+        if storage:
+            self.registry.register(_StorageCollector(storage))
         if free_bytes is not None:
             self.registry.register(_DiskCollector(free_bytes, min_free_bytes))
 

@@ -158,3 +158,27 @@ study_jobs = Table(
     Column("method", String(32), nullable=True),
     Column("seed", Integer, nullable=False),
 )  # fmt: skip
+
+# A deployment (``core.deployments``): a tenant's stable name for "the model that serves this", pointing at one
+# of its versions; ``version`` is the current one (a rollback moves it back without forgetting the later ones).
+deployments = Table(
+    "deployments", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+    Column("updated_by", String(64), nullable=False),
+    tenant_column(),
+    UniqueConstraint("tenant", "name", name="uq_deployments_tenant_name"),
+)  # fmt: skip
+
+# Every version a deployment had: which model, when, by whom (the tenant's key name). Never rewritten.
+deployment_versions = Table(
+    "deployment_versions", metadata,
+    Column("deployment_id", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("model_id", String(64), nullable=False, index=True),
+    Column("created_at", DateTime, nullable=False),
+    Column("created_by", String(64), nullable=False),
+)  # fmt: skip

@@ -71,6 +71,14 @@ class Settings(BaseSettings):
     # ONNX Runtime execution providers, best first (``LDD_PROVIDERS=tensorrt,cuda,cpu``; short or full names);
     # empty: CUDA when this onnxruntime build has it, then CPU. Ones the build lacks are skipped.
     providers: Annotated[list[str], NoDecode] = []
+    # The deployment (``core.deployments``, by name in the caller's tenant) that ``/detect`` serves when no model
+    # is named; empty: the caller's newest model.
+    default_deployment: str = ""
+    # Detect requests one model may hold waiting or running; one more is answered 503 with Retry-After at once
+    # (an unbounded queue only turns overload into every client's timeout).
+    detect_queue: Count = Field(64, ge=1)
+    # Checkpoints kept per ended run, newest first (``core.deletion.prune_checkpoints``); 0 = keep all.
+    keep_checkpoints: Count = Field(0, ge=0)
 
     @field_validator("api_keys", "admin_keys", "providers", mode="before")
     @classmethod
