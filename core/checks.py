@@ -95,7 +95,7 @@ def check_job(spec: JobSpec, store: Store, settings: Settings, scope: str | None
     teacher_path, facts = None, None
     if spec.teacher is not None:
         teacher_path, facts = _teacher(spec.teacher.model_dump(), store, settings, scope)
-        _check_teacher(facts, student, spec.student.arch, spec)
+        _check_teacher(facts, student, spec)
         if spec.distill is not None and spec.distill.crosskd_layer is not None and facts.get("stacked_convs"):
             problem = crosskd_layer_problem(
                 spec.distill.crosskd_layer, int(student["stacked_convs"]), int(facts["stacked_convs"])
@@ -336,7 +336,7 @@ def _existing(path: Path, what: str, code: str = "invalid_teacher") -> Path:
     return path
 
 
-def _check_teacher(facts: dict[str, Any], student: dict[str, Any], arch: str, spec: JobSpec) -> None:
+def _check_teacher(facts: dict[str, Any], student: dict[str, Any], spec: JobSpec) -> None:
     """The one pairing rule (``distill.pairing``): same reg_max and strides, anchors per location that match,
     and a method the pair can run. Families and classes need not agree (KD maps classes by name; LD carries
     no class)."""
@@ -344,6 +344,6 @@ def _check_teacher(facts: dict[str, Any], student: dict[str, Any], arch: str, sp
     weight = spec.distill.weights.value if spec.distill is not None else None
     if problems := pair_problems(facts, student_facts, weight):
         raise JobRefused(
-            f"teacher does not match the student {arch}: " + "; ".join(problems),
+            "teacher does not match the student: " + "; ".join(problems),
             "teacher_mismatch",
         )

@@ -29,12 +29,12 @@ def pair_problems(
     t_bins, s_bins = teacher.get("reg_max"), student.get("reg_max")
     if t_bins is not None and s_bins is not None and int(t_bins) != int(s_bins):
         problems.append(
-            f"reg_max differs (teacher {t_bins}, student {s_bins}): LD compares edge distributions bin by bin"
+            f"reg_max {t_bins} differs from the student's {s_bins}: LD compares edge distributions bin by bin"
         )
     t_strides, s_strides = teacher.get("strides"), student.get("strides")
     if t_strides is not None and s_strides is not None and [int(s) for s in t_strides] != [int(s) for s in s_strides]:
         problems.append(
-            f"strides differ (teacher {list(t_strides)}, student {list(s_strides)}): distillation compares the "
+            f"strides {list(t_strides)} differ from the student's {list(s_strides)}: distillation compares the "
             "two detectors location by location"
         )
     t_anchors, s_anchors = int(teacher.get("num_anchors") or 1), int(student.get("num_anchors") or 1)

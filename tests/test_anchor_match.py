@@ -11,7 +11,7 @@ from distill.class_map import map_classes
 from distill.criterion import DistillCriterion
 from distill.outputs import HeadOutputs, pad_targets, score_logits, student_layout
 from distill.pairing import pair_problems
-from distill.spec import DistillSpec, GFLWeights, arch_config
+from distill.spec import DistillSpec, GFLWeights, JobSpec, arch_config
 from distill.task_criteria import task_criterion
 from distill.teacher import TeacherMismatch, check_teacher
 
@@ -119,8 +119,8 @@ def test_pairing_rule_names_every_problem():
     gfl, retina = arch_config("gfl_tiny"), arch_config("retina_tiny")
     assert pair_problems({**retina, "num_anchors": 9}, {**gfl, "num_anchors": 1}) == []
     problems = pair_problems({**gfl, "reg_max": 8, "strides": [8, 16, 32]}, gfl)
-    assert len(problems) == 2 and "reg_max differs (teacher 8, student 16)" in problems[0]
-    assert "strides differ" in problems[1]
+    assert len(problems) == 2 and "reg_max 8 differs from the student's 16" in problems[0]
+    assert "strides [8, 16, 32] differ" in problems[1]
     assert "anchors per location" in pair_problems({"num_anchors": 9}, {"num_anchors": 4})[0]
     weight = DistillSpec(method="crosskd").weights.value
     standard = {**retina, "num_anchors": 9, "form": "standard", "family": "retina"}
@@ -135,3 +135,46 @@ def test_check_teacher_refuses_a_method_the_pair_cannot_run():
     check_teacher(teacher, student, DistillSpec())
     with pytest.raises(TeacherMismatch, match="CrossKD"):
         check_teacher(teacher, student, DistillSpec(method="crosskd"))
+
+
+def test_job_check_takes_any_family_pair_and_refuses_what_the_pair_cannot_run(tmp_path):
+    """The job check (before queueing) asks the same rule: a RetinaNet teacher (9 anchors) for an FCOS
+    student and back are accepted, CrossKD from a standard-form teacher is refused with the reason."""
+    from core.checks import JobRefused, check_job
+    from core.settings import Settings
+    from core.store import Store
+
+    settings = Settings(data_dir=tmp_path / "ldd", weights_dir=tmp_path / "weights")
+    settings.make_dirs()
+    store = Store(settings.store_url)
+    ds = settings.datasets_dir / "ds_00000000000000d1"
+    ds.mkdir()
+    store.add_dataset("ds_00000000000000d1", "d", str(ds), ["0", "1"], 3, 4, {"train": 2, "val": 1}, [])
+    facts = {"kind": "detector", "depth": 18, "base_width": 16, "channels": 32, "stacked_convs": 2, "reg_max": 16,
+             "strides": [8, 16, 32, 64, 128], "num_classes": 2, "classes": ["0", "1"]}  # fmt: skip
+    for i, extra in enumerate(
+        [
+            {"family": "retina", "num_anchors": 9},
+            {"family": "atss", "num_anchors": 1},
+            {"family": "retina", "num_anchors": 9, "form": "standard", "reg_max": None},
+        ]  # fmt: skip
+    ):
+        path = settings.checkpoints_dir / f"ck_000000000000000{i}.pt"
+        path.write_bytes(b"weights")
+        store.add_checkpoint(f"ck_000000000000000{i}", str(path), {**facts, **extra}, "t")
+
+    def job(student: str, teacher: int, method: str = "ld"):
+        return JobSpec.model_validate(
+            {"kind": "distill", "dataset": "ds_00000000000000d1", "student": {"arch": student},
+             "teacher": {"checkpoint": f"ck_000000000000000{teacher}"}, "distill": {"method": method}}
+        )  # fmt: skip
+
+    try:
+        assert check_job(job("fcos_tiny", 0), store, settings).teacher_facts["num_anchors"] == 9
+        assert check_job(job("retina_tiny", 1, "crosskd"), store, settings).teacher_facts["family"] == "atss"
+        check_job(job("fcos_tiny", 2), store, settings)  # LD from a standard-form teacher: DFL towards its box
+        with pytest.raises(JobRefused, match="CrossKD runs the student's head features") as e:
+            check_job(job("fcos_tiny", 2, "crosskd"), store, settings)
+        assert e.value.code == "teacher_mismatch"
+    finally:
+        store.close()

@@ -7,6 +7,7 @@ the model registry.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -193,7 +194,24 @@ def test_training_failure_fails_with_the_childs_reason(service: Service, tmp_pat
     job = service.wait_end(failed, timeout=90)
     assert job["state"] == "failed" and job["attempts"] == 1, job
     error = json.loads((service.settings.run_dir(failed) / "error.json").read_text())["error"]
-    assert job["error"] == error and "reg_max differs" in error
+    assert job["error"].startswith(error) and "reg_max 8 differs" in error
+    assert job["error"].endswith("(a failure of the job itself: not retried)")
+
+
+@pytest.mark.slow
+def test_training_child_killed_from_outside_is_retried(service: Service):
+    """The OOM killer takes the training child (not the worker): the attempt is retried from the last checkpoint
+    and the job succeeds on its second attempt, one model published."""
+    worker = service.start_worker()
+    job_id = service.submit(train_spec(DATASET, epochs=3))
+    first = service.wait_training(job_id, min_iter=1)
+    service.wait_training(job_id, min_iter=first["total_iters"] // first["epochs"] + 1)
+    children = training_children(worker)
+    assert len(children) == 1, service.logs()
+    os.kill(children[0], signal.SIGKILL)
+    job = service.wait_end(job_id, timeout=180)
+    assert job["state"] == "succeeded" and job["attempts"] == 2, job
+    assert [m["job_id"] for m in service.store.list_models()] == [job_id]
 
 
 def test_worker_stop_gives_the_job_back(service: Service):
