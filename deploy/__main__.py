@@ -99,7 +99,7 @@ def _publish(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("export", help="export a checkpoint (project or mmdetection GFL) to ONNX, verified")
+    p = sub.add_parser("export", help="export a checkpoint (ours of any family, or mmdetection GFL) to ONNX, verified")
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
     p.add_argument("--formats", default="fp32", help="comma-separated: fp32 (always), int8 (CPU), fp16 (GPU)")

@@ -7,7 +7,7 @@ each format's accuracy as the runtime serving it measures it (uses torch).
 
 The graph and its two exporters are ``deploy.graph``'s; the check against PyTorch is ``deploy.verify``'s;
 the variants are ``deploy.quantize``'s; the AP is ``deploy.evaluate``'s. ``export_model`` refuses to finish
-unless the fp32 graph (and the fp16 one, to fp16's tolerances) reproduces ``GFL.predict`` on sample
+unless the fp32 graph (and the fp16 one, to fp16's tolerances) reproduces ``Detector.predict`` on sample
 pictures. int8 changes detections by design: its agreement with fp32 and its AP are recorded, and an AP
 more than ``AP_WARNING`` points below fp32's marks it ``accuracy_warning`` (still published).
 """
@@ -69,7 +69,7 @@ def export_model(
     backend: str = DEFAULT_BACKEND,
     providers: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Export a checkpoint (project or mmdetection GFL) in ``formats`` (fp32 always) into ``out_dir``.
+    """Export a checkpoint (project, of any family, or mmdetection GFL) in ``formats`` (fp32 always) into ``out_dir``.
 
     ``dataset`` (a data set folder) gives each format its AP on the validation split (``val_split``,
     ``seed``: as training split it), measured by ``backend``/``providers``, the runtime that will serve it.
@@ -106,7 +106,7 @@ def export_model(
         "training_metrics": meta.get("metrics") or {},
         "source": {"checkpoint": str(checkpoint_path), "checkpoint_kind": meta.get("kind")},
     }  # fmt: skip
-    settings = {"opset": opset, "exporter": exporter, "max_detections": model.cfg.max_per_img,
+    settings = {"opset": opset, "exporter": exporter, "family": model.family, "max_detections": model.cfg.max_per_img,
                 "score_thr": model.cfg.score_thr, "nms_iou": model.cfg.nms_iou, "nms_pre": model.cfg.nms_pre,
                 "reg_max": model.reg_max, "strides": list(model.strides), "torch": torch.__version__,
                 "onnx": onnx.__version__, "onnxruntime": ort.__version__}  # fmt: skip

@@ -1,12 +1,14 @@
-"""The exported graph: a GFL detector with its post-processing, traced to ONNX (uses torch).
+"""The exported graph: a detector of any family with its post-processing, traced to ONNX (uses torch).
 
-The graph (opset 18, dynamic batch and image size) is the whole of ``GFL.predict``:
+The graph (opset 18, dynamic batch and image size) is the whole of ``Detector.predict``, through the
+family's own ``decode`` (A anchors per location for RetinaNet, the centerness or DGQP quality multiplied
+into the scores for FCOS, ATSS and GFocalV2):
 
 - inputs: ``images (N, 3, H, W)`` float32, normalised (``MEAN``/``STD`` on 0-255 RGB), ``H`` and ``W``
   multiples of 32, zero-padded at the bottom and right; ``image_sizes (N, 2)`` float32, the ``(h, w)`` of
   each image inside the padding (its boxes are clipped to it, as ``predict`` clips to ``image_sizes``).
 - body: backbone, FPN, head, distribution integral, box decoding in input pixels, per level the
-  ``nms_pre`` (1000) best (location, class) scores above ``score_thr`` (0.05), class-aware ONNX
+  ``nms_pre`` (1000) best (anchor, class) scores above ``score_thr`` (0.05), class-aware ONNX
   ``NonMaxSuppression`` (IoU 0.6), the ``max_per_img`` (100) best survivors.
 - outputs, a fixed-size padded layout so that a batch comes back as four dense arrays:
   ``boxes (N, K, 4)`` float32 x1y1x2y2 in input pixels, ``scores (N, K)`` float32 (descending),
@@ -37,7 +39,7 @@ from torch import Tensor, nn
 from torch.onnx import symbolic_helper
 from torchvision.ops import batched_nms
 
-from distill.models.gfl import GFL
+from distill.models.detector import Detector
 
 OPSET = 18
 EXPORTERS = ("torchscript", "dynamo")
@@ -159,13 +161,13 @@ def _class_nms_keep_onnxscript(
 
 
 class DetectorWithPostprocess(nn.Module):
-    """``GFL`` + ``predict``'s post-processing, vectorised over the batch with static intermediate shapes.
+    """``Detector`` + ``predict``'s post-processing, vectorised over the batch with static intermediate shapes.
 
     ``forward(images (N, 3, H, W), image_sizes (N, 2))`` -> ``boxes (N, K, 4)``, ``scores (N, K)``,
     ``labels (N, K)``, ``num_detections (N,)`` (see the module docstring).
     """
 
-    def __init__(self, model: GFL):
+    def __init__(self, model: Detector):
         super().__init__()
         self.model = model
         cfg = model.cfg
@@ -206,7 +208,7 @@ class DetectorWithPostprocess(nn.Module):
 
 
 def export_onnx(
-    model: GFL, path: str | os.PathLike, *, opset: int = OPSET, exporter: str = "torchscript"
+    model: Detector, path: str | os.PathLike, *, opset: int = OPSET, exporter: str = "torchscript"
 ) -> onnx.ModelProto:
     """Export ``model`` (float32) with post-processing to ``path``; returns the checked ONNX model.
 

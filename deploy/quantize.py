@@ -31,11 +31,19 @@ import onnx
 from PIL import Image
 
 from deploy.runtime import prepare_batch
+from distill.ckpt_layout import PREDICTORS, QUALITY_LAYERS
 
 FORMATS = ("fp32", "int8", "fp16")
 NETWORK_SCOPES = ("/backbone/", "/neck/", "/bbox_head/")
 DECODE_SCOPES = ("/bbox_head/integral",)
-OUTPUT_CONVS = ("/bbox_head/gfl_cls", "/bbox_head/gfl_reg")  # gfl_cls_1, ... for the other levels
+# Every family's predictors and quality layers (``gfl_cls``, ``retina_reg``, ``conv_centerness``, ``reg_conf``,
+# ...); node names carry a level suffix (``gfl_cls_1``, ...) for the other levels.
+OUTPUT_CONVS = tuple(
+    sorted(
+        {f"/bbox_head/{n}" for names in PREDICTORS.values() for n in names}
+        | {f"/bbox_head/{n}" for n in QUALITY_LAYERS.values()}
+    )
+)
 # Besides the convolutions, the ops between them in the backbone and FPN: their additions then read and write
 # quantized tensors (ONNX Runtime: QLinearAdd, ReLUs folded into the ranges). Not in the head: quantizing
 # GroupNorm's affine additions there rounds each normalised map once more, on its signed range; on a trained
@@ -77,8 +85,9 @@ def quantize_int8(
     if not calibration:
         raise ValueError("int8 needs at least one calibration picture")
     proto = onnx.load(str(src))
-    # The head's last convolutions give the logits of scores and box distributions: a uint8 step there is a
-    # tenth of a logit, which moves scores and NMS decisions. They stay float (a few % of the compute).
+    # The head's last convolutions give the logits of scores, box distributions and quality: a uint8 step
+    # there is a tenth of a logit, which moves scores and NMS decisions. They stay float (a few % of the
+    # compute).
     chosen = {
         n.name
         for n in proto.graph.node
@@ -110,7 +119,9 @@ def quantize_int8(
         "calibration_method": "minmax",
         "calibration_images": len(calibration),
         "quantized_nodes": len(nodes),
-        "float_convs": ["gfl_cls", "gfl_reg"],
+        "float_convs": [
+            p.rsplit("/", 1)[1] for p in OUTPUT_CONVS if any(n.name.startswith(p) for n in proto.graph.node)
+        ],
     }
 
 

@@ -3,7 +3,7 @@
 ``verify_onnx`` runs the graph on sample pictures (one batch of mixed sizes: padding, per-picture clipping,
 and a batch and input size the graph was not traced with; at the model's input size, at most
 ``VERIFY_MAX_SIDE``) and compares with
-``GFL.predict`` on the same tensors: the same detections, boxes within ``box_tol`` of the image size, the
+``Detector.predict`` on the same tensors: the same detections, boxes within ``box_tol`` of the image size, the
 same labels, scores within ``score_tol``. fp32 is held to 1e-3 / 1e-4; fp16 computes in half precision,
 where a score is off by ~1e-3 and a box by a fraction of a pixel, so it is held to 1e-2 / 1e-2, and up to
 ``UNMATCHED_FP16`` of its detections may fall the other way of an NMS or top-k decision. int8 changes
@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from deploy.backends import Session, make_session
 from deploy.graph import ExportError
 from deploy.runtime import prepare_batch
-from distill.models.gfl import GFL
+from distill.models.detector import Detector
 
 BOX_TOL, SCORE_TOL = 1e-3, 1e-4
 BOX_TOL_FP16, SCORE_TOL_FP16 = 1e-2, 1e-2
@@ -67,7 +67,7 @@ def sample_images(seed: int = 0) -> list[Image.Image]:
     return images
 
 
-def _torch_detections(model: GFL, batch: np.ndarray, sizes: np.ndarray) -> list[dict[str, np.ndarray]]:
+def _torch_detections(model: Detector, batch: np.ndarray, sizes: np.ndarray) -> list[dict[str, np.ndarray]]:
     with torch.no_grad():
         dets = model.predict(torch.from_numpy(batch), [(int(h), int(w)) for h, w in sizes])
     return [{k: v.float().numpy() if k != "labels" else v.numpy() for k, v in d.items()} for d in dets]
@@ -160,7 +160,7 @@ def verification_session(
 
 def verify_onnx(
     onnx_path: str | os.PathLike,
-    model: GFL,
+    model: Detector,
     images: Sequence[Image.Image],
     input_size: tuple[int, int],
     *,
