@@ -61,6 +61,7 @@ def summarise(
     return {
         "plan": asdict(plan),
         "defaults": DistillSpec().model_dump(),
+        "method_weights": METHOD_WEIGHTS,
         "teacher": teacher,
         "rows": rows,
         "wall_s": round(wall_s, 1),
@@ -117,8 +118,12 @@ def markdown(summary: dict[str, Any]) -> str:
         + f"). Images {plan['image_size'][0]}x{plan['image_size'][1]}, batch "
         f"{plan['batch']}, student {plan['epochs']} epochs at lr {plan['lr']}; {plan['seeds']} seeds; "
         f"tau {d['tau']}, gamma {d['gamma']}, kd_tau {d['kd_tau']}; weights main_ld {d['weights']['main_ld']}, "
-        f"vlr_ld {d['weights']['vlr_ld']}, main_kd {d['weights']['main_kd']}, tbr {d['weights']['tbr']}; "
-        f"other methods' weights: {json.dumps({m: w for m, w in METHOD_WEIGHTS.items() if m != 'ld'})}"
+        f"vlr_ld {d['weights']['vlr_ld']}, main_kd {d['weights']['main_kd']}, tbr {d['weights']['tbr']}"
+        + (
+            f"; other methods' weights: {json.dumps({m: w for m, w in summary['method_weights'].items() if m != 'ld'})}"
+            if summary.get("method_weights")  # recorded by the run (older summaries predate the other methods)
+            else ""
+        )
         + (f"; job changes {json.dumps(plan['distill'])}" if plan["distill"] else "")
         + ".",
         f"Whole run: {summary['wall_s'] / 60:.1f} min on {plan['device']} ({plan['jobs']} process(es) x "

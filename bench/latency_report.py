@@ -82,19 +82,24 @@ def markdown(res: dict[str, Any]) -> str:
     if warning:
         lines += ["", f"- int8 accuracy warning: {warning['message']}"]
     c = res["distilled_vs_undistilled"]
+    # Without a distilled checkpoint, row (d) is a second untrained student: say so rather than call it distilled.
+    real = not str(res["checkpoints"]["distilled"]).startswith("untrained")
+    a, d = ("undistilled", "distilled") if real else ("(a)", "(d)")
     lines += [
         "",
-        "## Distilled vs undistilled student (same architecture)",
+        "## Distilled vs undistilled student (same architecture)"
+        if real
+        else "## Row (d) vs row (a): the same architecture, row (d) untrained (no distilled checkpoint was given)",
         "",
-        f"- graphs: undistilled {c['student_graph']['nodes']} nodes / {c['student_graph']['parameters']:,} parameters, "
-        f"distilled {c['distilled_graph']['nodes']} nodes / {c['distilled_graph']['parameters']:,} parameters; "
+        f"- graphs: {a} {c['student_graph']['nodes']} nodes / {c['student_graph']['parameters']:,} parameters, "
+        f"{d} {c['distilled_graph']['nodes']} nodes / {c['distilled_graph']['parameters']:,} parameters; "
         f"same op counts: {c['same_ops']}; identical op sequence and initializer shapes: {c['identical_structure']}",
         f"- teacher graph for reference: {c['teacher_graph']['nodes']} nodes / {c['teacher_graph']['parameters']:,} "
         "parameters",
     ]
     for b, r in c["latency_ratio"].items():
         lines.append(
-            f"- batch {b}: latency ratio distilled / undistilled = {r['ratio']:.3f} "
+            f"- batch {b}: latency ratio {d} / {a} = {r['ratio']:.3f} "
             f"(90% bootstrap interval {r['ci90'][0]:.3f}-{r['ci90'][1]:.3f}): "
             + ("within noise" if r["within_noise"] else "NOT within noise")
         )

@@ -107,6 +107,15 @@ class Interval:
             return "met" if self.significant else "inside noise"
         return "not met"
 
+    def verdict_below(self, limit: float) -> Verdict:
+        """For a target "under ``limit``" (a cost, an overhead): ``met`` when the whole interval lies below it,
+        ``not met`` when the whole interval lies at or above it, ``inside noise`` when the interval straddles it."""
+        if self.high is None or self.low is None:
+            return "one pair"
+        if self.high < limit:
+            return "met"
+        return "not met" if self.low >= limit else "inside noise"
+
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "significant": self.significant}
 

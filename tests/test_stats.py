@@ -52,10 +52,13 @@ def test_paired_interval_by_hand_n2_and_n3() -> None:
     # A negative gain whose interval excludes 0 is significant too (a loss), and meets no positive goal.
     loss = interval([-2.0, -3.0, -4.0])
     assert loss.significant is True and loss.verdict(0.0) == "not met"
+    # A cost under a ceiling: met only when the whole interval is below it.
+    assert three.verdict_below(6.0) == "met" and three.verdict_below(4.0) == "inside noise"
+    assert three.verdict_below(0.5) == "not met" and two.verdict_below(10.0) == "inside noise"
     # One pair: a mean, no spread, no verdict.
     one = paired({0: 5.0}, {0: 1.0})
     assert (one.n, one.mean, one.std, one.half_width) == (1, 4.0, None, None)
-    assert one.significant is None and one.verdict(1.0) == "one pair"
+    assert one.significant is None and one.verdict(1.0) == "one pair" and one.verdict_below(1.0) == "one pair"
     assert interval([]).n == 0 and interval([]).mean is None
 
 
