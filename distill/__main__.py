@@ -23,6 +23,18 @@ from pydantic import ValidationError
 from distill.spec import LocalJobSpec
 
 
+def killed_from_outside(e: BaseException) -> bool:
+    """Whether ``e`` says a process of the run was killed from outside (the OOM killer, an operator), not that
+    the job is wrong: a DataLoader worker that died by a signal. Such a failure is retried; any other is the
+    job's own (a diverged loss, bad data) and fails it at once."""
+    text = str(e)
+    return (
+        isinstance(e, RuntimeError)
+        and "DataLoader worker" in text
+        and ("killed by signal" in text or "exited unexpectedly" in text)
+    )
+
+
 def _fail(out: Path, message: str, code: int) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "error.json").write_text(json.dumps({"error": message}))
@@ -98,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # the worker shows this to the user; keep the trace in the log
         with open(args.out / "train.log", "a") as log:
             log.write(traceback.format_exc())
+        if killed_from_outside(e):  # no verdict on the job: the worker tries again from the last checkpoint
+            print(f"killed from outside: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
         return _fail(args.out, f"{type(e).__name__}: {e}", 1)
     ddp.teardown()  # only here: leaving a group that lost a rank can block (NCCL); exiting needs no teardown
     if metrics:  # rank 0's (the other ranks of a multi-process job return nothing)

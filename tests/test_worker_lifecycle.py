@@ -203,7 +203,7 @@ def test_training_child_killed_from_outside_is_retried(service: Service):
     """The OOM killer takes the training child (not the worker): the attempt is retried from the last checkpoint
     and the job succeeds on its second attempt, one model published."""
     worker = service.start_worker()
-    job_id = service.submit(train_spec(DATASET, epochs=3))
+    job_id = service.submit(train_spec(DATASET, epochs=2))
     first = service.wait_training(job_id, min_iter=1)
     service.wait_training(job_id, min_iter=first["total_iters"] // first["epochs"] + 1)
     children = training_children(worker)

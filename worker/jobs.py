@@ -323,8 +323,8 @@ class Attempt:
                 error=_no_room(self.settings, f"{what} ran out of room")
                 + (" Its last good checkpoint is kept in the run folder."),
             )
-        if rc in (1, 2) and message:
-            return self._end("failed", error=message)  # the program's own verdict: retrying won't help
+        if rc in (1, 2) and message:  # the program's own verdict: retrying won't help
+            return self._end("failed", error=f"{message} (a failure of the job itself: not retried)")
         # Killed by a signal (OOM killer, someone's kill) or crashed without a verdict: maybe transient.
         why = f"{what} process " + (f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}")
         if message:
@@ -333,7 +333,7 @@ class Attempt:
             why += f" (log: {tail})"
         if self.job["attempts"] < self.settings.max_attempts:
             return self._retry(why)
-        return self._end("failed", error=f"gave up after {self.job['attempts']} attempt(s); last: {why}")
+        return self._end("failed", error=f"gave up after {self.job['attempts']} interrupted attempt(s); last: {why}")
 
     # -- publishing and ending -------------------------------------------------------------------
 
