@@ -15,10 +15,10 @@ from fastapi import APIRouter, Body, Query, Response
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import CallerDep, IdempotencyKey, ResourceId, SettingsDep, StoreDep, get_or_404
+from api.deps import IN_USE, CallerDep, IdempotencyKey, ResourceId, SettingsDep, StoreDep, delete_or_409, get_or_404
 from api.errors import APIError, ErrorResponse, error_docs
 from api.schemas import JobState
-from core import studies
+from core import deletion, studies
 from core.checks import JobRefused
 from core.queue import enqueue
 from core.settings import Settings
@@ -80,8 +80,9 @@ class Study(_Open):
     progress: StudyProgress
     report: dict[str, Any] | None = Field(
         None,
-        description="null until every job ended; then rows (AP, AP50, AP75 as mean/std/n, gain paired by "
-        "seed vs the student alone, significant, diagnostics, best, failed), recommended, failures, report_md and "
+        description="null until every job ended; then rows (AP, AP50, AP75 as mean/std/n/values, gain paired by "
+        "seed vs the student alone with its 95% Student-t interval: mean/std/n/half_width/low/high/pairs, "
+        "significant = the interval excludes 0, diagnostics, best, failed), recommended, failures, report_md and "
         "report_png (links)",
     )
 
@@ -201,3 +202,10 @@ def study_report_md(study_id: ResourceId, store: StoreDep, settings: SettingsDep
                        **error_docs(404, 507)})  # fmt: skip
 def study_report_png(study_id: ResourceId, store: StoreDep, settings: SettingsDep, caller: CallerDep) -> FileResponse:
     return _report_file(store, settings, study_id, caller.scope, "report.png")
+
+
+@router.delete("/{study_id}", status_code=204, response_class=Response, responses={**error_docs(404), **IN_USE},
+               summary="Delete an ended study, its jobs and report (409 while a job of it runs)")  # fmt: skip
+def delete_study(study_id: ResourceId, store: StoreDep, settings: SettingsDep, caller: CallerDep) -> Response:
+    study = get_or_404(lambda i: studies.get_study(store, i), "study", study_id, caller.scope)
+    return delete_or_409(deletion.delete_study, store, settings, study, caller.tenant)
