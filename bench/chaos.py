@@ -44,6 +44,7 @@ shared with the tests.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import shutil
@@ -72,6 +73,7 @@ FULL_PLAN = ("train", "redis", "export", "postgres", "publish", "train", "api", 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
+    prov = provenance()  # the commit and date the run started at (others may commit while it runs)
     root = Path(tempfile.mkdtemp(prefix="ldd-chaos-"))
     env = {"LDD_LEASE_SECONDS": str(args.lease), "LDD_HEARTBEAT_SECONDS": "1", "LDD_PROGRESS_SECONDS": "1",
            "LDD_RECOVER_SECONDS": "2", "LDD_MAX_ATTEMPTS": "3", "LDD_KILL_GRACE_SECONDS": "5",
@@ -134,7 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         watcher.close()
         t_end = time.time()
         res = collect(stack, watcher, submitter, disruptions, teacher_ids, args, t_start, t_teachers, t_end)
-        res["provenance"] = provenance()  # the load at the bench's start (report's import) and now
+        res["provenance"] = {**prov, "load": provenance()["load"]}  # the load at the start and now
         res["timing"] = {**asdict(timing), "planned_train_s": timing.planned_train_s()}
         res["settings"].update(epochs=timing.epochs, min_epochs=args.epochs, train_seconds=args.train_seconds)
         return res
@@ -159,7 +161,8 @@ def measure(stack: Stack, watcher: Watcher, teacher: str, args: argparse.Namespa
         exports = [c["gone"] - c["first"] for c in watcher.children.values()
                    if c["job"] == teacher and c["what"] == "export" and c["gone"] is not None]  # fmt: skip
     last = lines[-1] if lines else {}
-    per_epoch = (last.get("total_iters") or 0) // max(1, last.get("epochs") or 1) or -(-args.images // BATCH_SIZE)
+    per_epoch = (last.get("total_iters") or 0) // max(1, last.get("epochs") or 1)
+    per_epoch = per_epoch or math.ceil(args.images / BATCH_SIZE)  # no record: what the loader makes of the images
     return Timing(
         step_s=None if step_s is None else round(step_s, 3),
         export_s=round(max(exports), 1) if exports else None,
@@ -180,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         "--train-seconds",
         type=float,
         default=15.0,
-        help="training time aimed at per distillation job, from the measured step time (default 15: an epoch "
-        "then lasts far longer than the bench's 0.05 s look at the jobs' progress, and a restart's recovery is "
-        "seen as training progress, not as the job's end)",
+        help="training time aimed at per distillation job, from the measured step time (default 15: however "
+        "short the steps, seconds of training on either side of a strike, so that a killed job resumes mid-run and "
+        "a restarted service finds its jobs still training)",
     )
     p.add_argument("--teacher-epochs", type=int, default=2)
     p.add_argument("--images", type=int, default=24, help="training images (4 per iteration)")

@@ -80,6 +80,15 @@ def due(progress: dict[str, Any], target: int) -> bool:
     return progress.get("phase") == "train" and target <= it < total
 
 
+def strike_delay(u: float, it: int, total: int, per_epoch: int, step_s: float | None) -> float:
+    """Seconds after a progress record at iteration ``it`` at which to kill: a fraction ``u`` (0 to 1) of the
+    next epoch, or of the training left when less, at the teacher's step time. A distillation step is no faster
+    than that, so the kill still lands in training. 0 without a measured step."""
+    if not step_s:
+        return 0.0
+    return u * max(0, min(per_epoch, total - it - 1)) * step_s
+
+
 def may_submit(left_after: int, pending: int, starving: bool, release: bool) -> bool:
     """Whether the submitter may hand in the next job: ``left_after`` jobs would remain unsubmitted and
     ``pending`` planned disruptions have not struck yet (0 once the plan is through). Each disruption needs
@@ -119,6 +128,8 @@ class Chaos:
         self.killed: set[str] = set()
         self.targets: dict[tuple[str, str], int] = {}  # (kind, job) -> the training iteration to strike at
         self.delays: dict[int, float] = {}  # export child pid -> how long after its start to kill it
+        # job -> (the iteration first seen due, that record's time, seconds after it to kill)
+        self.fire: dict[str, tuple[int, float, float]] = {}
         self.publish_kills = 0
         self.finished = 0  # planned disruptions that struck or found no moment (counted when they strike)
         self.armed: str | None = None  # the kind waiting for its moment
@@ -247,13 +258,25 @@ class Chaos:
         return self._kill(kind, job_id, slot, at)
 
     def _pick_train(self) -> tuple[str, int, str] | None:
+        now = time.time()
         for _pid, c in self.candidates("train"):
             p = progress_file(self.stack, c["job"])
             if p.get("phase") != "train":
                 continue  # not training (yet, or any more)
             target = self._target("train", c["job"], p)
-            if target is not None and due(p, target):
-                return c["job"], c["worker"], f"train, iter {p['iter']}/{p['total_iters']} (aimed at {target})"
+            if target is None or not due(p, target):
+                continue
+            # The record that made it due is often an epoch end, just checkpointed: strike a while later, inside
+            # the epoch, so that the kill also costs the work since that checkpoint (what resume must bound).
+            total, per_epoch = p["total_iters"], p["total_iters"] // max(1, p.get("epochs") or 1)
+            if c["job"] not in self.fire:
+                u = self.rng.uniform(0.1, 0.9)
+                delay = strike_delay(u, p["iter"], total, per_epoch, self.timing.step_s)
+                self.fire[c["job"]] = (p["iter"], p.get("time", now), delay)
+            seen, t_seen, delay = self.fire[c["job"]]
+            if now >= t_seen + delay:
+                return c["job"], c["worker"], (f"train, aimed at iter {target}, iter {seen}/{total} reported, "
+                                               f"struck {now - t_seen:.1f} s after it")  # fmt: skip
         return None
 
     def _pick_export(self) -> tuple[str, int, str] | None:

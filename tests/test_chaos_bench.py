@@ -290,3 +290,14 @@ def test_first_attempt(chaos):
     lines = [line(0, 0), line(4, 1), line(6, 2), line(4, 3, 4), line(12, 4, 4)]
     assert chaos.report.first_attempt(lines) == lines[:3]
     assert chaos.report.first_attempt(lines[:3]) == lines[:3]
+
+
+def test_a_kill_in_training_lands_inside_an_epoch_and_before_training_ends(faults):
+    # seen due at an epoch end (12 of 36, 6 per epoch), teacher step 0.2 s: up to one epoch later
+    assert faults.strike_delay(0.5, 12, 36, 6, 0.2) == pytest.approx(0.6)
+    assert faults.strike_delay(0.9, 12, 36, 6, 0.2) < 6 * 0.2
+    # near the end: never past the last step at the measured (lower-bound) step time
+    for it in range(30, 36):
+        assert it + faults.strike_delay(0.99, it, 36, 6, 0.2) / 0.2 < 36
+    assert faults.strike_delay(0.5, 35, 36, 6, 0.2) == 0.0  # the last step: at once
+    assert faults.strike_delay(0.5, 12, 36, 6, None) == 0.0  # not measured: at the record
