@@ -87,10 +87,8 @@ def _client(args: argparse.Namespace) -> Client:
 
 def cmd_datasets(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        if args.action == "upload":
-            _print(c.upload_dataset(args.path, name=args.name, val_split=args.val_split, split_seed=args.split_seed))
-        else:
-            _print(c.list_datasets())
+        up = args.action == "upload"
+        _print(c.upload_dataset(args.path, args.name, args.val_split, args.split_seed) if up else c.list_datasets())
     return 0
 
 
