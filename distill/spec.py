@@ -92,7 +92,9 @@ class StudentSpec(_Strict):
     arch: str = Field(
         "gfl_r18",
         examples=["gfl_r18", "retina_r50", "fcos_tiny"],
-        description="<family>_<size>: family gfl, gflv2, atss, fcos or retina; size tiny, small, r18, r34, r50 or r101",
+        description="<family>_<size>: family gfl, gflv2, atss, fcos or retina (DESIGN section 2); size tiny, "
+        "small (narrow CPU models), r18, r34, r50 or r101 (torchvision ResNets)",
+        json_schema_extra={"enum": list(ARCHITECTURES)},
     )
     init: Init = Field(
         None,
@@ -342,6 +344,9 @@ class ScheduleSpec(_Strict):
     def _even_split(self) -> ScheduleSpec:
         if self.batch_size % self.gpus:
             raise ValueError(f"batch_size {self.batch_size} does not split evenly over {self.gpus} processes")
+        if self.steps is not None and any(not 1 <= e <= self.epochs - 1 for e in self.steps):
+            # A decay at epoch 0 skips the base rate entirely; at or past the last epoch it never happens.
+            raise ValueError(f"schedule.steps {list(self.steps)} must lie within epochs 1..{self.epochs - 1}")
         return self
 
     @property

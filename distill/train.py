@@ -17,6 +17,7 @@ global batch with the same weights; rank 0 alone writes all of the above, and ev
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
@@ -70,12 +71,34 @@ class Step:
     total: Tensor
 
 
+# Warm-up takes at most this share of a run: mmdetection's 500 iterations are 0.6% of a COCO 1x schedule, but
+# all of a 12-epoch job on 200 photos at batch 16 (156 iterations), whose learning rate would never arrive.
+WARMUP_CAP = 0.25
+
+
+def warmup_iters(spec: JobSpec, per_epoch: int) -> tuple[int, str | None]:
+    """The warm-up the run uses and, when it is shorter than ``schedule.warmup_iters``, why: at most
+    ``WARMUP_CAP`` of the run's iterations, and over before the first step decay."""
+    s = spec.schedule
+    total = s.epochs * per_epoch
+    cap = max(1, math.ceil(WARMUP_CAP * total))
+    first_step = min(s.lr_steps) * per_epoch
+    used = min(s.warmup_iters, cap, max(1, first_step))
+    if used == s.warmup_iters:
+        return used, None
+    why = f"warm-up {s.warmup_iters} iterations capped to {used}: "
+    if used == cap:
+        return used, why + f"at most {WARMUP_CAP:.0%} of the run's {total} iterations"
+    return used, why + f"over before the first learning-rate step at iteration {first_step}"
+
+
 def learning_rate(spec: JobSpec, iteration: int, per_epoch: int) -> float:
-    """Linear warm-up from ``warmup_ratio`` over ``warmup_iters``, then x0.1 at each step epoch."""
+    """Linear warm-up from ``warmup_ratio`` over :func:`warmup_iters`, then x0.1 at each step epoch."""
     s = spec.schedule
     lr = s.base_lr * 0.1 ** sum(iteration >= e * per_epoch for e in s.lr_steps)
-    if iteration < s.warmup_iters:
-        lr *= 1 - (1 - s.warmup_ratio) * (1 - iteration / s.warmup_iters)
+    warmup, _ = warmup_iters(spec, per_epoch)
+    if iteration < warmup:
+        lr *= 1 - (1 - s.warmup_ratio) * (1 - iteration / warmup)
     return lr
 
 
@@ -122,6 +145,9 @@ class Trainer:
             self.val_ids = list(self.val_loader.dataset.image_ids)
         self.per_epoch = len(self.train_loader)
         self.total_iters = self.per_epoch * spec.schedule.epochs
+        self.warmup, capped = warmup_iters(spec, self.per_epoch)
+        if capped:
+            self.log(capped)
 
         seed_everything(spec.seed)
         self.model = build_detector(
@@ -368,6 +394,7 @@ class Trainer:
         metrics: dict[str, Any] = {
             "bbox": self.evaluate(self.model),
             "iterations": self.total_iters,
+            "warmup_iters": self.warmup,
             "init": self.init_report.summary(),
             "train_seconds_this_attempt": round(time.monotonic() - started, 1),
             "resumed_from_iter": self.resumed_from,
