@@ -362,3 +362,24 @@ def test_towers_with_conv_bias_and_the_input_normalisation(tmp_path: Path):
     text = "img_norm_cfg = dict(mean=[1.0, 2.0, 3.0], std=[4.0, 5.0, 6.0], to_rgb=False)\nmodel = dict(type='FCOS')"
     info = describe_checkpoint(_write(tmp_path, "fcos", cfg=text, key="config"))
     assert info["options"]["input"] == {"mean": [1.0, 2.0, 3.0], "std": [4.0, 5.0, 6.0], "rgb": False}
+
+
+def test_spread_teacher_predicts_with_its_own_boxes(checkpoints: dict[str, Path]):
+    """A job's teacher AP is the teacher's: boxes as mmdetection decodes them, not clipped to the student's bins."""
+    standard = load_detector(checkpoints["retina"])
+    assert isinstance(standard, StandardDetector)
+    teacher = SpreadTeacher(standard, reg_max=16)
+    torch.manual_seed(0)
+    images = torch.randn(1, 3, 96, 128)
+    (found,) = teacher.predict(images)
+    (clipped,) = Detector.predict(teacher, images)  # the spread's boxes: this random teacher's exceed the bins
+    assert not torch.equal(clipped["boxes"][0], found["boxes"][0])
+    with torch.no_grad():
+        boxes, scores, _ = standard.decode(*standard.raw_outputs(standard.adapt_input(images)))
+    best = scores[0].amax(-1).argmax()
+    assert len(found["boxes"]) > 0
+    torch.testing.assert_close(found["scores"][0], scores[0].amax(-1)[best])
+    h, w = images.shape[-2:]
+    expected = torch.stack([boxes[0, best, 0].clamp(0, w), boxes[0, best, 1].clamp(0, h),
+                            boxes[0, best, 2].clamp(0, w), boxes[0, best, 3].clamp(0, h)])  # fmt: skip
+    torch.testing.assert_close(found["boxes"][0], expected)

@@ -109,6 +109,25 @@ class SpreadTeacher(Detector):
         ``raw_outputs`` (``bbox_head(features(images))``) gives the spread maps (:class:`SpreadHead`)."""
         return self.standard.features(self.standard.adapt_input(images))
 
+    @torch.no_grad()
+    def predict(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> list[dict[str, Tensor]]:
+        """The teacher's own detections (its boxes as mmdetection decodes them, not clipped to the student's
+        bins), selected as every family's are (``Detector.predict``): the AP a job reports for its teacher."""
+        return Detector.predict(_ExactView(self), images, image_sizes)  # type: ignore[arg-type]
+
+
+class _ExactView:
+    """What ``Detector.predict`` reads of a detector, answered by the standard model's own outputs and decoding."""
+
+    def __init__(self, teacher: SpreadTeacher):
+        self.cfg, self.standard = teacher.cfg, teacher.standard
+
+    def raw_outputs(self, images: Tensor) -> tuple[list[Tensor], ...]:
+        return self.standard.raw_outputs(self.standard.adapt_input(images))
+
+    def decode(self, *raw: list[Tensor]) -> tuple[Tensor, Tensor, list[int]]:
+        return self.standard.decode(*raw)
+
 
 def spread_teacher(model: nn.Module, reg_max: int) -> nn.Module:
     """The teacher LD reads: a standard-form model wrapped as :class:`SpreadTeacher` with the student's
