@@ -11,6 +11,7 @@ with ``distill.ckpt_reader``, and detections come from ``deploy.runtime`` (ONNX 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -34,6 +35,17 @@ DESCRIPTION = (
 )
 
 
+def _log_to_stderr() -> None:
+    """The service's own records (deletions and deployment switches with their tenant, model loading errors) go
+    to stderr beside uvicorn's, at INFO, unless the process configured logging itself."""
+    logger = logging.getLogger("ldd")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -49,6 +61,7 @@ def create_app(
     """
     settings = settings or Settings.from_env()
     settings.make_dirs()
+    _log_to_stderr()
     store = store or Store(settings.store_url)
     services = Services(settings, store, max_batch=max_batch, max_wait_s=max_wait_ms / 1000, cache_size=cache_size)
     remove_stale_uploads(settings.data_dir)

@@ -13,15 +13,16 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Request, Response
 from fastapi import Path as PathParam
 from fastapi.security import HTTPBearer
 from PIL import Image
 
 from api.batcher import PredictorCache
-from api.errors import APIError
+from api.errors import APIError, ErrorResponse
 from api.metrics import Metrics
 from api.uploads import free_bytes
+from core.deletion import Held
 from core.settings import Settings
 from core.store import Store
 from core.tenants import OPEN, Caller, parse_keys, visible
@@ -179,3 +180,18 @@ def get_or_404(
         raise APIError(404, "not_found", f"no {kind} {id!r}")
     assert row is not None
     return row
+
+
+# DELETE's refusal (``core.deletion``): the resource is still used, ``details.holders`` says by what.
+IN_USE: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorResponse, "description": "still used: details.holders names what uses it"}
+}
+
+
+def delete_or_409(delete: Callable[..., None], *args: Any) -> Response:
+    """Run a ``core.deletion`` function: 204, or 409 ``in_use`` with the holders' ids."""
+    try:
+        delete(*args)
+    except Held as e:
+        raise APIError(409, "in_use", str(e), {"holders": e.holders}) from e
+    return Response(status_code=204)

@@ -11,14 +11,15 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from api import schemas
-from api.deps import CallerDep, ResourceId, SettingsDep, StoreDep, get_or_404
+from api.deps import IN_USE, CallerDep, ResourceId, SettingsDep, StoreDep, delete_or_409, get_or_404
 from api.errors import APIError, error_docs
 from api.presenters import public_checkpoint
 from api.uploads import ensure_room, save_upload, upload_folder, upload_size
+from core import deletion
 from core.db import new_id
 from distill.ckpt_layout import describe_checkpoint
 from distill.ckpt_reader import CheckpointError
@@ -67,3 +68,10 @@ async def upload_checkpoint(
             responses=error_docs(404))  # fmt: skip
 def get_checkpoint(checkpoint_id: ResourceId, store: StoreDep, caller: CallerDep) -> dict[str, Any]:
     return public_checkpoint(get_or_404(store.get_checkpoint, "checkpoint", checkpoint_id, caller.scope))
+
+
+@router.delete("/{checkpoint_id}", status_code=204, response_class=Response, responses={**error_docs(404), **IN_USE},
+               summary="Delete an uploaded checkpoint (409 while a queued or running job uses it)")  # fmt: skip
+def delete_checkpoint(checkpoint_id: ResourceId, store: StoreDep, settings: SettingsDep, caller: CallerDep) -> Response:
+    get_or_404(store.get_checkpoint, "checkpoint", checkpoint_id, caller.scope)
+    return delete_or_409(deletion.delete_checkpoint, store, settings, checkpoint_id, caller.tenant)

@@ -20,10 +20,11 @@ from fastapi.concurrency import run_in_threadpool
 
 from api import schemas
 from api.datasets import UploadError, ZipLimits, import_dataset, publish_dataset
-from api.deps import CallerDep, ResourceId, SettingsDep, StoreDep, get_or_404
+from api.deps import IN_USE, CallerDep, ResourceId, SettingsDep, StoreDep, delete_or_409, get_or_404
 from api.errors import APIError, error_docs
 from api.presenters import public_dataset
 from api.uploads import ensure_room, save_upload, upload_folder, upload_size
+from core import deletion
 from core.db import new_id
 from deploy.draw import draw_detections
 from distill.data.annotations import CocoData, load_coco
@@ -141,3 +142,10 @@ def dataset_sample(
 def published_annotations(path: str) -> CocoData:
     """The published dataset's annotations (checked at upload, so the images are not opened again)."""
     return load_coco(path, check_images=False)
+
+
+@router.delete("/{dataset_id}", status_code=204, response_class=Response, responses={**error_docs(404), **IN_USE},
+               summary="Delete a dataset and its files (409 while a queued or running job uses it)")  # fmt: skip
+def delete_dataset(dataset_id: ResourceId, store: StoreDep, settings: SettingsDep, caller: CallerDep) -> Response:
+    get_or_404(store.get_dataset, "dataset", dataset_id, caller.scope)
+    return delete_or_409(deletion.delete_dataset, store, settings, dataset_id, caller.tenant)

@@ -17,10 +17,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from api import schemas
-from api.deps import CallerDep, IdempotencyKey, ResourceId, SettingsDep, StoreDep, get_or_404
+from api.deps import IN_USE, CallerDep, IdempotencyKey, ResourceId, SettingsDep, StoreDep, delete_or_409, get_or_404
 from api.errors import APIError, ErrorResponse, error_docs
 from api.presenters import public_job
-from core import history
+from core import deletion, history
 from core.checks import JobRefused, check_job
 from core.queue import enqueue
 from core.store import JOB_STATES, TERMINAL_STATES, IdempotencyConflict, Store, TooManyActiveJobs
@@ -221,3 +221,11 @@ def job_history(
     evaluations = [{"iter": r.get("iter"), "attempt": r["attempt"], "bbox": r.get("losses") or {}}
                    for r in records if r.get("phase") == "done" and "AP" in (r.get("losses") or {})]  # fmt: skip
     return {"job_id": job_id, "records": records, "evaluations": evaluations}
+
+
+@router.delete("/{job_id}", status_code=204, response_class=Response, responses={**error_docs(404), **IN_USE},
+               summary="Delete an ended job, its history and run files (its models stay; 409 if queued, running "
+                       "or part of a study)")  # fmt: skip
+def delete_job(job_id: ResourceId, store: StoreDep, settings: SettingsDep, caller: CallerDep) -> Response:
+    job = get_or_404(store.get_job, "job", job_id, caller.scope)
+    return delete_or_409(deletion.delete_job, store, settings, job, caller.tenant)

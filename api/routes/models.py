@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
 from api import schemas
-from api.deps import CallerDep, RegistryDep, ResourceId, ServicesDep, StoreDep, get_or_404
+from api.deps import IN_USE, CallerDep, RegistryDep, ResourceId, ServicesDep, StoreDep, delete_or_409, get_or_404
 from api.errors import APIError, error_docs
 from api.presenters import public_model
+from core import deletion
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -43,3 +44,11 @@ def get_model_onnx(model_id: ResourceId, store: StoreDep, registry: RegistryDep,
     if not path.is_file():
         raise APIError(404, "not_found", f"model {model_id!r} has no ONNX file")
     return FileResponse(path, media_type="application/octet-stream", filename=f"{model_id}.onnx")
+
+
+@router.delete("/{model_id}", status_code=204, response_class=Response, responses={**error_docs(404), **IN_USE},
+               summary="Delete a published model (with its other formats) and its files (409 while a deployment "
+                       "serves it or a queued or running job uses it)")  # fmt: skip
+def delete_model(model_id: ResourceId, store: StoreDep, services: ServicesDep, caller: CallerDep) -> Response:
+    get_or_404(store.get_model, "model", model_id, caller.scope)
+    return delete_or_409(deletion.delete_model, store, services.settings, model_id, caller.tenant)
