@@ -30,6 +30,7 @@ import httpx
 from api.client import TERMINAL_STATES, APIClientError, Client
 from api.supervisor import Supervisor
 from api.supervisor import stop_processes as stop_processes  # api.demo stops its children the same way
+from distill.spec import FAMILIES, SIZES
 
 
 def _print(obj: Any) -> None:
@@ -322,7 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kind", choices=["train", "distill"])
     s.add_argument("--dataset")
     s.add_argument("--name")
-    s.add_argument("--arch", help="student architecture, e.g. gfl_tiny, gfl_r18")
+    s.add_argument(
+        "--arch",
+        help=f"student architecture <family>_<size>: family {', '.join(FAMILIES)}; size {', '.join(SIZES)} "
+        "(e.g. gfl_r18, retina_tiny)",
+    )
     s.add_argument("--init", metavar="none|imagenet|CKPT_ID", help="the student's initial weights")
     s.add_argument("--teacher-model")
     s.add_argument("--teacher-job")

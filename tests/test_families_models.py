@@ -4,6 +4,7 @@ CrossKD tower split, checkpoints and initialisation across families. Tiny models
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +217,18 @@ def test_initialising_across_families_takes_the_shared_parts(tmp_path):
     assert torch.equal(student.bbox_head.reg_convs[1].conv.weight, teacher.bbox_head.reg_convs[1].conv.weight)
     assert {"bbox_head.retina_cls.weight", "bbox_head.retina_reg.weight"} <= set(report.fresh)
     assert not any(k.startswith(("backbone.", "neck.")) for k in report.fresh if not k.endswith("tracked"))
+
+
+def test_every_entry_point_lists_the_families(capsys):
+    """The API schema (enum and description of the student's arch), the CLI's help and the web UI's study form."""
+    from api.cli import build_parser
+
+    arch = StudentSpec.model_json_schema()["properties"]["arch"]
+    assert arch["enum"] == list(ARCHITECTURES) and all(f in arch["description"] for f in FAMILIES)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["jobs", "submit", "--help"])
+    help_text = capsys.readouterr().out
+    assert all(f in help_text for f in ("gflv2", "atss", "fcos", "retina")), help_text
+    ui = (Path(__file__).resolve().parents[1] / "api/static/js/studies.js").read_text()
+    assert 'const FAMILIES = ["gfl", "gflv2", "atss", "fcos", "retina"];' in ui
+    assert 'const SIZES = ["tiny", "small", "r18", "r34", "r50", "r101"];' in ui

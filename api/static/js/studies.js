@@ -21,7 +21,10 @@ const METHODS = [
   ["gi", "GI imitation", false],
   ["pkd", "PKD (Pearson imitation)", false],
 ];
-const ARCHS = ["gfl_tiny", "gfl_small", "gfl_r18", "gfl_r34", "gfl_r50", "gfl_r101"]; // suggestions; the server checks
+// <family>_<size>, as distill.spec.ARCHITECTURES: suggestions; the server checks.
+const FAMILIES = ["gfl", "gflv2", "atss", "fcos", "retina"];
+const SIZES = ["tiny", "small", "r18", "r34", "r50", "r101"];
+const ARCHS = FAMILIES.flatMap((family) => SIZES.map((size) => `${family}_${size}`));
 const PLAIN = "student alone";
 
 export async function render(main, { id, signal }) {
