@@ -181,10 +181,11 @@ def teacher_overlap(spec: JobSpec, ds: dict[str, Any], store: Store) -> dict[str
     job_id = model["job_id"] if model else t.job
     teacher = f"model {t.model} (job {job_id})" if t.model else f"job {job_id}"
     job = store.get_job(job_id) if job_id else None
-    val = [im["sha256"] for im in store.dataset_images(ds["id"]) if im["split"] == "val"]
+    images = store.dataset_images(ds["id"])
+    val = [im["sha256"] for im in images if im["split"] == "val"]
     trained = _trained_on(store, job) if job else None
     out = {"teacher": teacher, "teacher_job": job_id, "val_images": len(val), "allowed": allowed}
-    if trained is None or not val:
+    if trained is None or not images:
         return {**out, "seen": None, "why": "the store does not know the images of the teacher's or this data set"}
     return {**out, "seen": sum(h in trained for h in val)}
 

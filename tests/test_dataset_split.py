@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from api.client import APIClientError, Client, zip_folder
 from api.datasets import ZipLimits, import_dataset
 from core import study_report
-from core.checks import JobRefused, check_job, resolve_job
+from core.checks import JobRefused, check_job, resolve_job, teacher_overlap
 from core.settings import Settings
 from core.store import Store
 from distill.data.annotations import load_coco, split
@@ -100,6 +100,11 @@ def test_jobs_with_seeds_0_1_2_use_the_data_sets_one_split(tmp_path: Path) -> No
             check_job(JobSpec(kind="train", dataset=ds["id"], val_split=0.5), store, settings)
         assert refused.value.code == "split_conflict" and refused.value.status == 422
         assert "val_split 0.3, split_seed 7" in refused.value.message
+
+        # A teacher uploaded as a checkpoint: what it was trained on is unknown, so it cannot be refused.
+        upload = JobSpec(kind="distill", dataset=ds["id"], teacher={"checkpoint": "ck_0000000000000000"})
+        found = teacher_overlap(upload, ds, store)
+        assert found is not None and found["seen"] is None and "uploaded checkpoint" in found["why"]
     finally:
         store.close()
 
@@ -145,6 +150,8 @@ def test_teacher_that_saw_validation_images_refused_over_http_and_override_recor
     second = c.upload_dataset(folder, name="second", val_split=0.25, split_seed=3)
     assert first["split"] == {"source": "drawn", "val_split": 0.25, "split_seed": 0, "train": 6, "val": 2, "test": 0}
     assert c.get_dataset(second["id"])["split"]["split_seed"] == 3
+    own = c.upload_dataset(dataset_folder(tmp / "own", 5, splits=True), val_split=0.5)  # its images' split wins
+    assert own["split"] == {"source": "own", "val_split": None, "split_seed": None, "train": 3, "val": 1, "test": 1}
     data = load_coco(folder)
     saw = len(set(split(data, 0.25, 0)[1]) & set(split(data, 0.25, 3)[0]))
     assert saw > 0
