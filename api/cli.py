@@ -30,7 +30,7 @@ import httpx
 from api.client import TERMINAL_STATES, APIClientError, Client
 from api.supervisor import Supervisor
 from api.supervisor import stop_processes as stop_processes  # api.demo stops its children the same way
-from distill.spec import FAMILIES, SIZES
+from distill.spec import ARCH_HELP
 
 
 def _print(obj: Any) -> None:
@@ -277,21 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    def server(name: str, help: str) -> argparse.ArgumentParser:
+    def server(name: str, help: str, listens: bool = True) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help)
         s.add_argument("--data-dir", help="artifact folder (default: $LDD_DATA_DIR or ./.ldd)")
+        if listens:  # the commands that run the API
+            s.add_argument("--host", default="127.0.0.1")
+            s.add_argument("--port", type=int, default=8000)
         return s
 
-    s = server("up", "run the API and one worker on this machine, the worker restarted if it dies (Ctrl-C stops both)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.set_defaults(func=run_up)
-    s = server("api", "run the API server only")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.set_defaults(func=run_api)
+    up_help = "run the API and one worker on this machine, the worker restarted if it dies (Ctrl-C stops both)"
+    server("up", up_help).set_defaults(func=run_up)
+    server("api", "run the API server only").set_defaults(func=run_api)
     worker_help = "run one worker only (one job at a time, from queues gpu..gpu.N for its N slots: LDD_WORKER_GPUS)"
-    server("worker", worker_help).set_defaults(func=run_worker)
+    server("worker", worker_help, listens=False).set_defaults(func=run_worker)
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
@@ -323,11 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kind", choices=["train", "distill"])
     s.add_argument("--dataset")
     s.add_argument("--name")
-    s.add_argument(
-        "--arch",
-        help=f"student architecture <family>_<size>: family {', '.join(FAMILIES)}; size {', '.join(SIZES)} "
-        "(e.g. gfl_r18, retina_tiny)",
-    )
+    s.add_argument("--arch", help=f"student architecture {ARCH_HELP} (e.g. gfl_r18, retina_tiny)")
     s.add_argument("--init", metavar="none|imagenet|CKPT_ID", help="the student's initial weights")
     s.add_argument("--teacher-model")
     s.add_argument("--teacher-job")

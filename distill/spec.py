@@ -46,6 +46,10 @@ ARCHITECTURES: dict[str, tuple[int, int, int, int]] = {
 }
 
 
+# What an architecture name is, for the API schema and the CLI's help.
+ARCH_HELP = f"<family>_<size>: family {', '.join(FAMILIES)}; size {', '.join(SIZES)}"
+
+
 def arch_family(arch: str) -> str:
     """The family of an architecture name (``retina_r50`` -> ``retina``; also our ``gfl_r18_w64_c256`` names
     for checkpoints whose layout matches no size)."""
@@ -92,8 +96,8 @@ class StudentSpec(_Strict):
     arch: str = Field(
         "gfl_r18",
         examples=["gfl_r18", "retina_r50", "fcos_tiny"],
-        description="<family>_<size>: family gfl, gflv2, atss, fcos or retina (DESIGN section 2); size tiny, "
-        "small (narrow CPU models), r18, r34, r50 or r101 (torchvision ResNets)",
+        description=f"{ARCH_HELP} (DESIGN section 2; tiny and small are narrow CPU models, r18 to r101 "
+        "torchvision's ResNets)",
         json_schema_extra={"enum": list(ARCHITECTURES)},
     )
     init: Init = Field(
