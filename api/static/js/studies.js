@@ -316,7 +316,7 @@ function report(r, signal) {
     colour: row.row === PLAIN ? "#9aa5b8" : undefined })), "AP (%)"));
   const failures = r.failures || [];
   return h("div", {},
-    recommended(rec),
+    recommended(rec), teacherNote(r),
     table, chart,
     failures.length ? h("div", { id: "study-failures", class: "error", role: "alert" },
       h("strong", {}, `${failures.length} job${failures.length === 1 ? "" : "s"} did not succeed; `,
@@ -326,6 +326,20 @@ function report(r, signal) {
     h("div", { class: "row", style: "margin-top: 12px" },
       reportLink(r.report_md, "report.md", "report-md", signal),
       reportLink(r.report_png, "report.png", "report-png", signal)));
+}
+
+// The teacher's AP on the students' validation split (the data set's one split), and whether it trained on any of
+// those images (allowed only with distill.allow_teacher_overlap: then its AP and the gains are inflated).
+function teacherNote(r) {
+  const o = r.teacher_overlap;
+  const ap = typeof r.teacher_AP === "number"
+    ? `Teacher AP on the students' validation split: ${percent(r.teacher_AP)}. ` : "";
+  if (o && o.seen) {
+    return h("div", { class: "error", role: "alert", id: "study-teacher" }, ap, h("strong", {},
+      `The teacher (${o.teacher}) was trained on ${o.seen} of these ${o.val_images} validation images`),
+      " (run with distill.allow_teacher_overlap): its AP and the distilled rows' gains are inflated.");
+  }
+  return ap ? h("p", { class: "muted", id: "study-teacher" }, ap) : null;
 }
 
 function recommended(rec) {
