@@ -232,3 +232,16 @@ def test_every_entry_point_lists_the_families(capsys):
     ui = (Path(__file__).resolve().parents[1] / "api/static/js/studies.js").read_text()
     assert 'const FAMILIES = ["gfl", "gflv2", "atss", "fcos", "retina"];' in ui
     assert 'const SIZES = ["tiny", "small", "r18", "r34", "r50", "r101"];' in ui
+
+
+@pytest.mark.parametrize("family", ["retina", "fcos"])
+def test_imagenet_init_for_every_family(tmp_path, family):
+    """``init: "imagenet"`` is the ResNet's, whatever the head: torchvision's file fills the backbone."""
+    from tests.test_init import _random_resnet_file
+
+    expected = _random_resnet_file(tmp_path / "weights", 18)
+    spec = StudentSpec(arch=f"{family}_r18", init="imagenet")
+    model = build_detector(spec.arch, 2, frozen_stages=spec.backbone_frozen_stages, norm_eval=spec.backbone_norm_eval)
+    report = initialise(model, spec.init, weights_dir=tmp_path / "weights")
+    assert torch.equal(model.backbone.layer4[1].conv2.weight, expected["layer4.1.conv2.weight"])
+    assert report.source == "imagenet:resnet18" and f"bbox_head.{model.bbox_head.cls_name}.weight" in report.fresh
