@@ -35,7 +35,8 @@ def test_decode_and_predict_are_consistent():
     assert (det["boxes"][:, 2] <= 96).all() and (det["boxes"][:, 3] <= 64).all()
 
 
-@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a.startswith("gfl_")])  # other families: test_families_models
+# The other families' sizes: tests/test_families_models.py.
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a.startswith("gfl_")])
 def test_architecture_is_inferred_from_state_dict(arch):
     model = build_detector(arch, num_classes=5)
     cfg = infer_config(model.state_dict())
