@@ -330,7 +330,12 @@ def test_distillation_run_reduces_ld_and_leaves_the_teacher_untouched(tmp_path):
     after_state = trainer.teacher.state_dict()
     assert all(torch.equal(before_state[k], after_state[k]) for k in before_state)
     assert not trainer.teacher.training
-    assert set(metrics["diagnostics"]) == {"before", "after"}
+    assert set(metrics["diagnostics"]) == {"before", "after", "figure5"}
     assert metrics["diagnostics"]["after"]["box_l1_mean"] < metrics["diagnostics"]["before"]["box_l1_mean"]
+    # Figure 5 on the same image before and after: distillation brought the box logits closer at P5.
+    fig5 = metrics["diagnostics"]["figure5"]
+    assert fig5["before"]["image_id"] == fig5["after"]["image_id"] and "figure5" not in metrics["diagnostics"]["before"]
+    p5_before, p5_after = (sum(map(sum, fig5[k]["maps"][0])) for k in ("before", "after"))
+    assert p5_after < p5_before, (p5_before, p5_after)
     progress = [json.loads(line) for line in (tmp_path / "student" / "progress.jsonl").read_text().splitlines()]
     assert any({"main_ld", "vlr_ld", "main_kd"} <= set(p["losses"]) for p in progress)
