@@ -47,6 +47,9 @@ def _export(args: argparse.Namespace) -> int:
     except ExportError as e:
         print(f"error: export failed: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:  # a request that cannot be met (an unknown format): said, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({"out_dir": str(args.out_dir), **description}, indent=2))
     return 0
 

@@ -84,10 +84,11 @@ def export_model(
     format, plus ``dir`` (its sub-folder). The service keeps descriptions in the store (``worker.publish``).
     """
     start = time.perf_counter()
-    formats = ["fp32"] + [f for f in FORMATS[1:] if f in formats]
+    # Checked before the list is put in order: filtering first dropped an unknown format without a word.
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown format(s) {sorted(unknown)}; known: {', '.join(FORMATS)}")
+    formats = ["fp32"] + [f for f in FORMATS[1:] if f in formats]
     out_dir = Path(out_dir)
     ckpt = read_checkpoint(checkpoint_path)  # read once, for the model and its facts
     model = load_detector(ckpt, name=str(checkpoint_path))
