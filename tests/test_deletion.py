@@ -140,3 +140,28 @@ def test_model_held_by_a_deployment(server: Any, http: httpx.Client) -> None:
     assert storage(http, "models") < before
     log = (server.work / f"api-{server.port}.log").read_text()
     assert "deleted model mdl_delete000001 (tenant team-a)" in log
+
+
+def test_keep_checkpoints_prunes_the_older_ended_runs(tmp_path: Path) -> None:
+    from core.deletion import prune_checkpoints
+    from core.settings import Settings
+    from core.store import Store
+
+    settings = Settings(data_dir=tmp_path / "data", keep_checkpoints=2)
+    store = Store(settings.store_url)
+    try:
+        ids = [store.create_job({"kind": "train", "dataset": f"ds_{i:016x}"})[0]["id"] for i in range(4)]
+        for job_id in ids:
+            (settings.run_dir(job_id) / "checkpoints").mkdir(parents=True)
+            (settings.run_dir(job_id) / "checkpoints" / "last.pt").write_bytes(b"weights and optimiser")
+            (settings.run_dir(job_id) / "model.pt").write_bytes(b"final weights")
+        for job_id in ids[:3]:  # ended oldest first; the fourth is still queued
+            assert store.request_cancel(job_id)["state"] == "cancelled"
+        removed = prune_checkpoints(store, settings)
+        assert removed == [settings.run_dir(ids[0]) / "checkpoints"]
+        kept = [(settings.run_dir(j) / "checkpoints" / "last.pt").exists() for j in ids]
+        assert kept == [False, True, True, True]  # the newest 2 ended runs, and the running one
+        assert all((settings.run_dir(j) / "model.pt").exists() for j in ids)
+        assert prune_checkpoints(store, settings.model_copy(update={"keep_checkpoints": 0})) == []
+    finally:
+        store.close()

@@ -13,6 +13,7 @@ from typing import Any
 from celery import shared_task
 from celery.exceptions import Reject
 
+from core import deletion
 from core.celery_app import TASK_RUN_JOB, current_settings
 from core.queue import enqueue
 from core.routing import job_processes, queue_for, worker_slots
@@ -31,6 +32,8 @@ def run_job(task: Any, job_id: str) -> str:
     if sent_on(job_id, settings, (task.request.delivery_info or {}).get("routing_key")):
         return "sent on"
     outcome = jobs.run_job(job_id, settings)
+    if outcome in TERMINAL_STATES:  # LDD_KEEP_CHECKPOINTS: the run that ended joins those pruned
+        deletion.prune_checkpoints(jobs.get_store(settings), settings)
     if outcome == "shutdown":
         # This pool process is stopping and did not start the job: give the message back untouched.
         raise Reject("worker shutting down", requeue=True)
