@@ -373,7 +373,12 @@ class Chaos:
         else:
 
             def pick() -> bool:
+                # Jobs with a training child alive now: a job killed a moment ago still reads "running" in the
+                # store, and its last record "train", until its lease expires.
+                training = {c["job"] for c in self.watcher.live_children("train").values()}
                 for j in self.running_jobs():
+                    if j not in training:
+                        continue
                     p = progress_file(self.stack, j)
                     target = self._target(kind, j, p)
                     if target is not None and due(p, target):
