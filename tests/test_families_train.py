@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from distill.assigners import atss_assign, fcos_assign, max_iou_assign
 from distill.boxes import aligned_giou
@@ -347,4 +346,3 @@ def test_resume_of_each_family_equals_the_uninterrupted_run(family, tmp_path):
     b = read_checkpoint(tmp_path / "resumed" / "model.pt")["state_dict"]
     assert read_checkpoint(tmp_path / "resumed" / "model.pt")["config"]["family"] == family
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert F.mse_loss(a["bbox_head.scales.0.scale"], b["bbox_head.scales.0.scale"]) == 0
