@@ -2,7 +2,7 @@
 (Redis broker, PostgreSQL store, two ``python -m worker`` processes, the API under uvicorn) while
 workers are SIGKILLed during training, export and publish, and Redis, PostgreSQL and the API restart.
 
-    python bench/chaos.py                      # 10 distillation jobs, about 15-20 min on the 2-core CPU
+    python bench/chaos.py                      # 10 distillation jobs, about 10-15 min on the 2-core CPU
     python bench/chaos.py --quick              # 2 jobs, one kill during training (development)
     python bench/chaos.py --jobs 4 --plan train,redis,postgres,api    # choose the disruptions
 

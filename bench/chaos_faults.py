@@ -7,7 +7,8 @@ only changes how long the bench takes:
 - a kill in training, and a PostgreSQL or API restart, strike when a job's ``progress.json`` reaches a
   target iteration between the end of its first epoch and the end of its last-but-one. Every epoch end is
   reported, so a report at or after the target and before the end of training always comes, however short
-  the steps;
+  the steps. A kill then waits a random part of an epoch (``strike_delay``), so that it also costs work
+  done since the last checkpoint; a restart strikes at once;
 - a kill in export strikes at a fraction of the export time measured on the teacher job; a kill in publish
   and the Redis restart follow an export child to its exit;
 - jobs are handed to the submitter only as the plan can use them (``may_submit``): a job that ran while no
