@@ -15,6 +15,15 @@ from distill.spec import METHOD_WEIGHTS
 SHARED = Path(__file__).resolve().parents[1].parent / "shared/data"
 RACCOON = Path(os.environ.get("LDD_RACCOON", SHARED / "raccoon-voc"))
 BCCD = Path(os.environ.get("LDD_BCCD", SHARED / "bccd-voc"))
+IMITATION_NAMES = {
+    "fitnets": "FitNets",
+    "inside_gt": "Inside GT box",
+    "main_region": "Main region",
+    "fine_grained": "Fine-Grained",
+    "defeat": "DeFeat",
+    "gi": "GI imitation",
+    "pkd": "PKD",
+}
 ROWS: dict[str, tuple[str, dict[str, Any] | None]] = {
     # row: (name, changes to the default DistillSpec; None = trained alone)
     "a": ("student alone", None),
@@ -26,6 +35,17 @@ ROWS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "g": ("CrossKD", {"method": "crosskd"}),
     "h": ("BCKD", {"method": "bckd"}),
     "i": ("CrossKD + Main KD + Main LD + VLR LD", {"method": "crosskd", "weights": METHOD_WEIGHTS["ld"]}),
+    # The paper's table 3 (bench/imitation.py): each feature imitation alone, then LD's default (row e) plus it,
+    # then CrossKD + PKD, the strongest published pairing.
+    **{
+        row: (IMITATION_NAMES[term], {"method": term, "weights": {"main_kd": 0}})
+        for row, term in zip("jklmnop", IMITATION_NAMES, strict=True)
+    },
+    **{
+        row: (f"LD + {IMITATION_NAMES[term]}", {"weights": {term: METHOD_WEIGHTS[term][term]}})
+        for row, term in zip("qrstuvw", IMITATION_NAMES, strict=True)
+    },
+    "x": ("CrossKD + PKD", {"method": "crosskd", "weights": {"pkd": 1.0}}),
 }
 METRICS = ("AP", "AP50", "AP75")
 # The table's term columns, in this order, for the terms some row switches on.
@@ -36,6 +56,12 @@ TERMS = {
     "vlr_kd": "VLR KD",
     "tbr": "TBR",
     "fitnets": "FitNets",
+    "inside_gt": "Inside GT",
+    "main_region": "Main region imit.",
+    "fine_grained": "Fine-Grained",
+    "defeat": "DeFeat",
+    "gi": "GI",
+    "pkd": "PKD",
     "crosskd_cls": "CrossKD cls",
     "crosskd_reg": "CrossKD reg",
     "bckd_cls": "BCKD cls",

@@ -185,9 +185,9 @@ class DistillCriterion:
             if name == "inside_gt":
                 return imitation_masks.inside_gt_masks(sizes, strides, gt.boxes, gt.valid)
             if name == "main_region":
-                return imitation_masks.main_region_masks(state.assignment.positive, sizes)
+                return imitation_masks.main_region_masks(state.assignment.positive, sizes, self.student_anchors)
             if name == "fine_grained":
-                return imitation_masks.fine_grained_masks(loc.anchors, sizes, gt.boxes, gt.valid)
+                return imitation_masks.fine_grained_masks(loc.anchors, sizes, gt.boxes, gt.valid, self.student_anchors)
             # gi: where the two models' predictions disagree most, each box from the more confident model.
             integral = self.task.model.bbox_head.integral
             with torch.no_grad():
@@ -195,7 +195,8 @@ class DistillCriterion:
                     distance_to_box(loc.points[None], integral(out.reg) * loc.strides[None, :, None])
                     for out in (teacher, student)
                 ]
-                probs = [out.cls.sigmoid() for out in (teacher, student)]
+                # The scores each model ranks by (class x quality where the family has quality).
+                probs = [score_logits(out).sigmoid() for out in (teacher, student)]
                 if not self.classes.kd_possible:  # no class in common: compare the best scores
                     probs = [p.max(-1, keepdim=True).values for p in probs]
                 elif (columns := self._kd_columns(student.cls.device)) is not None:

@@ -139,3 +139,40 @@ def test_imitation_needs_a_live_teacher():
         assert why is not None and term in why
     plain = JobSpec.model_validate({"kind": "distill", "dataset": "ds_00000000", "teacher": {"job": "job_00000000"}})
     assert teacher_cache_blocker(plain) is None and isinstance(plain.distill, DistillSpec)
+
+
+# ----------------------------------------------------------------------------------- in the criterion
+
+
+def _targets(batch: int) -> list[dict]:
+    boxes = torch.tensor([[10.0, 12, 60, 70], [70, 20, 120, 90]])
+    return [{"boxes": boxes, "labels": torch.tensor([0, 1]), "size": (96, 128)} for _ in range(batch)]
+
+
+@pytest.mark.parametrize(("student_arch", "teacher_arch"), [("retina_tiny", "fcos_small"), ("gflv2_tiny", "gfl_tiny")])
+def test_every_imitation_alone_and_beside_ld_across_families(student_arch, teacher_arch):
+    from distill.checkpoint import build_detector
+    from distill.class_map import map_classes
+    from distill.criterion import DistillCriterion
+    from distill.spec import GFLWeights
+    from distill.task_criteria import task_criterion
+
+    torch.manual_seed(0)
+    student, teacher = build_detector(student_arch, 2, ["a", "b"]), build_detector(teacher_arch, 2, ["a", "b"])
+    images = torch.randn(2, 3, 96, 128)
+    for term in IMITATION_TERMS:
+        for beside_ld in (False, True):
+            weights = {term: 1.0} if beside_ld else {"main_ld": 0, "vlr_ld": 0, "main_kd": 0, term: 1.0}
+            spec = DistillSpec.model_validate({"weights": weights})
+            criterion = DistillCriterion(
+                task_criterion(student, GFLWeights()), teacher, spec, map_classes(student.classes, teacher.classes)
+            )
+            widths_differ = student.cfg.channels != teacher.cfg.channels
+            assert (criterion.adapters is not None and "imitation" in criterion.adapters) == widths_differ
+            losses = criterion(images, _targets(2))
+            assert term in losses and torch.isfinite(losses[term]) and losses[term] > 0, (term, losses)
+            assert ({"main_ld", "vlr_ld", "main_kd"} <= set(losses)) == beside_ld
+            student.zero_grad()
+            losses[term].backward()
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.backbone.parameters())
+            assert all(p.grad is None for p in teacher.parameters())
