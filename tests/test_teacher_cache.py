@@ -120,6 +120,35 @@ def test_cached_losses_equal_live_both_flips(data_dir, tmp_path, weights):
     _close(reg, cls, out, 0, at)
 
 
+@pytest.mark.parametrize(
+    ("student_arch", "teacher_arch"), [("fcos_tiny", "retina_tiny"), ("retina_tiny", "gflv2_tiny")]
+)
+@torch.no_grad()
+def test_cached_losses_equal_live_across_families(data_dir, tmp_path, student_arch, teacher_arch):
+    """The cache holds the teacher as the terms read it (the student's rows, the quality folded into the
+    scores): 9 -> 1 and a quality teacher -> 9 give the live losses, the student family's Main region decides
+    what is stored."""
+    from distill.checkpoint import build_detector
+    from distill.task_criteria import task_criterion
+
+    loader = _loader(data_dir, 2)
+    classes = loader.dataset.data.classes
+    torch.manual_seed(0)
+    student, teacher = build_detector(student_arch, len(classes), classes), build_detector(teacher_arch, len(classes))
+    spec = DistillSpec.model_validate({"weights": {"vlr_kd": 0.5, "tbr": 1.0}})
+    live, cached = (
+        DistillCriterion(task_criterion(student, GFLWeights()), teacher, spec, map_classes(classes, teacher.classes))
+        for _ in range(2)
+    )
+    cache = TeacherCache(tmp_path / "cache", cached, fill=float("nan"))
+    cached.teacher_source = cache
+    for epoch in range(2):
+        set_epoch(loader, epoch)
+        for images, targets in loader:
+            _same(cached(images, targets), live(images, targets))
+    assert cache.hits > 0
+
+
 def test_flip_mirrors_boxes_and_is_in_the_target(data_dir):
     data = load_coco(data_dir)
     ids = split(data, 0.0, 0)[0][:1]
