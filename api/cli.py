@@ -7,8 +7,9 @@
     ldd jobs submit SPEC.json | ldd jobs submit --kind train --dataset ID [--arch A] [--init I] [--epochs N] ...
     ldd jobs status ID | watch ID | cancel ID | list
     ldd studies submit STUDY.json [--watch] | status ID | watch ID | report ID [--chart OUT.png] | cancel ID | list
-    ldd models list | ldd models download ID OUT.onnx
-    ldd detect IMAGE [--model ID] [--score-threshold T] [--draw OUT.png]
+    ldd models list | download ID OUT.onnx | ldd deployments create|update|rollback|list|show (api.cli_serving)
+    ldd detect IMAGE [--model ID | --deployment NAME] [--score-threshold T] [--draw OUT.png]
+    ldd datasets|checkpoints|jobs|studies|models|deployments delete ID
 
 The client commands talk to the REST API like any client (``--url`` / ``LDD_URL``, ``LDD_API_KEY``).
 ``up`` uses the embedded defaults (SQLite, local artifacts, filesystem broker) unless ``LDD_*``
@@ -27,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from api import cli_serving
 from api.client import TERMINAL_STATES, APIClientError, Client
 from api.supervisor import Supervisor
 from api.supervisor import stop_processes as stop_processes  # api.demo stops its children the same way
@@ -241,28 +243,18 @@ def watch_study(c: Client, study_id: str, poll: float = 2.0) -> int:
     return 0 if st["state"] == "succeeded" else 1
 
 
-def cmd_models(args: argparse.Namespace) -> int:
+def cmd_delete(args: argparse.Namespace) -> int:
+    """``ldd <resource> delete ID``: 409 names what still uses it (printed from the error's details)."""
     with _client(args) as c:
-        if args.action == "list":
-            for m in c.list_models():
-                ap = ((m.get("metrics") or {}).get("bbox") or {}).get("AP")
-                ap_s = f"AP {ap:.3f}" if isinstance(ap, int | float) else ""
-                print(f"{m['id']}  {m.get('arch') or '?':10s} {ap_s:9s} job {m.get('job_id')}  {m.get('created_at')}")
-        else:
-            print(c.download_onnx(args.id, args.out))
+        c.delete(args.kind, args.id)
+    print(f"deleted {args.kind[:-1]} {args.id}", file=sys.stderr)
     return 0
 
 
-def cmd_detect(args: argparse.Namespace) -> int:
-    with _client(args) as c:
-        res = c.detect(args.image, model=args.model, score_threshold=args.score_threshold)
-    _print(res)
-    if args.draw:
-        from deploy.draw import draw_detections  # Pillow and numpy: only this command needs them
-
-        draw_detections(args.image, res["detections"]).save(args.draw)
-        print(f"wrote {args.draw}", file=sys.stderr)
-    return 0
+def add_delete(actions: Any, kind: str) -> None:
+    d = actions.add_parser("delete", help="delete it (refused with what holds it while something uses it)")
+    d.add_argument("id")
+    d.set_defaults(func=cmd_delete, kind=kind)  # the action's own func wins over the resource command's
 
 
 # ------------------------------------------------------------------------------------ parser
@@ -304,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--name")
     u.add_argument("--val-split", type=float, help="a data set whose images name no split: validation share (0.2)")
     u.add_argument("--split-seed", type=int, help="the seed of that draw (0); every job on the data set uses it")
+    add_delete(a, "datasets")
     a.add_parser("list")
     c.set_defaults(func=cmd_datasets)
 
@@ -312,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     u = a.add_parser("upload")
     u.add_argument("path")
     u.add_argument("--name")
+    add_delete(a, "checkpoints")
     c.set_defaults(func=cmd_checkpoints)
 
     c = client("jobs", "submit and follow jobs")
@@ -336,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     for action in ("status", "watch", "cancel"):
         a.add_parser(action).add_argument("id")
     a.add_parser("list").add_argument("--state")
+    add_delete(a, "jobs")
     c.set_defaults(func=cmd_jobs)
 
     c = client("studies", "compare the plain student and distillation methods over seeds, as ordinary jobs")
@@ -350,22 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("id")
     r.add_argument("--chart", metavar="OUT.png", help="also save the report's chart")
     a.add_parser("list")
+    add_delete(a, "studies")
     c.set_defaults(func=cmd_studies)
 
-    c = client("models", "published models")
-    a = c.add_subparsers(dest="action", required=True)
-    a.add_parser("list")
-    d = a.add_parser("download", help="download a model's ONNX file")
-    d.add_argument("id")
-    d.add_argument("out")
-    c.set_defaults(func=cmd_models)
-
-    c = client("detect", "detect objects in an image")
-    c.add_argument("image")
-    c.add_argument("--model", help="model id (default: the newest)")
-    c.add_argument("--score-threshold", type=float)
-    c.add_argument("--draw", metavar="OUT.png", help="write the image with its boxes")
-    c.set_defaults(func=cmd_detect)
+    cli_serving.add_parsers(client, _client, add_delete)
     return p
 
 

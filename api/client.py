@@ -223,8 +223,10 @@ class Client:
         model: str | None = None,
         score_threshold: float | None = None,
         as_json: bool = False,
+        deployment: str | None = None,
     ) -> dict[str, Any]:
-        """Detections for one image (a path or the file's bytes), multipart by default or base64 JSON."""
+        """Detections for one image (a path or the file's bytes), multipart by default or base64 JSON; by
+        ``model``, else ``deployment``, else the server's default."""
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
         name = "image" if isinstance(image, bytes) else Path(image).name
         if as_json:
@@ -237,8 +239,37 @@ class Client:
         form: dict[str, Any] = {}
         if score_threshold is not None:
             form["score_threshold"] = str(score_threshold)
-        path = f"/v1/models/{model}/detect" if model else "/detect"
+        path = (
+            f"/v1/models/{model}/detect"
+            if model
+            else f"/v1/deployments/{deployment}/detect"
+            if deployment
+            else "/detect"
+        )
         return self._json("POST", path, files={"file": (name, data, "application/octet-stream")}, data=form)
+
+    # -- deployments and deletion ---------------------------------------------------------------
+
+    def create_deployment(self, name: str, model: str) -> dict[str, Any]:
+        return self._json("POST", "/v1/deployments", json={"name": name, "model": model})
+
+    def update_deployment(self, name: str, model: str) -> dict[str, Any]:
+        """A new version of ``name`` serving ``model`` (409 with the reason when it is incompatible)."""
+        return self._json("PUT", f"/v1/deployments/{name}", json={"model": model})
+
+    def rollback_deployment(self, name: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/deployments/{name}/rollback")
+
+    def list_deployments(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/v1/deployments")["deployments"]
+
+    def get_deployment(self, name: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/deployments/{name}")
+
+    def delete(self, kind: str, id: str) -> None:
+        """``DELETE /v1/<kind>/<id>`` (kind: datasets, checkpoints, jobs, studies, models, deployments); a 409
+        (``in_use``) names the holders in its details."""
+        self.request("DELETE", f"/v1/{kind}/{id}")
 
 
 def error_from(r: httpx.Response) -> APIClientError:

@@ -6,6 +6,7 @@ answered by the old or the new model and none fails.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -146,3 +147,35 @@ def test_metrics_count_detects_per_deployment_and_model(http: httpx.Client) -> N
     line = 'ldd_detect_requests_total{deployment="switch",model="mdl_deploy000002"}'
     assert any(ln.startswith(line) and float(ln.split()[-1]) >= 50 for ln in text.splitlines()), text[-2000:]
     assert 'ldd_detect_seconds_bucket{deployment="switch",le="+Inf",model="mdl_deploy000001"}' in text
+
+
+def test_cli_deployments_and_delete(
+    server: ApiServer, http: httpx.Client, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from api.cli import main
+
+    monkeypatch.setenv("LDD_API_KEY", "KA")
+    url = ["--url", server.url]
+    assert main(["deployments", *url, "create", "cli-cells", "mdl_deploy000001"]) == 0
+    assert main(["deployments", *url, "update", "cli-cells", "mdl_deploy000003"]) == 2  # other classes: refused
+    assert "incompatible_model" in capsys.readouterr().err
+    assert main(["deployments", *url, "update", "cli-cells", "mdl_deploy000002"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == 2
+    assert main(["deployments", *url, "rollback", "cli-cells"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_id"] == "mdl_deploy000001"
+    assert main(["deployments", *url, "show", "cli-cells"]) == 0
+    assert [v["model_id"] for v in json.loads(capsys.readouterr().out)["history"]] == [
+        "mdl_deploy000002", "mdl_deploy000001"
+    ]  # fmt: skip
+    assert main(["deployments", *url, "list"]) == 0
+    assert "cli-cells" in capsys.readouterr().out
+    image = server.work / "cli.png"  # type: ignore[attr-defined]
+    image.write_bytes(png_bytes((96, 64)))
+    assert main(["detect", *url, str(image), "--deployment", "cli-cells"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "mdl_deploy000001"
+    assert main(["models", *url, "delete", "mdl_deploy000001"]) == 2  # served by cli-cells (and others)
+    err = capsys.readouterr().err
+    assert "409 in_use" in err and "team-a/cli-cells" in err
+    assert main(["deployments", *url, "delete", "cli-cells"]) == 0
+    assert main(["deployments", *url, "show", "cli-cells"]) == 2
+    assert "404 not_found" in capsys.readouterr().err
