@@ -2,12 +2,13 @@
 import { ApiError, getKey, needsKey, setKey } from "./api.js";
 import { errorBox, fill, h } from "./dom.js";
 import * as datasets from "./datasets.js";
+import * as deployments from "./deployments.js";
 import * as distill from "./distill.js";
 import * as jobs from "./jobs.js";
 import * as models from "./models.js";
 import * as studies from "./studies.js";
 
-const PAGES = { datasets, jobs, distill, models, studies };
+const PAGES = { datasets, jobs, distill, models, deployments, studies };
 const main = document.getElementById("main");
 let current = null; // the AbortController of the page on screen: leaving it stops its polls and streams
 

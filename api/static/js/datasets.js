@@ -2,6 +2,7 @@
 // its images with their ground-truth boxes (drawn by the server: GET /v1/datasets/{id}/samples/{i}).
 import { api, objectUrl } from "./api.js";
 import { empty, errorBox, facts, fill, h, when } from "./dom.js";
+import { deleteButton } from "./remove.js";
 
 const PAGE = 12;
 
@@ -94,7 +95,8 @@ async function renderOne(main, id, signal) {
         ["images", d.num_images], ["boxes", d.num_boxes],
         ["boxes per image", d.num_images ? (d.num_boxes / d.num_images).toFixed(2) : "—"],
         ["classes", `${d.classes.length}: ${d.classes.join(", ")}`], ["split", split(d)],
-        ["uploaded", when(d.created_at)]])),
+        ["uploaded", when(d.created_at)]]), h("div", { style: "margin-top: 12px" },
+        deleteButton(`/v1/datasets/${encodeURIComponent(d.id)}`, "dataset", () => { location.hash = "#/datasets"; }))),
       h("div", { class: "card", id: "problems" }, h("h2", {}, `Problems found at upload (${problems.length})`),
         problems.length
           ? h("ul", { class: "problems" }, problems.map((p) => h("li", {}, p)))

@@ -3,6 +3,7 @@
 import { api, follow } from "./api.js";
 import { Curves } from "./charts.js";
 import { badge, duration, empty, errorBox, facts, fill, h, pct, when } from "./dom.js";
+import { deleteButton } from "./remove.js";
 
 const ACTIVE = ["queued", "running"];
 
@@ -105,7 +106,8 @@ async function renderOne(main, id, signal) {
       h("div", { class: "card" }, lrBox, lrNote)),
     h("div", { class: "card" }, h("h2", {}, "Evaluations (COCO box AP on the validation images)"), evals),
     h("div", { class: "card" }, h("details", {}, h("summary", {}, "Spec (as validated, defaults filled in)"),
-      h("pre", { id: "job-spec" }, JSON.stringify(job.spec, null, 2)))));
+      h("pre", { id: "job-spec" }, JSON.stringify(job.spec, null, 2)))),
+    h("div", { class: "card" }, deleteButton(path, "job", () => { location.hash = "#/jobs"; })));
 
   const losses = new Curves(lossBox, "Training losses", "loss");
   const lr = new Curves(lrBox, "Learning rate", "lr");

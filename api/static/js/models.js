@@ -2,6 +2,7 @@
 // sent to POST /v1/models/{id}/detect, its boxes drawn with scores, with the latency of the call.
 import { api, getKey, objectUrl } from "./api.js";
 import { bytes, empty, errorBox, facts, fill, h, labelColour, pct, when } from "./dom.js";
+import { deleteButton } from "./remove.js";
 
 export async function render(main, { id, signal }) {
   if (id) return renderOne(main, id, signal);
@@ -54,7 +55,8 @@ async function renderOne(main, id, signal) {
         ["other formats", variants.length ? h("span", {}, variants.map(([f, v]) =>
           h("a", { href: `#/models/${v}`, style: "margin-right: 8px" }, f))) : undefined],
         ["published", when(m.created_at)],
-      ]), h("div", { style: "margin-top: 12px" }, download)),
+      ]), h("div", { class: "row", style: "margin-top: 12px" }, download,
+        deleteButton(`/v1/models/${encodeURIComponent(m.id)}`, "model", () => { location.hash = "#/models"; }))),
       h("div", { class: "card" }, h("h2", {}, "Metrics"), metrics(m))),
     tryIt(m, signal));
 }

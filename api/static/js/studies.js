@@ -5,6 +5,7 @@
 import { api, objectUrl, getKey } from "./api.js";
 import { intervals } from "./charts.js";
 import { badge, empty, errorBox, facts, fill, h, num, when } from "./dom.js";
+import { deleteButton } from "./remove.js";
 import { poll } from "./jobs.js";
 
 // The methods a row may name (distill/spec.py's Method), with what each is.
@@ -194,7 +195,8 @@ async function renderOne(main, id, signal) {
     h("div", { class: "card" }, h("h2", {}, "Report"), reportBox),
     h("div", { class: "card" }, h("h2", {}, "Jobs"), jobsBox),
     h("div", { class: "card" }, h("details", {}, h("summary", {}, "Spec (as validated, defaults filled in)"),
-      h("pre", { id: "study-spec" }, JSON.stringify(study.spec, null, 2)))));
+      h("pre", { id: "study-spec" }, JSON.stringify(study.spec, null, 2)))),
+    h("div", { class: "card" }, deleteButton(path, "study", () => { location.hash = "#/studies"; })));
 
   let reported = false;
   const show = (s) => {
