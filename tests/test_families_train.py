@@ -346,3 +346,20 @@ def test_resume_of_each_family_equals_the_uninterrupted_run(family, tmp_path):
     b = read_checkpoint(tmp_path / "resumed" / "model.pt")["state_dict"]
     assert read_checkpoint(tmp_path / "resumed" / "model.pt")["config"]["family"] == family
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", ["fcos", "gflv2"])
+def test_quality_of_a_pass_that_keeps_tower_features_equals_the_plain_pass(family):
+    """CrossKD's student pass keeps tower features (``forward_tower`` gives no quality): the quality computed
+    from them is the plain forward's."""
+    from distill.outputs import head_outputs
+
+    model = build_detector(f"{family}_tiny", 2).eval()
+    images, _ = _batch()
+    with torch.no_grad():
+        plain = head_outputs(model, images, amp=False)
+        for k in (0, 1, 2):
+            kept = head_outputs(model, images, amp=False, tower_layer=k)
+            torch.testing.assert_close(kept.quality, plain.quality)
+            torch.testing.assert_close(kept.cls, plain.cls)
+            assert kept.tower is not None
