@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from distill.data.annotations import DatasetError, file_sha256, has_own_split, load_coco, split_roles
+from distill.data.annotations import DatasetError, file_sha256, has_own_split, load_coco, split_roles, write_coco
 from distill.data.voc import import_voc
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -166,7 +166,13 @@ def _check_file_names(coco: dict[str, Any]) -> list[str]:
 
 
 def import_dataset(
-    zip_path: Path, work: Path, limits: ZipLimits, max_image_pixels: int, val_split: float = 0.2, split_seed: int = 0
+    zip_path: Path,
+    work: Path,
+    limits: ZipLimits,
+    max_image_pixels: int,
+    val_split: float = 0.2,
+    split_seed: int = 0,
+    max_bad_fraction: float = 0.05,
 ) -> ImportedDataset:
     """Extract and validate an uploaded zip under ``work`` (a private temp folder), and fix its split: the images'
     own when they name a validation or test split, else a draw of ``val_split`` seeded by ``split_seed``
@@ -178,7 +184,9 @@ def import_dataset(
 
     Returns the folder ready to be moved into place, its warnings as ``problems``. Raises
     :class:`UploadError` with every problem found (problems are never silently dropped: a dataset with any
-    problem is refused).
+    problem is refused), except damaged image files (truncated or corrupt, as real photo sets have a few):
+    those images are dropped and listed in ``problems``, unless they are more than ``max_bad_fraction`` of
+    the images, when the upload is refused naming them.
     """
     raw = work / "raw"
     files = safe_extract(zip_path, raw, limits)
@@ -211,7 +219,18 @@ def import_dataset(
     if not data.images:
         problems.append("the dataset has no usable images")
     if problems:
-        raise UploadError(422, "invalid_dataset", _problem_message(problems), problems[:200])
+        raise UploadError(422, "invalid_dataset", _problem_message(problems), problems[:200] + data.damaged[:200])
+    total = len(data.images) + len(data.damaged)
+    if len(data.damaged) > max_bad_fraction * total:
+        raise UploadError(
+            422,
+            "too_many_damaged_images",
+            f"{len(data.damaged)} of {total} images cannot be decoded, more than {max_bad_fraction:.0%} "
+            f"(LDD_MAX_BAD_IMAGE_FRACTION): {_problem_message(data.damaged)}",
+            data.damaged[:200],
+        )
+    if data.damaged:
+        _drop_damaged(root / "annotations.json", {im["id"] for im in data.images}, data.damaged)
     summary = data.summary()
     drawn = not has_own_split(data)
     roles = split_roles(data, val_split, split_seed)
@@ -224,11 +243,21 @@ def import_dataset(
         num_images=summary["num_images"],
         num_boxes=summary["num_boxes"],
         splits=dict(summary["splits"] or {}),
-        problems=list(data.warnings),
+        problems=[*data.damaged, *data.warnings],
         val_split=val_split if drawn else None,
         split_seed=split_seed if drawn else None,
         images=images,
     )
+
+
+def _drop_damaged(annotations: Path, usable: set[int], damaged: list[str]) -> None:
+    """Rewrite the published annotations without the images dropped as damaged (and their boxes), keeping
+    the list, so every later reader sees the same images without opening the damaged files again."""
+    coco = json.loads(annotations.read_text(encoding="utf-8"))
+    coco["images"] = [im for im in coco["images"] if im.get("id") in usable]
+    coco["annotations"] = [a for a in coco["annotations"] if a.get("image_id") in usable]
+    coco["damaged"] = damaged
+    write_coco(coco, annotations)
 
 
 def _problem_message(problems: list[str]) -> str:

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     min_free_bytes: Count = 0
     max_upload_bytes: Count = 500 * 1024 * 1024
     max_image_pixels: Count = 40_000_000
+    # An upload with more damaged (undecodable) image files than this share is refused; fewer are dropped.
+    max_bad_image_fraction: float = Field(0.05, ge=0, le=1)
     max_attempts: Count = 3
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0

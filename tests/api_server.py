@@ -117,12 +117,14 @@ def coco_zip(
     size: tuple[int, int] = (64, 48),
     classes: tuple[str, ...] = ("a", "b"),
     *,
-    corrupt: int | None = None,
+    corrupt: int | tuple[int, ...] | None = None,
     missing: int | None = None,
     box_outside: int | None = None,
     prefix: str = "ds/",
 ) -> Path:
-    """A small COCO dataset zip (one filled rectangle per image), optionally broken in one way."""
+    """A small COCO dataset zip (one filled rectangle per image), optionally broken in one way (``corrupt``:
+    the images, by index, whose file is truncated)."""
+    damaged = {corrupt} if isinstance(corrupt, int) else set(corrupt or ())
     images, anns = [], []
     with zipfile.ZipFile(path, "w") as zf:
         for i in range(n):
@@ -138,7 +140,7 @@ def coco_zip(
                 continue
             buf = io.BytesIO()
             make_image(size, box, (200, 40 * i % 255, 30)).save(buf, "PNG")
-            data = buf.getvalue() if i != corrupt else buf.getvalue()[:40]
+            data = buf.getvalue() if i not in damaged else buf.getvalue()[:40]
             zf.writestr(prefix + name, data)
         cats = [{"id": k + 1, "name": c} for k, c in enumerate(classes)]
         zf.writestr(prefix + "instances.json", json.dumps({"images": images, "annotations": anns, "categories": cats}))

@@ -71,7 +71,8 @@ def test_bad_dataset_uploads_refused_and_nothing_stored(
         ("symlink", _zip_with(work / "link.zip", good_entries, symlink="ds/images/link.png"), 400,
          "unsafe_archive", "symbolic link"),
         ("bomb", bomb, 413, "archive_too_large", "zip bomb"),
-        ("corrupt image", coco_zip(work / "corrupt.zip", corrupt=1), 422, "invalid_dataset", "img_1.png"),
+        ("1 of 4 images damaged", coco_zip(work / "corrupt.zip", corrupt=1), 422, "too_many_damaged_images",
+         "img_1.png"),
         ("missing image", coco_zip(work / "missing.zip", missing=2), 422, "invalid_dataset", "img_2.png"),
         ("box outside", coco_zip(work / "outside.zip", box_outside=0), 422, "invalid_dataset", "img_0.png"),
         ("no annotations", _zip_with(work / "noann.zip", {"x/a.png": png_bytes()}), 422, "invalid_dataset",
@@ -302,3 +303,23 @@ def test_submit_idempotency_cancel_and_events(http: httpx.Client, dataset: dict[
     assert error_of(http.get("/v1/jobs/job_nothinghere"))["code"] == "not_found"
     assert http.get("/v1/jobs/job_nothinghere/events").status_code == 404
     assert http.get("/v1/jobs", params={"state": "bogus"}).status_code == 422
+
+
+def test_a_few_damaged_images_are_dropped_and_listed_many_are_refused(
+    server: ApiServer, http: httpx.Client, tmp_path: Path
+) -> None:
+    """A truncated JPEG among good photos (1 of 25, under LDD_MAX_BAD_IMAGE_FRACTION's 5%) costs that image, not
+    the upload: it is dropped and named in ``problems``; 3 of 25 (12%) refuse the upload, naming all three."""
+    with open(coco_zip(tmp_path / "one.zip", n=25, size=(160, 120), corrupt=7), "rb") as f:
+        r = http.post("/v1/datasets", files={"file": ("one.zip", f, "application/zip")})
+    assert r.status_code == 201, r.text
+    ds = r.json()
+    assert ds["num_images"] == 24 and any("img_7.png" in p and "cannot decode" in p for p in ds["problems"])
+    before = stored_state(server, http)
+    with open(coco_zip(tmp_path / "three.zip", n=25, size=(160, 120), corrupt=(2, 9, 13)), "rb") as f:
+        r = http.post("/v1/datasets", files={"file": ("three.zip", f, "application/zip")})
+    assert r.status_code == 422, r.text
+    err = error_of(r)
+    assert err["code"] == "too_many_damaged_images" and "3 of 25" in err["message"]
+    assert all(f"img_{i}.png" in json.dumps(err["details"]) for i in (2, 9, 13))
+    assert stored_state(server, http) == before

@@ -115,7 +115,11 @@ def test_xml_beside_images_with_problems(tmp_path: Path) -> None:
         "<annotation><filename>pic.png</filename><object><name>dog</name><bndbox><xmin>a</xmin></bndbox>"
         "</object></annotation>"
     )
+    _image(root / "set_b/torn.jpg", (40, 30))  # a truncated JPEG: damaged, dropped apart from the problems
+    (root / "set_b/torn.jpg").write_bytes((root / "set_b/torn.jpg").read_bytes()[:60])
+    (root / "set_b/torn.xml").write_text(_xml("torn.jpg", (40, 30), [("cat", (1, 1, 9, 9), 0)]))
     coco = voc_to_coco(root)
+    assert len(coco["damaged"]) == 1 and coco["damaged"][0].startswith("set_b/torn.jpg: cannot decode image")
     problems = "\n".join(coco["problems"])
     assert [im["file_name"] for im in coco["images"]] == [
         "set_a/cat1.jpg",
@@ -138,7 +142,7 @@ def test_xml_beside_images_with_problems(tmp_path: Path) -> None:
 
     import_voc(root, tmp_path / "out")
     data = load_coco(tmp_path / "out")  # the import's problems travel with the dataset
-    assert data.problems == coco["problems"]
+    assert data.problems == coco["problems"] and data.damaged == coco["damaged"]
     assert sorted(im["file_name"] for im in data.images) == [
         "images/set_a/cat1.jpg",
         "images/set_b/cat1.jpg",

@@ -63,7 +63,14 @@ async def upload_dataset(
         limits = ZipLimits(max_total_bytes=max(4 * settings.max_upload_bytes, 64 << 20))
         try:
             imported = await run_in_threadpool(
-                import_dataset, archive, work, limits, settings.max_image_pixels, val_split, split_seed
+                import_dataset,
+                archive,
+                work,
+                limits,
+                settings.max_image_pixels,
+                val_split,
+                split_seed,
+                settings.max_bad_image_fraction,
             )
         except UploadError as e:
             if isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.ENOSPC:

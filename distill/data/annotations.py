@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from distill.data.images import probe_image
+from distill.data.images import ImageTooLarge, probe_image
 from distill.files import atomic_write_json
 
 # Boxes may stick out of the image by this many pixels (rounding, 0/1-based tools) without a problem line.
@@ -56,6 +56,9 @@ class CocoData:
     annotations: dict[int, list[dict[str, Any]]]
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # Images whose files cannot be decoded (truncated, corrupt), dropped: "<file>: <why>" per image. Real photo
+    # sets have a few; the upload accepts the set without them up to LDD_MAX_BAD_IMAGE_FRACTION.
+    damaged: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._index = {im["id"]: im for im in self.images}
@@ -243,8 +246,9 @@ def load_coco(path: str | os.PathLike[str], *, check_images: bool = True, max_pi
     cats = _require(coco["categories"], "categories", ("id", "name"))
     if not cats:
         raise DatasetError(f"{json_path.name}: 'categories' is empty")
-    problems, warnings = (
-        [str(p) for p in coco[key]] if isinstance(coco.get(key), list) else [] for key in ("problems", "warnings")
+    problems, warnings, damaged = (
+        [str(p) for p in coco[key]] if isinstance(coco.get(key), list) else []
+        for key in ("problems", "warnings", "damaged")
     )
 
     label_of: dict[int, int] = {}
@@ -274,8 +278,11 @@ def load_coco(path: str | os.PathLike[str], *, check_images: bool = True, max_pi
                 continue
             try:
                 w, h = probe_image(file, max_pixels)
-            except Exception as e:  # Pillow raises many types for bad files
-                problems.append(f"{name}: cannot decode image ({type(e).__name__}: {e})")
+            except ImageTooLarge as e:
+                problems.append(f"{name}: {e}")
+                continue
+            except Exception as e:  # Pillow raises many types for damaged files
+                damaged.append(f"{name}: cannot decode image ({type(e).__name__}: {e})")
                 continue
             if (im.get("width"), im.get("height")) != (w, h) and "width" in im:
                 problems.append(
@@ -328,7 +335,7 @@ def load_coco(path: str | os.PathLike[str], *, check_images: bool = True, max_pi
                 "label": label_of[a["category_id"]],
             }
         )
-    return CocoData(root, classes, category_ids, list(usable.values()), grouped, problems, warnings)
+    return CocoData(root, classes, category_ids, list(usable.values()), grouped, problems, warnings, damaged)
 
 
 # ------------------------------------------------------------------------------------- splitting, writing

@@ -55,13 +55,18 @@ def normalize_image(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
+class ImageTooLarge(ValueError):
+    """An image file with more pixels than the service accepts (decodable, but refused)."""
+
+
 def probe_image(path: Path, max_pixels: int | None) -> tuple[int, int]:
     """EXIF-oriented ``(width, height)`` of an image file, after decoding it cheaply (JPEGs at 1/8 scale)
-    so truncated or corrupt files are caught. Raises on any failure."""
+    so truncated or corrupt files are caught. Raises :class:`ImageTooLarge` beyond ``max_pixels``, and
+    Pillow's own errors (``OSError`` and others) for a damaged file."""
     with Image.open(path) as im:
         w, h = im.size
         if max_pixels is not None and w * h > max_pixels:
-            raise ValueError(f"{w}x{h} exceeds the limit of {max_pixels} pixels")
+            raise ImageTooLarge(f"{w}x{h} exceeds the limit of {max_pixels} pixels")
         if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
             w, h = h, w
         im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))

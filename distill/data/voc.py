@@ -160,6 +160,7 @@ def voc_to_coco(root: str | os.PathLike[str], *, image_sets: dict[str, str] | No
 
     problems: list[str] = []
     warnings: list[str] = []
+    damaged: list[str] = []  # image files that cannot be decoded: dropped, reported apart (see CocoData.damaged)
     images: list[dict[str, Any]] = []
     image_of_xml: dict[Path, dict[str, Any]] = {}
     objects: list[tuple[int, str, list[float], int]] = []  # image id, class name, xywh, iscrowd
@@ -185,8 +186,8 @@ def voc_to_coco(root: str | os.PathLike[str], *, image_sets: dict[str, str] | No
             continue
         try:
             width, height = probe_image(image_path, None)
-        except Exception as e:  # Pillow raises many types for bad files
-            problems.append(f"{rel}: cannot decode image ({type(e).__name__}: {e})")
+        except Exception as e:  # Pillow raises many types for damaged files
+            damaged.append(f"{rel}: cannot decode image ({type(e).__name__}: {e})")
             continue
         size = (ann.findtext("size/width"), ann.findtext("size/height"))
         if all(size) and size != ("0", "0") and size != (str(width), str(height)):
@@ -219,7 +220,7 @@ def voc_to_coco(root: str | os.PathLike[str], *, image_sets: dict[str, str] | No
             if box is not None:
                 objects.append((image_id, name, box, int(difficult == 1)))
     if not images:
-        raise DatasetError("no usable annotated image: " + "; ".join(problems[:5]))
+        raise DatasetError("no usable annotated image: " + "; ".join((problems + damaged)[:5]))
     _apply_image_sets(root, _image_set_files(root, image_sets), image_of_xml, problems, warnings)
 
     classes = sorted({name for _, name, _, _ in objects})
@@ -240,6 +241,7 @@ def voc_to_coco(root: str | os.PathLike[str], *, image_sets: dict[str, str] | No
         "categories": [{"id": category[name], "name": name} for name in classes],
         "problems": problems,
         "warnings": warnings,
+        "damaged": damaged,
     }
 
 
