@@ -112,7 +112,7 @@ class OpenVinoSession:
 
     backend = "openvino"
 
-    def __init__(self, data: bytes, *, device: str = "CPU", threads: int | None = None):
+    def __init__(self, data: bytes, *, device: str = "CPU", threads: int | None = None, precision: str = "f32"):
         try:
             import openvino as ov
         except ImportError:
@@ -120,7 +120,8 @@ class OpenVinoSession:
         core = ov.Core()
         # f32: on CPUs with AMX or avx512_bf16 OpenVINO would otherwise run fp32 graphs in bf16, and the
         # detections (and the AP measured at export) would not be those of the published model.
-        config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        # A bf16 model (deploy.precision) asks for bf16 here, explicitly.
+        config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = core.compile_model(core.read_model(data), device, config)
@@ -144,6 +145,7 @@ def make_session(
     intra_op_threads: int | None = None,
     inter_op_threads: int | None = None,
     session_config: Mapping[str, str] | None = None,
+    precision: str = "f32",
 ) -> Session:
     """A session of ``backend`` over the ONNX bytes ``data``. For OpenVINO, ``providers`` may name its
     device (``["GPU"]``); the ONNX Runtime session options do not apply to it."""
@@ -157,5 +159,5 @@ def make_session(
         )
     if backend == "openvino":
         device = next((p for p in providers or [] if p.upper() in ("CPU", "GPU", "NPU", "AUTO")), "CPU")
-        return OpenVinoSession(data, device=device.upper(), threads=intra_op_threads)
+        return OpenVinoSession(data, device=device.upper(), threads=intra_op_threads, precision=precision)
     raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")

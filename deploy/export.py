@@ -15,6 +15,7 @@ more than ``AP_WARNING`` points below fp32's marks it ``accuracy_warning`` (stil
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ import onnxruntime as ort
 import torch
 from PIL import Image
 
-from deploy.backends import DEFAULT_BACKEND
+from deploy.backends import DEFAULT_BACKEND, OpenVinoSession
 from deploy.evaluate import calibration_pictures, runtime_ap
 from deploy.graph import (
     OPSET,
@@ -38,6 +39,7 @@ from deploy.graph import (
     export_onnx,
     graph_stats,
 )
+from deploy.precision import CPU_FEATURES, OPENVINO_PRECISION, PrecisionUnavailable, check_cpu
 from deploy.quantize import FORMATS, convert_fp16, quantize_int8
 from deploy.registry import build_model_json, write_model_json
 from deploy.runtime import Predictor, load_image
@@ -131,6 +133,8 @@ def export_model(
             if fmt == "fp16":
                 how = convert_fp16(tmp / "model.onnx", folder / "model.onnx")
                 check = verify_onnx(folder / "model.onnx", model, images, input_size, fp16=True)
+            elif fmt == "bf16":  # the same graph; OpenVINO runs it in bf16 where the CPU has it (deploy.precision)
+                how, check = _bf16(tmp / "model.onnx", folder / "model.onnx", fp32_session, images, input_size, model)
             else:
                 pictures, source = _calibration(calibration, dataset, images, val_split, seed)
                 how = {
@@ -158,6 +162,8 @@ def export_model(
                 mean=list(MEAN),
                 std=list(STD),
             )
+            if fmt in CPU_FEATURES:
+                runtime.update(precision=fmt, cpu_features=list(CPU_FEATURES[fmt]))
             write_model_json(folder, runtime)
             # model.json's own "format" is its schema tag; in a description, "format" is the precision.
             info.update(runtime, **common, format=fmt, size_bytes=(folder / "model.onnx").stat().st_size)
@@ -183,6 +189,22 @@ def export_model(
         os.replace(tmp / "model.onnx", out_dir / "model.onnx")
         os.replace(tmp / "model.json", out_dir / "model.json")
     return {**made["fp32"], "variants": {fmt: {**made[fmt], "dir": fmt} for fmt in formats[1:]}}
+
+
+def _bf16(
+    fp32_onnx: Path, out: Path, fp32_session: Any, images: list[Image.Image], input_size: tuple[int, int], model: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Copy the fp32 graph as the bf16 model and compare OpenVINO's bf16 run of it with fp32 (like int8: bf16
+    keeps 8 bits of mantissa, so detections differ a little by design; the AP says what it costs)."""
+    try:
+        check_cpu({"precision": "bf16", "cpu_features": list(CPU_FEATURES["bf16"])})
+    except PrecisionUnavailable as e:
+        raise ExportError(f"bf16 cannot be made and measured here: {e}") from e
+    shutil.copyfile(fp32_onnx, out)
+    session = OpenVinoSession(out.read_bytes(), precision=OPENVINO_PRECISION["bf16"])
+    check = agreement(fp32_session, session, images, input_size, box_tol=INT8_BOX_TOL, score_tol=INT8_SCORE_TOL,
+                      score_thr=model.cfg.score_thr, max_dets=model.cfg.max_per_img)  # fmt: skip
+    return {"runtime": "openvino", "inference_precision": "bf16", "cpu_features": list(CPU_FEATURES["bf16"])}, check
 
 
 def _calibration(

@@ -33,7 +33,7 @@ from PIL import Image
 from deploy.runtime import prepare_batch
 from distill.ckpt_layout import PREDICTORS, QUALITY_LAYERS
 
-FORMATS = ("fp32", "int8", "fp16")
+FORMATS = ("fp32", "int8", "fp16", "bf16")  # bf16: the fp32 graph, run in bf16 by OpenVINO (deploy.precision)
 NETWORK_SCOPES = ("/backbone/", "/neck/", "/bbox_head/")
 DECODE_SCOPES = ("/bbox_head/integral",)
 # Every family's predictors and quality layers (``gfl_cls``, ``retina_reg``, ``conv_centerness``, ``reg_conf``,

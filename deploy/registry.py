@@ -44,6 +44,8 @@ RUNTIME_KEYS = (
     "color",
     "sha256",
     "published_at",
+    "precision",  # bf16: run by OpenVINO in that precision (deploy.precision); absent: the graph's own
+    "cpu_features",  # the CPU flags that precision needs; a server without them refuses the model
 )
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 

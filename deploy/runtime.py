@@ -22,6 +22,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from deploy.backends import DEFAULT_BACKEND, make_session, select_providers
+from deploy.precision import OPENVINO_PRECISION, check_cpu
 from deploy.registry import read_verified
 from distill.data.images import normalize_image, read_image, resize_image
 
@@ -148,8 +149,14 @@ class Predictor:
         self.classes: list[str] = list(self.meta["classes"])
         self.input_size = (int(max(self.meta["input_size"])), int(min(self.meta["input_size"])))
         self.max_pixels = max_pixels
+        # A bf16 model runs only where the CPU has bf16, and only on OpenVINO (ONNX Runtime has no bf16 CPU kernels).
+        precision = self.meta.get("precision")
+        if precision in OPENVINO_PRECISION:
+            check_cpu(self.meta)
+            backend = "openvino"
         self.session = make_session(
             data,
+            precision=OPENVINO_PRECISION.get(precision or "", "f32"),
             backend=backend,
             providers=providers,
             intra_op_threads=intra_op_threads,

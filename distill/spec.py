@@ -364,7 +364,7 @@ class ScheduleSpec(_Strict):
         return (max(1, round(self.epochs * 8 / 12)), max(1, round(self.epochs * 11 / 12)))
 
 
-ExportFormat = Literal["fp32", "int8", "fp16"]
+ExportFormat = Literal["fp32", "int8", "fp16", "bf16"]
 
 
 class ExportSpec(_Strict):
@@ -377,7 +377,7 @@ class ExportSpec(_Strict):
     @field_validator("formats")
     @classmethod
     def _fp32_first(cls, v: list[str]) -> list[str]:
-        return ["fp32"] + sorted({f for f in v if f != "fp32"}, key=("int8", "fp16").index)
+        return ["fp32"] + sorted({f for f in v if f != "fp32"}, key=("int8", "fp16", "bf16").index)
 
 
 class JobSpec(_Strict):

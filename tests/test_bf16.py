@@ -1,0 +1,65 @@
+"""bf16 (``deploy.precision``): an export in fp32 and bf16 records the CPU features bf16 needs in its model.json,
+serves it with OpenVINO in bf16 close to fp32, and a CPU without those features (simulated by the recorded list,
+and by an AVX2-only flag set) refuses to load it with the reason."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from deploy.precision import CPU_FEATURES, PrecisionUnavailable, check_cpu, cpu_flags
+from tests.api_server import png_bytes
+
+
+def test_a_cpu_without_the_features_refuses_bf16() -> None:
+    meta = {"precision": "bf16", "cpu_features": list(CPU_FEATURES["bf16"])}
+    with pytest.raises(PrecisionUnavailable, match=r"lacks \['avx512_bf16'\].*serve its fp32 model instead"):
+        check_cpu(meta, frozenset({"avx2", "fma", "avx512f"}))  # an AVX2/AVX-512 CPU without bf16
+    check_cpu(meta, frozenset({"avx2", "avx512_bf16"}))
+    check_cpu({"classes": ["a"]}, frozenset())  # fp32 needs nothing
+
+
+def test_bf16_export_records_its_features_and_serves_close_to_fp32(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("openvino")
+    if not set(CPU_FEATURES["bf16"]) <= cpu_flags():
+        pytest.skip(f"this CPU has no {CPU_FEATURES['bf16']}: bf16 is refused here (the test above)")
+    from deploy.export import export_model
+    from deploy.runtime import Predictor
+    from distill.checkpoint import atomic_save, build_detector, detector_state
+
+    model = build_detector("gfl_tiny", 2, classes=["a", "b"])
+    with torch.no_grad():
+        model.bbox_head.gfl_cls.bias.fill_(2.0)
+    atomic_save(detector_state(model, meta={"input_size": [128, 96]}), tmp_path / "model.pt")
+    description = export_model(tmp_path / "model.pt", tmp_path / "out", formats=["fp32", "bf16"])
+    bf16 = description["variants"]["bf16"]
+    assert bf16["precision"] == "bf16" and bf16["cpu_features"] == ["avx512_bf16"]
+    assert bf16["export"]["bf16"]["inference_precision"] == "bf16"
+    check = bf16["export"]["verification"]
+    assert check["matched"] >= 0.9 * check["reference"] > 0, check
+    recorded = json.loads((tmp_path / "out" / "bf16" / "model.json").read_text())
+    assert (recorded["precision"], recorded["cpu_features"]) == ("bf16", ["avx512_bf16"])
+
+    served = Predictor(tmp_path / "out" / "bf16")  # asked for ONNX Runtime: bf16 runs on OpenVINO
+    assert served.backend == "openvino"
+    image = png_bytes((200, 150))
+    ours, fp32 = served.predict([image])[0], Predictor(tmp_path / "out").predict([image])[0]
+    assert abs(len(ours) - len(fp32)) <= max(2, len(fp32) // 10)
+    best = max(fp32, key=lambda d: d["score"])
+    near = [
+        d
+        for d in ours
+        if d["label"] == best["label"] and max(abs(a - b) for a, b in zip(d["box"], best["box"], strict=True)) < 2
+    ]
+    assert near and abs(near[0]["score"] - best["score"]) < 0.02
+
+    # The recorded list is what a server checks: one feature this CPU lacks and the model is refused.
+    other = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "out" / "bf16", other)
+    (other / "model.json").write_text(json.dumps({**recorded, "cpu_features": ["avx512_bf16", "amx_simulated"]}))
+    with pytest.raises(PrecisionUnavailable, match=r"lacks \['amx_simulated'\]"):
+        Predictor(other)
