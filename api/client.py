@@ -206,6 +206,16 @@ class Client:
     def get_model(self, model_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/models/{model_id}")
 
+    def publish_checkpoint(
+        self, checkpoint: str, name: str | None = None, formats: list[str] | None = None
+    ) -> dict[str, Any]:
+        """Publish an uploaded detector checkpoint as it is (no training): the export job; its ``model_id`` is
+        the model once it succeeded (``wait``)."""
+        body: dict[str, Any] = {"checkpoint": checkpoint, "name": name}
+        if formats:
+            body["export"] = {"formats": formats}
+        return self._json("POST", "/v1/models", json=body)
+
     def download_onnx(self, model_id: str, dest: str | os.PathLike) -> Path:
         dest = Path(dest)
         with self.http.stream("GET", f"/v1/models/{model_id}/onnx") as r:

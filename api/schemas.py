@@ -98,7 +98,7 @@ JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 class Job(_Open):
     id: str = Field(..., examples=["job_5e6f7a8b9c0d1e2f"])
-    kind: Literal["train", "distill"]
+    kind: Literal["train", "distill", "export"]  # export: a checkpoint published as it is (POST /v1/models)
     name: str | None = None
     state: JobState
     spec: dict[str, Any] = Field(..., description="the validated job spec, defaults filled in")

@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--teacher-epochs", type=int, default=None, help="default: the ablation's 36")
+    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("W", "H"), help="default: 256 192")
     parser.add_argument("--teacher", type=Path, default=None, help="reuse this gfl_small teacher checkpoint")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None)
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     plan.warmup_iters = 100
     if args.teacher_epochs:
         plan.teacher_epochs = args.teacher_epochs
+    if args.size:
+        plan.image_size = tuple(args.size)
     if args.quick:
         plan.image_size, plan.epochs, plan.teacher_epochs, plan.seeds = (96, 64), 1, 1, 2
 

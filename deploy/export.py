@@ -46,6 +46,7 @@ from deploy.runtime import Predictor, load_image
 from deploy.verify import agreement, compare_detections, sample_images, verification_session, verify_onnx
 from distill.checkpoint import checkpoint_meta, load_detector, read_checkpoint
 from distill.data.images import MEAN, STD
+from distill.models.standard_served import served
 
 DEFAULT_INPUT_SIZE = (1333, 800)
 # An int8 (or fp16) model more than this many AP points (0-100 scale) below fp32 is marked accuracy_warning.
@@ -93,7 +94,9 @@ def export_model(
     formats = ["fp32"] + [f for f in FORMATS[1:] if f in formats]
     out_dir = Path(out_dir)
     ckpt = read_checkpoint(checkpoint_path)  # read once, for the model and its facts
-    model = load_detector(ckpt, name=str(checkpoint_path))
+    # A standard-form checkpoint (mmdetection's RetinaNet, FCOS, ATSS) is exported as it is, its own decoding in
+    # the graph (distill.models.standard_served).
+    model = served(load_detector(ckpt, name=str(checkpoint_path)))
     meta = checkpoint_meta(ckpt).get("meta", {}) or {}
     input_size = tuple(int(v) for v in meta.get("input_size") or DEFAULT_INPUT_SIZE)
     input_size = (max(input_size), min(input_size))

@@ -163,6 +163,10 @@ def _class_nms_keep_onnxscript(
 class DetectorWithPostprocess(nn.Module):
     """``Detector`` + ``predict``'s post-processing, vectorised over the batch with static intermediate shapes.
 
+    Any model that has ``cfg`` (the inference settings) and ``decode(*raw_outputs(images))`` -> ``boxes (N, A, 4)``,
+    ``scores (N, A, C)``, per-level counts is wrapped the same way: a family's ``Detector``, or mmdetection's
+    standard RetinaNet/FCOS/ATSS with its own decoding (``distill.models.standard_served.ServedStandard``).
+
     ``forward(images (N, 3, H, W), image_sizes (N, 2))`` -> ``boxes (N, K, 4)``, ``scores (N, K)``,
     ``labels (N, K)``, ``num_detections (N,)`` (see the module docstring).
     """

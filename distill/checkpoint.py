@@ -168,6 +168,11 @@ def checkpoint_meta(source: str | os.PathLike | dict[str, Any]) -> dict[str, Any
     if ckpt.get("format") == FORMAT:
         return {"arch": ckpt.get("arch"), "config": ckpt["config"], "meta": ckpt.get("meta", {})}
     state = detector_tensors(state_dict_of(ckpt))
+    info = infer_architecture(state, _plain_meta(ckpt))
+    if info.get("form") == "standard":  # no edge distributions: the config of its architecture, reg_max None
+        config = {k: info[k] for k in ("family", "depth", "base_width", "channels", "stacked_convs", "num_classes")}
+        config.update(reg_max=None, strides=list(info["strides"]), classes=list(info.get("classes") or []))
+        return {"arch": info["name"], "config": config, "meta": {"source": "mmdetection", "form": "standard"}}
     cfg = infer_config(state, _plain_meta(ckpt))
     return {"arch": infer_architecture(state)["name"], "config": cfg.to_dict(), "meta": {"source": "mmdetection"}}
 
