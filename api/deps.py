@@ -27,6 +27,7 @@ from core.settings import Settings
 from core.store import Store
 from core.tenants import OPEN, Caller, parse_keys, visible
 from deploy.backends import select_providers
+from deploy.precision import OPENVINO_PRECISION
 from deploy.registry import Registry
 from deploy.runtime import Predictor
 
@@ -79,6 +80,11 @@ class Services:
         if model_id in self._serving:
             return self._serving[model_id]
         backend = self.settings.backend
+        try:  # a bf16 model is served by OpenVINO whatever the setting (deploy.precision)
+            if self.registry.get(model_id).get("precision") in OPENVINO_PRECISION:
+                backend = "openvino"
+        except (KeyError, ValueError):
+            pass
         if backend == "onnxruntime":
             import onnxruntime as ort
 

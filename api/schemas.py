@@ -158,7 +158,8 @@ class Model(_Open):
     arch: str | None = Field(None, examples=["gfl_r18"])
     classes: list[str] | None = Field(None, examples=[["raccoon"]])
     input_size: Any = Field(None, examples=[[512, 320]])
-    format: str | None = Field(None, description="fp32, int8 or fp16", examples=["int8"])
+    format: str | None = Field(None, description="fp32, int8, fp16 or bf16 (bf16 records its cpu_features)",
+                               examples=["int8"])  # fmt: skip
     fp32_id: str | None = Field(
         None,
         description="an int8 or fp16 model's fp32 sibling (same job, same weights)",
