@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
 from deploy.precision import CPU_FEATURES, PrecisionUnavailable, check_cpu, cpu_flags
@@ -63,3 +64,35 @@ def test_bf16_export_records_its_features_and_serves_close_to_fp32(tmp_path: Pat
     (other / "model.json").write_text(json.dumps({**recorded, "cpu_features": ["avx512_bf16", "amx_simulated"]}))
     with pytest.raises(PrecisionUnavailable, match=r"lacks \['amx_simulated'\]"):
         Predictor(other)
+
+
+def test_the_api_refuses_a_bf16_model_this_cpu_cannot_run_with_the_reason(tmp_path: Path) -> None:
+    """Over HTTP (uvicorn without torch): a published bf16 model whose recorded features this CPU lacks answers
+    503 with the reason, and its fp32 sibling still serves."""
+    pytest.importorskip("torch")
+    from core.store import Store
+    from deploy.registry import Registry, read_model_json, write_model_json
+    from tests.api_server import error_of, publish_test_model, serve_api
+
+    srv = serve_api(tmp_path / "srv")
+    try:
+        fp32 = publish_test_model(srv.data_dir, srv.store_url, ["a", "b"], "mdl_bf16test0001")  # type: ignore[attr-defined]
+        folder = tmp_path / "bf16"
+        shutil.copytree(Registry(srv.data_dir / "models").path(fp32["id"]), folder)  # type: ignore[attr-defined]
+        info = read_model_json(folder)
+        write_model_json(folder, {**info, "id": None, "precision": "bf16", "cpu_features": ["avx512_simulated"]})
+        Registry(srv.data_dir / "models").publish(folder, model_id="mdl_bf16test0001bf16")  # type: ignore[attr-defined]
+        store = Store(srv.store_url)  # type: ignore[attr-defined]
+        store.add_model("mdl_bf16test0001bf16", None, str(srv.data_dir / "models" / "mdl_bf16test0001bf16"),  # type: ignore[attr-defined]
+                        {"classes": ["a", "b"], "precision": "bf16", "cpu_features": ["avx512_simulated"]},
+                        format="bf16", fp32_id=fp32["id"])  # fmt: skip
+        store.close()
+        image = {"file": ("x.png", png_bytes((96, 64)), "image/png")}
+        r = httpx.post(srv.url + "/v1/models/mdl_bf16test0001bf16/detect", files=image, timeout=60)
+        assert r.status_code == 503 and error_of(r)["code"] == "model_unavailable"
+        assert "lacks ['avx512_simulated']" in error_of(r)["message"]
+        got = httpx.get(srv.url + "/v1/models/mdl_bf16test0001bf16").json()
+        assert got["cpu_features"] == ["avx512_simulated"] and got["serving"]["backend"] == "openvino"
+        assert httpx.post(srv.url + f"/v1/models/{fp32['id']}/detect", files=image, timeout=60).status_code == 200
+    finally:
+        srv.stop()
