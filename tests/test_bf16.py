@@ -96,3 +96,25 @@ def test_the_api_refuses_a_bf16_model_this_cpu_cannot_run_with_the_reason(tmp_pa
         assert httpx.post(srv.url + f"/v1/models/{fp32['id']}/detect", files=image, timeout=60).status_code == 200
     finally:
         srv.stop()
+
+
+def test_bf16_keeps_the_ap_of_fp32_within_one_point(tmp_path: Path) -> None:
+    """AP of the fp32 and bf16 models on a data set whose ground truth is the PyTorch model's own confident
+    detections (``tests.test_quantize``), each measured by the runtime that serves it, as export does."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("openvino")
+    if not set(CPU_FEATURES["bf16"]) <= cpu_flags():
+        pytest.skip(f"this CPU has no {CPU_FEATURES['bf16']}")
+    from deploy.export import export_model
+    from distill.checkpoint import detector_state
+    from tests.test_deploy_export import INPUT_SIZE
+    from tests.test_quantize import confident_detector, make_dataset
+
+    model = confident_detector()
+    torch.save(detector_state(model, {"input_size": list(INPUT_SIZE)}), tmp_path / "tiny.pt")
+    dataset = make_dataset(tmp_path / "data", model)
+    made = export_model(tmp_path / "tiny.pt", tmp_path / "model", formats=["bf16"], dataset=dataset)
+    fp32, bf16 = made["metrics"], made["variants"]["bf16"]["metrics"]
+    assert bf16["backend"] == "openvino" and fp32["AP"] > 0.5, (fp32, bf16)
+    assert abs(100 * (fp32["AP"] - bf16["AP"])) <= 1.0, (fp32["AP"], bf16["AP"])
+    assert made["variants"]["bf16"]["accuracy_warning"] is None
