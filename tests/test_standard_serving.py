@@ -31,6 +31,8 @@ from tests.api_server import serve_api
 from tests.service_fixtures import WorkerProcess
 from tests.test_mmdet_standard import FAMILIES, _spec_of, make_checkpoint
 
+pytestmark = pytest.mark.slow  # a server, a worker, five jobs: about 3 min alone on 2 cores
+
 SCHEDULE = {"epochs": 1, "batch_size": 2, "image_size": [128, 96], "num_workers": 0, "warmup_iters": 2}
 
 
