@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ablation_plan import Plan, job_spec, prepare_data, run_job, worker_init
-from report import save
+from report import RESULTS, save
 
 from core import comparison
 
@@ -46,6 +46,7 @@ ALONE = "a"
 METHOD = "Main KD + Main LD + VLR LD"
 # The BCCD regime of the ablation (bench/ablation.py --dataset bccd; bench/results/ablation_bccd.md): the
 # teacher's lead comes from its longer schedule and its 4x parameters.
+NOTES = "## Notes (written by hand after the run)"  # kept by --regenerate
 DEFAULTS = {"image_size": (256, 192), "epochs": 4, "teacher_epochs": 36, "lr": 0.01, "seeds": 3}
 
 
@@ -91,6 +92,11 @@ def markdown(summary: dict[str, Any]) -> str:
         f"teachers `<family>_small` {s['teacher_epochs']} epochs at lr {s['teacher_lr']}; {s['seeds']} seeds; "
         f"distillation = DistillSpec() defaults (method ld: {METHOD}). Whole run {summary['wall_s'] / 60:.1f} min.",
     ]
+    if summary.get("kept_runs"):
+        lines += [
+            "",
+            f"Runs reused from an earlier invocation with the same settings: {', '.join(summary['kept_runs'])}.",
+        ]
     if reduced:
         lines += ["", f"**Reduced run**: {reduced}. Not the full table; read the numbers as this run's only."]
     lines += ["", "Teachers (trained once in this run, or reused):", ""]
@@ -100,6 +106,10 @@ def markdown(summary: dict[str, Any]) -> str:
     for title in dict.fromkeys(r["group"] for r in summary["rows"].values()):
         rows = [{**r, "row": r["name"]} for r in summary["rows"].values() if r["group"] == title]
         lines += ["", f"## {title}", "", *comparison.table(rows)]
+        teacher = summary["teachers"].get(rows[-1]["teacher"] or "")
+        if teacher and rows[0]["AP"]["mean"] is not None:  # the table asks for a teacher >= 5 AP ahead
+            lead = 100 * (teacher["bbox"]["AP"] - rows[0]["AP"]["mean"])
+            lines.append(f"\nTeacher `{rows[-1]['teacher']}_small` leads the student alone by {lead:+.1f} AP.")
         for r in rows[1:]:
             lines.append(f"\n{r['name']}: goal +2 AP over the student alone: **{r['verdict_2AP']}**.")
     lines += ["", comparison.CAPTION]
@@ -134,7 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--work", type=Path, default=None)
     p.add_argument("--out", default="heads_bccd")
+    p.add_argument(
+        "--keep", action="store_true", help="reuse finished runs in --work (same settings: the caller's care)"
+    )
+    p.add_argument("--regenerate", action="store_true", help="re-render bench/results/<out>.md|png from its .json")
     args = p.parse_args(argv)
+    if args.regenerate:
+        summary = json.loads((RESULTS / f"{args.out}.json").read_text())
+        notes = (RESULTS / f"{args.out}.md").read_text().partition(NOTES)
+        md_path = save(args.out, summary, markdown(summary) + (f"\n{NOTES}{notes[2]}" if notes[1] else ""))
+        chart(summary, md_path.with_suffix(".png"))
+        print(md_path.read_text())
+        return 0
     families = [f for f in args.families.split(",") if f]
     cross = [] if args.cross == "none" else [c for c in args.cross.split(",") if c]
     if unknown := [f for f in families if f not in FAMILIES] + [c for c in cross if c not in CROSS]:
@@ -146,13 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     teachers_needed = list(dict.fromkeys(families + [CROSS[c][0] for c in cross]))
     students_needed = list(dict.fromkeys(families + [CROSS[c][1] for c in cross]))
     groups: list[Group] = [(f, f, f) for f in families] + [(c, CROSS[c][1], CROSS[c][0]) for c in cross]
-    changed = {k: v for k, v in (("families", families != list(FAMILIES)), ("cross", cross != list(CROSS))) if v}
+    changed: dict[str, Any] = {}  # what differs from the full table, said in the results
+    if families != list(FAMILIES):
+        changed["families"] = ", ".join(families) or "none"
+    if cross != list(CROSS):
+        changed["cross rows"] = ", ".join(cross) or "none"
     changed.update(
         {k: getattr(args, k) for k in ("seeds", "epochs", "teacher_epochs") if getattr(args, k) != DEFAULTS[k]}
     )
     if tuple(args.image_size) != DEFAULTS["image_size"]:
-        changed["image_size"] = list(args.image_size)
-    reduced = ", ".join(f"{k} {v if not isinstance(v, bool) else 'reduced'}" for k, v in changed.items())
+        changed["image_size"] = "x".join(map(str, args.image_size))
+    reduced = "; ".join(f"{k} {v}" for k, v in changed.items())
 
     started = time.monotonic()
     work = args.work or Path(tempfile.mkdtemp(prefix="ld-heads-"))
@@ -162,10 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {data_dir}; runs: {runs_dir}; reduced: {reduced or 'no'}", flush=True)
     runs: dict[str, dict[int, dict]] = {}
     teachers: dict[str, dict] = {}
+    kept: list[str] = []
     ctx = get_context("spawn")
     with ProcessPoolExecutor(base.jobs, mp_context=ctx, initializer=worker_init, initargs=(base.threads,)) as pool:
 
         def submit(spec: dict[str, Any], name: str) -> Future:
+            done = runs_dir / name / "metrics.json"
+            if args.keep and done.exists():  # a finished run of an earlier invocation with the same settings
+                kept.append(name)
+                fut: Future = Future()
+                fut.set_result({**json.loads(done.read_text()), "spec": spec, "wall_s": "kept"})
+                return fut
             shutil.rmtree(runs_dir / name, ignore_errors=True)  # every run here starts afresh
             return pool.submit(run_job, spec, str(runs_dir / name), base.device)
 
@@ -206,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             for f, t in teachers.items()
         },  # fmt: skip
         "rows": summarise(runs, groups),
+        "kept_runs": kept,
         "wall_s": round(time.monotonic() - started, 1),
     }
     text = markdown(summary)
