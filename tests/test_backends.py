@@ -3,29 +3,40 @@ ONNX Runtime execution providers (LDD_PROVIDERS) on a machine without a GPU, and
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 
 from core.settings import Settings
-from deploy.backends import CPU, OrtSession, make_session, select_providers
-from deploy.evaluate import runtime_ap
+from deploy.backends import CPU, OpenVinoSession, OrtSession, make_session, select_providers
+from deploy.evaluate import runtime_ap, split_images
 from deploy.export import export_model
-from deploy.runtime import Predictor, best_providers, prepare_batch
+from deploy.quantize import OUTPUT_CONVS
+from deploy.runtime import Predictor, best_providers, load_image, prepare_batch
 from deploy.verify import compare_detections, sample_images
 from distill.checkpoint import detector_state
+from distill.data.annotations import load_coco
 from tests.test_deploy_export import INPUT_SIZE
 from tests.test_quantize import confident_detector, make_dataset
 
 # OpenVINO and ONNX Runtime compute the same fp32 convolutions with different kernels (summation order):
 # boxes within 1e-3 of the image side, scores within 1e-4, as the export holds ONNX Runtime to PyTorch.
 FP32_BOX_TOL, FP32_SCORE_TOL = 1e-3, 1e-4
-# int8: both run integer convolutions with the graph's scales but requantize and round in their own ways,
-# and on the random-weight test model an activation one uint8 step away moves a box by pixels. So int8
-# parity is judged by accuracy: OpenVINO's AP within INT8_AP_POINTS of ONNX Runtime's on the same data, and
-# half of ONNX Runtime's confident detections (>= 0.3) found again within 5% of the side and 0.1 in score.
-INT8_AP_POINTS, INT8_BOX_TOL, INT8_SCORE_TOL, INT8_FOUND = 3.0, 0.05, 0.1, 0.5
+# int8: both run integer convolutions with the graph's scales but requantize and round in their own ways.
+# On the random-weight test model one uint8 step of difference grows through the layers (ONNX Runtime's own
+# fused kernels already differ from the graph's reference QDQ arithmetic by a step in ~80% of the head's
+# activations), so the AP of the 6 validation pictures is a draw: OpenVINO minus ONNX Runtime was -5.2 points
+# on a Xeon with AVX-512 VNNI and AMX, +3.4 on 48 pictures with the same graph, -7.4 to +5.2 over six
+# quantization variants. It cannot tell which runtime is more accurate, so AP parity only catches a gross
+# loss (INT8_AP_POINTS). The error of the head's float logits against fp32, averaged over every location of
+# every picture, can: OpenVINO's over ONNX Runtime's was 0.86 on that Xeon, 1.17 with OpenVINO held to
+# AVX-512 without VNNI (ONEDNN_MAX_CPU_ISA=AVX512_CORE), 1.51 with 7-bit activations (the control below).
+INT8_ERROR_RATIO = 1.3
+INT8_AP_POINTS, INT8_BOX_TOL, INT8_SCORE_TOL, INT8_FOUND = 10.0, 0.05, 0.1, 0.5
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +80,45 @@ def test_openvino_gives_onnx_runtimes_detections_fp32(exported):
     assert len(a) == len(b) > 0 and [d["label"] for d in a][:5] == [d["label"] for d in b][:5]
 
 
+def _with_logits(proto: onnx.ModelProto) -> tuple[bytes, list[str]]:
+    """The graph ``proto`` with the head's float output convolutions (score, box and quality logits before
+    decoding; ``deploy.quantize.OUTPUT_CONVS``) as extra graph outputs, and their names."""
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    # Sorted: the quantizer reorders nodes, and the int8 and fp32 graphs must list them alike.
+    names = sorted(n.output[0] for n in proto.graph.node if n.op_type == "Conv" and n.name.startswith(OUTPUT_CONVS))
+    proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    return proto.SerializeToString(), names
+
+
+def _coarse_activations(proto: onnx.ModelProto, factor: float) -> onnx.ModelProto:
+    """A copy of the int8 graph whose activation scales are ``factor`` times wider (2: 7-bit activations):
+    the int8 a runtime that drops a bit of activation precision would compute."""
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    scales = {n.input[1] for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+    for t in proto.graph.initializer:
+        if t.name in scales:
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) * np.float32(factor), t.name))
+    return proto
+
+
+def _logit_error(
+    proto: onnx.ModelProto, backend: str, feeds: list[dict[str, np.ndarray]], want: list[list[np.ndarray]]
+) -> float:
+    """Mean absolute error of the head's logits of the graph ``proto`` run by ``backend``'s serving session (same
+    configuration as ``deploy.backends``) against ``want`` (fp32's), over every location of every picture."""
+    data, names = _with_logits(proto)
+    if backend == "openvino":
+        compiled = OpenVinoSession(data).compiled
+        # A port of OpenVINO's can carry several tensor names.
+        ports = [next(o for o in compiled.outputs if n in o.get_names()) for n in names]
+        got = [[np.asarray(r[o]) for o in ports] for r in (compiled.create_infer_request().infer(f) for f in feeds)]
+    else:
+        session = OrtSession(data, providers=[CPU]).session
+        got = [session.run(names, f) for f in feeds]
+    pairs = [(g, w) for gs, ws in zip(got, want, strict=True) for g, w in zip(gs, ws, strict=True)]
+    return float(np.mean([np.abs(g - w).mean() for g, w in pairs]))
+
+
 def test_openvino_int8_is_as_accurate_as_onnx_runtime_int8(exported):
     pytest.importorskip("openvino")
     folder, dataset = exported / "int8", exported.parent / "data"
@@ -76,6 +126,19 @@ def test_openvino_int8_is_as_accurate_as_onnx_runtime_int8(exported):
     ap_ov, ap_ref = runtime_ap(ov, dataset), runtime_ap(ref, dataset)
     assert ap_ov["backend"] == "openvino" and ap_ref["backend"] == "onnxruntime" and ap_ref["AP"] > 0.5
     assert abs(100 * (ap_ov["AP"] - ap_ref["AP"])) <= INT8_AP_POINTS, (ap_ov["AP"], ap_ref["AP"])
+    # The logits' error against fp32 on the validation pictures (those of the AP).
+    feeds = []
+    for record in split_images(load_coco(dataset), "val", 0.2, 0):
+        x, sizes, _ = prepare_batch([load_image(Path(record["path"]).read_bytes())], INPUT_SIZE)
+        feeds.append({"images": x, "image_sizes": sizes})
+    fp32, names = _with_logits(onnx.load(str(exported / "model.onnx")))
+    want = [OrtSession(fp32, providers=[CPU]).session.run(names, f) for f in feeds]
+    int8 = onnx.load(str(folder / "model.onnx"))
+    error_ref, error_ov = (_logit_error(int8, backend, feeds, want) for backend in ("onnxruntime", "openvino"))
+    assert error_ov <= INT8_ERROR_RATIO * error_ref, (error_ov, error_ref, ap_ov["AP"], ap_ref["AP"])
+    # The control: OpenVINO with 7-bit activations fails the same bound, so the bound measures accuracy.
+    error_coarse = _logit_error(_coarse_activations(int8, 2.0), "openvino", feeds, want)
+    assert error_coarse > INT8_ERROR_RATIO * error_ref, (error_coarse, error_ref)
     matched = total = 0
     for picture in sample_images(seed=4):
         x, sizes, _ = prepare_batch([picture], INPUT_SIZE)
