@@ -1,5 +1,5 @@
 """Backpressure on ``/detect`` over real HTTP (a uvicorn subprocess, ONNX Runtime, loopback only): a bounded queue
-(``LDD_DETECT_QUEUE``) answers 503 with ``Retry-After`` at once beyond its bound, with no other 5xx, and the
+(``LDD_DETECT_QUEUE``, 8 here, under 32 clients) answers 503 with ``Retry-After`` at once beyond its bound, with no other 5xx, and the
 accepted requests keep their p99 within 2x of the p99 at the bound; a request past its ``X-Request-Timeout-Ms``
 is answered 504; /metrics counts the refusals per model.
 """
@@ -17,7 +17,8 @@ import pytest
 
 from tests.api_server import ApiServer, _metric, error_of, png_bytes, publish_test_model, serve_api
 
-BOUND = 4
+BOUND = 8
+RAMP_S = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +32,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def load(url: str, concurrency: int, seconds: float, image: bytes) -> list[tuple[int, float, httpx.Headers]]:
     """``concurrency`` clients, each with its own connection, sending one request after another for ``seconds``;
     a client told 503 waits its Retry-After, as a well-behaved client does. Returns (status, seconds, headers).
-    The clients are made before any of them starts: making one costs more CPU than a request."""
+    The clients are made before any of them starts (making one costs more CPU than a request), and start over
+    ``RAMP_S``."""
     clients = [httpx.Client(base_url=url, timeout=60) for _ in range(concurrency)]
     start_line = threading.Barrier(concurrency)
 
-    def run(http: httpx.Client) -> list[tuple[int, float, httpx.Headers]]:
-        out = []
+    def run(i: int) -> list[tuple[int, float, httpx.Headers]]:
+        http, out = clients[i], []
         start_line.wait()
         end = time.monotonic() + seconds
+        time.sleep(RAMP_S * i / concurrency)  # clients arrive over the ramp, not all in the same millisecond
         while time.monotonic() < end:
             start = time.perf_counter()
             r = http.post("/detect", files={"file": ("x.png", image, "image/png")})
@@ -49,7 +52,7 @@ def load(url: str, concurrency: int, seconds: float, image: bytes) -> list[tuple
 
     try:
         with ThreadPoolExecutor(concurrency) as pool:
-            return [r for part in pool.map(run, clients) for r in part]
+            return [r for part in pool.map(run, range(concurrency)) for r in part]
     finally:
         for http in clients:
             http.close()
@@ -62,9 +65,13 @@ def p99(results: list[tuple[int, float, httpx.Headers]]) -> float:
 def test_full_queue_answers_503_at_once_and_keeps_the_accepted_fast(server: ApiServer) -> None:
     image = png_bytes((320, 240))
     load(server.url, 2, 1, image)  # warm: the session opened, the first calls' allocations done
-    at_bound = load(server.url, BOUND, 3, image)
+    # Interleaved rounds, so that load from other processes on these shared cores falls on both alike.
+    at_bound: list[tuple[int, float, httpx.Headers]] = []
+    over: list[tuple[int, float, httpx.Headers]] = []
+    for _ in range(2):
+        at_bound += load(server.url, BOUND, 3, image)
+        over += load(server.url, 4 * BOUND, 3, image)
     assert {code for code, *_ in at_bound} == {200}, "at the bound nothing is refused"
-    over = load(server.url, 8 * BOUND, 4, image)
     codes = [code for code, *_ in over]
     assert set(codes) <= {200, 503}, sorted(set(codes))
     refused = [(s, h) for code, s, h in over if code == 503]

@@ -179,3 +179,15 @@ def test_cli_deployments_and_delete(
     assert main(["deployments", *url, "delete", "cli-cells"]) == 0
     assert main(["deployments", *url, "show", "cli-cells"]) == 2
     assert "404 not_found" in capsys.readouterr().err
+
+
+def test_incompatibility_names_what_differs() -> None:
+    from core.deployments import incompatibility
+
+    def row(id: str, classes: list[str], size: list[int]) -> dict[str, Any]:
+        return {"id": id, "meta": {"classes": classes, "input_size": size}}
+
+    a = row("mdl_a", ["rbc", "wbc"], [640, 384])
+    assert incompatibility(a, row("mdl_b", ["rbc", "wbc"], [640, 384])) is None
+    assert "input size differs" in str(incompatibility(a, row("mdl_c", ["rbc", "wbc"], [512, 320])))
+    assert "classes differ" in str(incompatibility(a, row("mdl_d", ["wbc", "rbc"], [640, 384])))  # order is meaning

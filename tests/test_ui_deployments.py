@@ -34,6 +34,16 @@ def page(browser: Any, server: Any, tmp_path_factory: pytest.TempPathFactory) ->
     return Page(browser, server.url, tmp_path_factory.mktemp("screenshots_deployments"))
 
 
+def text_of(page: Page, css: str) -> str:
+    """The element's text, or "" while the page re-renders it (an element found just before is then stale)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    try:
+        return page.find(css).text
+    except (NoSuchElementException, StaleElementReferenceException):
+        return ""
+
+
 def choose(page: Page, css: str, value: str) -> None:
     from selenium.webdriver.support.ui import Select
 
@@ -46,7 +56,7 @@ def test_deployments_page_switch_rollback_and_delete(server: Any, page: Page) ->
     page.find("#deployment-name").send_keys("blood-cells")
     choose(page, "#deployment-model", "mdl_uideploy0001")
     page.find("#deployment-form button[type=submit]").click()
-    page.until(lambda: page.find("#current-model").text == "mdl_uideploy0001", "the new deployment's page")
+    page.until(lambda: text_of(page, "#current-model") == "mdl_uideploy0001", "the new deployment's page")
     assert not page.find("#rollback").is_enabled()  # version 1: nothing to return to
 
     choose(page, "#switch-model", "mdl_uideploy0003")  # classes a, b, c: refused, with the reason
@@ -57,12 +67,12 @@ def test_deployments_page_switch_rollback_and_delete(server: Any, page: Page) ->
 
     choose(page, "#switch-model", "mdl_uideploy0002")
     page.find("#switch").click()
-    page.until(lambda: page.find("#current-model").text == "mdl_uideploy0002", "the switch")
+    page.until(lambda: text_of(page, "#current-model") == "mdl_uideploy0002", "the switch")
     rows = [r.text for r in page.all("#history-table tbody tr")]
     assert rows[0].startswith("v2 (current) mdl_uideploy0002") and rows[1].startswith("v1 mdl_uideploy0001"), rows
     page.shot("deployment_history", whole_page=True)
     page.find("#rollback").click()
-    page.until(lambda: page.find("#current-model").text == "mdl_uideploy0001", "the rollback")
+    page.until(lambda: text_of(page, "#current-model") == "mdl_uideploy0001", "the rollback")
     assert page.find("#history-table tr.current").text.startswith("v1 (current)")
     assert httpx.get(server.url + "/v1/deployments/blood-cells").json()["model_id"] == "mdl_uideploy0001"
 
