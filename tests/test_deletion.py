@@ -165,3 +165,18 @@ def test_keep_checkpoints_prunes_the_older_ended_runs(tmp_path: Path) -> None:
         assert prune_checkpoints(store, settings.model_copy(update={"keep_checkpoints": 0})) == []
     finally:
         store.close()
+
+
+def test_a_rollback_to_a_deleted_model_is_refused(server: Any, http: httpx.Client) -> None:
+    engine = sa.create_engine(server.store_url)
+    for model_id in ("mdl_delete000002", "mdl_delete000003"):
+        publish_test_model(server.data_dir, server.store_url, ["a", "b"], model_id)
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE models SET tenant = 'team-a' WHERE id = :i"), {"i": model_id})
+    engine.dispose()
+    assert http.post("/v1/deployments", json={"name": "old", "model": "mdl_delete000002"}).status_code == 201
+    assert http.put("/v1/deployments/old", json={"model": "mdl_delete000003"}).status_code == 200
+    assert http.delete("/v1/models/mdl_delete000002").status_code == 204  # only the history names it
+    r = http.post("/v1/deployments/old/rollback")
+    assert r.status_code == 409 and error_of(r)["code"] == "model_deleted"
+    assert http.get("/v1/deployments/old").json()["model_id"] == "mdl_delete000003"
