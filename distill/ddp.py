@@ -148,6 +148,19 @@ def mean_denominator(local: Tensor, floor: float) -> Tensor:
     return total.clamp(min=floor) / world()
 
 
+def global_sum(values: Tensor) -> Tensor:
+    """The sum over the ranks of ``values``, differentiable: its backward sums the ranks' gradients
+    (``torch.distributed.nn``), so a statistic of the global batch (CrossKD's alignment moments) trains each
+    rank's share of the batch exactly as one process with the whole batch would, once the gradients are
+    averaged (:func:`average_gradients`). One process: ``values`` itself."""
+    if world() == 1:
+        return values
+    from torch.distributed.nn.functional import all_reduce
+
+    with _collective():
+        return all_reduce(values)
+
+
 def all_mean(values: Tensor) -> Tensor:
     """The mean over the ranks of ``values`` (any shape; detached). With every loss term in the scale above,
     the mean of the ranks' terms is the term of the global batch (what progress reports)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from distill import ddp
 from distill.losses.bckd import binary_kd
 from distill.losses.ld import ld_loss
 from distill.losses.reduce import weighted_mean
@@ -46,10 +47,21 @@ def align_stats(student: Tensor, teacher: Tensor, eps: float = 1e-6) -> Tensor:
     the ``teacher``'s ``(N, C, H, W)`` (detached). Population statistics, so a batch repeated twice aligns
     the same way; a constant channel (a 1x1 map of one image) becomes the teacher's mean."""
     s, t = student.float(), teacher.detach().float()
-    dims = (0, 2, 3)
-    s_mean, s_std = s.mean(dims, keepdim=True), s.std(dims, unbiased=False, keepdim=True)
-    t_mean, t_std = t.mean(dims, keepdim=True), t.std(dims, unbiased=False, keepdim=True)
+    (s_mean, s_std), (t_mean, t_std) = _moments(s), _moments(t)
     return (s - s_mean) / (s_std + eps) * t_std + t_mean
+
+
+def _moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per channel mean and population standard deviation of ``x (N, C, H, W)`` over ``(N, H, W)``, each
+    ``(1, C, 1, 1)``, over the global batch: under several processes from all-reduced sums (differentiable,
+    :func:`distill.ddp.global_sum`), so every rank aligns with the statistics one process would use."""
+    dims = (0, 2, 3)
+    if ddp.world() == 1:
+        return x.mean(dims, keepdim=True), x.std(dims, unbiased=False, keepdim=True)
+    count = ddp.global_sum(x.new_tensor(float(x.shape[0] * x.shape[2] * x.shape[3])))
+    mean = ddp.global_sum(x.sum(dims, keepdim=True)) / count
+    var = ddp.global_sum((x * x).sum(dims, keepdim=True)) / count - mean * mean
+    return mean, var.clamp(min=1e-12).sqrt()
 
 
 def cross_head(
