@@ -102,6 +102,7 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += ["", "Teachers (trained once in this run, or reused):", ""]
     for fam, t in summary["teachers"].items():
         src = f"reused from {t['reused_from']}" if t.get("reused_from") else f"{t.get('wall_s', '?')} s"
+        src = "trained by an earlier invocation, reused" if t.get("wall_s") == "kept" else src
         lines.append(f"- `{fam}_small`: AP {100 * t['bbox']['AP']:.1f}, AP50 {100 * t['bbox']['AP50']:.1f} ({src})")
     for title in dict.fromkeys(r["group"] for r in summary["rows"].values()):
         rows = [{**r, "row": r["name"]} for r in summary["rows"].values() if r["group"] == title]
