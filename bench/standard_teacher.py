@@ -28,7 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--out", default="standard_teacher_bccd")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take the runs already finished in --work (same settings: more seeds, or a run cut short) as they are",
+    )
     args = parser.parse_args(argv)
 
     # The settings of bench/results/ablation_bccd.md (bench/ablation.py --dataset bccd), rows a, e and s.
@@ -141,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(plan.jobs, mp_context=ctx, initializer=worker_init, initargs=(plan.threads,)) as pool:
 
         def submit(fn: Any, spec: dict[str, Any], name: str) -> Any:
+            finished = runs_dir / name / "metrics.json"
+            if args.reuse and finished.is_file():  # a run of an earlier invocation with the same settings
+                done: Future = Future()
+                done.set_result({**json.loads(finished.read_text()), "spec": spec, "wall_s": None, "reused": True})
+                return done
             shutil.rmtree(runs_dir / name, ignore_errors=True)
             return pool.submit(fn, spec, str(runs_dir / name), plan.device)
 
