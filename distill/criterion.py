@@ -43,15 +43,6 @@ from distill.task_criteria import Locations, TaskCriterion, TaskState
 _CLASS_TERMS = ("main_kd", "vlr_kd", "crosskd_cls", "bckd_cls", "bckd_loc")
 
 
-def valid_locations(points: Tensor, gt: GroundTruth, batch: int) -> Tensor:
-    """``(B, A)`` bool: the locations ``points (A, 2)`` inside each image's unpadded area (all of them when the
-    loader gave no sizes)."""
-    if gt.image_sizes is None:
-        return torch.ones((batch, points.shape[0]), dtype=torch.bool, device=points.device)
-    h, w = gt.image_sizes[:, 0:1], gt.image_sizes[:, 1:2]  # (B, 1) each
-    return (points[None, :, 0] < w) & (points[None, :, 1] < h)
-
-
 class DistillCriterion:
     """A student's own losses (``task``, its family's criterion) plus the distillation terms from a frozen
     ``teacher`` of any family, configured by ``spec`` (``JobSpec.distill``); ``classes`` pairs the student's
@@ -166,7 +157,7 @@ class DistillCriterion:
         if self.imitation:
             losses.update(self._imitation(student, teacher, state, gt))
         if any(w(k) > 0 for k in ("crosskd_cls", "crosskd_reg", "bckd_cls", "bckd_loc")):
-            valid = valid_locations(state.locations.points, gt, student.cls.shape[0])
+            valid = state.valid
             losses.update(self._crosskd(student, raw, valid, columns, kd_on))
             losses.update(self._bckd(student, s_score, teacher, state.locations, valid, columns, kd_on))
         return losses
@@ -201,11 +192,12 @@ class DistillCriterion:
                     probs = [p.max(-1, keepdim=True).values for p in probs]
                 elif (columns := self._kd_columns(student.cls.device)) is not None:
                     probs = [probs[0][..., columns[1]], probs[1][..., columns[0]]]
-            instances = imitation_masks.general_instances(probs[0], probs[1], boxes[0], boxes[1])
+            instances = imitation_masks.general_instances(probs[0], probs[1], boxes[0], boxes[1], valid=state.valid)
             return imitation_masks.gi_masks(sizes, strides, instances)
 
         adapters = self.adapters["imitation"] if self.adapters is not None and "imitation" in self.adapters else None
-        return imitation.imitation_losses(self.imitation, student.feats, teacher.feats, adapters, masks)
+        valid = imitation_masks.anchor_masks(state.valid, sizes, self.student_anchors)
+        return imitation.imitation_losses(self.imitation, student.feats, teacher.feats, adapters, masks, valid)
 
     def _crosskd(
         self,
@@ -279,7 +271,12 @@ class DistillCriterion:
         """Main region and VLR of the batch, from the student family's assignment (``state.assignment``: its
         positives, and its ``alpha_pos`` per box) and the student's preset anchors (RetinaNet: per anchor)."""
         a = state.assignment
-        return find_regions(state.locations.anchors, gt.boxes, gt.valid, a.positive, a.threshold, self.spec.gamma)
+        regions = find_regions(state.locations.anchors, gt.boxes, gt.valid, a.positive, a.threshold, self.spec.gamma)
+        # Padding is no region: a padded location's anchor can still overlap a box at the image's edge.
+        regions.vlr &= state.valid
+        regions.vlr_weight = regions.vlr_weight * state.valid
+        regions.vlr_gt = torch.where(state.valid, regions.vlr_gt, -1)
+        return regions
 
     def _kd_columns(self, device: torch.device) -> tuple[Tensor, Tensor] | None:
         """The paired class indices ``(M,)`` on ``device``; None when the classes are the same (no selection)."""

@@ -49,6 +49,15 @@ def pad_targets(targets: list[dict], device: torch.device | str) -> GroundTruth:
     return GroundTruth(boxes, labels, valid, sizes)
 
 
+def valid_locations(points: Tensor, gt: GroundTruth, batch: int) -> Tensor:
+    """``(B, A)`` bool: the locations ``points (A, 2)`` inside each image's unpadded area (all of them when the
+    loader gave no sizes)."""
+    if gt.image_sizes is None:
+        return torch.ones((batch, points.shape[0]), dtype=torch.bool, device=points.device)
+    h, w = gt.image_sizes[:, 0:1], gt.image_sizes[:, 1:2]  # (B, 1) each
+    return (points[None, :, 0] < w) & (points[None, :, 1] < h)
+
+
 @dataclass
 class HeadOutputs:
     """A detector's dense outputs for a batch, levels concatenated (``L*A`` anchors), in float32."""

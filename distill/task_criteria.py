@@ -33,7 +33,7 @@ from distill.assigners import Assignment, atss_assign, fcos_assign, max_iou_assi
 from distill.losses.focal import focal_losses
 from distill.losses.gfl import Positives, find_positives, gfl_losses
 from distill.models.gfl import GFL
-from distill.outputs import GroundTruth, HeadOutputs, head_outputs, pad_targets
+from distill.outputs import GroundTruth, HeadOutputs, head_outputs, pad_targets, valid_locations
 from distill.spec import GFLWeights
 
 
@@ -54,6 +54,7 @@ class TaskState:
     locations: Locations
     assignment: Assignment  # Main region = assignment.positive; VLR alpha_pos = assignment.threshold
     positives: Positives
+    valid: Tensor  # (B, L*A) bool: the anchors inside each image's unpadded area (the padding mask)
 
 
 class TaskCriterion:
@@ -89,10 +90,20 @@ class TaskCriterion:
     def losses(self, out: HeadOutputs, gt: GroundTruth) -> tuple[dict[str, Tensor], TaskState]:
         """The weighted terms of given outputs, and the state the distillation terms reuse."""
         loc = self.locations(out.sizes, out.cls.device)
+        # The padding mask, once per batch: a padded location is never positive, and the classification loss
+        # leaves it out (as mmdetection's valid flags): it is neither object nor background of any image.
+        valid = valid_locations(loc.points, gt, out.cls.shape[0])
         with torch.no_grad():
             assignment = self.assign(loc, gt)
+            ignore = ~valid if assignment.ignore is None else assignment.ignore | ~valid
+            assignment = replace(
+                assignment,
+                positive=assignment.positive & valid,
+                gt_index=torch.where(valid, assignment.gt_index, -1),
+                ignore=ignore,
+            )
         pos = find_positives(out.reg, loc.points, loc.strides, assignment, gt.boxes, self.model.bbox_head.integral)
-        return self.task_losses(out, pos, assignment, gt), TaskState(loc, assignment, pos)
+        return self.task_losses(out, pos, assignment, gt), TaskState(loc, assignment, pos, valid)
 
     def assign(self, loc: Locations, gt: GroundTruth) -> Assignment:
         """The family's positives of a batch, ``(B, L*A)``, and each box's positive threshold."""
@@ -110,14 +121,14 @@ class GFLCriterion(TaskCriterion):
         return atss_assign(loc.anchors, loc.counts, gt.boxes, gt.valid)
 
     def task_losses(self, out: HeadOutputs, pos: Positives, assignment: Assignment, gt: GroundTruth) -> dict:
-        return gfl_losses(out.cls, pos, gt.labels, self.weights)
+        return gfl_losses(out.cls, pos, gt.labels, self.weights, ignore=assignment.ignore)
 
 
 class GFLv2Criterion(GFLCriterion):
     """GFocalV2: GFL whose QFL trains the joint score ``sigmoid(cls) * sigmoid(DGQP)``."""
 
     def task_losses(self, out: HeadOutputs, pos: Positives, assignment: Assignment, gt: GroundTruth) -> dict:
-        return gfl_losses(out.cls, pos, gt.labels, self.weights, out.quality)
+        return gfl_losses(out.cls, pos, gt.labels, self.weights, out.quality, ignore=assignment.ignore)
 
 
 class ATSSCriterion(TaskCriterion):
@@ -127,7 +138,7 @@ class ATSSCriterion(TaskCriterion):
         return atss_assign(loc.anchors, loc.counts, gt.boxes, gt.valid)
 
     def task_losses(self, out: HeadOutputs, pos: Positives, assignment: Assignment, gt: GroundTruth) -> dict:
-        return focal_losses(out.cls, pos, gt.labels, self.weights, quality=out.quality)
+        return focal_losses(out.cls, pos, gt.labels, self.weights, quality=out.quality, ignore=assignment.ignore)
 
 
 class FCOSCriterion(ATSSCriterion):

@@ -120,7 +120,12 @@ def find_positives(
 
 
 def gfl_losses(
-    cls: Tensor, pos: Positives, gt_labels: Tensor, weights: GFLWeights, quality: Tensor | None = None
+    cls: Tensor,
+    pos: Positives,
+    gt_labels: Tensor,
+    weights: GFLWeights,
+    quality: Tensor | None = None,
+    ignore: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """GFL's weighted QFL (``qfl``), GIoU (``giou``) and DFL (``dfl``) for a batch; a weight of 0 leaves its
     term out and skips its computation.
@@ -130,6 +135,7 @@ def gfl_losses(
         gt_labels: ``(B, G)`` class of each ground truth (padding is never read: only matched ones are).
         quality: GFocalV2's ``(B, A)`` DGQP logits: QFL then trains the joint score ``sigmoid(cls) *
             sigmoid(quality)``, which also weighs GIoU and DFL (as the authors' ``GFLHeadV2``).
+        ignore: ``(B, A)`` bool, locations left out of QFL (the batch's padding).
     """
     b, a, num_classes = cls.shape
     reg_max = pos.reg.shape[-1] - 1
@@ -153,6 +159,8 @@ def gfl_losses(
             qfl = quality_focal_loss(cls.reshape(b * a, -1).float(), labels.reshape(-1), iou.reshape(-1))
         else:
             qfl = quality_focal_loss_prob(prob.reshape(b * a, -1), labels.reshape(-1), iou.reshape(-1))
+        if ignore is not None:
+            qfl = qfl * (~ignore).reshape(-1).to(qfl.dtype)
         losses["qfl"] = weights.cls * qfl.sum() / num_pos
     if weights.giou > 0:
         losses["giou"] = weights.giou * (giou_loss(pos.pred, pos.target) * score_weight).sum() / weight_sum

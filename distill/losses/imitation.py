@@ -66,33 +66,53 @@ def masked_mse(s_feats: list[Tensor], t_feats: list[Tensor], masks: list[Tensor]
     return weighted_mean(values, weights)
 
 
-def fitnets_loss(s_feats: list[Tensor], t_feats: list[Tensor]) -> Tensor:
-    """MSE between the (adapted) student's and the teacher's FPN levels, averaged over the levels."""
+def fitnets_loss(s_feats: list[Tensor], t_feats: list[Tensor], valid: list[Tensor] | None = None) -> Tensor:
+    """MSE between the (adapted) student's and the teacher's FPN levels, averaged over the levels; with
+    ``valid`` (per level ``(B, H_l, W_l)``, the padding mask), over the unpadded locations of all levels."""
+    if valid is not None:
+        return masked_mse(s_feats, t_feats, valid)
     return torch.stack([F.mse_loss(s, t.detach().float()) for s, t in zip(s_feats, t_feats, strict=True)]).mean()
 
 
-def defeat_loss(s_feats: list[Tensor], t_feats: list[Tensor], fg_masks: list[Tensor]) -> Tensor:
-    """``DEFEAT_FG x`` the MSE inside the boxes + ``DEFEAT_BG x`` the MSE outside them, each a mean over its
-    own locations (per level ``fg_masks (B, H_l, W_l)``)."""
+def defeat_loss(
+    s_feats: list[Tensor], t_feats: list[Tensor], fg_masks: list[Tensor], valid: list[Tensor] | None = None
+) -> Tensor:
+    """``DEFEAT_FG x`` the MSE inside the boxes + ``DEFEAT_BG x`` the MSE outside them (and inside the image:
+    ``valid``), each a mean over its own locations (per level ``(B, H_l, W_l)`` masks)."""
     fg = masked_mse(s_feats, t_feats, fg_masks)
-    bg = masked_mse(s_feats, t_feats, [1.0 - m for m in fg_masks])
-    return DEFEAT_FG * fg + DEFEAT_BG * bg
+    inside_image = valid if valid is not None else [torch.ones_like(m) for m in fg_masks]
+    outside = [v.float() * (1.0 - m) for v, m in zip(inside_image, fg_masks, strict=True)]
+    return DEFEAT_FG * fg + DEFEAT_BG * masked_mse(s_feats, t_feats, outside)
 
 
-def channel_normalise(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """``(B, C, H, W)`` -> the same, each channel at zero mean and unit variance over the batch and space."""
-    mean = x.mean(dim=(0, 2, 3), keepdim=True)
-    std = x.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
-    return (x - mean) / (std + eps)
+def channel_normalise(x: Tensor, valid: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+    """``(B, C, H, W)`` -> the same, each channel at zero mean and unit variance over the batch and space (over
+    the locations of ``valid (B, H, W)`` only, when given: padding does not shift the statistics)."""
+    if valid is None:
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        std = x.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
+        return (x - mean) / (std + eps)
+    w = valid.float()[:, None]  # (B, 1, H, W)
+    n = w.sum().clamp(min=1.0)
+    mean = (x * w).sum(dim=(0, 2, 3), keepdim=True) / n
+    var = ((x - mean).pow(2) * w).sum(dim=(0, 2, 3), keepdim=True) / n
+    return (x - mean) / (var.sqrt() + eps)
 
 
-def pkd_loss(s_feats: list[Tensor], t_feats: list[Tensor]) -> Tensor:
+def pkd_loss(s_feats: list[Tensor], t_feats: list[Tensor], valid: list[Tensor] | None = None) -> Tensor:
     """Pearson-correlation imitation: half the MSE of the channel-normalised features, averaged over the
-    levels; ``1 - r`` per channel up to the factor, so 0 for features equal up to a per-channel affine map."""
-    terms = [
-        F.mse_loss(channel_normalise(s), channel_normalise(t.detach().float())) / 2
-        for s, t in zip(s_feats, t_feats, strict=True)
-    ]
+    levels; ``1 - r`` per channel up to the factor, so 0 for features equal up to a per-channel affine map.
+    With ``valid`` (the padding mask per level), statistics and errors are over the unpadded locations."""
+    if valid is None:
+        terms = [
+            F.mse_loss(channel_normalise(s), channel_normalise(t.detach().float())) / 2
+            for s, t in zip(s_feats, t_feats, strict=True)
+        ]
+        return torch.stack(terms).mean()
+    terms = []
+    for s, t, v in zip(s_feats, t_feats, valid, strict=True):
+        diff = (channel_normalise(s, v) - channel_normalise(t.detach().float(), v)).pow(2).mean(1)  # (B, H, W)
+        terms.append((diff * v.float()).sum() / v.float().sum().clamp(min=1.0) / 2)
     return torch.stack(terms).mean()
 
 
@@ -102,18 +122,21 @@ def imitation_losses(
     t_feats: list[Tensor],
     adapters: nn.ModuleList | None,
     masks: Callable[[str], list[Tensor]],
+    valid: list[Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """The weighted imitation terms of ``weights`` (:func:`imitation_weights`). ``masks(name)`` gives a masked
-    term's region per level (``"inside_gt"`` also serves DeFeat); only the regions of enabled terms are built."""
+    term's region per level (``"inside_gt"`` also serves DeFeat); only the regions of enabled terms are built.
+    ``valid``: the padding mask per level ``(B, H_l, W_l)``; the whole-map terms (FitNets, PKD, DeFeat's
+    background) then look at the images only, never at the padding."""
     s = adapt(s_feats, adapters)
     out: dict[str, Tensor] = {}
     for name, w in weights.items():
         if name == "fitnets":
-            out[name] = w * fitnets_loss(s, t_feats)
+            out[name] = w * fitnets_loss(s, t_feats, valid)
         elif name == "pkd":
-            out[name] = w * pkd_loss(s, t_feats)
+            out[name] = w * pkd_loss(s, t_feats, valid)
         elif name == "defeat":
-            out[name] = w * defeat_loss(s, t_feats, masks("inside_gt"))
+            out[name] = w * defeat_loss(s, t_feats, masks("inside_gt"), valid)
         else:
             out[name] = w * masked_mse(s, t_feats, masks(name))
     return out

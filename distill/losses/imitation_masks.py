@@ -83,19 +83,23 @@ def general_instances(
     s_boxes: Tensor,
     top_k: int = 10,
     nms_iou: float = 0.3,
+    valid: Tensor | None = None,
 ) -> list[Tensor]:
     """General instances (Dai et al., CVPR 2021): per image, the anchors where the teacher and the student
     disagree most, ``GI = max_c |p_T - p_S|``, each with the box of whichever model is the more confident
     there; NMS at ``nms_iou`` keeps one per instance and the ``top_k`` best remain.
 
     ``t_scores, s_scores (B, N, C)`` probabilities, ``t_boxes, s_boxes (B, N, 4)`` decoded, in input pixels ->
-    per image ``(K_i, 4)`` boxes, ``K_i <= top_k``. Computed without gradients (it only selects where to look)."""
+    per image ``(K_i, 4)`` boxes, ``K_i <= top_k``; ``valid (B, N)``: only these anchors are candidates (the
+    padding mask). Computed without gradients (it only selects where to look)."""
     out = []
     with torch.no_grad():
-        for ts, ss, tb, sb in zip(t_scores, s_scores, t_boxes, s_boxes, strict=True):
+        for i, (ts, ss, tb, sb) in enumerate(zip(t_scores, s_scores, t_boxes, s_boxes, strict=True)):
             gi = (ts - ss).abs().max(1).values  # (N,)
             boxes = torch.where((ts.max(1).values >= ss.max(1).values)[:, None], tb, sb)
             keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            if valid is not None:
+                keep &= valid[i]
             boxes, gi = boxes[keep], gi[keep]
             # Only the best candidates reach NMS: its cost grows with the square of their number.
             pre = gi.topk(min(gi.numel(), 10 * top_k)).indices
