@@ -132,6 +132,10 @@ def test_formats_are_written_beside_fp32_and_described(formats):
         and inits[n.input[0]].data_type == onnx.TensorProto.INT8
     ]
     assert weight_scales and all(len(s.dims) == 1 and s.dims[0] > 1 for s in weight_scales)
+    # 7-bit weights: on CPUs without VNNI a u8 x s8 pair sum, 2 x 255 x |w|, must fit vpmaddubsw's int16 (32767).
+    weights = [onnx.numpy_helper.to_array(t) for t in inits.values() if t.data_type == onnx.TensorProto.INT8]
+    assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= 64
+    assert info["variants"]["int8"]["export"]["int8"]["weights"] == "int8 per channel, 7-bit range"
     # Post-processing stays float: no quantized tensor feeds the NMS or the outputs.
     assert all(not n.name.startswith("/bbox_head/integral") for n in int8.graph.node if n.op_type == "QuantizeLinear")
     calib = info["variants"]["int8"]["export"]["int8"]["calibration"]
