@@ -34,7 +34,9 @@ class Assignment:
     ignore: Tensor | None = None
 
 
-def atss_assign(anchors: Tensor, counts: list[int], gt_boxes: Tensor, gt_valid: Tensor, topk: int = 9) -> Assignment:
+def atss_assign(
+    anchors: Tensor, counts: list[int], gt_boxes: Tensor, gt_valid: Tensor, topk: int = 9, valid: Tensor | None = None
+) -> Assignment:
     """Assign ``A`` locations to ground truths.
 
     Args:
@@ -42,6 +44,9 @@ def atss_assign(anchors: Tensor, counts: list[int], gt_boxes: Tensor, gt_valid: 
         counts: locations per level (sums to A).
         gt_boxes: ``(B, G, 4)`` ground truths, padded to the largest count in the batch.
         gt_valid: ``(B, G)`` bool, False for padding.
+        valid: ``(B, A)`` bool, the locations inside each image (the batch's padding mask): the others are
+            never candidates, as mmdetection drops anchors outside the image before assigning, so an image's
+            assignment does not depend on the canvas it was batched on.
     """
     b, g = gt_valid.shape
     a = anchors.shape[0]
@@ -58,6 +63,8 @@ def atss_assign(anchors: Tensor, counts: list[int], gt_boxes: Tensor, gt_valid: 
     anchor_ctr = (anchors[:, :2] + anchors[:, 2:]) / 2  # (A, 2)
     gt_ctr = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # (B, G, 2)
     dist = torch.cdist(anchor_ctr[None].expand(b, -1, -1), gt_ctr)  # (B, A, G)
+    if valid is not None:
+        dist = dist.masked_fill(~valid[..., None], float("inf"))
 
     # Candidates: the topk closest locations of each level, as global location indices (B, K, G).
     candidates, start = [], 0
@@ -67,8 +74,16 @@ def atss_assign(anchors: Tensor, counts: list[int], gt_boxes: Tensor, gt_valid: 
         start += n
     candidates = torch.cat(candidates, dim=1)
     cand_iou = iou.gather(1, candidates)  # (B, K, G)
-    threshold = cand_iou.mean(1) + cand_iou.std(1)  # (B, G); unbiased std, as mmdetection
-    is_pos = cand_iou >= threshold[:, None, :]
+    if valid is None:
+        threshold = cand_iou.mean(1) + cand_iou.std(1)  # (B, G); unbiased std, as mmdetection
+        is_pos = cand_iou >= threshold[:, None, :]
+    else:  # statistics over the candidates inside the image only (a level may have fewer than topk there)
+        inside = valid[:, :, None].expand_as(iou).gather(1, candidates).float()  # (B, K, G)
+        n = inside.sum(1).clamp(min=1.0)
+        mean = (cand_iou * inside).sum(1) / n
+        std = (((cand_iou - mean[:, None]) * inside).pow(2).sum(1) / (n - 1).clamp(min=1.0)).sqrt()
+        threshold = mean + std
+        is_pos = (cand_iou >= threshold[:, None, :]) & inside.bool()
 
     # Centre of the candidate's location strictly inside the box (by more than 0.01 pixel).
     cand_ctr = anchor_ctr[candidates]  # (B, K, G, 2)
@@ -86,7 +101,12 @@ def atss_assign(anchors: Tensor, counts: list[int], gt_boxes: Tensor, gt_valid: 
 
 
 def max_iou_assign(
-    anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor, pos_iou: float = 0.5, neg_iou: float = 0.4
+    anchors: Tensor,
+    gt_boxes: Tensor,
+    gt_valid: Tensor,
+    pos_iou: float = 0.5,
+    neg_iou: float = 0.4,
+    valid: Tensor | None = None,
 ) -> Assignment:
     """RetinaNet's assignment of ``A`` anchors to ground truths.
 
@@ -99,7 +119,8 @@ def max_iou_assign(
     ``pos_iou`` for every real box: the VLR's ``alpha_pos``.
 
     Args:
-        anchors: ``(A, 4)``; gt_boxes: ``(B, G, 4)`` padded; gt_valid: ``(B, G)`` bool, False for padding.
+        anchors: ``(A, 4)``; gt_boxes: ``(B, G, 4)`` padded; gt_valid: ``(B, G)`` bool, False for padding;
+        valid: ``(B, A)`` bool, the anchors inside each image (the padding mask): the others overlap nothing.
     """
     b, g = gt_valid.shape
     a = anchors.shape[0]
@@ -112,6 +133,8 @@ def max_iou_assign(
             torch.zeros((b, a), dtype=torch.bool, device=anchors.device),
         )
     iou = pairwise_iou(anchors[None].expand(b, -1, -1), gt_boxes) * gt_valid[:, None, :]  # (B, A, G)
+    if valid is not None:
+        iou = iou * valid[..., None]
     best, gt_index = iou.max(dim=2)  # (B, A)
     positive = best >= pos_iou
     # Each box's best anchors (IoU equal to the box's maximum, above 0) are positive for it.

@@ -94,7 +94,7 @@ class TaskCriterion:
         # leaves it out (as mmdetection's valid flags): it is neither object nor background of any image.
         valid = valid_locations(loc.points, gt, out.cls.shape[0])
         with torch.no_grad():
-            assignment = self.assign(loc, gt)
+            assignment = self.assign(loc, gt, valid)
             ignore = ~valid if assignment.ignore is None else assignment.ignore | ~valid
             assignment = replace(
                 assignment,
@@ -105,8 +105,9 @@ class TaskCriterion:
         pos = find_positives(out.reg, loc.points, loc.strides, assignment, gt.boxes, self.model.bbox_head.integral)
         return self.task_losses(out, pos, assignment, gt), TaskState(loc, assignment, pos, valid)
 
-    def assign(self, loc: Locations, gt: GroundTruth) -> Assignment:
-        """The family's positives of a batch, ``(B, L*A)``, and each box's positive threshold."""
+    def assign(self, loc: Locations, gt: GroundTruth, valid: Tensor | None = None) -> Assignment:
+        """The family's positives of a batch, ``(B, L*A)``, and each box's positive threshold; ``valid``: the
+        anchors inside each image (the padding mask), the only ones the assigner looks at."""
         raise NotImplementedError
 
     def task_losses(self, out: HeadOutputs, pos: Positives, assignment: Assignment, gt: GroundTruth) -> dict:
@@ -117,8 +118,8 @@ class TaskCriterion:
 class GFLCriterion(TaskCriterion):
     """GFL: ATSS assignment; QFL + GIoU + DFL (:func:`distill.losses.gfl.gfl_losses`)."""
 
-    def assign(self, loc: Locations, gt: GroundTruth) -> Assignment:
-        return atss_assign(loc.anchors, loc.counts, gt.boxes, gt.valid)
+    def assign(self, loc: Locations, gt: GroundTruth, valid: Tensor | None = None) -> Assignment:
+        return atss_assign(loc.anchors, loc.counts, gt.boxes, gt.valid, valid=valid)
 
     def task_losses(self, out: HeadOutputs, pos: Positives, assignment: Assignment, gt: GroundTruth) -> dict:
         return gfl_losses(out.cls, pos, gt.labels, self.weights, ignore=assignment.ignore)
@@ -134,8 +135,8 @@ class GFLv2Criterion(GFLCriterion):
 class ATSSCriterion(TaskCriterion):
     """ATSS: ATSS assignment; focal + GIoU + DFL + centerness (:func:`distill.losses.focal.focal_losses`)."""
 
-    def assign(self, loc: Locations, gt: GroundTruth) -> Assignment:
-        return atss_assign(loc.anchors, loc.counts, gt.boxes, gt.valid)
+    def assign(self, loc: Locations, gt: GroundTruth, valid: Tensor | None = None) -> Assignment:
+        return atss_assign(loc.anchors, loc.counts, gt.boxes, gt.valid, valid=valid)
 
     def task_losses(self, out: HeadOutputs, pos: Positives, assignment: Assignment, gt: GroundTruth) -> dict:
         return focal_losses(out.cls, pos, gt.labels, self.weights, quality=out.quality, ignore=assignment.ignore)
@@ -149,9 +150,9 @@ class FCOSCriterion(ATSSCriterion):
     box's size and shape as FCOS's positives do, and makes the VLR of the anchor-free families (gfl, gflv2,
     atss, fcos) mean the same thing, so a student's VLR does not change with the family of its teacher."""
 
-    def assign(self, loc: Locations, gt: GroundTruth) -> Assignment:
-        fcos = fcos_assign(loc.points, loc.strides, loc.counts, gt.boxes, gt.valid)
-        atss = atss_assign(loc.anchors, loc.counts, gt.boxes, gt.valid)
+    def assign(self, loc: Locations, gt: GroundTruth, valid: Tensor | None = None) -> Assignment:
+        fcos = fcos_assign(loc.points, loc.strides, loc.counts, gt.boxes, gt.valid)  # points inside the boxes
+        atss = atss_assign(loc.anchors, loc.counts, gt.boxes, gt.valid, valid=valid)
         return replace(fcos, threshold=atss.threshold, iou=atss.iou)
 
 
@@ -159,8 +160,8 @@ class RetinaCriterion(TaskCriterion):
     """RetinaNet: max-IoU assignment of its nine anchors per location (positive >= 0.5, negative < 0.4, the
     rest ignored; ``alpha_pos`` 0.5); focal + GIoU + DFL."""
 
-    def assign(self, loc: Locations, gt: GroundTruth) -> Assignment:
-        return max_iou_assign(loc.anchors, gt.boxes, gt.valid)
+    def assign(self, loc: Locations, gt: GroundTruth, valid: Tensor | None = None) -> Assignment:
+        return max_iou_assign(loc.anchors, gt.boxes, gt.valid, valid=valid)
 
     def task_losses(self, out: HeadOutputs, pos: Positives, assignment: Assignment, gt: GroundTruth) -> dict:
         return focal_losses(out.cls, pos, gt.labels, self.weights, ignore=assignment.ignore)

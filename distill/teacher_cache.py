@@ -1,14 +1,18 @@
 """The teacher-output cache (DESIGN section 3): with a fixed-scale schedule the frozen teacher's answer for a
-training image depends only on the pixels it sees, named by ``(image id, flipped, padded size)``, so it is
-computed once and reused in every later epoch.
+training image is defined per image, independent of the rest of the batch: the teacher runs on the image
+padded to its own multiple of 32 (its *own canvas*), and its rows map onto the batch's grid (the same
+locations: both grids start at the image's corner, at the same strides). So the answer is named by ``(image
+id, flipped)`` alone (the own canvas follows from the image), computed once, and reused in every later epoch,
+however the images are batched; on mixed-size photos too, where the batch's canvas changes with every shuffle.
+The batch's locations beyond an image's own canvas are padding, which no term reads (the padding mask).
 
 What is stored. The Main region (the student family's positives) and the VLR come from the preset anchors and
 the ground-truth boxes, never from predictions, so they are fixed per key too, and the LD / KD / TBR terms
 read the teacher only there. An entry holds those locations' ``4 x (R + 1)`` edge logits in fp16, and the
 class logits of the columns KD reads only where KD reads them (by default the Main region: the VLR, most of
-the rows, is LD's alone). Terms that read every location (BCKD) make every entry dense (all locations, all
-classes). The padded size is part of the key because the batch's padding changes the locations (and the head's
-GroupNorm statistics): with one image size, as BCCD or the synthetic sets, it never varies.
+the rows, is LD's alone). Terms that read every location (BCKD) make every entry dense (all locations of the
+own canvas, all classes). Locations are indexed on the own canvas. With one image size, as BCCD or the
+synthetic sets, the own canvas is the batch's, and the answer is exactly the batched teacher's.
 
 On disk (the run folder's ``teacher_cache/``), append-only::
 
@@ -25,8 +29,9 @@ A record is the entry's completion marker: a process killed mid-entry leaves dat
 on the next open) or a torn record (bad CRC: cut off). The data CRC is checked at each read, so an entry
 whose bytes did not reach the disk (power loss) is recomputed, never used. Nothing is lost but time.
 
-Filled lazily: a batch's images that miss go through the teacher (only those: per image its output does
-not depend on the rest of the batch), the others are read back. Over a run every (image, flip) costs one
+Filled lazily: a batch's images that miss go through the teacher on their own canvases (those of one size
+together), the others are read back; with the cache on, a miss is answered the same way, so the first epoch
+and the later ones see the same definition. Over a run every (image, flip) costs one
 teacher pass, as a pre-pass over both flips would, without a second pass over the data
 (``bench/distill_speed.py`` measures both).
 """
@@ -51,12 +56,12 @@ from torch import Tensor
 
 from distill.criterion import DistillCriterion
 from distill.files import NoRoom, atomic_write_json, ensure_room
-from distill.outputs import HeadOutputs, pad_targets
+from distill.outputs import HeadOutputs, pad_targets, valid_locations
 from distill.regions import find_regions
 from distill.spec import JobSpec, teacher_cache_blocker, teacher_cache_refusal
 
-VERSION = 2
-# image id, flipped, padded h, padded w, first reg row, reg rows, first cls row, cls rows, first location,
+VERSION = 3  # 3: entries keyed by (image, flip) on the image's own canvas (2: the batch's canvas)
+# image id, flipped, own canvas h, own canvas w, first reg row, reg rows, first cls row, cls rows, first location,
 # data CRC32; then the record's own CRC32.
 _BODY = struct.Struct("<qBHHQIQIQI")
 _RECORD = _BODY.size + 4
@@ -152,7 +157,9 @@ class TeacherCache:
         self.min_free_bytes = min_free_bytes
         self.full: str | None = None  # why it stopped growing
         self.layout = lay = layout_for(criterion)
-        self.hits = self.lookups = self.recovered = 0
+        self.hits = self.lookups = self.recovered = self.teacher_passes = 0
+        self.images_seen: set[tuple[int, bool]] = set()
+        self._remaps: dict[tuple, Tensor] = {}
         # key -> (first reg row, reg rows, first cls row, cls rows, first location, data CRC)
         self.index: dict[Key, tuple[int, int, int, int, int, int]] = {}
         self._reg = _Rows(self.folder / "reg.f16", np.float16, 4 * lay.bins)
@@ -276,17 +283,19 @@ class TeacherCache:
 
     @torch.no_grad()
     def __call__(self, images: Tensor, targets: list[dict]) -> HeadOutputs:
+        """The teacher's outputs for a batch ``images (B, 3, H, W)`` in the student's rows, each image's from the
+        cache or from the teacher on its own canvas; rows beyond an image's own canvas hold ``fill``."""
         b, _, h, w = images.shape
-        strides = self.criterion.teacher.strides
-        sizes = tuple((math.ceil(h / s), math.ceil(w / s)) for s in strides)  # the backbone's ceil halvings
+        sizes = _level_sizes(h, w, self.criterion.teacher.strides)
         # Rows in the student's layout (its anchors per location): the cache holds the teacher's outputs as the
         # terms read them (``DistillCriterion.to_student``: matched anchors, quality folded into the scores).
-        a = sum(y * x for y, x in sizes) * self.criterion.student_anchors
+        anchors = self.criterion.student_anchors
+        a = sum(y * x for y, x in sizes) * anchors
         lay, dev = self.layout, images.device
         cls = images.new_full((b, a, lay.num_classes), self.fill)
         reg = images.new_full((b, a, 4, lay.bins), self.fill)
         columns = torch.tensor(lay.columns, dtype=torch.long, device=dev)
-        keys = [(int(t["image_id"]), bool(t["flipped"]), h, w) for t in targets]
+        keys = [_key(t, h, w) for t in targets]
         if any(k not in self.index for k in keys):
             with self._locked():  # another process (DDP rank) may have computed it since
                 self._sync()
@@ -297,22 +306,47 @@ class TeacherCache:
                 miss.append(i)
                 continue
             locs, reg_rows, cls_rows = got
-            at = torch.arange(a, device=dev) if locs is None else torch.from_numpy(locs.astype(np.int64)).to(dev)
+            remap = self._remap(key[2:], (h, w), anchors, dev)
+            at = remap if locs is None else remap[torch.from_numpy(locs.astype(np.int64)).to(dev)]
             reg[i, at] = torch.from_numpy(reg_rows.astype(np.float32)).to(dev).reshape(-1, 4, lay.bins)
             if len(columns):
                 cls[i, at[: len(cls_rows), None], columns[None]] = torch.from_numpy(cls_rows.astype(np.float32)).to(dev)
         self.lookups += b
         self.hits += b - len(miss)
-        if miss:
-            live = self.criterion.to_student(self.criterion.teacher_forward(images[miss]))
-            if live.sizes != sizes:
-                raise RuntimeError(f"teacher maps {live.sizes} for input {h}x{w}, expected {sizes}")
-            cls[miss], reg[miss] = live.cls, live.reg
+        self.images_seen.update(k[:2] for k in keys)
+        by_canvas: dict[tuple[int, int], list[int]] = {}
+        for i in miss:
+            by_canvas.setdefault(keys[i][2:], []).append(i)
+        for (oh, ow), group in by_canvas.items():
+            live = self.criterion.to_student(self.criterion.teacher_forward(images[group, :, :oh, :ow]))
+            self.teacher_passes += len(group)
+            if live.sizes != _level_sizes(oh, ow, self.criterion.teacher.strides):
+                raise RuntimeError(f"teacher maps {live.sizes} for input {oh}x{ow}")
+            at = self._remap((oh, ow), (h, w), anchors, dev)
+            for j, i in enumerate(group):
+                cls[i, at], reg[i, at] = live.cls[j], live.reg[j]
             if self.full is None:
-                self._store([keys[i] for i in miss], [targets[i] for i in miss], live)
+                self._store([keys[i] for i in group], [targets[i] for i in group], live)
         return HeadOutputs(cls, reg, sizes)
 
+    def _remap(self, own: tuple[int, int], batch: tuple[int, int], anchors: int, device: torch.device) -> Tensor:
+        """``(L_own * A,)`` long: each row of the own canvas (levels concatenated, anchor-minor) as its row on
+        the batch's canvas. The own canvas is the batch's top-left corner, so location (y, x) of a level keeps
+        its (y, x)."""
+        key = (own, batch, anchors, str(device))
+        if key not in self._remaps:
+            strides = self.criterion.teacher.strides
+            parts, offset = [], 0
+            for (oh, ow), (bh, bw) in zip(_level_sizes(*own, strides), _level_sizes(*batch, strides), strict=True):
+                ys, xs = torch.meshgrid(torch.arange(oh), torch.arange(ow), indexing="ij")
+                cell = (ys * bw + xs).reshape(-1, 1) * anchors + torch.arange(anchors)  # (oh * ow, A)
+                parts.append(offset + cell.reshape(-1))
+                offset += bh * bw * anchors
+            self._remaps[key] = torch.cat(parts).to(device)
+        return self._remaps[key]
+
     def _store(self, keys: list[Key], targets: list[dict], live: HeadOutputs) -> None:
+        """Append the entries of images computed together on one own canvas (``live``'s rows are on it)."""
         lay = self.layout
         reg = live.reg.flatten(2).half()  # (M, A, 4 (R + 1))
         cls = live.cls[..., list(lay.columns)].half()  # (M, A, C_k)
@@ -334,11 +368,13 @@ class TeacherCache:
         lay = self.layout
         loc = self.criterion.task.locations(sizes, device)
         gt = pad_targets(targets, device)
-        assignment = self.criterion.task.assign(loc, gt)  # the student family's Main region
-        main = assignment.positive
+        # The student family's Main region and the VLR as the criterion finds them: inside the images only.
+        valid = valid_locations(loc.points, gt, len(targets))
+        assignment = self.criterion.task.assign(loc, gt, valid)
+        main = assignment.positive & valid
         vlr = torch.zeros_like(main)
         if lay.reg_vlr or lay.cls_vlr:
-            vlr = find_regions(loc.anchors, gt.boxes, gt.valid, main, assignment.threshold, lay.gamma).vlr
+            vlr = find_regions(loc.anchors, gt.boxes, gt.valid, main, assignment.threshold, lay.gamma).vlr & valid
         with_cls = (main & lay.cls_main) | (vlr & lay.cls_vlr)
         read = (main & (lay.reg_main or lay.cls_main)) | (vlr & (lay.reg_vlr or lay.cls_vlr))
         return with_cls, read & ~with_cls
@@ -358,6 +394,9 @@ class TeacherCache:
             "recovered_entries": self.recovered,
             "hit_rate": round(self.hits / max(self.lookups, 1), 4),
             "lookups": self.lookups,
+            # This attempt's: images through the teacher, against the distinct (image, flip) pairs it met.
+            "teacher_passes": self.teacher_passes,
+            "images": len(self.images_seen),
             "dense": self.layout.dense,
             "columns": len(self.layout.columns),
             "full": self.full,
@@ -417,6 +456,19 @@ def attach(
         f"{cache.recovered} entries reused from a previous attempt"
     )
     return cache
+
+
+def _level_sizes(h: int, w: int, strides: tuple[int, ...] | list[int]) -> tuple[tuple[int, int], ...]:
+    """Each FPN level's ``(H_l, W_l)`` for an input ``h x w`` (the backbone's ceil halvings)."""
+    return tuple((math.ceil(h / s), math.ceil(w / s)) for s in strides)
+
+
+def _key(target: dict, h: int, w: int) -> Key:
+    """An image's cache key: its id, whether it is flipped, and its own canvas (its resized size rounded up to
+    32, within the batch's ``h x w``), which follows from the image alone."""
+    ih, iw = target.get("size", (h, w))
+    own_h, own_w = min(h, -(-int(ih) // 32) * 32), min(w, -(-int(iw) // 32) * 32)
+    return int(target["image_id"]), bool(target["flipped"]), own_h, own_w
 
 
 def _outputs_identity(fingerprint: Any) -> Any:
