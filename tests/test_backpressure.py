@@ -1,7 +1,7 @@
 """Backpressure on ``/detect`` over real HTTP (a uvicorn subprocess, ONNX Runtime, loopback only): a bounded queue
-(``LDD_DETECT_QUEUE``, 8 here, under 32 clients) answers 503 with ``Retry-After`` at once beyond its bound, with no other 5xx, and the
-accepted requests keep their p99 within 2x of the p99 at the bound; a request past its ``X-Request-Timeout-Ms``
-is answered 504; /metrics counts the refusals per model.
+(``LDD_DETECT_QUEUE``, 8 here, under 32 clients) answers 503 with ``Retry-After`` at once beyond its bound, with
+no other 5xx, and the accepted requests keep their p99 within 2x of the p99 at the bound; a request past its
+``X-Request-Timeout-Ms`` is answered 504; /metrics counts the refusals per model.
 """
 
 from __future__ import annotations

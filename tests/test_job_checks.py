@@ -125,7 +125,8 @@ def test_teacher_must_share_reg_max_and_strides_not_classes(env):
     spec = JobSpec.model_validate({"kind": "distill", "dataset": DS, "teacher": {"checkpoint": CK}})
     _checkpoint(settings, store, CK, TINY_DETECTOR)
     assert check_job(spec, store, settings).teacher_facts["num_classes"] == 80
-    for bad, text in (({"reg_max": 7}, "reg_max 7 differs from the student's 16"), ({"strides": [8, 16, 32]}, "strides")):
+    refusals = (({"reg_max": 7}, "reg_max 7 differs from the student's 16"), ({"strides": [8, 16, 32]}, "strides"))
+    for bad, text in refusals:
         store2 = Store(f"sqlite:///{settings.data_dir / (text[:3] + '.db')}")
         store2.add_dataset(DS, "d", str(settings.datasets_dir / DS), ["cat"], 1, 1, {}, [])
         _checkpoint(settings, store2, CK, {**TINY_DETECTOR, **bad})
