@@ -10,7 +10,9 @@ Every checkpoint is exported with ``deploy.export.export_model`` (verified again
 also in int8 (calibrated on the data set's training pictures) and, with ``--fp16``, fp16. Rows, each on the
 same prepared batch (keep-ratio resize, normalise, pad) so that only the model and its post-processing are
 timed: (a) student fp32 and (a8) int8 in ONNX Runtime, (o) fp32 and (o8) int8 in OpenVINO (same ONNX files;
-on the CPU, when installed), (b) the student in PyTorch eager (``GFL.predict``; on CUDA also (b16) in fp16),
+on the CPU, when installed), (ob) bf16 in OpenVINO (its bf16 inference precision; only on a CPU with
+``avx512_bf16``, ``deploy.precision``: elsewhere OpenVINO would emulate it, slower than fp32), (b) the student
+in PyTorch eager (``GFL.predict``; on CUDA also (b16) in fp16),
 (a16) the fp16 export, (c) the teacher, (d) the distilled student (``--distilled``; without it, a second
 untrained student labelled as such), and the student through
 ``Predictor.predict`` from JPEG bytes (decode, preprocessing and mapping back included). Each row's AP is
@@ -56,6 +58,7 @@ from report import save
 
 from deploy.evaluate import runtime_ap
 from deploy.export import export_model
+from deploy.precision import CPU_FEATURES, cpu_flags
 from deploy.runtime import DEFAULT_MAX_PIXELS, Predictor, prepare_batch
 from distill.checkpoint import atomic_save, build_detector, checkpoint_meta, detector_state, load_detector
 from distill.data.annotations import load_coco
@@ -246,9 +249,13 @@ def main() -> None:
         )
         exports, predictors = {}, {}
         ort_options = {"providers": providers, "intra_op_threads": args.threads, "session_config": SESSION_CONFIG}
+        has_openvino = importlib.util.find_spec("openvino") is not None and device.type == "cpu"
+        has_bf16 = has_openvino and set(CPU_FEATURES["bf16"]) <= cpu_flags()
         for name, ckpt in ckpts.items():
             t0 = time.perf_counter()
-            formats = (["fp32", "int8"] + (["fp16"] if args.fp16 else [])) if name == "student" else ["fp32"]
+            formats = ["fp32"]
+            if name == "student":
+                formats += ["int8"] + (["fp16"] if args.fp16 else []) + (["bf16"] if has_bf16 else [])
             exports[name] = export_model(
                 ckpt,
                 tmp / name,
@@ -265,11 +272,14 @@ def main() -> None:
         predictors["student_int8"] = Predictor(tmp / "student" / "int8", **ort_options)
         if args.fp16:
             predictors["student_fp16"] = Predictor(tmp / "student" / "fp16", **ort_options)
-        has_openvino = importlib.util.find_spec("openvino") is not None and device.type == "cpu"
         if has_openvino:
             predictors["student_ov"] = Predictor(tmp / "student", backend="openvino", intra_op_threads=args.threads)
             predictors["student_ov_int8"] = Predictor(
                 tmp / "student" / "int8", backend="openvino", intra_op_threads=args.threads
+            )
+        if has_bf16:
+            predictors["student_ov_bf16"] = Predictor(
+                tmp / "student" / "bf16", backend="openvino", intra_op_threads=args.threads
             )
         student = load_detector(ckpts["student"], device)
         student_set = ap_dataset(ckpts["student"], dataset, synthetic)
@@ -311,6 +321,9 @@ def main() -> None:
                 ("(o8) student int8, openvino-cpu", "student_ov_int8"),
             ):
                 aps[r] = runtime_ap(predictors[name], student_set, args.val_split, 0) if student_set else {}
+        if has_bf16:
+            rows["(ob) student bf16, openvino-cpu"] = ort_row("student_ov_bf16")
+            aps["(ob) student bf16, openvino-cpu"] = exports["student"]["variants"]["bf16"]["metrics"]
         rows[f"(b) student, pytorch eager {device.type}"] = torch_row
         aps[f"(b) student, pytorch eager {device.type}"] = (
             runtime_ap(TorchPredictor(student, input_size, device), student_set, args.val_split, 0)
@@ -377,6 +390,8 @@ def main() -> None:
             "ap_dataset": str(args.dataset) if args.dataset else "synthetic validation split",
             "int8_accuracy_warning": exports["student"]["variants"]["int8"]["accuracy_warning"],
             "cpu_int8_features": int8_cpu_features(),
+            # bf16's row needs these (deploy.precision); without them it is left out, not emulated.
+            "cpu_bf16_features": sorted(set(CPU_FEATURES["bf16"]) & cpu_flags()),
             "int8_conv_kernel": int8_conv_speedup(args.threads, session_config=SESSION_CONFIG)
             if device.type == "cpu"
             else None,
@@ -417,6 +432,11 @@ def main() -> None:
                         "openvino_int8_vs_ort_fp32": a_med[b] / med["(o8) student int8, openvino-cpu"][b],
                     }
                     if has_openvino
+                    else {}
+                ),
+                **(
+                    {"openvino_bf16_vs_ort_fp32": a_med[b] / med["(ob) student bf16, openvino-cpu"][b]}
+                    if has_bf16
                     else {}
                 ),
             }

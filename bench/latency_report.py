@@ -46,8 +46,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines += [
         "",
         "| batch | ORT fp32 over PyTorch eager (same device) | teacher / student (ORT) | int8 over fp32 (ORT) "
-        "| OpenVINO fp32 over ORT fp32 | OpenVINO int8 over ORT fp32 |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| OpenVINO fp32 over ORT fp32 | OpenVINO int8 over ORT fp32 | OpenVINO bf16 over ORT fp32 |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for b in batches:
         sp = res["speedups"][b]
@@ -56,10 +56,17 @@ def markdown(res: dict[str, Any]) -> str:
             if "openvino_fp32_vs_ort_fp32" in sp
             else "- | -"
         )
+        bf16 = f"{sp['openvino_bf16_vs_ort_fp32']:.2f}x" if "openvino_bf16_vs_ort_fp32" in sp else "-"
         lines.append(
             f"| {b} | {sp['ort_vs_eager']:.2f}x | {sp['teacher_vs_student']:.2f}x | "
-            f"{sp.get('int8_vs_fp32', float('nan')):.2f}x | {ov} |"
+            f"{sp.get('int8_vs_fp32', float('nan')):.2f}x | {ov} | {bf16} |"
         )
+    if "cpu_bf16_features" in res:
+        lines += [
+            "",
+            "- CPU bf16 instructions: "
+            + (", ".join(res["cpu_bf16_features"]) or "none (no bf16 row: OpenVINO would emulate it, slowly)"),
+        ]
     features, kernel = res.get("cpu_int8_features"), res.get("int8_conv_kernel")
     if features is not None and kernel:
         vnni = [f for f in features if "vnni" in f or f.startswith("amx")]
