@@ -47,7 +47,7 @@ class PublishCheckpoint(BaseModel):
     export: ExportSpec = Field(default_factory=ExportSpec, description="the formats to publish (fp32 always)")
 
 
-@router.post("", status_code=202, response_model=schemas.Job, responses=error_docs(404, 422, 429),
+@router.post("", status_code=202, response_model=schemas.Job, responses=error_docs(400, 404, 422, 429),
              summary="Publish an uploaded detector checkpoint as a model without training: mmdetection's RetinaNet, "
                      "FCOS or ATSS with its own decoding, a GFL, or one of ours. Answers the export job; its "
                      "model_id is the model once it succeeded (the worker exports it: torch runs there)")  # fmt: skip
