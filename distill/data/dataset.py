@@ -245,6 +245,10 @@ def build_loaders(
         "generator": torch.Generator().manual_seed(seed),
         "pin_memory": torch.cuda.is_available() if pin_memory is None else pin_memory,
         "prefetch_factor": 2 if workers else None,
+        # Workers start from a fresh server process, not by fork() of this one: a process that has loaded
+        # libraries with fork handlers (OpenVINO after compiling bf16 and f32 models, seen crashing in fork)
+        # or that runs threads (a worker's progress relay) forks unsafely. Persistent: started once per run.
+        "multiprocessing_context": "forkserver" if workers else None,
     }
     train_set = DetectionDataset(data, train_ids, image_size=image_size, train=True, seed=seed, scales=scales)
     val_set = DetectionDataset(data, val_ids, image_size=image_size, train=False, seed=seed)
