@@ -197,9 +197,10 @@ def test_schemathesis_finds_no_server_errors(
     if not st.exists():
         pytest.skip("schemathesis is not installed")
     # A generous detect deadline: a generated 1 ms one is rightly answered 504 (DESIGN section 5), not a server error.
+    # DELETE is left out: the fuzzer would really delete this module's shared model (deletion has its own tests).
     cmd = [str(st), "run", f"{server.url}/openapi.json", "--checks", "not_a_server_error", "--max-examples", "5",
            "--seed", "1", "--workers", "1", "--max-time", "40", "--request-timeout", "30",
-           "-H", "X-Request-Timeout-Ms: 60000"]  # fmt: skip
+           "-H", "X-Request-Timeout-Ms: 60000", "--exclude-method", "DELETE"]  # fmt: skip
     out = subprocess.run(cmd, cwd=server.work, capture_output=True, text=True, timeout=300)  # type: ignore[attr-defined]
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert re.search(r"(\d+) generated, \1 passed", out.stdout), out.stdout[-3000:]
