@@ -3,6 +3,10 @@ teacher cache; the share of the step spent finding the regions (Main + VLR); and
 
     python bench/distill_speed.py [--student gfl_r18] [--teacher gfl_r101] [--size 512 320] [--batch 2]
                                   [--iters 10] [--warmup 5] [--device cpu] [--threads N] [--no-sizes]
+                                  [--data synthetic|raccoon]
+
+``--data raccoon``: raccoon's photos of mixed sizes (its training split), so the batches' canvases change and
+the cache answers per image on its own canvas (``distill.teacher_cache``); results ``distill_speed_<device>_raccoon``.
 
 Steps are the training loop's own (``Trainer.step`` + backward + optimiser step) on the same batches:
 
@@ -78,14 +82,27 @@ def _train_step(trainer: Trainer, images: torch.Tensor, targets: list[dict]) -> 
 
 
 def measure(
-    student: str, teacher: str, size: tuple[int, int], batch: int, iters: int, warmup: int, device: str
+    student: str,
+    teacher: str,
+    size: tuple[int, int],
+    batch: int,
+    iters: int,
+    warmup: int,
+    device: str,
+    data: str = "synthetic",
 ) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        data_dir = make_synthetic(
-            tmp_path / "data", num_train=batch * (iters + warmup), num_val=2, image_size=size, seed=0
-        )
-        classes = [str(d) for d in range(10)]
+        if data == "raccoon":  # real photos of mixed sizes: batches on changing canvases, per-image cache keys
+            from ablation_plan import Plan, prepare_data
+
+            data_dir = prepare_data(Plan(dataset="raccoon"), tmp_path)
+            classes = load_coco(data_dir, check_images=False).classes
+        else:
+            data_dir = make_synthetic(
+                tmp_path / "data", num_train=batch * (iters + warmup), num_val=2, image_size=size, seed=0
+            )
+            classes = [str(d) for d in range(10)]
         teacher_path = tmp_path / "teacher.pt"
         atomic_save(detector_state(build_detector(teacher, len(classes), classes)), teacher_path)
         schedule = {"epochs": 1, "batch_size": batch, "image_size": list(size), "num_workers": 0, "warmup_iters": 0}
@@ -165,6 +182,7 @@ def measure(
             "student": student,
             "teacher": teacher,
             "image_size": list(size),
+            "data": data,
             "batch": batch,
             "iters": iters,
             "warmup": warmup,
@@ -308,14 +326,21 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-sizes", action="store_true", help="skip the cache size table")
+    parser.add_argument(
+        "--data",
+        choices=("synthetic", "raccoon"),
+        default="synthetic",
+        help="synthetic: one image size; raccoon: shared/data/raccoon-voc, mixed sizes (results: *_raccoon)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    r = measure(args.student, args.teacher, tuple(args.size), args.batch, args.iters, args.warmup, args.device)
+    size = tuple(args.size)
+    r = measure(args.student, args.teacher, size, args.batch, args.iters, args.warmup, args.device, args.data)
     ms = r["median_ms"]
     lines = [
         f"# Distillation step cost: {r['student']} from {r['teacher']} at {r['image_size'][0]}x{r['image_size'][1]}, "
-        f"batch {r['batch']}",
+        f"batch {r['batch']}, {r['data']} data",
         "",
         f"device: {r['device']} ({r['device_name']}), torch {r['torch']}, threads {r['threads']}, amp {r['amp']}; "
         f"medians of {r['iters']} steps after {r['warmup']} warm-up steps, all rows in the same run",
@@ -363,7 +388,8 @@ def main() -> None:
                 f"| {s['boxes_per_image']:.2f} | {s['bytes_per_image']:,.0f} | {s['total_gb']:.3f} |"
             )
     print("\n".join(lines))
-    save(f"distill_speed_{device_tag(r['device'])}", r, "\n".join(lines))
+    suffix = "" if args.data == "synthetic" else f"_{args.data}"
+    save(f"distill_speed_{device_tag(r['device'])}{suffix}", r, "\n".join(lines))
 
 
 if __name__ == "__main__":
