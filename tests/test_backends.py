@@ -21,8 +21,11 @@ from deploy.runtime import Predictor, best_providers, load_image, prepare_batch
 from deploy.verify import compare_detections, sample_images
 from distill.checkpoint import detector_state
 from distill.data.annotations import load_coco
+from tests.isolation import in_own_process
 from tests.test_deploy_export import INPUT_SIZE
 from tests.test_quantize import confident_detector, make_dataset
+
+pytestmark = in_own_process(__file__)
 
 # OpenVINO and ONNX Runtime compute the same fp32 convolutions with different kernels (summation order):
 # boxes within 1e-3 of the image side, scores within 1e-4, as the export holds ONNX Runtime to PyTorch.

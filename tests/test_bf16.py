@@ -5,10 +5,7 @@ and by an AVX2-only flag set) refuses to load it with the reason."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -16,31 +13,9 @@ import pytest
 
 from deploy.precision import CPU_FEATURES, PrecisionUnavailable, check_cpu, cpu_flags
 from tests.api_server import png_bytes
+from tests.isolation import in_own_process
 
-CHILD = "LDD_TEST_BF16_CHILD"
-
-
-def ran_in_a_child(name: str) -> bool:
-    """Run test ``name`` of this module in a pytest of its own and report whether it did (False inside that child).
-
-    In the suite's long-lived process, OpenVINO's bf16 kernels (AMX on this CPU) were followed, tests later, by a
-    segfault in unrelated Python code (``int()`` on a corrupted object; a heap corruption, reproduced twice at the
-    same point of the suite and never with these tests left out). Until that is understood, bf16 inference runs
-    in a process that ends with the test; the child's failure, or its crash, fails the test here."""
-    if os.environ.get(CHILD):
-        return False
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{name}"],
-        env={**os.environ, CHILD: "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    if "1 skipped" in run.stdout:  # no bf16 on this CPU, or no OpenVINO: the child says so
-        pytest.skip(f"skipped in its child process: {run.stdout.strip().splitlines()[-1]}")
-    assert "1 passed" in run.stdout, run.stdout[-2000:]
-    return True
+pytestmark = in_own_process(__file__)
 
 
 def test_a_cpu_without_the_features_refuses_bf16() -> None:
@@ -52,8 +27,6 @@ def test_a_cpu_without_the_features_refuses_bf16() -> None:
 
 
 def test_bf16_export_records_its_features_and_serves_close_to_fp32(tmp_path: Path) -> None:
-    if ran_in_a_child("test_bf16_export_records_its_features_and_serves_close_to_fp32"):
-        return
     torch = pytest.importorskip("torch")
     pytest.importorskip("openvino")
     if not set(CPU_FEATURES["bf16"]) <= cpu_flags():
@@ -132,8 +105,6 @@ def test_the_api_refuses_a_bf16_model_this_cpu_cannot_run_with_the_reason(tmp_pa
 def test_bf16_keeps_the_ap_of_fp32_within_one_point(tmp_path: Path) -> None:
     """AP of the fp32 and bf16 models on a data set whose ground truth is the PyTorch model's own confident
     detections (``tests.test_quantize``), each measured by the runtime that serves it, as export does."""
-    if ran_in_a_child("test_bf16_keeps_the_ap_of_fp32_within_one_point"):
-        return
     torch = pytest.importorskip("torch")
     pytest.importorskip("openvino")
     if not set(CPU_FEATURES["bf16"]) <= cpu_flags():
