@@ -50,7 +50,9 @@ def test_publish_get_list_verify(tmp_path):
     got = registry.get("mdl_one")
     assert got == read_model_json(registry.path("mdl_one")) == first
     # model.json holds what the runtime needs, nothing more.
-    assert set(got) == set(RUNTIME_KEYS) and got["classes"] == ["a", "b"] and got["input_size"] == [320, 256]
+    # precision and cpu_features are written only for a format that needs them (bf16), not for fp32.
+    assert set(got) == set(RUNTIME_KEYS) - {"precision", "cpu_features"}
+    assert got["classes"] == ["a", "b"] and got["input_size"] == [320, 256]
     assert got["sha256"] == read_model_json(tmp_path / "e1")["sha256"]
     assert (registry.path("mdl_one") / "model.onnx").read_bytes() == (tmp_path / "e1" / "model.onnx").read_bytes()
     assert registry.verify("mdl_one")["sha256"] == first["sha256"]
