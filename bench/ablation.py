@@ -47,7 +47,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from ablation_plan import ROWS, Plan, job_spec, prepare_data, run_job, worker_init
+from ablation_plan import ROWS, Plan, job_spec, prepare_data, run_job, teacher_result, worker_init
 from ablation_report import chart, markdown, regenerate, summarise
 from report import save
 
@@ -159,13 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             for row in plan.rows
             if ROWS[row][1] is None
         }
-        if teacher_future is None:
-            teacher_path = args.teacher
-            teacher = json.loads((teacher_path.parent / "metrics.json").read_text())
-            teacher["reused_from"] = str(teacher_path)
-        else:
-            teacher = teacher_future.result()
-            teacher_path = runs_dir / "teacher" / "model.pt"
+        teacher, teacher_path = teacher_result(teacher_future, args.teacher, runs_dir)
         print(f"teacher: {teacher['bbox']} ({teacher.get('wall_s', '?')} s)", flush=True)
         futures.update(
             {

@@ -4,6 +4,7 @@ set, and one run of the training loop (``bench/ablation.py`` runs them and ``abl
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -150,6 +151,16 @@ def run_job(spec: dict[str, Any], out_dir: str, device: str) -> dict[str, Any]:
     metrics["wall_s"] = round(time.monotonic() - started, 1)
     metrics["spec"] = spec
     return metrics
+
+
+def teacher_result(future: Any, reused: Path | None, runs_dir: Path) -> tuple[dict[str, Any], Path]:
+    """The teacher's metrics and checkpoint: trained in this run (``future``), or reused from ``--teacher``."""
+    if future is None:
+        assert reused is not None
+        teacher = json.loads((reused.parent / "metrics.json").read_text())
+        teacher["reused_from"] = str(reused)
+        return teacher, reused
+    return future.result(), runs_dir / "teacher" / "model.pt"
 
 
 def prepare_data(plan: Plan, work: Path) -> Path:

@@ -33,7 +33,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from ablation_plan import ROWS, Plan, job_spec, prepare_data, run_job, worker_init
+from ablation_plan import ROWS, Plan, job_spec, prepare_data, run_job, teacher_result, worker_init
 from ablation_report import chart, markdown, per_seed, summarise
 from report import save
 
@@ -161,13 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         futures = {
             ("a", s): submit(run_job, job_spec(plan, data_dir, "a", s, None), f"a-seed{s}") for s in range(plan.seeds)
         }
-        if teacher_future is None:
-            teacher_path = args.teacher
-            teacher = json.loads((teacher_path.parent / "metrics.json").read_text())
-            teacher["reused_from"] = str(teacher_path)
-        else:
-            teacher = teacher_future.result()
-            teacher_path = runs_dir / "teacher" / "model.pt"
+        teacher, teacher_path = teacher_result(teacher_future, args.teacher, runs_dir)
         print(f"teacher: {teacher['bbox']} ({teacher.get('wall_s', '?')} s)", flush=True)
         for s in range(plan.seeds):  # the two ways of a seed side by side: a cut-short run still pairs them
             for row, fn in ((TWO_BIN, run_two_bin), ("e", run_job)):
