@@ -203,7 +203,9 @@ def test_training_child_killed_from_outside_is_retried(service: Service):
     """The OOM killer takes the training child (not the worker): the attempt is retried from the last checkpoint
     and the job succeeds on its second attempt, one model published."""
     worker = service.start_worker()
-    job_id = service.submit(train_spec(DATASET, epochs=2))
+    # Four epochs: the kill must land after epoch 1's checkpoint and before training ends, a window of three
+    # epochs (with two, a fast machine finished epoch 2 between two polls and the job was never killed).
+    job_id = service.submit(train_spec(DATASET, epochs=4))
     first = service.wait_training(job_id, min_iter=1)
     service.wait_training(job_id, min_iter=first["total_iters"] // first["epochs"] + 1)
     children = training_children(worker)
