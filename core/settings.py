@@ -1,12 +1,16 @@
 """Service settings: one typed object read from ``LDD_*`` environment variables (torch-free; the API imports it).
 
-Artifact layout under ``data_dir``::
+Artifact layout: the storage keys (``core.artifacts``), which are also the paths under ``data_dir`` when no
+object storage is set (``LDD_STORAGE_URL`` empty)::
 
     datasets/<id>/          uploaded dataset folders (annotations.json + images)
     checkpoints/<id>.pt     uploaded checkpoints (teachers, initialisations)
     runs/<job_id>/          one training run: spec.json, checkpoints/, progress.json, model.pt, ...
     models/<model_id>/      published ONNX models (the deploy Registry root)
-    broker/                 the embedded (filesystem) Celery broker's folders
+
+Local only, under ``data_dir``: ``broker/`` (the embedded Celery broker's folders), ``cache/`` (with object
+storage: this machine's verified copies of stored objects) and ``runs/`` (with object storage: the runs this
+worker trains, on local disk, uploaded at every checkpoint).
 """
 
 from __future__ import annotations
@@ -81,6 +85,13 @@ class Settings(BaseSettings):
     detect_queue: Count = Field(64, ge=1)
     # Checkpoints kept per ended run, newest first (``core.deletion.prune_checkpoints``); 0 = keep all.
     keep_checkpoints: Count = Field(0, ge=0)
+    # Where datasets, uploaded checkpoints, runs and published models live (``core.artifacts``): empty = data_dir
+    # itself (one machine); ``s3://bucket/prefix`` = S3-compatible object storage (MinIO, AWS), endpoint and
+    # credentials from boto3's standard variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). data_dir then
+    # holds this machine's local copies only (``cache/``, ``runs/``), so API and workers need no shared folder.
+    storage_url: str = ""
+    # Bytes of local copies (``data_dir/cache``) kept with object storage, least recently used evicted; 0 = no limit.
+    cache_bytes: Count = Field(0, ge=0)
 
     @field_validator("api_keys", "admin_keys", "providers", mode="before")
     @classmethod
@@ -143,6 +154,10 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
 
     @property
     def broker_dir(self) -> Path:
