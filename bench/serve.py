@@ -21,6 +21,17 @@ and is reported as such. Without ``--model-dir`` an untrained model is exported 
 bias is shifted so that hundreds of candidates pass the score threshold, as with a trained one, so NMS
 does real work. The server and the clients share this machine's cores: the numbers include that contention.
 Writes ``bench/results/serve.md`` and ``serve.json``.
+
+    python bench/serve.py --backpressure [--bound 8] [--levels 1 4 8 16 32] [--seconds 3] [--repeat 3]
+
+measures ``/detect``'s bounded queue instead (issue 24): two uvicorn servers on loopback serving the same model,
+one with ``LDD_DETECT_QUEUE=--bound`` (Q) and one with a bound no load here reaches (100000), each driven in turn
+at concurrency 1, 4, Q, 2Q and 4Q by closed-loop clients (a refused client waits its Retry-After), in ``--repeat``
+interleaved rounds. Per bound and level: accepted requests/s, p50/p99 of the accepted requests, the share refused
+with 503 (and any without Retry-After), other 5xx. The target: the accepted p99 at 4Q with the bound <= 2x the
+p99 at Q with the bound, judged on the per-round ratios: "met" only when their whole 95% t interval lies under 2
+and no round reached 2, "not met" when the interval lies at or over 2, else "inside noise". Writes
+``serve_backpressure.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -63,9 +74,9 @@ def summarize(name: str, latencies_ms: list[float], wall_s: float, n: int, note:
     }
 
 
-def build_model(work: Path, arch: str, size: tuple[int, int]) -> Path:
+def build_model(work: Path, arch: str, size: tuple[int, int], formats: tuple[str, ...] = ("fp32", "int8")) -> Path:
     """Export an untrained detector (bias shifted to pass ~hundreds of candidates) in fp32 and int8 (calibrated
-    on the sample pictures) and publish both (``mdl_bench``, ``mdl_benchint8``)."""
+    on the sample pictures) and publish both (``mdl_bench``, ``mdl_benchint8``; int8 only if in ``formats``)."""
     import torch
 
     from deploy.export import export_model
@@ -76,9 +87,10 @@ def build_model(work: Path, arch: str, size: tuple[int, int]) -> Path:
     with torch.no_grad():
         model.bbox_head.gfl_cls.bias.fill_(-2.5)  # sigmoid ~0.08: just over the 0.05 threshold
     atomic_save(detector_state(model, meta={"input_size": list(size)}), work / "model.pt")
-    export_model(work / "model.pt", work / "export", formats=["fp32", "int8"])
+    export_model(work / "model.pt", work / "export", formats=list(formats))
     Registry(work / "data" / "models").publish(work / "export", model_id="mdl_bench")
-    Registry(work / "data" / "models").publish(work / "export" / "int8", model_id="mdl_benchint8")
+    if "int8" in formats:
+        Registry(work / "data" / "models").publish(work / "export" / "int8", model_id="mdl_benchint8")
     return work / "data" / "models" / "mdl_bench"
 
 
@@ -152,9 +164,20 @@ def main() -> None:
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--requests", type=int, default=48, help="HTTP requests per concurrency level")
     p.add_argument("--rounds", type=int, default=48, help="calls per bare row")
-    p.add_argument("--repeat", type=int, default=5, help="interleaved rounds over all rows (>= 3: the interval)")
+    p.add_argument("--repeat", type=int, help="interleaved rounds over all rows (>= 3: the interval); default 5, "
+                   "3 with --backpressure")  # fmt: skip
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    bp = p.add_argument_group("--backpressure: the bounded detect queue (writes serve_backpressure.md and .json)")
+    bp.add_argument("--backpressure", action="store_true", help="measure the bounded queue instead of the rows")
+    bp.add_argument("--bound", type=int, default=8, help="LDD_DETECT_QUEUE of the bounded server")
+    bp.add_argument("--levels", type=int, nargs="+", help="concurrency levels; default 1 4 Q 2Q 4Q")
+    bp.add_argument("--seconds", type=float, default=3.0, help="seconds per level, bound and round")
+    bp.add_argument("--ramp", type=float, default=0.3, help="seconds over which a level's clients start")
     args = p.parse_args()
+    if args.backpressure:
+        backpressure(args)
+        return
+    args.repeat = args.repeat or 5
     size = (args.size[0], args.size[1])
 
     with tempfile.TemporaryDirectory(prefix="ldd-bench-serve-") as tmp:
@@ -362,6 +385,190 @@ def _register(
         store.add_model(model_id, None, str(model_dir), meta, **precision)
     finally:
         store.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# --backpressure: /detect's bounded queue (LDD_DETECT_QUEUE) under concurrency above it
+
+
+def load_round(url: str, image: bytes, clients: int, seconds: float, ramp_s: float) -> dict[str, Any]:
+    """``clients`` closed-loop clients (threads, one keep-alive connection each, opened before the start) posting
+    ``image`` to ``/detect`` for ``seconds``; a client told 503 waits its Retry-After, as a well-behaved client
+    does (tests/test_backpressure.py's clients). They start over ``ramp_s``, not all in the same millisecond.
+    Returns the accepted latencies (ms), the refusals' latencies (ms) and how many of them lacked Retry-After,
+    the other statuses, and the wall time."""
+    conns = [httpx.Client(base_url=url, timeout=120) for _ in range(clients)]
+    for c in conns:
+        c.get("/healthz")  # the connection is open before the clock starts (a POST could be refused)
+    barrier = threading.Barrier(clients + 1)
+    lock = threading.Lock()
+    out: dict[str, Any] = {"ok_ms": [], "refused_ms": [], "no_retry_after": 0, "other": {}}
+
+    def run(k: int) -> None:
+        http = conns[k]
+        barrier.wait()
+        end = time.monotonic() + seconds
+        time.sleep(ramp_s * k / clients)
+        while time.monotonic() < end:
+            t = time.perf_counter()
+            try:
+                r = http.post("/detect", files={"file": ("i.png", image, "image/png")})
+                code = r.status_code
+            except httpx.TransportError as e:
+                code, r = type(e).__name__, None
+            dt = (time.perf_counter() - t) * 1000
+            with lock:
+                if code == 200:
+                    out["ok_ms"].append(dt)
+                elif code == 503 and r is not None and r.json().get("error", {}).get("code") == "overloaded":
+                    out["refused_ms"].append(dt)
+                    out["no_retry_after"] += "Retry-After" not in r.headers
+                else:
+                    out["other"][str(code)] = out["other"].get(str(code), 0) + 1
+            if code == 503 and r is not None:
+                time.sleep(float(r.headers.get("Retry-After", 1)))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    out["wall_s"] = time.perf_counter() - start
+    for c in conns:
+        c.close()
+    return out
+
+
+def backpressure(args: argparse.Namespace) -> None:
+    """Two servers on the same model, one with ``LDD_DETECT_QUEUE=--bound`` and one with a bound no load here
+    reaches; every round measures each level on each, interleaved, so the load of other processes falls on all."""
+    size = (args.size[0], args.size[1])
+    bound, unbounded = args.bound, 100_000
+    levels = args.levels or [1, 4, bound, 2 * bound, 4 * bound]
+    repeat = args.repeat or 3
+    with tempfile.TemporaryDirectory(prefix="ldd-bench-backpressure-") as tmp:
+        work = Path(tmp)
+        model_dir = build_model(work, args.arch, size, formats=("fp32",))
+        meta = Predictor(model_dir).meta
+        image = make_images(1, size, work)[0]
+        _register(work / "data", model_dir, meta)
+        servers, urls = [], {}
+        try:
+            for q in (bound, unbounded):
+                port = _free_port()
+                env = {k: v for k, v in os.environ.items() if not k.startswith("LDD_")}
+                env.update({"LDD_DATA_DIR": str(work / "data"), "PYTHONPATH": str(ROOT), "LDD_DETECT_QUEUE": str(q)})
+                with open(work / f"api{q}.log", "wb") as log:
+                    servers.append(subprocess.Popen(api_command("127.0.0.1", port), cwd=ROOT, env=env, stdout=log,
+                                                    stderr=subprocess.STDOUT))  # fmt: skip
+                urls[q] = f"http://127.0.0.1:{port}"
+                _wait(urls[q])
+                load_round(urls[q], image, 2, 1.0, 0.0)  # warm: the session opened, the first allocations done
+            runs: dict[tuple[int, int], list[dict[str, Any]]] = {}
+            for r in range(repeat):
+                for c in levels:
+                    for q in (bound, unbounded):
+                        runs.setdefault((q, c), []).append(load_round(urls[q], image, c, args.seconds, args.ramp))
+                print(f"round {r + 1}/{repeat} done", flush=True)
+        finally:
+            for s in servers:
+                s.terminate()
+            for s in servers:
+                s.wait(20)
+
+    rows = [_bp_row(q, c, runs[q, c], q == unbounded) for q in (bound, unbounded) for c in levels]
+    top = max(levels)
+    at_bound = [percentile(x["ok_ms"], 99) for x in runs[bound, bound]]
+    at_top = [percentile(x["ok_ms"], 99) for x in runs[bound, top]]
+    ratios = [a / b for a, b in zip(at_top, at_bound, strict=True)]
+    iv = interval(ratios)
+    pooled = percentile(_all(runs[bound, top], "ok_ms"), 99) / percentile(_all(runs[bound, bound], "ok_ms"), 99)
+    verdict = iv.verdict_below(2.0)  # "met" only when the whole interval lies under 2x
+    if verdict == "met" and max(ratios) >= 2.0:
+        verdict = "inside noise"  # a round at or over 2x: the spread reaches the target
+    result = {
+        "model": {"arch": meta.get("arch") or args.arch, "input_size": meta.get("input_size"),
+                  "image_size": list(size), "untrained": True},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "settings": {"LDD_DETECT_QUEUE": bound, "unbounded_queue": unbounded, "levels": levels, "repeat": repeat,
+                     "seconds_per_level": args.seconds, "ramp_s": args.ramp, "clients": "closed loop, threads with "
+                     "keep-alive connections; a refused client waits its Retry-After", "path": "/detect"},
+        "rows": rows,
+        "target": {"what": f"p99 of accepted requests at concurrency {top} with the bound <= 2 x p99 at "
+                   f"concurrency {bound} (= the bound) with the bound",
+                   "p99_at_bound_ms": [round(x, 1) for x in at_bound],
+                   "p99_at_top_ms": [round(x, 1) for x in at_top], "ratio_per_round": [round(x, 3) for x in ratios],
+                   "ratio_pooled": round(pooled, 3), "interval": iv.as_dict(), "verdict": verdict},
+        "other_5xx": sum(r["other_5xx"] for r in rows),
+        "refusals_without_retry_after": sum(r["refused_without_retry_after"] for r in rows),
+    }  # fmt: skip
+    md = render_backpressure(result)
+    print(md)
+    print(f"wrote {save('serve_backpressure', result, md)} and its .json")
+
+
+def _all(parts: list[dict[str, Any]], key: str) -> list[float]:
+    return [x for p in parts for x in p[key]]
+
+
+def _bp_row(q: int, c: int, parts: list[dict[str, Any]], unbounded: bool) -> dict[str, Any]:
+    ok, refused = _all(parts, "ok_ms"), _all(parts, "refused_ms")
+    other: dict[str, int] = {}
+    for p in parts:
+        for k, v in p["other"].items():
+            other[k] = other.get(k, 0) + v
+    sent = len(ok) + len(refused) + sum(other.values())
+    p99s = [percentile(p["ok_ms"], 99) for p in parts if p["ok_ms"]]
+    thr = [len(p["ok_ms"]) / p["wall_s"] for p in parts]
+    return {
+        "bound": "none (100000)" if unbounded else q, "concurrency": c, "sent": sent, "accepted": len(ok),
+        "accepted_per_s": round(statistics.fmean(thr), 1), "accepted_per_s_rounds": [round(x, 1) for x in thr],
+        "p50_ms": round(percentile(ok, 50), 1) if ok else None, "p99_ms": round(percentile(ok, 99), 1) if ok else None,
+        "p99_ms_rounds": [round(x, 1) for x in p99s], "refused_503": len(refused),
+        "refused_share": round(len(refused) / sent, 3) if sent else 0.0,
+        "refused_without_retry_after": sum(p["no_retry_after"] for p in parts),
+        "refusal_p50_ms": round(percentile(refused, 50), 1) if refused else None,
+        "other_5xx": sum(v for k, v in other.items() if k.isdigit() and 500 <= int(k) < 600),
+        "other_statuses": other,
+    }  # fmt: skip
+
+
+def render_backpressure(result: dict[str, Any]) -> str:
+    m, s, t = result["model"], result["settings"], result["target"]
+    iv = t["interval"]
+    lines = [
+        f"# /detect's bounded queue under load: {m['arch']}, input {m['input_size']}, PNG "
+        f"{m['image_size'][0]}x{m['image_size'][1]}, LDD_DETECT_QUEUE={s['LDD_DETECT_QUEUE']} against unbounded",
+        "",
+        f"machine: {result['machine']['cpus']} CPUs, {result['machine']['platform']}; server and clients share the "
+        f"cores. {s['repeat']} interleaved rounds of {s['seconds_per_level']} s per level and bound; {s['clients']}. "
+        "Latencies are of accepted (200) requests; throughput = accepted / wall time, mean over the rounds; "
+        "p99 spread = min-max of the rounds' p99s.",
+        "",
+        "| bound | clients | sent | accepted/s | p50 (ms) | p99 (ms) | p99 spread (ms) | 503 share | 503 w/o "
+        "Retry-After | 503 p50 (ms) | other 5xx |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        spread = f"{min(r['p99_ms_rounds']):.0f}-{max(r['p99_ms_rounds']):.0f}" if r["p99_ms_rounds"] else "-"
+        lines.append(
+            f"| {r['bound']} | {r['concurrency']} | {r['sent']} | {r['accepted_per_s']:.1f} | {r['p50_ms']} | "
+            f"{r['p99_ms']} | {spread} | {100 * r['refused_share']:.0f}% | {r['refused_without_retry_after']} | "
+            f"{r['refusal_p50_ms'] if r['refusal_p50_ms'] is not None else '-'} | {r['other_5xx']} |"
+        )
+    ratios = ", ".join(f"{x:.2f}" for x in t["ratio_per_round"])
+    band = (f"mean {iv['mean']:.2f}, 95% interval [{iv['low']:.2f}, {iv['high']:.2f}]" if iv["high"] is not None
+            else "one round: no interval")  # fmt: skip
+    lines += [
+        "",
+        f"- target: {t['what']}: ratio per round {ratios} ({band}; pooled p99s {t['ratio_pooled']:.2f}): "
+        f"**{t['verdict']}**.",
+        f"- other 5xx than 503: {result['other_5xx']}; 503s without Retry-After: "
+        f"{result['refusals_without_retry_after']}.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
