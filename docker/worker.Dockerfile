@@ -20,6 +20,6 @@ RUN pip install ".[train,queue,gpu]" \
 ENV LDD_DATA_DIR=/data
 VOLUME ["/data"]
 HEALTHCHECK --interval=30s --timeout=10s --retries=3 \
-    CMD python -c "import sys; from worker.queue import broker_ok; sys.exit(0 if broker_ok() else 1)"
+    CMD python -c "import sys; from core.queue import broker_ok; sys.exit(0 if broker_ok() else 1)"
 # python -m worker: a Celery worker on queue gpu with --concurrency 1 --prefetch-multiplier 1.
 CMD ["python", "-m", "worker"]
