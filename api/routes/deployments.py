@@ -12,7 +12,6 @@ Names are the caller's tenant's own (another tenant's ``blood-cells`` is a 404 h
 from __future__ import annotations
 
 import logging
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request, Response
@@ -20,10 +19,10 @@ from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import ID_PATTERN, CallerDep, Services, ServicesDep, get_or_404
-from api.detect_body import read_detect_body
+from api.deps import ID_PATTERN, CallerDep, Services, ServicesDep
+from api.detect_body import DetectBody
 from api.errors import APIError, ErrorResponse, error_docs
-from api.routes.detect import DETECT_DOC, Threshold, Timeout, answer
+from api.routes.detect import DETECT_DOC, Threshold, Timeout, deployed_model, serve, visible_model
 from core import deployments
 from core.tenants import Caller
 
@@ -83,7 +82,7 @@ class DeploymentList(BaseModel):
 @router.post("", status_code=201, response_model=Deployment, summary="Name a model: version 1 of a deployment",
              responses={**error_docs(400, 404, 422), **_CONFLICT})  # fmt: skip
 async def create_deployment(body: DeploymentCreate, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
-    await _model(services, body.model, caller)
+    await visible_model(services, body.model, caller)
     await _warm(services, body.model)
     try:
         dep = await run_in_threadpool(deployments.create, services.store, caller.tenant, body.name, body.model,
@@ -111,7 +110,7 @@ async def update_deployment(
     name: Name, body: DeploymentUpdate, services: ServicesDep, caller: CallerDep
 ) -> dict[str, Any]:
     dep = await run_in_threadpool(_deployment, services, name, caller)
-    new = await _model(services, body.model, caller)
+    new = await visible_model(services, body.model, caller)
     current = await run_in_threadpool(services.store.get_model, dep["model_id"])
     if current is not None and (reason := deployments.incompatibility(current, new)):
         raise APIError(409, "incompatible_model", f"{name} cannot serve {body.model}: {reason}")
@@ -162,12 +161,10 @@ async def detect_with_deployment(
     score_threshold: Threshold = None,
     timeout_ms: Timeout = None,
 ) -> dict[str, Any]:
-    start = time.perf_counter()
-    body = await read_detect_body(request)
-    model_id = await run_in_threadpool(deployments.current_model, services.store, caller.tenant, name)
-    if model_id is None:
-        raise APIError(404, "not_found", f"no deployment {name!r}")
-    return await answer(body, services, model_id, name, score_threshold, timeout_ms, start)
+    async def resolve(body: DetectBody) -> tuple[str, str]:
+        return await deployed_model(services, caller, name, APIError(404, "not_found", f"no deployment {name!r}")), name
+
+    return await serve(request, services, resolve, score_threshold, timeout_ms)
 
 
 def _deployment(services: Services, name: str, caller: Caller) -> dict[str, Any]:
@@ -175,10 +172,6 @@ def _deployment(services: Services, name: str, caller: Caller) -> dict[str, Any]
     if dep is None:
         raise APIError(404, "not_found", f"no deployment {name!r}")
     return dep
-
-
-async def _model(services: Services, model_id: str, caller: Caller) -> dict[str, Any]:
-    return await run_in_threadpool(get_or_404, services.store.get_model, "model", model_id, caller.scope)
 
 
 async def _warm(services: Services, model_id: str) -> None:

@@ -1,5 +1,6 @@
 """``POST /v1/models/{model_id}/detect`` and ``POST /detect``: the named model, else ``LDD_DEFAULT_DEPLOYMENT``'s,
-else the caller's newest. :func:`answer` also serves ``POST /v1/deployments/{name}/detect``.
+else the caller's newest. :func:`serve` (reading the upload, then :func:`answer`) also serves
+``POST /v1/deployments/{name}/detect``.
 
 The image is decoded once, here, in a worker thread (bad images are refused before they reach a batch);
 the model's micro-batcher (``api.batcher``) then runs it with the requests that arrived beside it. A full
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
@@ -23,6 +25,7 @@ from api.deps import ID_PATTERN, CallerDep, ResourceId, Services, ServicesDep, g
 from api.detect_body import DETECT_OPENAPI, DetectBody, read_detect_body
 from api.errors import APIError, ErrorResponse, error_docs
 from core import deployments
+from core.tenants import Caller
 from deploy.runtime import ImageError, load_image
 
 log = logging.getLogger("ldd.api")
@@ -50,10 +53,11 @@ async def detect_with_model(
     score_threshold: Threshold = None,
     timeout_ms: Timeout = None,
 ) -> dict[str, Any]:
-    start = time.perf_counter()
-    body = await read_detect_body(request)
-    await run_in_threadpool(get_or_404, services.store.get_model, "model", model_id, caller.scope)
-    return await answer(body, services, model_id, None, score_threshold, timeout_ms, start)
+    async def resolve(body: DetectBody) -> tuple[str, None]:
+        await visible_model(services, model_id, caller)
+        return model_id, None
+
+    return await serve(request, services, resolve, score_threshold, timeout_ms)
 
 
 @router.post("/detect", summary="Detect objects with the given model, the default deployment or the newest model",
@@ -68,21 +72,49 @@ async def detect(
     score_threshold: Threshold = None,
     timeout_ms: Timeout = None,
 ) -> dict[str, Any]:
-    start = time.perf_counter()
-    body = await read_detect_body(request)
-    model_id, deployment = model or body.model, None  # the query wins over the body
-    if model_id is not None:
-        await run_in_threadpool(get_or_404, services.store.get_model, "model", model_id, caller.scope)
-    elif deployment := services.settings.default_deployment:
-        model_id = await run_in_threadpool(deployments.current_model, services.store, caller.tenant, deployment)
-        if model_id is None:
-            raise APIError(404, "no_deployment", f"no deployment {deployment!r} (LDD_DEFAULT_DEPLOYMENT) to serve")
-    else:
+    async def resolve(body: DetectBody) -> tuple[str, str | None]:
+        if (model_id := model or body.model) is not None:  # the query wins over the body
+            await visible_model(services, model_id, caller)
+            return model_id, None
+        if deployment := services.settings.default_deployment:
+            why = f"no deployment {deployment!r} (LDD_DEFAULT_DEPLOYMENT) to serve"
+            return await deployed_model(services, caller, deployment, APIError(404, "no_deployment", why)), deployment
         newest = await run_in_threadpool(services.store.newest_model, caller.scope)
         if newest is None:
             raise APIError(404, "no_model", "no model is published yet: run a job first")
-        model_id = newest["id"]
+        return newest["id"], None
+
+    return await serve(request, services, resolve, score_threshold, timeout_ms)
+
+
+async def serve(
+    request: Request,
+    services: Services,
+    resolve: Callable[[DetectBody], Awaitable[tuple[str, str | None]]],
+    score_threshold: float | None,
+    timeout_ms: int | None,
+) -> dict[str, Any]:
+    """What every detect route does (``/detect``, ``/v1/models/{id}/detect``, ``/v1/deployments/{name}/detect``):
+    start the request's clock, read its upload (:func:`read_detect_body`: 413, 415, 400 before any lookup), let
+    ``resolve`` name the model to run (checked visible to the caller, else its 404) and the deployment it is counted
+    under, and :func:`answer` with it."""
+    start = time.perf_counter()
+    body = await read_detect_body(request)
+    model_id, deployment = await resolve(body)
     return await answer(body, services, model_id, deployment, score_threshold, timeout_ms, start)
+
+
+async def visible_model(services: Services, model_id: str, caller: Caller) -> dict[str, Any]:
+    """The model ``model_id`` if the caller may see it, else a 404."""
+    return await run_in_threadpool(get_or_404, services.store.get_model, "model", model_id, caller.scope)
+
+
+async def deployed_model(services: Services, caller: Caller, name: str, missing: APIError) -> str:
+    """The model the caller's deployment ``name`` serves now; raises ``missing`` when there is no such deployment."""
+    model_id = await run_in_threadpool(deployments.current_model, services.store, caller.tenant, name)
+    if model_id is None:
+        raise missing
+    return model_id
 
 
 async def answer(
