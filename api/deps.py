@@ -11,6 +11,7 @@ import asyncio
 import hmac
 from collections.abc import Callable
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request, Response
@@ -22,28 +23,31 @@ from api.batcher import PredictorCache
 from api.errors import APIError, ErrorResponse
 from api.metrics import Metrics
 from api.uploads import free_bytes
+from core.artifacts import Artifacts, artifacts_for, model_key
 from core.deletion import Held
 from core.settings import Settings
 from core.store import Store
 from core.tenants import OPEN, Caller, parse_keys, visible
 from deploy.backends import select_providers
 from deploy.precision import OPENVINO_PRECISION
-from deploy.registry import Registry
+from deploy.registry import read_model_json
 from deploy.runtime import Predictor
 
 
 class Services:
-    """What the routes share, one per app: settings, store, model registry, predictors, metrics."""
+    """What the routes share, one per app: settings, store, stored files (and this machine's copies of the
+    published models), predictors, metrics."""
 
     def __init__(
         self, settings: Settings, store: Store, *, max_batch: int = 16, max_wait_s: float = 0.004, cache_size: int = 4
     ):
         self.settings, self.store = settings, store
-        self.registry = Registry(settings.models_dir)
-        storage = {"datasets": settings.datasets_dir, "checkpoints": settings.checkpoints_dir,
-                   "runs": settings.runs_dir, "models": settings.models_dir}  # fmt: skip
+        self.artifacts = artifacts_for(settings)
         self.metrics = Metrics(
-            store.count_jobs_by_state, lambda: free_bytes(settings.data_dir), settings.min_free_bytes, storage
+            store.count_jobs_by_state,
+            lambda: free_bytes(settings.data_dir),
+            settings.min_free_bytes,
+            self.artifacts.usage,
         )
         self.predictors = PredictorCache(
             self.load_predictor,
@@ -60,12 +64,18 @@ class Services:
         # Predictor checks model.onnx against the sha256 in model.json (a tampered model is refused).
         # No spinning: between requests ORT's idle threads would otherwise burn the cores that HTTP
         # handling and image decoding need (measured: about twice the /detect throughput without it).
-        predictor = Predictor(self.registry.path(model_id), backend=self.settings.backend,
+        predictor = Predictor(self.model_dir(model_id), backend=self.settings.backend,
                               providers=self.settings.providers or None, max_pixels=self.settings.max_image_pixels,
                               session_config={"session.intra_op.allow_spinning": "0",
                                               "session.inter_op.allow_spinning": "0"})  # fmt: skip
         self._serving[model_id] = {"backend": predictor.backend, "providers": predictor.providers, "loaded": True}
         return predictor
+
+    def model_dir(self, model_id: str) -> Path:
+        """The local folder of a published model, whole and verified (fetched from object storage if needed):
+        the data folder's ``models/<id>``, or this machine's copy of the stored one. ``FileNotFoundError`` when
+        it is not stored."""
+        return self.artifacts.tree(model_key(model_id))
 
     async def warm(self, model_id: str) -> None:
         """Load ``model_id`` and run it once on a blank image, so that the first request a deployment switches
@@ -81,9 +91,9 @@ class Services:
             return self._serving[model_id]
         backend = self.settings.backend
         try:  # a bf16 model is served by OpenVINO whatever the setting (deploy.precision)
-            if self.registry.get(model_id).get("precision") in OPENVINO_PRECISION:
+            if read_model_json(self.model_dir(model_id)).get("precision") in OPENVINO_PRECISION:
                 backend = "openvino"
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, OSError):
             pass
         if backend == "onnxruntime":
             import onnxruntime as ort
@@ -109,10 +119,6 @@ def get_store(request: Request) -> Store:
     return get_services(request).store
 
 
-def get_registry(request: Request) -> Registry:
-    return get_services(request).registry
-
-
 def get_predictors(request: Request) -> PredictorCache:
     return get_services(request).predictors
 
@@ -125,9 +131,15 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 # The header that makes a POST of a job or a study safe to retry (same key and body: the same resource).
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)]
-RegistryDep = Annotated[Registry, Depends(get_registry)]
 PredictorsDep = Annotated[PredictorCache, Depends(get_predictors)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+def get_artifacts(settings: SettingsDep) -> Artifacts:
+    return artifacts_for(settings)  # the one per settings that Services holds too
+
+
+ArtifactsDep = Annotated[Artifacts, Depends(get_artifacts)]
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 # An id in a path (``/v1/jobs/{job_id}``): the shape of the ids the service makes (``distill.spec``'s, bounded

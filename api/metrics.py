@@ -19,9 +19,7 @@ The latency is recorded by ``api.middleware.LatencyMiddleware``.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -64,33 +62,28 @@ class _DiskCollector(Collector):
                                 value=self.min_free_bytes)  # fmt: skip
 
 
-def folder_bytes(folder: Path) -> int:
-    """Bytes of the files under ``folder`` (0 when it is missing); files vanishing meanwhile count 0."""
-    total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(root, name), follow_symlinks=False).st_size
-            except OSError:
-                pass
-    return total
-
-
 class _StorageCollector(Collector):
-    def __init__(self, folders: dict[str, Path]):
-        self.folders = folders
+    KINDS = ("datasets", "checkpoints", "runs", "models")
+
+    def __init__(self, usage: Callable[[str], int]):
+        self.usage = usage
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        used = GaugeMetricFamily("ldd_storage_bytes", "Bytes stored in the data folder by kind", labels=["kind"])
-        for kind, folder in self.folders.items():
-            used.add_metric([kind], folder_bytes(folder))
+        used = GaugeMetricFamily("ldd_storage_bytes", "Bytes stored (data folder or object storage) by kind",
+                                 labels=["kind"])  # fmt: skip
+        for kind in self.KINDS:
+            try:
+                used.add_metric([kind], self.usage(kind))
+            except Exception as e:  # object storage unreachable: the scrape still answers, without this family
+                log.warning("metrics: cannot read the storage's usage: %s", e)
+                return
         yield used
 
 
 class Metrics:
     def __init__(
         self, job_counts: Callable[[], dict[str, int]], free_bytes: Callable[[], int] | None = None,
-        min_free_bytes: int = 0, storage: dict[str, Path] | None = None,
+        min_free_bytes: int = 0, storage: Callable[[str], int] | None = None,
     ):  # fmt: skip
         self.registry = CollectorRegistry()
         self.latency = Histogram(

@@ -19,7 +19,7 @@ def public_job(job: dict[str, Any]) -> dict[str, Any]:
 def public_model(model: dict[str, Any]) -> dict[str, Any]:
     """The model row's metadata (model.json as published) flattened beside its id, job, precision and date."""
     meta = dict(model.get("meta") or {})
-    meta.pop("path", None)
+    meta.pop("path", None)  # rows from before storage keys (migration 0008) named a folder
     return {
         **meta,
         "id": model["id"],
@@ -33,8 +33,8 @@ def public_model(model: dict[str, Any]) -> dict[str, Any]:
 
 def public_dataset(ds: dict[str, Any]) -> dict[str, Any]:
     # val_split and split_seed are shown inside ``split`` (core.catalogue), with the images in each part.
-    return {k: v for k, v in ds.items() if k not in ("path", "val_split", "split_seed")}
+    return {k: v for k, v in ds.items() if k not in ("key", "val_split", "split_seed")}
 
 
 def public_checkpoint(ck: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in ck.items() if k != "path"}
+    return {k: v for k, v in ck.items() if k != "key"}

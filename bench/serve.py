@@ -380,9 +380,10 @@ def _register(
     ``format`` and ``fp32_id`` of an int8 or fp16 model."""
     from core.store import Store
 
+    assert model_dir.parent == data_dir / "models", "the server reads models/<id> of its data folder"
     store = Store(f"sqlite:///{data_dir / 'ldd.db'}")
     try:
-        store.add_model(model_id, None, str(model_dir), meta, **precision)
+        store.add_model(model_id, None, f"models/{model_dir.name}", meta, **precision)  # its storage key
     finally:
         store.close()
 

@@ -4,7 +4,7 @@ Every method returns plain JSON-ready dicts (timestamps as ISO 8601 strings in U
 adds the jobs and their lease protocol on top of it; the API and the worker use that one class.
 
 A published model's row is the one place its description lives (architecture, classes, input size,
-metrics, source job, export details, sha256: ``meta``); its registry folder (``path``) holds only what
+metrics, source job, export details, sha256: ``meta``); its stored folder (``key``, ``core.artifacts``) holds only what
 serving needs (``deploy.registry``).
 """
 
@@ -52,7 +52,7 @@ class Catalogue:
     # -- datasets -------------------------------------------------------------------------------
 
     def add_dataset(
-        self, id: str, name: str, path: str, classes: list[str], num_images: int, num_boxes: int,
+        self, id: str, name: str, key: str, classes: list[str], num_images: int, num_boxes: int,
         splits: dict[str, Any], problems: list[str], tenant: str = DEFAULT_TENANT, *,
         val_split: float | None = None, split_seed: int | None = None, images: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:  # fmt: skip
@@ -60,7 +60,7 @@ class Catalogue:
         upload (None when the images' own split decides), and ``images``, each ``{image_id, file_name, sha256,
         split}`` (``split``: train, val or test), in the same transaction."""
         values = dict(
-            id=id, name=name, path=str(path), classes=list(classes), num_images=int(num_images),
+            id=id, name=name, key=key, classes=list(classes), num_images=int(num_images),
             num_boxes=int(num_boxes), splits=dict(splits), problems=list(problems), created_at=utcnow(),
             tenant=tenant, val_split=val_split, split_seed=split_seed,
         )  # fmt: skip
@@ -109,9 +109,9 @@ class Catalogue:
     # -- checkpoints ----------------------------------------------------------------------------
 
     def add_checkpoint(
-        self, id: str, path: str, arch: dict[str, Any], name: str | None, tenant: str = DEFAULT_TENANT
+        self, id: str, key: str, arch: dict[str, Any], name: str | None, tenant: str = DEFAULT_TENANT
     ) -> dict[str, Any]:
-        values = dict(id=id, path=str(path), arch=dict(arch), name=name, created_at=utcnow(), tenant=tenant)
+        values = dict(id=id, key=key, arch=dict(arch), name=name, created_at=utcnow(), tenant=tenant)
         with self._tx() as conn:
             conn.execute(insert(checkpoints).values(**values))
         return plain(values)
@@ -124,7 +124,7 @@ class Catalogue:
     # -- models ---------------------------------------------------------------------------------
 
     def add_model(
-        self, id: str, job_id: str | None, path: str, meta: dict[str, Any], tenant: str | None = None, *,
+        self, id: str, job_id: str | None, key: str, meta: dict[str, Any], tenant: str | None = None, *,
         format: str = "fp32", fp32_id: str | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         """Record a published model. Idempotent: adding the same id (or a second model of the same job and
@@ -138,7 +138,7 @@ class Catalogue:
             raise ValueError("an int8 or fp16 model names its fp32 sibling, and an fp32 model has none")
         if tenant is None:
             tenant = self._job_tenant(job_id) if job_id else DEFAULT_TENANT
-        values = dict(id=id, job_id=job_id, path=str(path), meta=dict(meta), created_at=utcnow(), tenant=tenant,
+        values = dict(id=id, job_id=job_id, key=key, meta=dict(meta), created_at=utcnow(), tenant=tenant,
                       format=format, fp32_id=fp32_id)  # fmt: skip
         try:
             with self._tx() as conn:

@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from core.artifacts import artifacts_for, run_key
 from core.settings import Settings
 from core.store import Store
 from core.tenants import visible
@@ -57,14 +58,14 @@ class JobRefused(ValueError):
 
 @dataclass
 class CheckedJob:
-    """A job that passed the check, with its files as local paths."""
+    """A job that passed the check, with its files as storage keys (``core.artifacts``)."""
 
     spec: JobSpec
-    dataset_dir: Path
+    dataset_key: str
     dataset_classes: list[str]
-    teacher_path: Path | None
+    teacher_key: str | None
     teacher_facts: dict[str, Any] | None
-    init_path: Path | None
+    init_key: str | None
     # The data set's split as the training draws it (LocalJobSpec val_split, split_seed), and what
     # ``teacher_overlap`` found (None for a train job).
     val_split: float = DEFAULT_VAL_SPLIT
@@ -86,15 +87,17 @@ def check_job(spec: JobSpec, store: Store, settings: Settings, scope: str | None
         raise JobRefused(
             f"dataset: no dataset {spec.dataset!r} (upload one to /v1/datasets)", "unknown_dataset", NOT_FOUND
         )
-    dataset_dir = Path(ds["path"])
+    artifacts = artifacts_for(settings)
+    if not artifacts.exists(ds["key"]):
+        raise JobRefused(f"dataset {spec.dataset} has lost its files", "unknown_dataset")
     val_split, split_seed = _split(spec, ds)
     if refusal := teacher_cache_refusal(spec):
         raise JobRefused(refusal, "invalid_teacher_cache")
     student = arch_config(spec.student.arch)
-    init_path = _check_init(spec, store, settings, student, scope)
-    teacher_path, facts = None, None
+    init_key = _check_init(spec, store, settings, student, scope)
+    teacher_key, facts = None, None
     if spec.teacher is not None:
-        teacher_path, facts = _teacher(spec.teacher.model_dump(), store, settings, scope)
+        teacher_key, facts = _teacher(spec.teacher.model_dump(), store, settings, scope)
         _check_teacher(facts, student, spec)
         if spec.distill is not None and spec.distill.crosskd_layer is not None and facts.get("stacked_convs"):
             problem = crosskd_layer_problem(
@@ -119,7 +122,7 @@ def check_job(spec: JobSpec, store: Store, settings: Settings, scope: str | None
             "teacher_saw_validation",
             details={**overlap, "field": "distill.allow_teacher_overlap"},
         )
-    return CheckedJob(spec, dataset_dir, list(ds["classes"]), teacher_path, facts, init_path, val_split, split_seed,
+    return CheckedJob(spec, ds["key"], list(ds["classes"]), teacher_key, facts, init_key, val_split, split_seed,
                       overlap)  # fmt: skip
 
 
@@ -132,14 +135,20 @@ def resolve_job(spec: dict[str, Any], store: Store, settings: Settings) -> dict[
     except ValidationError as e:
         raise JobRefused(f"invalid job spec: {e}") from e
     checked = check_job(job, store, settings)
-    if not checked.dataset_dir.is_dir():
-        raise JobRefused(f"dataset {job.dataset} has lost its folder", "unknown_dataset")
+    artifacts = artifacts_for(settings)
+    try:  # with object storage: fetched into this machine's cache and checked by sha256
+        dataset_dir = artifacts.tree(checked.dataset_key)
+        init = artifacts.file(checked.init_key) if checked.init_key else None
+        teacher = artifacts.file(checked.teacher_key) if checked.teacher_key else None
+    except FileNotFoundError as e:
+        raise JobRefused(f"a file of the job is gone from the storage: {e}", "unknown_dataset") from e
+    artifacts.evict(keep=[p for p in (dataset_dir, init, teacher) if p is not None])
     local = job.model_dump(mode="json")
-    local["dataset"] = str(checked.dataset_dir)
-    if checked.init_path is not None:
-        local["student"]["init"] = {"path": str(checked.init_path)}
-    if checked.teacher_path is not None:
-        local["teacher"] = {"path": str(checked.teacher_path)}
+    local["dataset"] = str(dataset_dir)
+    if init is not None:
+        local["student"]["init"] = {"path": str(init)}
+    if teacher is not None:
+        local["teacher"] = {"path": str(teacher)}
     local.update(val_split=checked.val_split, split_seed=checked.split_seed, teacher_overlap=checked.teacher_overlap)
     return local
 
@@ -214,7 +223,7 @@ def _get(get: Callable[[str], dict[str, Any] | None], id: str, scope: str | None
 
 def _check_init(
     spec: JobSpec, store: Store, settings: Settings, student: dict[str, Any], scope: str | None
-) -> Path | None:
+) -> str | None:
     init = spec.student.init
     if init == "imagenet":
         _check_imagenet(spec.student.arch, settings.weights_dir)
@@ -238,7 +247,7 @@ def _check_init(
             f"{student['base_width']}, so none of its backbone would load",
             "invalid_init",
         )
-    return _existing(Path(ck["path"]), f"student.init: checkpoint {init.checkpoint}", "invalid_init")
+    return _existing(settings, ck["key"], f"student.init: checkpoint {init.checkpoint}", "invalid_init")
 
 
 def weights_cache_dir(weights_dir: Path | None) -> Path:
@@ -290,8 +299,8 @@ def _check_imagenet(arch: str, weights_dir: Path | None) -> None:
 
 def _teacher(
     teacher: dict[str, Any], store: Store, settings: Settings, scope: str | None
-) -> tuple[Path, dict[str, Any]]:
-    """(local checkpoint path, architecture facts) of a teacher given by model, job or checkpoint id."""
+) -> tuple[str, dict[str, Any]]:
+    """(storage key of its checkpoint, architecture facts) of a teacher given by model, job or checkpoint id."""
     if cid := teacher.get("checkpoint"):
         ck = _get(store.get_checkpoint, cid, scope)
         if ck is None:
@@ -301,7 +310,7 @@ def _teacher(
             raise JobRefused(
                 f"teacher: checkpoint {cid} is a {facts.get('kind')}, not a GFL detector", "invalid_teacher"
             )
-        return _existing(Path(ck["path"]), f"checkpoint {cid}"), facts
+        return _existing(settings, ck["key"], f"checkpoint {cid}"), facts
     if mid := teacher.get("model"):
         model = _get(store.get_model, mid, scope)
         if model is None:
@@ -322,19 +331,22 @@ def _teacher(
     return _job_checkpoint(jid, settings, f"job {jid}")
 
 
-def _job_checkpoint(job_id: str, settings: Settings, what: str) -> tuple[Path, dict[str, Any]]:
-    # The published folder holds the ONNX graph; the PyTorch weights stay with the job that made them.
-    path = _existing(settings.run_dir(job_id) / "model.pt", what)
+def _job_checkpoint(job_id: str, settings: Settings, what: str) -> tuple[str, dict[str, Any]]:
+    # The published folder holds the ONNX graph; the PyTorch weights stay with the job that made them. Its
+    # architecture is read from the file (fetched into the cache with object storage; kept for the worker).
+    key = _existing(settings, run_key(job_id, "model.pt"), what)
     try:
-        return path, describe_checkpoint(path)
+        return key, describe_checkpoint(artifacts_for(settings).file(key))
     except CheckpointError as e:
         raise JobRefused(f"teacher {what}: {e}", "invalid_teacher") from e
+    except FileNotFoundError as e:
+        raise JobRefused(f"{what}: its checkpoint file is gone from the server", "invalid_teacher") from e
 
 
-def _existing(path: Path, what: str, code: str = "invalid_teacher") -> Path:
-    if not path.is_file():
+def _existing(settings: Settings, key: str, what: str, code: str = "invalid_teacher") -> str:
+    if not artifacts_for(settings).exists(key):
         raise JobRefused(f"{what}: its checkpoint file is gone from the server", code)
-    return path
+    return key
 
 
 def _check_teacher(facts: dict[str, Any], student: dict[str, Any], spec: JobSpec) -> None:

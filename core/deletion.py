@@ -28,6 +28,7 @@ from typing import Any
 from sqlalchemy import delete, select
 
 from core import deployments, studies
+from core.artifacts import artifacts_for, run_key
 from core.schema import (
     checkpoints,
     dataset_images,
@@ -67,7 +68,7 @@ def delete_dataset(store: Store, settings: Settings, dataset_id: str, tenant: st
     with store._tx() as conn:
         conn.execute(delete(dataset_images).where(dataset_images.c.dataset_id == dataset_id))
         conn.execute(delete(datasets).where(datasets.c.id == dataset_id))
-    _remove(settings, row and row["path"])
+    _remove_key(settings, row and row["key"])
     log.info("deleted dataset %s (tenant %s)", dataset_id, tenant)
 
 
@@ -77,7 +78,7 @@ def delete_checkpoint(store: Store, settings: Settings, checkpoint_id: str, tena
     row = store.get_checkpoint(checkpoint_id)
     with store._tx() as conn:
         conn.execute(delete(checkpoints).where(checkpoints.c.id == checkpoint_id))
-    _remove(settings, row and row["path"])
+    _remove_key(settings, row and row["key"])
     log.info("deleted checkpoint %s (tenant %s)", checkpoint_id, tenant)
 
 
@@ -95,7 +96,7 @@ def delete_model(store: Store, settings: Settings, model_id: str, tenant: str) -
     with store._tx() as conn:
         conn.execute(delete(models).where(models.c.id.in_(ids)))
     for row in rows:
-        _remove(settings, row and row["path"])
+        _remove_key(settings, row and row["key"])
     log.info("deleted model %s%s (tenant %s)", model_id, f" and {ids[1:]}" if ids[1:] else "", tenant)
 
 
@@ -129,12 +130,12 @@ def _delete_jobs(store: Store, settings: Settings, job_ids: list[str]) -> None:
         conn.execute(delete(study_jobs).where(study_jobs.c.job_id.in_(job_ids)))
         conn.execute(delete(jobs).where(jobs.c.id.in_(job_ids), jobs.c.state.in_(TERMINAL_STATES)))
     for job_id in job_ids:
-        _remove(settings, settings.run_dir(job_id))
+        _remove_key(settings, run_key(job_id))
 
 
-def prune_checkpoints(store: Store, settings: Settings) -> list[Path]:
+def prune_checkpoints(store: Store, settings: Settings) -> list[str]:
     """``LDD_KEEP_CHECKPOINTS`` = N > 0: the training checkpoints (``runs/<job>/checkpoints/``: weights, optimiser,
-    what a resume needs) of ended runs are kept for the newest N of them only; returns the folders removed. A run's
+    what a resume needs) of ended runs are kept for the newest N of them only; returns the keys removed. A run's
     final weights (``model.pt``, what a ``{"job": id}`` teacher reads) and its published models stay."""
     keep = settings.keep_checkpoints
     if keep <= 0:
@@ -143,14 +144,21 @@ def prune_checkpoints(store: Store, settings: Settings) -> list[Path]:
         jobs.c.finished_at.desc(), jobs.c.id.desc())  # fmt: skip
     with store._tx() as conn:
         ended = [r.id for r in conn.execute(q)]
-    with_checkpoints = [d for j in ended if (d := settings.run_dir(j) / "checkpoints").is_dir()]
-    for folder in with_checkpoints[keep:]:
-        _remove(settings, folder)
+    artifacts = artifacts_for(settings)
+    with_checkpoints = [k for j in ended if artifacts.usage(k := run_key(j, "checkpoints"))]
+    for key in with_checkpoints[keep:]:
+        _remove_key(settings, key)
     return with_checkpoints[keep:]
 
 
+def _remove_key(settings: Settings, key: str | None) -> None:
+    """Remove a stored file or folder (``core.artifacts``) and this machine's copy of it."""
+    if key:
+        artifacts_for(settings).delete(key)
+
+
 def _remove(settings: Settings, path: str | Path | None) -> None:
-    """Remove a file or folder of the data folder (a row naming anything outside it is not trusted so far)."""
+    """Remove a file or folder of the data folder (a study's report; a path outside it is not trusted)."""
     if not path:
         return
     target = Path(path).absolute()

@@ -24,7 +24,7 @@ datasets = Table(
     "datasets", metadata,
     Column("id", String(64), primary_key=True),
     Column("name", String(200), nullable=False),
-    Column("path", Text, nullable=False),
+    Column("key", Text, nullable=False),  # core.artifacts: datasets/<id>, checkpoints/<id>.pt, models/<id>
     Column("classes", JSON, nullable=False),
     Column("num_images", Integer, nullable=False),
     Column("num_boxes", Integer, nullable=False),
@@ -55,7 +55,7 @@ checkpoints = Table(
     "checkpoints", metadata,
     Column("id", String(64), primary_key=True),
     Column("name", String(200), nullable=True),
-    Column("path", Text, nullable=False),
+    Column("key", Text, nullable=False),  # core.artifacts: datasets/<id>, checkpoints/<id>.pt, models/<id>
     # What the torch-free checkpoint reader found: kind, architecture, classes, ...
     Column("arch", JSON, nullable=False),
     Column("created_at", DateTime, nullable=False),
@@ -99,14 +99,14 @@ jobs = Table(
 )  # fmt: skip
 
 # The catalogue of published models: ``meta`` is the model's description (architecture, classes, input
-# size, metrics, export details, sha256); the registry folder at ``path`` holds only what serving needs.
+# size, metrics, export details, sha256); the stored folder at ``key`` holds only what serving needs.
 # A job publishes one model per precision: its fp32 model (the job's ``model_id``) and, when asked, int8 and
 # fp16 siblings that name the fp32 one in ``fp32_id``.
 models = Table(
     "models", metadata,
     Column("id", String(64), primary_key=True),
     Column("job_id", String(64), nullable=True),
-    Column("path", Text, nullable=False),
+    Column("key", Text, nullable=False),  # core.artifacts: datasets/<id>, checkpoints/<id>.pt, models/<id>
     Column("meta", JSON, nullable=False),
     Column("created_at", DateTime, nullable=False, index=True),
     tenant_column(),  # the tenant of the job that made it

@@ -21,6 +21,7 @@ import os
 import shutil
 from typing import Any
 
+from core.artifacts import artifacts_for
 from core.settings import Settings
 from core.store import Store
 from distill.files import atomic_write_json
@@ -51,12 +52,15 @@ def create_export_job(
         spec, idempotency_key=idempotency_key, tenant=tenant, max_active=settings.max_active_jobs
     )
     if created:
+        artifacts = artifacts_for(settings)
         run_dir = settings.run_dir(job["id"])
         run_dir.mkdir(parents=True, exist_ok=True)
+        source = artifacts.file(checkpoint["key"])
         try:
-            os.link(checkpoint["path"], run_dir / "model.pt")  # no second copy of a large file
+            os.link(source, run_dir / "model.pt")  # no second copy of a large file
         except OSError:
-            shutil.copyfile(checkpoint["path"], run_dir / "model.pt")
+            shutil.copyfile(source, run_dir / "model.pt")
         atomic_write_json(run_dir / "spec.json", {"kind": EXPORT_KIND, "name": name, "export": {"formats": formats}})
         atomic_write_json(run_dir / "metrics.json", {})  # last: with it the folder reads as a finished training
+        artifacts.push_run(job["id"])  # with object storage: for the worker that takes it, metrics.json last
     return job, created

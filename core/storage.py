@@ -215,9 +215,11 @@ class S3Storage:
         return self._head(key) is not None
 
     def _objects(self, prefix: str) -> list[dict[str, Any]]:
+        """The objects at ``prefix`` (one object) or under it as a folder: ``runs/job_1`` is not ``runs/job_10``."""
         full = self._name(prefix.rstrip("/")) if prefix else self.prefix
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
-        return [o for page in pages for o in page.get("Contents", [])]
+        objects = [o for page in pages for o in page.get("Contents", [])]
+        return [o for o in objects if not full or o["Key"] == full or o["Key"].startswith(full + "/")]
 
     def list(self, prefix: str = "") -> list[str]:
         return sorted(self._key(o["Key"]) for o in self._objects(prefix))
@@ -262,7 +264,7 @@ class LocalCache:
     def __init__(self, root: str | os.PathLike[str], max_bytes: int = 0):
         self.root, self.max_bytes = Path(root), max_bytes
 
-    def fetch(self, storage: Storage, key: str, sha256: str | None = None) -> Path:
+    def fetch(self, storage: Storage, key: str, sha256: str | None = None, *, evict: bool = True) -> Path:
         expected = sha256 or storage.sha256(key)
         local = self.root / check_key(key)
         if local.is_file() and (expected is None or file_sha256(local) == expected):
@@ -272,21 +274,23 @@ class LocalCache:
         if expected is not None and got != expected:
             local.unlink(missing_ok=True)
             raise StorageError(f"{storage.url}/{key}: sha256 {got} but {expected} was recorded: the object changed")
-        self.evict(keep=local)
+        if evict:
+            self.evict(keep=[local])
         return local
 
-    def evict(self, keep: Path | None = None) -> int:
+    def evict(self, keep: list[Path] | None = None) -> int:
         """Removes the least recently used copies until the cache fits ``max_bytes`` (0: no limit); returns
-        the bytes freed. ``keep`` (the copy just fetched) is never removed."""
+        the bytes freed. Files in ``keep``, or under a folder in it (what a caller is about to use), stay."""
         if self.max_bytes <= 0 or not self.root.exists():
             return 0
+        kept = [Path(k) for k in keep or []]
         files = sorted((p for p in self.root.rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime)
         total = sum(p.stat().st_size for p in files)
         freed = 0
         for p in files:
             if total - freed <= self.max_bytes:
                 break
-            if keep is not None and p == keep:
+            if any(p == k or k in p.parents for k in kept):
                 continue
             size = p.stat().st_size
             p.unlink(missing_ok=True)

@@ -159,9 +159,10 @@ def publish_test_model(
     """Export an untrained gfl_tiny to ONNX and publish it exactly as the worker does (registry + store); with
     ``job_id``, as that job's model (its tenant's)."""
     torch = pytest.importorskip("torch")
+    from core.artifacts import Artifacts
+    from core.settings import Settings
     from core.store import Store
     from deploy.export import export_model
-    from deploy.registry import Registry
     from distill.checkpoint import atomic_save, build_detector, detector_state
     from worker.publish import publish_model
 
@@ -173,8 +174,8 @@ def publish_test_model(
     description = export_model(work / "model.pt", work / "export")
     store = Store(store_url)
     try:
-        return publish_model(store, Registry(data_dir / "models"), work / "export", description, model_id=model_id,
-                             job_id=job_id)  # fmt: skip
+        artifacts = Artifacts(Settings(data_dir=data_dir, store_url=store_url))
+        return publish_model(store, artifacts, work / "export", description, model_id=model_id, job_id=job_id)
     finally:
         store.close()
 

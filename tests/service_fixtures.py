@@ -134,7 +134,8 @@ class Service:
         self.settings = Settings.from_env(self.env)
         self.settings.make_dirs()
         self.store = Store(self.settings.store_url)
-        self.store.add_dataset(DATASET, "synthetic", str(dataset_dir), ["0", "1"], 20, 0, {}, [])
+        (self.settings.datasets_dir / DATASET).symlink_to(dataset_dir.absolute(), target_is_directory=True)
+        self.store.add_dataset(DATASET, "synthetic", f"datasets/{DATASET}", ["0", "1"], 20, 0, {}, [])
         self.workers: list[WorkerProcess] = []
 
     def start_worker(self) -> WorkerProcess:

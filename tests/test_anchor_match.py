@@ -149,7 +149,9 @@ def test_job_check_takes_any_family_pair_and_refuses_what_the_pair_cannot_run(tm
     store = Store(settings.store_url)
     ds = settings.datasets_dir / "ds_00000000000000d1"
     ds.mkdir()
-    store.add_dataset("ds_00000000000000d1", "d", str(ds), ["0", "1"], 3, 4, {"train": 2, "val": 1}, [])
+    store.add_dataset(
+        "ds_00000000000000d1", "d", "datasets/ds_00000000000000d1", ["0", "1"], 3, 4, {"train": 2, "val": 1}, []
+    )
     facts = {"kind": "detector", "depth": 18, "base_width": 16, "channels": 32, "stacked_convs": 2, "reg_max": 16,
              "strides": [8, 16, 32, 64, 128], "num_classes": 2, "classes": ["0", "1"]}  # fmt: skip
     for i, extra in enumerate(
@@ -161,7 +163,7 @@ def test_job_check_takes_any_family_pair_and_refuses_what_the_pair_cannot_run(tm
     ):
         path = settings.checkpoints_dir / f"ck_000000000000000{i}.pt"
         path.write_bytes(b"weights")
-        store.add_checkpoint(f"ck_000000000000000{i}", str(path), {**facts, **extra}, "t")
+        store.add_checkpoint(f"ck_000000000000000{i}", f"checkpoints/{path.name}", {**facts, **extra}, "t")
 
     def job(student: str, teacher: int, method: str = "ld"):
         return JobSpec.model_validate(

@@ -223,7 +223,7 @@ def test_tampered_model_is_refused(server: ApiServer, http: httpx.Client, model:
     store = Store(server.store_url)  # type: ignore[attr-defined]
     try:
         meta = json.loads((models / "mdl_tampered" / "model.json").read_text())
-        store.add_model("mdl_tampered", None, str(models / "mdl_tampered"), {**meta, "id": "mdl_tampered"})
+        store.add_model("mdl_tampered", None, "models/mdl_tampered", {**meta, "id": "mdl_tampered"})
     finally:
         store.close()
     r = http.post("/v1/models/mdl_tampered/detect", files={"file": ("a.png", png_bytes(), "image/png")})

@@ -75,10 +75,10 @@ def test_a_job_says_the_queue_of_its_size(tmp_path: Path, store: Store) -> None:
 
 
 def test_datasets_router_alone(tmp_path: Path, store: Store) -> None:
-    store.add_dataset("ds_00000000000000aa", "tiny", str(tmp_path / "ds"), ["a"], 3, 4, {"train": 3}, [])
+    store.add_dataset("ds_00000000000000aa", "tiny", "datasets/ds_00000000000000aa", ["a"], 3, 4, {"train": 3}, [])
     with TestClient(bare_app(datasets.router, store, Settings(data_dir=tmp_path))) as http:
         listed = http.get("/v1/datasets").json()["datasets"]
-        assert [d["id"] for d in listed] == ["ds_00000000000000aa"] and "path" not in listed[0]
+        assert [d["id"] for d in listed] == ["ds_00000000000000aa"] and "key" not in listed[0]
         assert http.get("/v1/datasets/ds_00000000000000aa").json()["num_boxes"] == 4
         missing = http.get("/v1/datasets/ds_00000000000000bb")
         assert missing.status_code == 404 and missing.json()["error"]["message"] == "no dataset 'ds_00000000000000bb'"

@@ -87,7 +87,7 @@ def test_the_api_refuses_a_bf16_model_this_cpu_cannot_run_with_the_reason(tmp_pa
         write_model_json(folder, {**info, "id": None, "precision": "bf16", "cpu_features": ["avx512_simulated"]})
         Registry(srv.data_dir / "models").publish(folder, model_id="mdl_bf16test0001bf16")  # type: ignore[attr-defined]
         store = Store(srv.store_url)  # type: ignore[attr-defined]
-        store.add_model("mdl_bf16test0001bf16", None, str(srv.data_dir / "models" / "mdl_bf16test0001bf16"),  # type: ignore[attr-defined]
+        store.add_model("mdl_bf16test0001bf16", None, "models/mdl_bf16test0001bf16",
                         {"classes": ["a", "b"], "precision": "bf16", "cpu_features": ["avx512_simulated"]},
                         format="bf16", fp32_id=fp32["id"])  # fmt: skip
         store.close()

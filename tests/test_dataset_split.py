@@ -64,7 +64,7 @@ def _upload(tmp: Path, store: Store, settings: Settings, ds_id: str, val_split: 
     final = settings.datasets_dir / ds_id
     final.parent.mkdir(parents=True, exist_ok=True)
     imported.root.rename(final)
-    store.add_dataset(ds_id, "d", str(final), imported.classes, imported.num_images, imported.num_boxes,
+    store.add_dataset(ds_id, "d", f"datasets/{ds_id}", imported.classes, imported.num_images, imported.num_boxes,
                       imported.splits, imported.problems, val_split=imported.val_split,
                       split_seed=imported.split_seed, images=imported.images)  # fmt: skip
     return final

@@ -32,12 +32,13 @@ def http(server: ApiServer) -> Any:
 
 
 def row_path(server: Any, table: str, id: str) -> Path:
-    """Where the store says a resource's files are (clients never see server paths)."""
+    """Where the store's storage key of a resource puts its files in the server's data folder (clients never see
+    keys or paths)."""
     engine = sa.create_engine(server.store_url)
     with engine.connect() as conn:
-        path = conn.execute(sa.text(f"SELECT path FROM {table} WHERE id = :i"), {"i": id}).scalar_one()
+        key = conn.execute(sa.text(f"SELECT key FROM {table} WHERE id = :i"), {"i": id}).scalar_one()
     engine.dispose()
-    return Path(path)
+    return server.data_dir / key
 
 
 def storage(http: httpx.Client, kind: str) -> float:
@@ -158,7 +159,7 @@ def test_keep_checkpoints_prunes_the_older_ended_runs(tmp_path: Path) -> None:
         for job_id in ids[:3]:  # ended oldest first; the fourth is still queued
             assert store.request_cancel(job_id)["state"] == "cancelled"
         removed = prune_checkpoints(store, settings)
-        assert removed == [settings.run_dir(ids[0]) / "checkpoints"]
+        assert removed == [f"runs/{ids[0]}/checkpoints"]
         kept = [(settings.run_dir(j) / "checkpoints" / "last.pt").exists() for j in ids]
         assert kept == [False, True, True, True]  # the newest 2 ended runs, and the running one
         assert all((settings.run_dir(j) / "model.pt").exists() for j in ids)

@@ -35,12 +35,12 @@ def test_a_teacher_of_each_family_distils_through_the_worker(tmp_path, dataset_d
     try:
         jobs = {}
         for i, (teacher, student) in enumerate(PAIRS):
-            path = tmp_path / f"{teacher}.pt"
+            ck = f"ck_000000000000000{i}"
+            path = service.settings.checkpoints_dir / f"{ck}.pt"  # where the key checkpoints/<id>.pt points
             atomic_save(detector_state(build_detector(f"{teacher}_tiny", 2, ["0", "1"])), path)
             facts = describe_checkpoint(path)
             assert facts["family"] == teacher
-            ck = f"ck_000000000000000{i}"
-            service.store.add_checkpoint(ck, str(path), facts, f"{teacher}_tiny teacher")
+            service.store.add_checkpoint(ck, f"checkpoints/{ck}.pt", facts, f"{teacher}_tiny teacher")
             spec = {**train_spec(DATASET, epochs=1), "kind": "distill", "name": f"{teacher}->{student}",
                     "student": {"arch": f"{student}_tiny"}, "teacher": {"checkpoint": ck}}  # fmt: skip
             jobs[(teacher, student)] = service.submit(spec)

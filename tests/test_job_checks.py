@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from core.artifacts import checkpoint_key, dataset_key, model_key
 from core.checks import JobRefused, check_job, resolve_job, weights_cache_dir
 from core.settings import Settings
 from core.store import Store
@@ -23,7 +24,7 @@ def env(tmp_path):
     store = Store(settings.store_url)
     ds = settings.datasets_dir / DS
     ds.mkdir()
-    store.add_dataset(DS, "d", str(ds), ["cat", "dog"], 3, 4, {"train": 2, "val": 1}, [])
+    store.add_dataset(DS, "d", dataset_key(DS), ["cat", "dog"], 3, 4, {"train": 2, "val": 1}, [])
     yield settings, store
     store.close()
 
@@ -31,7 +32,7 @@ def env(tmp_path):
 def _checkpoint(settings: Settings, store: Store, id: str, facts: dict) -> Path:
     path = settings.checkpoints_dir / f"{id}.pt"
     path.write_bytes(b"weights")
-    store.add_checkpoint(id, str(path), facts, "t")
+    store.add_checkpoint(id, checkpoint_key(id), facts, "t")
     return path
 
 
@@ -73,7 +74,7 @@ def test_resolve_train_and_distill(env):
     assert torch is not None
     mdl = "mdl_" + job["id"].removeprefix("job_")
     store.finish(job["id"], "w", "succeeded", model_id=mdl)
-    store.add_model(mdl, job["id"], str(settings.models_dir / mdl), {"classes": ["cat", "dog"]})
+    store.add_model(mdl, job["id"], model_key(mdl), {"classes": ["cat", "dog"]})
     for teacher in ({"job": job["id"]}, {"model": mdl}):
         assert resolve_job({**spec, "teacher": teacher}, store, settings)["teacher"]["path"] == str(run / "model.pt")
 
@@ -128,7 +129,7 @@ def test_teacher_must_share_reg_max_and_strides_not_classes(env):
     refusals = (({"reg_max": 7}, "reg_max 7 differs from the student's 16"), ({"strides": [8, 16, 32]}, "strides"))
     for bad, text in refusals:
         store2 = Store(f"sqlite:///{settings.data_dir / (text[:3] + '.db')}")
-        store2.add_dataset(DS, "d", str(settings.datasets_dir / DS), ["cat"], 1, 1, {}, [])
+        store2.add_dataset(DS, "d", dataset_key(DS), ["cat"], 1, 1, {}, [])
         _checkpoint(settings, store2, CK, {**TINY_DETECTOR, **bad})
         with pytest.raises(JobRefused, match=text) as e:
             check_job(spec, store2, settings)

@@ -81,13 +81,13 @@ def legacy_rows(with_late_columns: bool) -> dict[str, list[dict]]:
             job.update(last_error="lost once" if i == 3 else None, enqueued_at=T0 if state == "queued" else None)
         jobs.append(job)
     return {
-        "datasets": [dict(id="ds_old", name="old", path="/d/ds_old", classes=json.dumps(["cat", "dog"]),
+        "datasets": [dict(id="ds_old", name="old", path="/data/datasets/ds_old", classes=json.dumps(["cat", "dog"]),
                           num_images=10, num_boxes=12, splits=json.dumps({"train": 8}), problems=json.dumps([]),
                           created_at=T0)],
-        "checkpoints": [dict(id="ck_old", name=None, path="/c/ck_old.pt", created_at=T0,
+        "checkpoints": [dict(id="ck_old", name=None, path="/srv/ldd/checkpoints/ck_old.pt", created_at=T0,
                              arch=json.dumps({"kind": "detector", "reg_max": 16}))],
         "jobs": jobs,
-        "models": [dict(id="mdl_2", job_id="job_2", path="/m/mdl_2", created_at=T0,
+        "models": [dict(id="mdl_2", job_id="job_2", path="/data/models/mdl_2", created_at=T0,
                         meta=json.dumps({"classes": ["cat", "dog"], "sha256": "cd" * 32}))],
     }  # fmt: skip
 
@@ -129,9 +129,19 @@ def table_contents(url: str) -> dict[str, list[dict[str, object]]]:
 ADDED_COLUMNS = {"tenant": DEFAULT_TENANT, "format": "fp32", "fp32_id": None, "val_split": 0.2, "split_seed": 0}
 
 
+# 0008: an absolute path in the data folder became the storage key it names (core.artifacts).
+KEYS = {"/data/datasets/ds_old": "datasets/ds_old", "/srv/ldd/checkpoints/ck_old.pt": "checkpoints/ck_old.pt",
+        "/data/models/mdl_2": "models/mdl_2"}  # fmt: skip
+
+
+def _renamed(row: dict[str, object]) -> dict[str, object]:
+    return {**{k: v for k, v in row.items() if k != "path"}, "key": KEYS[str(row["path"])]} if "path" in row else row
+
+
 def kept(before: list[dict[str, object]], after: list[dict[str, object]]) -> bool:
-    """Every row and value of ``before`` is still in ``after``; a column added since is empty, or holds what
-    its revision gives an old row (``ADDED_COLUMNS``)."""
+    """Every row and value of ``before`` is still in ``after`` (a path as its storage key); a column added since
+    is empty, or holds what its revision gives an old row (``ADDED_COLUMNS``)."""
+    before = [_renamed(row) for row in before]
     return len(before) == len(after) and all(
         all(new[k] == old[k] for k in old) and all(v == ADDED_COLUMNS.get(k) for k, v in new.items() if k not in old)
         for old, new in zip(before, after, strict=True)

@@ -333,8 +333,9 @@ def test_uploaded_standard_checkpoint_is_described_and_teaches(checkpoints: dict
     assert (arch["kind"], arch["family"], arch["form"], arch["num_anchors"], arch["reg_max"]) == (
         "detector", "retina", "standard", 9, None,
     )  # fmt: skip
-    (tmp_path / "ds").mkdir()
-    store.add_dataset("ds_00000000000000aa", "tiny", str(tmp_path / "ds"), ["class_2", "x"], 3, 4, {"train": 3}, [])
+    (settings.datasets_dir / "ds_00000000000000aa").mkdir(parents=True)
+    store.add_dataset("ds_00000000000000aa", "tiny", "datasets/ds_00000000000000aa", ["class_2", "x"], 3, 4,
+                      {"train": 3}, [])  # fmt: skip
     job = {"kind": "distill", "dataset": "ds_00000000000000aa", "student": {"arch": "gfl_tiny"},
            "teacher": {"checkpoint": answer.json()["id"]}}  # fmt: skip
     checked = check_job(JobSpec.model_validate(job), store, settings)

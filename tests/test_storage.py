@@ -4,55 +4,29 @@ that detects a corrupted copy and fetches it again, and deletion by prefix."""
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bench.servers import free_port, wait_for
 from core.storage import LocalCache, LocalStorage, S3Storage, StorageError, check_key, open_storage
+from tests.s3_server import make_bucket, moto_server, s3_env
 
 boto3 = pytest.importorskip("boto3")
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    """moto's S3 server on a free port (``moto_server``, PyPI ``moto[server]``), stopped after the module."""
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-    if exe is None:
-        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
-    port = free_port()
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        import httpx
-
-        def up() -> bool:
-            try:
-                return httpx.get(url, timeout=1).status_code < 500
-            except httpx.TransportError:
-                return False
-
-        wait_for(up, 30, "moto's S3 server")
+    with moto_server() as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture
 def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> S3Storage:
     # The standard variables boto3 reads: the code under test sets nothing provider-specific.
-    for k, v in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+    for k, v in s3_env(s3_endpoint).items():
         monkeypatch.setenv(k, v)
-    bucket = "ldd-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
-    boto3.client("s3").create_bucket(Bucket=bucket)
+    bucket = make_bucket(s3_endpoint, request.node.name)
     storage = open_storage(f"s3://{bucket}/prefix", "/nonexistent")
     assert isinstance(storage, S3Storage)
     return storage
@@ -151,3 +125,12 @@ def test_keys_cannot_leave_the_root_and_urls_are_checked(tmp_path: Path) -> None
     for bad in ("s3://", "ftp://host/x"):
         with pytest.raises(StorageError):
             open_storage(bad, tmp_path)
+
+
+def test_a_prefix_is_a_folder_not_the_start_of_a_name(storage) -> None:
+    """Deleting run job_1 must not take job_10's files (S3 prefixes are strings; ours are folders)."""
+    for key in ("runs/job_1/a.pt", "runs/job_10/a.pt", "runs/job_1.pt"):
+        storage.put_bytes(key, b"x")
+    assert storage.list("runs/job_1") == ["runs/job_1/a.pt"] and storage.usage("runs/job_1") == 1
+    assert storage.delete_prefix("runs/job_1") == 1
+    assert storage.list("runs") == ["runs/job_1.pt", "runs/job_10/a.pt"]

@@ -233,6 +233,6 @@ def test_additive_migration(tmp_path):
     s = Store(url)
     cols = {c["name"] for c in sa.inspect(s.engine).get_columns("models")}
     assert {"job_id", "created_at"} <= cols
-    assert s.get_model("mdl_old")["path"] == "/m"
+    assert s.get_model("mdl_old")["key"] == "models/mdl_old"  # 0008: a path without models/ gets its id's key
     s.add_model("mdl_new", "job_x", "/n", {})
     assert s.model_for_job("job_x")["id"] == "mdl_new"

@@ -172,11 +172,12 @@ def test_store_level_all_or_nothing_cancel_and_finish_without_worker(tmp_path: P
     settings.make_dirs()
     store = Store(settings.store_url)
     try:
-        store.add_dataset("ds_0123456789abcdef", "d", str(tmp_path), ["a"], 4, 4, {}, [])
-        teacher = tmp_path / "teacher.pt"
+        (settings.datasets_dir / "ds_0123456789abcdef").mkdir()
+        store.add_dataset("ds_0123456789abcdef", "d", "datasets/ds_0123456789abcdef", ["a"], 4, 4, {}, [])
+        teacher = settings.checkpoints_dir / "ckpt_0123456789abcdef.pt"
         teacher.write_bytes(b"the check only needs the file to exist; facts come from the row")
-        store.add_checkpoint("ckpt_0123456789abcdef", str(teacher), {"kind": "detector", "reg_max": 16,
-                             "strides": [8, 16, 32, 64, 128], "num_classes": 1, "classes": ["a"]}, "t")  # fmt: skip
+        facts = {"kind": "detector", "reg_max": 16, "strides": [8, 16, 32, 64, 128], "num_classes": 1, "classes": ["a"]}
+        store.add_checkpoint("ckpt_0123456789abcdef", "checkpoints/ckpt_0123456789abcdef.pt", facts, "t")
         body = {"dataset": "ds_0123456789abcdef", "teacher": {"checkpoint": "ckpt_0123456789abcdef"},
                 "student": {"arch": "gfl_tiny"}, "methods": ["ld", "bckd"], "seeds": 1}  # fmt: skip
 

@@ -102,7 +102,9 @@ def test_killed_worker_is_restarted_while_the_api_answers_and_the_job_resumes(tm
 
     data = make_synthetic(tmp_path / "syn", num_train=16, num_val=4, image_size=IMAGE_SIZE, num_classes=2, seed=0)
     store = Store(f"sqlite:///{up.data_dir / 'ldd.db'}")
-    store.add_dataset(DATASET, "synthetic", str(data), ["0", "1"], 20, 0, {}, [])
+    (up.data_dir / "datasets").mkdir(parents=True, exist_ok=True)
+    (up.data_dir / "datasets" / DATASET).symlink_to(Path(data).absolute(), target_is_directory=True)
+    store.add_dataset(DATASET, "synthetic", f"datasets/{DATASET}", ["0", "1"], 20, 0, {}, [])
     watcher = Watcher(up.url)
     try:
         r = httpx.post(up.url + "/v1/jobs", json=train_spec(DATASET, epochs=3), timeout=30)

@@ -286,7 +286,7 @@ def test_open_service_is_one_tenant(tmp_path: Path) -> None:
     try:
         store = Store(srv.store_url)
         try:
-            store.add_dataset("ds_000000000000a11e", "a", str(tmp_path), ["x"], 1, 1, {}, [], "team-a")
+            store.add_dataset("ds_000000000000a11e", "a", "datasets/ds_000000000000a11e", ["x"], 1, 1, {}, [], "team-a")
         finally:
             store.close()
         with httpx.Client(base_url=srv.url, timeout=60) as http:

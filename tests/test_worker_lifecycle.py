@@ -176,12 +176,13 @@ def test_training_failure_fails_with_the_childs_reason(service: Service, tmp_pat
     from distill.models.gfl import GFL, DetectorConfig
     from distill.spec import arch_config
 
-    teacher = tmp_path / "teacher.pt"
     cfg = DetectorConfig(**{**arch_config("gfl_tiny"), "reg_max": 8}, num_classes=2, classes=["0", "1"])
-    atomic_save(detector_state(GFL(cfg, "gfl_tiny")), teacher)
-    service.store.add_checkpoint("ck_0000000000000001", str(teacher), {}, "facts unknown to the store")
-    service.store.add_checkpoint("ck_0000000000000002", str(teacher), {"kind": "detector", "reg_max": 8},
-                                 "facts known")  # fmt: skip
+    for ck in ("ck_0000000000000001", "ck_0000000000000002"):
+        atomic_save(detector_state(GFL(cfg, "gfl_tiny")), service.settings.checkpoints_dir / f"{ck}.pt")
+    service.store.add_checkpoint("ck_0000000000000001", "checkpoints/ck_0000000000000001.pt", {},
+                                 "facts unknown to the store")  # fmt: skip
+    service.store.add_checkpoint("ck_0000000000000002", "checkpoints/ck_0000000000000002.pt",
+                                 {"kind": "detector", "reg_max": 8}, "facts known")  # fmt: skip
     distill = {**train_spec(DATASET, epochs=1), "kind": "distill"}
 
     service.start_worker()

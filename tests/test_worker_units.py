@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from core.artifacts import Artifacts
 from core.queue import broker_ok, enqueue, queue_depth
 from core.settings import Settings
 from core.store import Store
-from deploy.registry import RUNTIME_KEYS, Registry, read_model_json
+from deploy.registry import RUNTIME_KEYS, read_model_json
 from tests.service_fixtures import RedisServer
 from tests.test_deploy_registry import make_export
 from worker.publish import publish_model
@@ -59,19 +60,19 @@ def test_publish_model_files_for_the_runtime_description_in_the_store(tmp_path):
     """The registry folder gets model.json's runtime keys only; the store's row gets the description.
     Publishing again (an attempt that died between the two steps) records the model already published."""
     store = Store(f"sqlite:///{tmp_path / 'ldd.db'}")
-    registry = Registry(tmp_path / "models")
+    artifacts = Artifacts(Settings(data_dir=tmp_path / "ldd"))
     export = make_export(tmp_path / "export", 1.0)
     description = {**read_model_json(export), "arch": "gfl_tiny", "export": {"reg_max": 16}, "graph": {"nodes": 1}}
-    row = publish_model(store, registry, export, description, model_id="mdl_a", job_id="job_a", name="n",
+    row = publish_model(store, artifacts, export, description, model_id="mdl_a", job_id="job_a", name="n",
                         metrics={"AP": 0.5})  # fmt: skip
-    on_disk = read_model_json(registry.path("mdl_a"))
+    on_disk = read_model_json(tmp_path / "ldd" / "models" / "mdl_a")
     # precision and cpu_features are written only for a format that needs them (bf16), not for fp32.
     assert set(on_disk) == set(RUNTIME_KEYS) - {"precision", "cpu_features"}
-    assert row["path"] == str(registry.path("mdl_a"))
+    assert row["key"] == "models/mdl_a"  # a storage key, never a path
     assert row["job_id"] == "job_a" and row["meta"]["arch"] == "gfl_tiny" and row["meta"]["metrics"] == {"AP": 0.5}
     assert row["meta"]["name"] == "n" and row["meta"]["sha256"] == on_disk["sha256"] and row["meta"]["id"] == "mdl_a"
     assert store.get_model("mdl_a") == row
-    again = publish_model(store, registry, export, description, model_id="mdl_a", job_id="job_a")
+    again = publish_model(store, artifacts, export, description, model_id="mdl_a", job_id="job_a")
     assert again == row and [m["id"] for m in store.list_models()] == ["mdl_a"]
     store.close()
 

@@ -5,9 +5,12 @@
          with schedule.gpus = N > 1: python -m torch.distributed.run --standalone --nproc_per_node N -m distill ...)
       -> child: python -m worker.export runs/<job>/model.pt runs/<job>/export runs/<job>/export.json --spec ...
          (every format of the spec's ``export.formats``, each with its AP measured by the serving runtime)
-      -> worker.publish: Registry(models/).publish(export, model_id=mdl_<job hex>[int8|fp16]) + the store's
+      -> worker.publish: each format published and stored (models/<mdl_<job hex>[int8|fp16]>) + the store's
          model rows (int8/fp16 first, fp32 last: the fp32 row says the job is published)
       -> succeeded
+
+With object storage (``core.artifacts``) an attempt fetches the stored run (another machine's last checkpoint)
+and uploads its own at every checkpoint and at the end: a job whose machine vanishes resumes elsewhere.
 
 Both children run in their own process group (killable as a whole, DataLoader workers included) and
 die with this process (``worker.process``). While a child runs, this process polls the store twice a
@@ -36,14 +39,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from core import history, studies
+from core.artifacts import artifacts_for
 from core.checks import JobRefused, resolve_job
 from core.routing import job_processes
 from core.settings import Settings
 from core.store import Store
-from deploy.registry import Registry
-from distill.files import NoRoom, atomic_write_json, ensure_room
+from distill.files import atomic_write_json
 from worker.process import die_with_parent, stop_group
 from worker.publish import publish_model
+from worker.room import check_room, no_room, out_of_room
+from worker.room import tail as log_tail
 
 log = logging.getLogger("ldd.worker")
 
@@ -119,6 +124,8 @@ class Attempt:
         self._progress_mtime: float | None = None
         self._history_offset = 0  # bytes of progress.jsonl already copied into the job's history
         self._began = time.time()  # a progress.json older than this is an earlier attempt's (history)
+        self.artifacts = artifacts_for(settings)
+        self._checkpoint_mtime: float | None = None  # of checkpoints/last.pt when the run was last uploaded
 
     def run(self) -> Outcome:
         # Celery resets SIGTERM to "die" in its pool process; a worker being stopped (``ldd up``
@@ -156,6 +163,9 @@ class Attempt:
         if model is not None:  # published by an attempt that died before it could say so
             return self._succeed(model)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # With object storage: the run as another machine left it (its last uploaded checkpoint resumes here).
+        if pulled := self.artifacts.pull_run(self.job_id):
+            log.info("job %s: %d file(s) of the run fetched from %s", self.job_id, len(pulled), self.artifacts.url)
         model_pt, metrics_json = self.run_dir / "model.pt", self.run_dir / "metrics.json"
         if not (model_pt.is_file() and metrics_json.is_file()):
             local = resolve_job(self.job["spec"], self.store, self.settings)
@@ -165,10 +175,11 @@ class Attempt:
                 args += ["--weights-dir", str(self.settings.weights_dir)]
             if self.settings.min_free_bytes > 0:
                 args += ["--min-free-bytes", str(self.settings.min_free_bytes)]
-            _check_room(self.settings, "training")
+            check_room(self.settings, "training")
             # error.json holds the child's verdict; a stale one (an earlier attempt's) would pass for this one's.
             (self.run_dir / "error.json").unlink(missing_ok=True)
             rc = self._child("train", args)
+            self.artifacts.push_run(self.job_id)  # the final weights, or the last checkpoint for a retry
             if rc != 0:
                 return self._child_failed("training", rc)
         metrics = json.loads(metrics_json.read_text())
@@ -179,7 +190,7 @@ class Attempt:
             atomic_write_json(spec_path, resolve_job(self.job["spec"], self.store, self.settings), indent=2)
         export_dir, described = self.run_dir / "export", self.run_dir / "export.json"
         shutil.rmtree(export_dir, ignore_errors=True)
-        _check_room(self.settings, "ONNX export")
+        check_room(self.settings, "ONNX export")
         # The formats, the data set (int8 calibration, AP per format) and the serving runtime that measures it.
         args = [
             "-m",
@@ -199,7 +210,7 @@ class Attempt:
             return self._child_failed("ONNX export", rc)
         self._heartbeat(None)  # fence: still ours right before the one visible side effect
         model = publish_model(
-            self.store, Registry(self.settings.models_dir), export_dir, json.loads(described.read_text()),
+            self.store, self.artifacts, export_dir, json.loads(described.read_text()),
             model_id=model_id_for(self.job_id), job_id=self.job_id,
             name=self.job["spec"].get("name"), kind=self.job["kind"], training_metrics=metrics.get("bbox", metrics),
         )  # fmt: skip
@@ -246,6 +257,21 @@ class Attempt:
                 # We cannot renew the lease, so soon another worker may run this job: stop first.
                 raise Lost("lost")
             self._relay_progress()
+            self._upload_checkpoint()
+
+    def _upload_checkpoint(self) -> None:
+        """With object storage, upload the run (checkpoint, logs) each time the trainer has written a checkpoint:
+        what another machine resumes from if this one vanishes."""
+        try:
+            mtime: float | None = (self.run_dir / "checkpoints" / "last.pt").stat().st_mtime
+        except FileNotFoundError:
+            mtime = None
+        if self.artifacts.remote and mtime is not None and mtime != self._checkpoint_mtime:
+            self._checkpoint_mtime = mtime
+            try:
+                self.artifacts.push_run(self.job_id)
+            except Exception as e:  # storage briefly unreachable: the next checkpoint tries again
+                log.warning("job %s: cannot upload the run: %s", self.job_id, e)
 
     def _relay_progress(self, force: bool = False) -> None:
         """Copy a changed ``progress.json`` into the store (at most every ``progress_seconds`` unless
@@ -315,12 +341,12 @@ class Attempt:
                 message = json.loads(err_file.read_text()).get("error")
             except (OSError, ValueError):
                 pass
-        tail = _tail(self.run_dir / "worker_child.log", 5)
-        if _out_of_room(message or "", tail):
+        tail = log_tail(self.run_dir / "worker_child.log", 5)
+        if out_of_room(message or "", tail):
             # Retrying cannot help until someone frees space; the atomic writes kept the last good checkpoint.
             return self._end(
                 "failed",
-                error=_no_room(self.settings, f"{what} ran out of room")
+                error=no_room(self.settings, f"{what} ran out of room")
                 + (" Its last good checkpoint is kept in the run folder."),
             )
         if rc in (1, 2) and message:  # the program's own verdict: retrying won't help
@@ -372,29 +398,3 @@ def _launcher(spec: dict[str, Any]) -> list[str]:
     if processes <= 1:
         return []
     return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-
-
-def _out_of_room(*texts: str) -> bool:
-    return any("No space left on device" in t or "[Errno 28]" in t for t in texts)
-
-
-def _no_room(settings: Settings, what: str) -> str:
-    free = shutil.disk_usage(settings.data_dir).free
-    return (f"{what}: the data folder {settings.data_dir} has {free} bytes free (LDD_MIN_FREE_BYTES="
-            f"{settings.min_free_bytes}); free some space, then submit the job again.")  # fmt: skip
-
-
-def _check_room(settings: Settings, what: str) -> None:
-    """Refuse to start a child that writes (checkpoints, exports) when the data folder is below its minimum."""
-    try:
-        ensure_room(settings.data_dir, settings.min_free_bytes, what)
-    except NoRoom as e:
-        raise JobRefused(_no_room(settings, f"not enough room to start {what}"), "no_room") from e
-
-
-def _tail(path: Path, n: int) -> str:
-    try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    return " | ".join(lines[-n:])[-600:]

@@ -16,13 +16,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from core.artifacts import Artifacts, model_key
 from core.store import Store
-from deploy.registry import Registry
+from deploy.registry import Registry, read_model_json
 
 
 def publish_model(
     store: Store,
-    registry: Registry,
+    artifacts: Artifacts,
     export_dir: Path,
     description: dict[str, Any],
     *,
@@ -40,29 +41,37 @@ def publish_model(
     under an id is recorded as it is, the store keeps one model per job and format, and the fp32 row (which
     says the job is published) is written last.
     """
+    registry = Registry(artifacts.staging("models"))
     variants = dict(description.get("variants") or {})
     ids = {fmt: f"{model_id}{fmt}" for fmt in variants}
     for fmt, variant in variants.items():
         variant = {k: v for k, v in variant.items() if k != "dir"}
-        _publish_one(store, registry, export_dir / fmt, {**variant, **fields}, ids[fmt], job_id, fmt, model_id)
+        _publish_one(
+            store, artifacts, registry, export_dir / fmt, {**variant, **fields}, ids[fmt], job_id, fmt, model_id
+        )
     meta = {k: v for k, v in description.items() if k != "variants"}
     # Last: the job's fp32 model is what says the job is published.
     return _publish_one(
-        store, registry, export_dir, {**meta, **fields, "variants": ids}, model_id, job_id, "fp32", None
+        store, artifacts, registry, export_dir, {**meta, **fields, "variants": ids}, model_id, job_id, "fp32", None
     )
 
 
 def _publish_one(
-    store: Store, registry: Registry, folder: Path, meta: dict[str, Any], model_id: str, job_id: str | None,
-    fmt: str, fp32_id: str | None,
+    store: Store, artifacts: Artifacts, registry: Registry, folder: Path, meta: dict[str, Any], model_id: str,
+    job_id: str | None, fmt: str, fp32_id: str | None,
 ) -> dict[str, Any]:  # fmt: skip
-    try:
-        published = registry.get(model_id)  # an earlier attempt published, then died
-    except KeyError:
+    key = model_key(model_id)
+    if artifacts.remote and artifacts.exists(key):  # stored by an earlier attempt (maybe on another machine)
+        published = read_model_json(artifacts.tree(key))
+    else:
         try:
-            published = registry.publish(folder, model_id=model_id)
-        except FileExistsError:  # a racing publisher won; its model is the job's model
-            published = registry.get(model_id)
+            published = registry.get(model_id)  # an earlier attempt published, then died
+        except KeyError:
+            try:
+                published = registry.publish(folder, model_id=model_id)
+            except FileExistsError:  # a racing publisher won; its model is the job's model
+                published = registry.get(model_id)
+        artifacts.publish_tree(key)  # with object storage: its files, then its manifest (readers see it whole)
     # model.json's "format" is its schema tag; the catalogue's precision is the row's own column.
     meta = {k: v for k, v in {**meta, **published}.items() if k != "format"}
-    return store.add_model(model_id, job_id, str(registry.path(model_id)), meta, format=fmt, fp32_id=fp32_id)
+    return store.add_model(model_id, job_id, key, meta, format=fmt, fp32_id=fp32_id)

@@ -15,11 +15,12 @@ from fastapi import APIRouter, File, Form, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from api import schemas
-from api.deps import IN_USE, CallerDep, ResourceId, SettingsDep, StoreDep, delete_or_409, get_or_404
+from api.deps import IN_USE, ArtifactsDep, CallerDep, ResourceId, SettingsDep, StoreDep, delete_or_409, get_or_404
 from api.errors import APIError, error_docs
 from api.presenters import public_checkpoint
 from api.uploads import ensure_room, save_upload, upload_folder, upload_size
 from core import deletion
+from core.artifacts import checkpoint_key
 from core.db import new_id
 from distill.ckpt_layout import describe_checkpoint
 from distill.ckpt_reader import CheckpointError
@@ -39,6 +40,7 @@ async def upload_checkpoint(
     file: Annotated[UploadFile, File(description="a .pt/.pth file written by torch.save")],
     settings: SettingsDep,
     store: StoreDep,
+    artifacts: ArtifactsDep,
     caller: CallerDep,
     name: Annotated[str | None, Form(max_length=200)] = None,
 ) -> dict[str, Any]:
@@ -51,15 +53,17 @@ async def upload_checkpoint(
         except CheckpointError as e:
             raise APIError(422, "invalid_checkpoint", str(e)) from e
         ckpt_id = new_id("ckpt")
-        settings.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        final = settings.checkpoints_dir / f"{ckpt_id}.pt"
+        key = checkpoint_key(ckpt_id)
+        final = artifacts.staging(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(tmp, final)  # the upload folder is under the same data_dir: one atomic rename
         try:
+            await run_in_threadpool(artifacts.publish_file, key)  # with object storage: uploaded whole
             row = await run_in_threadpool(
-                store.add_checkpoint, ckpt_id, str(final), arch, name or file.filename, caller.tenant
+                store.add_checkpoint, ckpt_id, key, arch, name or file.filename, caller.tenant
             )
         except Exception:
-            final.unlink(missing_ok=True)  # no file without its row
+            await run_in_threadpool(artifacts.delete, key)  # no file without its row
             raise
         return public_checkpoint(row)
 

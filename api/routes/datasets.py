@@ -20,11 +20,12 @@ from fastapi.concurrency import run_in_threadpool
 
 from api import schemas
 from api.datasets import UploadError, ZipLimits, import_dataset, publish_dataset
-from api.deps import IN_USE, CallerDep, ResourceId, SettingsDep, StoreDep, delete_or_409, get_or_404
+from api.deps import IN_USE, ArtifactsDep, CallerDep, ResourceId, SettingsDep, StoreDep, delete_or_409, get_or_404
 from api.errors import APIError, error_docs
 from api.presenters import public_dataset
 from api.uploads import ensure_room, save_upload, upload_folder, upload_size
 from core import deletion
+from core.artifacts import dataset_key
 from core.db import new_id
 from deploy.draw import draw_detections
 from distill.data.annotations import CocoData, load_coco
@@ -48,6 +49,7 @@ async def upload_dataset(
     file: Annotated[UploadFile, File(description="a .zip with one COCO JSON file or VOC XML files, and images")],
     settings: SettingsDep,
     store: StoreDep,
+    artifacts: ArtifactsDep,
     caller: CallerDep,
     name: Annotated[str | None, Form(max_length=200, description="a name for humans")] = None,
     val_split: Annotated[float, Form(ge=0, lt=1, description=SPLIT_DOC)] = 0.2,
@@ -77,16 +79,19 @@ async def upload_dataset(
                 raise e.__cause__ from e  # the disk filled while unpacking: upload_folder answers 507
             raise APIError(e.status, e.code, e.message, e.details) from e
         dataset_id = new_id("ds")
-        final = await run_in_threadpool(publish_dataset, imported, settings.datasets_dir, dataset_id)
+        key = dataset_key(dataset_id)
+        final = await run_in_threadpool(publish_dataset, imported, artifacts.staging(key).parent, dataset_id)
         ds_name = name or Path(file.filename or "dataset").stem or "dataset"
         try:
+            await run_in_threadpool(artifacts.publish_tree, key)  # with object storage: uploaded, manifest last
             row = await run_in_threadpool(
-                store.add_dataset, dataset_id, ds_name, str(final), imported.classes,
+                store.add_dataset, dataset_id, ds_name, key, imported.classes,
                 imported.num_images, imported.num_boxes, imported.splits, imported.problems, caller.tenant,
                 val_split=imported.val_split, split_seed=imported.split_seed, images=imported.images,
             )  # fmt: skip
         except Exception:
-            shutil.rmtree(final, ignore_errors=True)  # no folder without its row
+            await run_in_threadpool(artifacts.delete, key)  # no folder without its row
+            shutil.rmtree(final, ignore_errors=True)
             raise
         return {**public_dataset(row), "format": imported.format}
 
@@ -126,11 +131,12 @@ def dataset_sample(
     dataset_id: ResourceId,
     index: Annotated[int, PathParam(ge=0, le=10_000_000)],
     store: StoreDep,
+    artifacts: ArtifactsDep,
     caller: CallerDep,
     max_side: Annotated[int, Query(ge=32, le=2048, description="longest side of the picture, pixels")] = 480,
 ) -> Response:
     row = get_or_404(store.get_dataset, "dataset", dataset_id, caller.scope)
-    data = published_annotations(row["path"])
+    data = published_annotations(artifacts.tree(row["key"]))
     if index >= len(data.images):
         raise APIError(404, "not_found", f"dataset {dataset_id!r} has {len(data.images)} images; no image {index}")
     image = data.images[index]
@@ -146,7 +152,7 @@ def dataset_sample(
 
 
 @lru_cache(maxsize=4)
-def published_annotations(path: str) -> CocoData:
+def published_annotations(path: str | Path) -> CocoData:
     """The published dataset's annotations (checked at upload, so the images are not opened again)."""
     return load_coco(path, check_images=False)
 

@@ -8,7 +8,7 @@ import io
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from api.deps import CallerDep, ResourceId, StoreDep, get_or_404
+from api.deps import ArtifactsDep, CallerDep, ResourceId, StoreDep, get_or_404
 from api.errors import APIError, error_docs
 from api.routes.datasets import published_annotations
 from deploy.draw import draw_error_maps
@@ -28,13 +28,13 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
     response_class=Response,
     responses={200: {"content": {"image/png": {}}}, **error_docs(404)},
 )
-def job_figure5(job_id: ResourceId, store: StoreDep, caller: CallerDep) -> Response:
+def job_figure5(job_id: ResourceId, store: StoreDep, artifacts: ArtifactsDep, caller: CallerDep) -> Response:
     job = get_or_404(store.get_job, "job", job_id, caller.scope)
     figure = ((job.get("metrics") or {}).get("diagnostics") or {}).get("figure5")
     if not figure or not figure.get("before") or not figure.get("after"):
         raise APIError(404, "not_found", f"job {job_id} has no figure 5 (only finished distillation jobs have it)")
     dataset = get_or_404(store.get_dataset, "dataset", job["spec"]["dataset"], caller.scope)
-    data = published_annotations(dataset["path"])
+    data = published_annotations(artifacts.tree(dataset["key"]))
     image = data.image(int(figure["after"]["image_id"]))
     buf = io.BytesIO()
     draw_error_maps(image["path"], figure).save(buf, "PNG")

@@ -14,7 +14,6 @@ from api.deps import (
     IN_USE,
     CallerDep,
     IdempotencyKey,
-    RegistryDep,
     ResourceId,
     ServicesDep,
     SettingsDep,
@@ -96,10 +95,13 @@ def get_model(model_id: ResourceId, store: StoreDep, caller: CallerDep, services
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}}, **error_docs(404)},
 )
-def get_model_onnx(model_id: ResourceId, store: StoreDep, registry: RegistryDep, caller: CallerDep) -> FileResponse:
+def get_model_onnx(model_id: ResourceId, store: StoreDep, services: ServicesDep, caller: CallerDep) -> FileResponse:
     get_or_404(store.get_model, "model", model_id, caller.scope)
-    path = registry.path(model_id) / "model.onnx"
-    if not path.is_file():
+    try:
+        path = services.model_dir(model_id) / "model.onnx"
+    except (FileNotFoundError, KeyError):
+        path = None
+    if path is None or not path.is_file():
         raise APIError(404, "not_found", f"model {model_id!r} has no ONNX file")
     return FileResponse(path, media_type="application/octet-stream", filename=f"{model_id}.onnx")
 
