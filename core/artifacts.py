@@ -213,6 +213,7 @@ class Artifacts:
             fetched.append(key)
         return fetched
 
+
 def _folder_bytes(folder: Path) -> int:
     """Bytes of the files under ``folder`` (0 when it is missing); files vanishing meanwhile count 0."""
     total = 0
