@@ -167,5 +167,7 @@ class Settings(BaseSettings):
         return self.runs_dir / job_id
 
     def make_dirs(self) -> None:
-        for d in (self.datasets_dir, self.checkpoints_dir, self.runs_dir, self.models_dir):
+        # With object storage this machine keeps only its runs and its copies (core.artifacts).
+        shared = (self.datasets_dir, self.checkpoints_dir, self.models_dir)
+        for d in (self.runs_dir, *((self.cache_dir,) if self.storage_url else shared)):
             d.mkdir(parents=True, exist_ok=True)
