@@ -134,6 +134,16 @@ class Artifacts:
         self._trees[key] = list(manifest)
         return local
 
+    def ping(self) -> str:
+        """``ok``, or why the storage cannot be reached (``/readyz``); the data folder is always there."""
+        if not self.remote:
+            return "ok"
+        try:
+            self.storage.exists(MANIFEST)  # one request; a missing object is an answer too
+        except Exception as e:
+            return f"unreachable: {type(e).__name__}: {e}"
+        return "ok"
+
     def evict(self, keep: Iterable[Path] = ()) -> int:
         """Trim the local copies to ``LDD_CACHE_BYTES``, never touching the files or folders in ``keep``."""
         return self.cache.evict(keep=list(keep)) if self.remote else 0

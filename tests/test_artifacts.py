@@ -151,3 +151,17 @@ def test_embedded_mode_is_the_data_folder_itself(tmp_path: Path) -> None:
         not (tmp_path / "ldd" / "cache").exists() and not (tmp_path / "ldd" / "datasets" / "ds_1" / MANIFEST).exists()
     )
     assert art.push_run("job_x") == [] and art.pull_run("job_x") == []
+
+
+def test_ping_says_whether_the_storage_answers(machines, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``/readyz``'s storage check: ok while it answers; the reason when nothing listens at the endpoint."""
+    from bench.servers import free_port
+
+    a, _ = machines
+    assert a.ping() == "ok"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_MAX_ATTEMPTS": "1"}.items():  # fmt: skip
+        monkeypatch.setenv(k, v)
+    gone = Artifacts(Settings(data_dir=tmp_path / "c", storage_url="s3://nobody/ldd"))
+    assert gone.ping().startswith("unreachable")

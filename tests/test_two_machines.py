@@ -49,6 +49,7 @@ def test_a_job_whose_machine_vanishes_resumes_on_another_and_is_served(tmp_path:
                 with open(_teacher_file(tmp_path / "teacher.pt"), "rb") as f:
                     ck = http.post("/v1/checkpoints", files={"file": ("teacher.pt", f)})
                 assert ck.status_code == 201, ck.text
+                assert http.get("/readyz").json()["checks"]["storage"] == "ok"
                 # The API kept nothing in a folder a worker could read: the bucket has both.
                 assert storage.exists(f"datasets/{ds.json()['id']}/{MANIFEST}")
                 assert storage.exists(f"checkpoints/{ck.json()['id']}.pt")
