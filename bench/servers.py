@@ -14,7 +14,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +155,58 @@ def kill_pid(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+# -- an S3-compatible server (moto's server mode, PyPI ``moto[server]``) ----------------------------------
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """The variables boto3 reads (and a worker or API process is given) to reach ``endpoint``."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+
+
+def moto_executable() -> str | None:
+    """``moto_server`` beside this Python (its virtual environment) or on the PATH."""
+    import shutil
+    import sys
+
+    return shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+
+
+@contextmanager
+def moto_s3_server() -> Iterator[str]:
+    """moto's S3 server over HTTP on a free port (the protocol MinIO and AWS speak); yields its endpoint URL.
+    ``FileNotFoundError`` when ``moto_server`` is not installed."""
+    exe = moto_executable()
+    if exe is None:
+        raise FileNotFoundError("moto_server is not installed (pip install 'moto[server]')")
+    port = free_port()
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, 30, "moto's S3 server")
+        yield url
+    finally:
+        terminate(proc, 10)
+
+
+def make_bucket(endpoint: str, name: str) -> str:
+    """A new bucket named after ``name`` (lower-cased, other characters as dashes) on ``endpoint``; its name."""
+    import re
+
+    import boto3
+
+    bucket = "ldd-" + re.sub(r"[^a-z0-9]+", "-", name.lower())[:40].strip("-")
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                 region_name="us-east-1").create_bucket(Bucket=bucket)  # fmt: skip
+    return bucket
