@@ -19,9 +19,10 @@ from fastapi.testclient import TestClient
 from api import deps
 from api.errors import install_error_handlers
 from api.routes import health, models
+from core.artifacts import Artifacts
 from core.settings import Settings
 from core.store import Store
-from deploy.registry import Registry, read_model_json
+from deploy.registry import read_model_json
 from distill.checkpoint import detector_state
 from tests.test_deploy_export import INPUT_SIZE
 from tests.test_quantize import confident_detector, make_dataset
@@ -72,11 +73,11 @@ def test_export_child_makes_every_format_of_the_spec_with_its_runtime_ap(exporte
 def published(exported, tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'ldd.db'}")
     job, _ = store.create_job({"kind": "train", "dataset": "ds_0123456789abcdef"})
-    registry = Registry(tmp_path / "models")
+    artifacts = Artifacts(Settings(data_dir=tmp_path))  # published into tmp_path/models, as the API reads it
     model_id = model_id_for(job["id"])
     row = publish_model(
         store,
-        registry,
+        artifacts,
         exported["run"] / "export",
         exported["description"],
         model_id=model_id,
@@ -85,7 +86,7 @@ def published(exported, tmp_path):
         kind="train",
         training_metrics={"AP": 0.9},
     )
-    yield {"store": store, "registry": registry, "job": job, "row": row, "id": model_id, "tmp": tmp_path}
+    yield {"store": store, "artifacts": artifacts, "job": job, "row": row, "id": model_id, "tmp": tmp_path}
     store.close()
 
 
@@ -100,7 +101,7 @@ def test_each_format_is_its_own_model_linked_to_the_job_and_to_fp32(published, e
     assert int8["meta"]["name"] == "tiny" and "accuracy_warning" in int8["meta"]
     assert int8["tenant"] == job["tenant"]
     # The registry folder holds only what the runtime needs; the precision lives in the catalogue.
-    assert read_model_json(published["registry"].path(int8_id))["id"] == int8_id
+    assert read_model_json(published["tmp"] / "models" / int8_id)["id"] == int8_id
     assert [m["id"] for m in store.models_for_job(job["id"])] == [fp32["id"], int8_id]
     assert store.model_for_job(job["id"])["id"] == fp32["id"]
     assert store.newest_model()["id"] == fp32["id"]  # /detect's default stays the fp32 model
@@ -111,7 +112,7 @@ def test_publishing_again_changes_nothing(published, exported):
     store = published["store"]
     again = publish_model(
         store,
-        published["registry"],
+        published["artifacts"],
         exported["run"] / "export",
         exported["description"],
         model_id=published["id"],
