@@ -28,7 +28,7 @@ from tests.api_server import coco_zip, serve_api
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 KEY = "openapi-truth-key"
-BUDGET_S = 45  # per mode: the suite must stay within its time on a 2-core machine
+BUDGET_S = 35  # per mode: the suite must stay within its 25 minutes on a 2-core machine
 
 CONFIG = """
 request-timeout = 15
