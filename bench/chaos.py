@@ -5,6 +5,7 @@ workers are SIGKILLed during training, export and publish, and Redis, PostgreSQL
     python bench/chaos.py                      # 10 distillation jobs, about 10-15 min on the 2-core CPU
     python bench/chaos.py --quick              # 2 jobs, one kill during training (development)
     python bench/chaos.py --jobs 4 --plan train,redis,postgres,api    # choose the disruptions
+    python bench/chaos.py --jobs 2 --plan machine,train --out chaos_machine   # a worker machine lost (S3)
 
 The work is sized on the machine it runs on: the teacher jobs' training steps are timed, and each
 distillation job gets the epochs that make it train about ``--train-seconds`` (at least ``--epochs``).
@@ -18,10 +19,16 @@ ports in temporary folders, so the machine's shared servers are never touched; e
 down at the end, also on Ctrl-C or an error (``--keep`` keeps the folders and logs). Jobs go in over
 REST only; the bookkeeping reads the store's tables with SQL, the run folders and ``/proc``.
 
+With ``--storage s3`` (the default when the plan has ``machine``) the artifacts live in object storage (moto's
+S3 server, ``LDD_STORAGE_URL=s3://<bucket>/ldd``) and each worker and the API get a data folder of their own,
+as on machines of their own; ``machine`` then loses a worker's machine mid-training (``chaos_machine``: every
+process of it SIGKILLed at once, its data folder deleted, a replacement worker on a new empty folder) and the
+job must resume from the checkpoint in the bucket. Models are then counted in the bucket, not a folder.
+
 Figures (each also explained in the report):
 - succeeded: jobs in state ``succeeded`` at the end, of those submitted;
 - models per job: rows of the store's ``models`` table per job, and folders of the model registry
-  whose ``model.json`` names the job (exactly 1 each);
+  (with s3: model folders in the bucket with their ``.manifest.json``) that a row of the job names (exactly 1 each);
 - ran twice at once: an attempt runs its work in child processes whose command lines name the job's
   run folder; ``/proc`` is scanned every 0.2 s and a job is flagged when two such children of it are
   alive at once. Independently, ``progress.jsonl`` may only go back in iterations at a line that says
@@ -60,6 +67,7 @@ from typing import Any
 from chaos_client import BATCH_SIZE, IMAGE_SIZE, Submitter, get_job, post_json, schedule, upload_dataset
 from chaos_faults import KILLS, SERVICES, Chaos, Timing, size_epochs
 from chaos_figures import TERMINAL, step_seconds
+from chaos_machine import MACHINE
 from chaos_report import collect, missing_moments, render, verdict
 from chaos_stack import ROOT, Stack, progress_lines
 from chaos_watch import Watcher
@@ -69,6 +77,7 @@ from servers import wait_for
 # Six kills and three restarts. A kill in export or publish costs a whole export again (the longest part of a
 # small job on this CPU), so there are fewer of those than of kills in training.
 FULL_PLAN = ("train", "redis", "export", "postgres", "publish", "train", "api", "publish", "train")
+KINDS = (*KILLS, MACHINE, *SERVICES)  # machine: a worker machine lost (object storage, chaos_machine)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -82,7 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
            "LDD_CONSUMER_STALL_SECONDS": "20",
            # Two workers share the two cores: one thread per training child, not two each.
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # fmt: skip
-    stack = Stack(root, 2, env)
+    stack = Stack(root, 2, env, args.storage)
     watcher = Watcher(stack)
     submitter: Submitter | None = None
     t_start = time.time()
@@ -98,6 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        check=True, cwd=ROOT, env=stack.env, capture_output=True)  # fmt: skip
         stack.init_pg()
         stack.redis.start()
+        stack.start_storage()
         stack.start_api()
         for slot in range(len(stack.workers)):
             stack.start_worker(slot)
@@ -176,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--jobs", type=int, default=10, help="distillation jobs (default 10)")
     p.add_argument("--quick", action="store_true", help="2 jobs, one teacher, one kill during training")
-    p.add_argument("--plan", help=f"comma-separated disruptions, in order, from {', '.join(KILLS + SERVICES)} "
+    p.add_argument("--plan", help=f"comma-separated disruptions, in order, from {', '.join(KINDS)} "
                    f"(default: {','.join(FULL_PLAN)})")  # fmt: skip
     p.add_argument("--epochs", type=int, default=3, help="the fewest epochs of each distillation job (2 or more)")
     p.add_argument(
@@ -197,6 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         default=45.0,
         help="a job queued and a worker idle this long: restart that worker (recorded as a failure)",
     )
+    p.add_argument(
+        "--storage",
+        choices=("auto", "local", "s3"),
+        default="auto",
+        help="local: one data folder shared by the API and the workers; s3: moto's S3 server and a data folder per "
+        "machine (auto: s3 when the plan has machine)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="chaos", help="results name under bench/results/")
     p.add_argument("--keep", action="store_true", help="keep the stack's folders and logs")
@@ -208,8 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs < 2:
         p.error("--epochs must be 2 or more: the strikes in training come after the first epoch and before the last")
     plan = args.plan.split(",") if args.plan else (["train"] if args.quick else list(FULL_PLAN))
-    if unknown := [k for k in plan if k not in KILLS + SERVICES]:
+    if unknown := [k for k in plan if k not in KINDS]:
         p.error(f"unknown disruptions {unknown}")
+    if args.storage == "auto":
+        args.storage = "s3" if MACHINE in plan else "local"
+    if MACHINE in plan and args.storage != "s3":
+        p.error("the machine disruption needs object storage (--storage s3)")
     args.plan = plan
     res = run(args)
     md = render(res)

@@ -1,6 +1,6 @@
-"""The chaos bench's disruptions: SIGKILLing a worker during training, export or publish, and restarting
-Redis, PostgreSQL or the API, each at a moment chosen from what the observers see; and a watchdog that
-restarts a worker that stopped taking jobs (recorded as a failure).
+"""The chaos bench's disruptions: SIGKILLing a worker during training, export or publish (losing its whole
+machine: ``chaos_machine``), and restarting Redis, PostgreSQL or the API, each at a moment chosen from what the
+observers see; and a watchdog that restarts a worker that stopped taking jobs (recorded as a failure).
 
 Every moment is found in the jobs' own progress, never on a clock, so that a faster or slower machine
 only changes how long the bench takes:
@@ -39,7 +39,7 @@ KILLS = ("train", "export", "publish")
 SERVICES = ("redis", "postgres", "api")
 SETTLE_S = 240.0  # the longest a disruption may take to recover before the bench moves on
 # Kinds that strike while a job trains: the job must not be past its training to serve them.
-IN_TRAINING = ("train", "postgres", "api")
+IN_TRAINING = ("train", "postgres", "api", "machine")
 
 
 @dataclass
@@ -140,9 +140,12 @@ class Chaos:
     def run_plan(self) -> list[Disruption]:
         """Each planned disruption in turn; a disruption that finds no moment before every job ended is left
         out of the list (the report names it)."""
+        from chaos_machine import lose_machine  # the worker machine lost (its module imports this one)
+
         done: list[Disruption] = []
         for kind in self.plan:
-            d = self.kill_worker(kind) if kind in KILLS else self.restart(kind)
+            run = self.kill_worker if kind in KILLS else self.restart
+            d = lose_machine(self) if kind == "machine" else run(kind)
             if d is not None:
                 done.append(d)
         return done
@@ -299,7 +302,7 @@ class Chaos:
         if not live:
             return None
         pid, c = live[0]
-        models = self.stack.models_dir
+        models = self.stack.registry_dir(c["worker"])
         while pid_alive(pid, c["start"]):
             time.sleep(0.005)
         t_exit = time.time()

@@ -127,10 +127,14 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out)
 
 
-def job_children(table: dict[int, tuple[int, list[str]]], runs_dir: Path) -> dict[int, tuple[str, str, int]]:
+def job_children(
+    table: dict[int, tuple[int, list[str]]], runs_dirs: Path | Iterable[Path]
+) -> dict[int, tuple[str, str, int]]:
     """``{pid: (job id, "train" | "export", ppid)}``: the top-level child processes of attempts, found by
-    the run folder in their command line (a child's own children, e.g. DataLoader workers, are skipped)."""
-    pattern = re.compile(re.escape(str(runs_dir)) + r"/(job_[0-9a-f]+)(/|$)")
+    a run folder (under any of ``runs_dirs``: one per machine) in their command line (a child's own children,
+    e.g. DataLoader workers, are skipped)."""
+    dirs = [runs_dirs] if isinstance(runs_dirs, Path) else list(runs_dirs)
+    pattern = re.compile("(?:" + "|".join(re.escape(str(d)) for d in dirs) + r")/(job_[0-9a-f]+)(/|$)")
     found: dict[int, tuple[str, str, int]] = {}
     for pid, (ppid, argv) in table.items():
         if not argv or "python" not in Path(argv[0]).name:
@@ -142,3 +146,22 @@ def job_children(table: dict[int, tuple[int, list[str]]], runs_dir: Path) -> dic
                 found[pid] = (m.group(1), what, ppid)
                 break
     return {p: v for p, v in found.items() if v[2] not in found}
+
+
+def stored_models(keys: Iterable[str]) -> tuple[list[str], list[str]]:
+    """``(complete, partial)`` model ids from the storage keys under ``models/``: a stored model folder is
+    complete once its ``.manifest.json`` (written last) is there; one with files but no manifest is an upload
+    cut short (never listed or served)."""
+    files: dict[str, set[str]] = {}
+    for key in keys:
+        parts = key.split("/", 2)
+        if len(parts) == 3 and parts[0] == "models":
+            files.setdefault(parts[1], set()).add(parts[2])
+    complete = sorted(m for m, names in files.items() if ".manifest.json" in names)
+    return complete, sorted(m for m in files if m not in complete)
+
+
+def reported_before(history: list[tuple[float, tuple[Any, ...]]], t: float) -> int | None:
+    """The last training iteration a job's REST view (``job_sig`` over time) showed before ``t``."""
+    its = [it for seen, (_s, _a, phase, it, _p) in history if seen < t and phase == "train" and it is not None]
+    return its[-1] if its else None

@@ -8,9 +8,9 @@ import argparse
 import re
 import statistics
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
+import chaos_machine as lost  # the machine disruption's figures
 from chaos_client import IMAGE_SIZE, Submitter
 from chaos_faults import SERVICES, Disruption
 from chaos_figures import (
@@ -25,7 +25,7 @@ from chaos_figures import (
     seconds,
     step_seconds,
 )
-from chaos_stack import Stack, progress_lines
+from chaos_stack import Stack, progress_lines, run_texts
 from chaos_watch import Watcher
 from report import provenance_line
 
@@ -66,22 +66,13 @@ def collect(
             r[0]: {"state": r[1], "attempts": r[2], "model_id": r[3], "error": r[4], "last_error": r[5]}
             for r in conn.execute("SELECT id, state, attempts, model_id, error, last_error FROM jobs")
         }
-        models = conn.execute("SELECT id, job_id, path FROM models").fetchall()
+        models = conn.execute("SELECT id, job_id, key FROM models").fetchall()
     model_rows: dict[str, int] = {}
     for _id, job_id, _path in models:
         model_rows[job_id] = model_rows.get(job_id, 0) + 1
-    # A registry folder belongs to the job whose model row points at it; a folder no row points at is a
-    # model published outside the bookkeeping (a second copy, or a publish the store never heard of).
-    owner = {Path(path).resolve(): job_id for _id, job_id, path in models}
-    folders: dict[str, int] = {}
-    leftovers, unattributed = [], []
-    for d in sorted(stack.models_dir.iterdir()) if stack.models_dir.is_dir() else []:
-        if d.name.startswith("."):
-            leftovers.append(d.name)
-        elif d.resolve() in owner:
-            folders[owner[d.resolve()]] = folders.get(owner[d.resolve()], 0) + 1
-        else:
-            unattributed.append(d.name)
+    # A registry folder (with s3: a stored model folder) belongs to the job whose model row points at it; a folder
+    # no row points at is a model published outside the bookkeeping (a second copy, or one the store never heard of).
+    folders, leftovers, unattributed = lost.registry_counts(stack, models)
 
     children: dict[str, list[dict[str, Any]]] = {}
     for c in watcher.children.values():
@@ -90,10 +81,7 @@ def collect(
     for s in submitter.submitted:
         j_id = s["id"]
         lines = progress_lines(stack, j_id)
-        try:
-            headers = parse_child_log((stack.runs_dir / j_id / "worker_child.log").read_text(errors="replace"))
-        except OSError:
-            headers = []
+        headers = sorted({h for text in run_texts(stack, j_id, "worker_child.log") for h in parse_child_log(text)})
         owners = [o for _, _, _, o in watcher.sql.get(j_id, []) if o]
         per_job.append({
             "job": j_id, "index": s["index"], **jobs.get(j_id, {}),
@@ -125,9 +113,10 @@ def collect(
                        # running again: its next child started (or it ended, if nothing was left to run)
                        running_again_s=seconds(d.t, new_child if new_child is not None else progress),
                        per_epoch=per_epoch, **epochs_repeated(lines, d.t_back or d.t, per_epoch))  # fmt: skip
-            log = stack.runs_dir / d.job / "train.log"
-            resumed = re.findall(r"resumed from .* at iteration (\d+)", log.read_text() if log.exists() else "")
-            row["train_log_resumes"] = [int(x) for x in resumed]
+            resumed = re.findall(r"resumed from .* at iteration (\d+)", "".join(run_texts(stack, d.job, "train.log")))
+            row["train_log_resumes"] = list(dict.fromkeys(int(x) for x in resumed))
+            if d.kind == "machine":
+                row.update(lost.machine_figures(stack, watcher, row, d.t_back or d.t))
         else:
             # Recovered when every job it touched (running then, or submitted meanwhile) showed progress again.
             watched = d.affected + d.extra.get("submitted_while_down", [])
@@ -150,7 +139,8 @@ def collect(
         "settings": {"jobs": args.jobs, "epochs": args.epochs, "teacher_epochs": args.teacher_epochs,
                      "train_images": args.images, "image_size": list(IMAGE_SIZE), "workers": len(stack.workers),
                      "lease_seconds": args.lease, "heartbeat_seconds": 1, "recover_seconds": 2, "max_attempts": 3,
-                     "outage_s": args.outage, "plan": list(args.plan), "seed": args.seed, "quick": args.quick},
+                     "outage_s": args.outage, "plan": list(args.plan), "seed": args.seed, "quick": args.quick,
+                     "storage": stack.storage},
         "teachers": teacher_ids, "jobs": per_job, "disruptions": rows, "registry_leftovers": leftovers,
         "unattributed_folders": unattributed,
         "rest_failures": len(watcher.rest_failures),
@@ -170,8 +160,9 @@ def verdict(res: dict[str, Any]) -> tuple[bool, list[str]]:
         problems.append(f"registry folders without a model row: {', '.join(res['unattributed_folders'])}")
     if bad := [j["job"] for j in jobs if j["twice_proc"] or j["twice_progress"]]:
         problems.append(f"jobs that ran twice at once: {', '.join(bad)}")
-    if bad := [r["job"] for r in rows if r["job"] and r.get("repeated", 0) > 1]:
+    if bad := [r["job"] for r in rows if r["job"] and r["kind"] != "machine" and r.get("repeated", 0) > 1]:
         problems.append(f"kills that repeated more than one epoch: {', '.join(bad)}")
+    problems += lost.machine_problems(rows)  # a lost machine: resumed from the bucket's checkpoint
     if bad := [r["job"] for r in rows if r.get("orphans")]:
         problems.append(f"children that outlived their killed worker: {', '.join(bad)}")
     if bad := [
@@ -195,7 +186,8 @@ def render(res: dict[str, Any]) -> str:
     s, jobs, rows = res["settings"], res["jobs"], res["disruptions"]
     n = len(jobs)
     ok, problems = verdict(res)
-    kills = [r for r in rows if r["job"]]
+    kills = [r for r in rows if r["job"] and r["kind"] != "machine"]  # process kills (a machine: machine_head)
+    s3, n_kills = s.get("storage") == "s3", sum(bool(r["job"]) for r in rows)
 
     def stat(kind: str, key: str = "recovery_s") -> str:
         xs = [r[key] for r in rows if r["kind"] == kind and r.get(key) is not None]
@@ -221,13 +213,16 @@ def render(res: dict[str, Any]) -> str:
     ] if holds]  # fmt: skip
     head = [
         ["jobs that succeeded", f"{succeeded} of {n}", f"{n} of {n}"],
-        ["jobs with exactly one model (store rows / registry folders)",
+        [f"jobs with exactly one model (store rows / {'stored model folders' if s3 else 'registry folders'})",
          f"{one_model} of {n} ({sum(j['models_store'] for j in jobs)} rows, {sum(j['models_registry'] for j in jobs)} "
          "folders)", f"{n} of {n}"],
         ["jobs that ran twice at once", str(twice), "0"],
         ["epochs repeated per worker kill (max)", f"{max(repeated):.2f}" if repeated else "-", "<= 1"],
         ["recovery after a worker kill in training", kill_stat("train", "next progress record"),
          f"lease ({s['lease_seconds']:g} s) + start-up"],
+        ["recovery after a lost worker machine in training (S3)", kill_stat("machine", "next progress record"),
+         f"lease ({s['lease_seconds']:g} s) + start-up" if s3 else ""],
+        *lost.machine_head(rows, f"the upload lag (at the next {s['heartbeat_seconds']} s heartbeat)"),
         ["recovery after a worker kill in export", kill_stat("export", "ended (the export starts over)"), ""],
         ["recovery after a worker kill in publish", kill_stat("publish", "ended"), ""],
         ["recovery after a Redis restart (next progress)", stat("redis"), ""],
@@ -245,7 +240,8 @@ def render(res: dict[str, Any]) -> str:
         f"from {len(res['teachers'])} teacher job(s), gfl_tiny{' and gfl_small' if len(res['teachers']) > 1 else ''}; "
         f"{s['train_images']} train images of {s['image_size'][0]}x{s['image_size'][1]}, {s['epochs']} epochs) on "
         f"the bench's own Redis (append-only) + PostgreSQL + {s['workers']} `python -m worker` processes + the API "
-        f"(uvicorn), submitted over REST, at most {s['workers']} at a time. Lease {s['lease_seconds']:g} s, heartbeat "
+        f"(uvicorn){lost.S3_SETUP if s3 else ''}, submitted over REST, at most {s['workers']} at a time. "
+        f"Lease {s['lease_seconds']:g} s, heartbeat "
         f"{s['heartbeat_seconds']} s, recovery loop every {s['recover_seconds']} s, at most {s['max_attempts']} "
         f"attempts. {res['minutes']['total']} min in all ({res['minutes']['teachers']} min for the teachers).",
         "",
@@ -262,7 +258,8 @@ def render(res: dict[str, Any]) -> str:
         f"**Verdict: {'PASS' if ok else 'FAIL'}.** "
         + (
             "Every job succeeded and published exactly one model; no job "
-            "ran twice at once; no kill cost more than one epoch."
+            "ran twice at once; no kill cost more than one epoch"
+            + ("; each lost machine's job resumed from the checkpoint in the bucket." if len(kills) < n_kills else ".")
             if ok
             else "; ".join(problems) + "."
         ),
@@ -293,7 +290,8 @@ def render(res: dict[str, Any]) -> str:
         "or the jobs training at the time and those submitted during the outage (a job in export writes no "
         "progress records until it ends, so it is not timed). *epochs repeated*: "
         "the last iteration reported before the kill minus the iteration the next attempt resumed from, over the "
-        "iterations per epoch. Times in seconds from the disruption.",
+        "iterations per epoch. Times in seconds from the disruption."
+        + (lost.MACHINE_LOST if any(r["kind"] == "machine" for r in rows) else ""),
         "",
         md_table(
             [
@@ -353,6 +351,8 @@ def render(res: dict[str, Any]) -> str:
                 f"- train kill on {r['job'][-8:]}: progress.jsonl says resumed from {r['resumed_from']}, "
                 f"train.log {r['train_log_resumes']}."
             )
+        if r["kind"] == "machine":
+            notes.append(lost.machine_note(r))
         if r["kind"] == "redis" and r.get("affected") is not None:
             late = r.get("submitted_while_down") or []
             notes.append(

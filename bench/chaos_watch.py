@@ -59,15 +59,17 @@ class Watcher:
         exactly what must be seen)."""
         now = time.time()
         table = family_table(w.pid for w in self.stack.workers if w is not None)
-        kids = job_children(table, self.stack.runs_dir)
+        kids = job_children(table, self.stack.runs_dirs)
         live: dict[str, list[int]] = {}
         with self.lock:
             for pid, (job, what, _ppid) in kids.items():
                 started = start_time(pid)
                 key = f"{pid}:{started}"
                 if key not in self.children:
+                    slot = self.stack.worker_slot(pid, table)
                     self.children[key] = {"pid": pid, "start": started, "job": job, "what": what, "first": now,
-                                          "worker": self.stack.worker_slot(pid, table), "gone": None}  # fmt: skip
+                                          "worker": slot, "gone": None,
+                                          "machine": None if slot is None else self.stack.machine[slot]}  # fmt: skip
             for c in self.children.values():
                 if c["gone"] is not None:
                     continue

@@ -6,6 +6,7 @@ moment (the bench itself runs the real stack and is not run here)."""
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -301,3 +302,90 @@ def test_a_kill_in_training_lands_inside_an_epoch_and_before_training_ends(fault
         assert it + faults.strike_delay(0.99, it, 36, 6, 0.2) / 0.2 < 36
     assert faults.strike_delay(0.5, 35, 36, 6, 0.2) == 0.0  # the last step: at once
     assert faults.strike_delay(0.5, 12, 36, 6, None) == 0.0  # not measured: at the record
+
+
+def test_machine_figures_read_every_machine(chaos, tmp_path):
+    """With object storage each worker machine has its own runs folder: the attempt children are found under any
+    of them, the models in the bucket are those with their manifest, and the last iteration a client saw before
+    a lost machine comes from the REST history."""
+    runs = [tmp_path / "machines" / m / "runs" for m in ("m0", "m1")]
+    job = "job_0123456789abcdef"
+    table = {
+        10: (1, ["/v/bin/python", "-m", "worker", "--name", "chaos-m1"]),
+        12: (
+            10,
+            ["/v/bin/python", "-m", "distill", "train", f"{runs[1]}/{job}/spec.json", "--out", f"{runs[1]}/{job}"],
+        ),
+        13: (1, ["/v/bin/python", "-m", "distill", "train", f"{tmp_path}/elsewhere/runs/{job}/spec.json"]),
+    }
+    assert chaos.figures.job_children(table, runs) == {12: (job, "train", 10)}
+    assert chaos.figures.job_children(table, runs[0]) == {}
+
+    keys = ["models/m1/model.onnx", "models/m1/.manifest.json", "models/m2/model.onnx", "models/m1x/.manifest.json",
+            "runs/job_1/checkpoints/last.pt"]  # fmt: skip
+    assert chaos.figures.stored_models(keys) == (["m1", "m1x"], ["m2"])  # m2: an upload cut short
+
+    def seen(t, it, phase="train"):
+        return (t, ("running", 1, phase, it, t - 0.5))
+
+    history = [seen(1, 0), seen(2, 6), seen(3, 9), seen(6, 6), seen(7, 12, "eval")]
+    assert chaos.figures.reported_before(history, 5.0) == 9
+    assert chaos.figures.reported_before(history, 1.0) is None
+
+
+def test_a_lost_machine_keeps_its_progress_for_the_figures(chaos, tmp_path):
+    """``Stack.lose_machine`` deletes the machine's data folder but keeps its runs' progress records and logs aside;
+    the job's progress is then read across machines in time order, so the epochs repeated are measured."""
+    stack_mod = importlib.import_module("chaos_stack")
+    stack = stack_mod.Stack(tmp_path / "root", 1, {}, storage="s3")
+    try:
+        job = "job_0123456789abcdef"
+        stack.machines, stack.machine = ["m0"], ["m0"]
+        run0 = stack.machine_dir("m0") / "runs" / job
+        (run0 / "checkpoints").mkdir(parents=True)
+        (run0 / "checkpoints" / "last.pt").write_bytes(b"weights")
+        (run0 / "progress.jsonl").write_text("".join(f'{{"phase": "train", "iter": {i}, "time": {t}}}\n'
+                                                     for i, t in ((0, 1), (6, 2), (9, 3))))  # fmt: skip
+        assert stack.lose_machine(0) == [f"{job}/progress.jsonl"]
+        assert not stack.machine_dir("m0").exists() and stack.lost == ["m0"]
+        stack.machines, stack.machine = ["m0", "m1"], ["m1"]
+        run1 = stack.machine_dir("m1") / "runs" / job
+        run1.mkdir(parents=True)
+        resumed = ('{"phase": "train", "iter": 6, "time": 10, "resumed_from_iter": 6}\n'
+                   '{"phase": "train", "iter": 12, "time": 11, "resumed_from_iter": 6}\n')  # fmt: skip
+        (run1 / "progress.jsonl").write_text(resumed)
+        lines = stack_mod.progress_lines(stack, job)
+        assert [ln["iter"] for ln in lines] == [0, 6, 9, 6, 12]
+        assert chaos.figures.interleaved_writers(lines) == []
+        assert chaos.figures.epochs_repeated(lines, t_gone=5.0, per_epoch=6)["repeated"] == 0.5
+        assert stack.registry_dir(0) == tmp_path / "root" / "machines" / "m1" / "cache" / "models"
+    finally:
+        stack.http.close()
+        subprocess.run(["rm", "-rf", str(stack.pg_root)], check=False)
+
+
+def test_a_lost_machine_in_the_report(chaos):
+    lost = {"kind": "machine", "job": "job_" + "a" * 16, "attempt": 1, "at": "train, iter 9/18", "t": 100.0,
+            "down_s": 0.2, "orphans": 0, "job_state": "running", "requeued_s": 11.0, "claimed_s": 11.5,
+            "running_again_s": 13.0, "recovery_s": 25.0, "at_iter": 16, "resumed_from": 6, "repeated": 1.67,
+            "per_epoch": 6, "uploaded_iter": 6, "local_checkpoint_iter": 12, "machine_lost": "m0",
+            "machine_joined": "m2", "resumed_on": "m1", "fetched_files": 4, "checkpoint_uploaded": False,
+            "rest_iter_at_kill": 15}  # fmt: skip
+    res = result([a_job(lost["job"], attempts=2, kills=["machine"]), a_job("job_" + "b" * 16)], [lost])
+    res["settings"]["storage"] = "s3"
+    # More than an epoch again, but from the checkpoint that was in the bucket: the newest was not uploaded yet.
+    assert chaos.report.verdict(res) == (True, [])
+    md = chaos.report.render(res)
+    assert "| recovery after a lost worker machine in training (S3) | running again after 13.0 s; next progress " \
+           "record after 25.0 s |" in md  # fmt: skip
+    assert "| lost machines whose job resumed from the checkpoint in the bucket | 1 of 1 | 1 of 1 |" in md
+    assert "| epochs repeated per lost machine (max; of which the upload lag) | 1.67 (1.00) |" in md
+    assert "stored model folders" in md and "- machine m0 lost with aaaaaaaa at iter 16" in md
+    assert "its newest checkpoint was NOT in the bucket" in md and "resumed on m1 from iter 6, 4 run file(s)" in md
+    assert "each lost machine's job resumed from the checkpoint in the bucket." in md
+    lost.update(resumed_from=0, repeated=2.67)  # started over: not resumed from the bucket
+    ok, problems = chaos.report.verdict(res)
+    assert not ok and problems == [
+        f"lost machines whose job did not resume from the checkpoint in the bucket: {lost['job']}"
+    ]
+    assert "**Verdict: FAIL.**" in chaos.report.render(res)
