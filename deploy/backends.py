@@ -18,6 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
+from deploy.sigaltstack import kept_sigaltstack
+
 log = logging.getLogger("ldd.deploy")
 
 BACKENDS = ("onnxruntime", "openvino")
@@ -124,9 +126,17 @@ class OpenVinoSession:
         config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.compiled = core.compile_model(core.read_model(data), device, config)
+        # The plugin swaps this thread's alternate signal stack for one of its own (deploy.sigaltstack).
+        with kept_sigaltstack():
+            self.compiled = core.compile_model(core.read_model(data), device, config)
         self.providers = [f"openvino-{device}"]
         self._outputs = [self.compiled.output(name) for name in ("boxes", "scores", "labels", "num_detections")]
+
+    def __del__(self) -> None:
+        # Destroying the compiled model puts back the stack the plugin replaced; keep ours instead.
+        with kept_sigaltstack():
+            self._outputs = []
+            self.compiled = None
 
     def run(self, batch: np.ndarray, sizes: np.ndarray) -> Outputs:
         # One infer request per call: requests are not thread-safe, the compiled model is.

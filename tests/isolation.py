@@ -1,10 +1,14 @@
 """Test modules that run in a process of their own (``tests/test_isolated.py`` runs them), not in the suite's.
 
-In the suite's long-lived process, OpenVINO's in-process inference in these modules (int8 and bf16 on an
-AVX-512 VNNI / AMX CPU) was followed, modules later, by a segfault in unrelated Python code (``int()`` on a
-corrupted object, per gdb: a heap corruption). test_backends + test_bf16 + test_data_dataset reproduced it, as
-did the suite's first 21 modules, and the same modules without test_backends did not. Until its cause is found
-(ASan or valgrind on OpenVINO's CPU plugin), these modules cannot corrupt the suite: a crash fails their runner.
+In the suite's long-lived process, OpenVINO's in-process inference in these modules was followed, modules later,
+by a segfault in unrelated Python code (``int()`` on a corrupted object; in ``waitpid`` with ``si_code``
+SI_KERNEL). The cause, found with gdb: OpenVINO's CPU plugin swaps the thread's alternate signal stack for its
+own at each compile and puts back the one it replaced when the model is destroyed, so destroying models in the
+order they were made leaves the thread on a freed stack, and the next signal Python handles (SIGCHLD from a
+DataLoader's or a subprocess's child) writes its frame there. ``deploy.sigaltstack`` now guards every
+``OpenVinoSession``; ``tests/test_sigaltstack.py`` checks it in a child process. With the guard the
+reproducing modules (test_backends, test_data_dataset, test_data_coco) pass in one process; these two modules
+still run apart, as a second line of defence for models compiled outside a session (their tests compile some).
 """
 
 from __future__ import annotations
