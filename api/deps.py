@@ -93,7 +93,7 @@ class Services:
         try:  # a bf16 model is served by OpenVINO whatever the setting (deploy.precision)
             if read_model_json(self.model_dir(model_id)).get("precision") in OPENVINO_PRECISION:
                 backend = "openvino"
-        except (KeyError, ValueError, OSError):
+        except (ValueError, OSError):  # not stored, or its model.json unreadable: the settings decide
             pass
         if backend == "onnxruntime":
             import onnxruntime as ort

@@ -23,7 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from servers import RedisServer, descendants, free_port, kill, kill_pid, make_bucket, moto_s3_server, s3_env, wait_for
+from servers import (
+    RedisServer,
+    descendants,
+    free_port,
+    kill,
+    kill_pid,
+    make_bucket,
+    moto_s3_server,
+    s3_client,
+    s3_env,
+    wait_for,
+)
+
+from core.storage import S3Storage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,22 +127,16 @@ class Stack:
         endpoint = self._exit.enter_context(moto_s3_server())
         self.bucket = make_bucket(endpoint, f"chaos-{os.getpid()}")
         self.env.update({"LDD_STORAGE_URL": f"s3://{self.bucket}/ldd", **s3_env(endpoint)})
-        import boto3
-
-        self._s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                                region_name="us-east-1")  # fmt: skip
+        self._s3 = S3Storage(self.bucket, "ldd", client=s3_client(endpoint))  # the service's own client code
 
     def stored_keys(self, prefix: str) -> list[str]:
-        """The storage keys under ``prefix`` in the bucket (without the bucket's ``ldd/`` prefix)."""
-        keys = []
-        for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"ldd/{prefix}"):
-            keys += [o["Key"].removeprefix("ldd/") for o in page.get("Contents", [])]
-        return keys
+        """The storage keys of the object ``prefix`` or under the folder ``prefix`` (without the bucket's ``ldd/``)."""
+        return self._s3.list(prefix)
 
     def stored_bytes(self, key: str) -> bytes | None:
         try:
-            return self._s3.get_object(Bucket=self.bucket, Key=f"ldd/{key}")["Body"].read()
-        except self._s3.exceptions.NoSuchKey:
+            return self._s3.read_bytes(key)
+        except FileNotFoundError:
             return None
 
     # -- postgres

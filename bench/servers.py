@@ -200,13 +200,18 @@ def moto_s3_server() -> Iterator[str]:
         terminate(proc, 10)
 
 
+def s3_client(endpoint: str) -> Any:
+    """A boto3 S3 client of ``endpoint`` with the credentials of :func:`s3_env`."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                        region_name="us-east-1")  # fmt: skip
+
+
 def make_bucket(endpoint: str, name: str) -> str:
     """A new bucket named after ``name`` (lower-cased, other characters as dashes) on ``endpoint``; its name."""
     import re
 
-    import boto3
-
     bucket = "ldd-" + re.sub(r"[^a-z0-9]+", "-", name.lower())[:40].strip("-")
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                 region_name="us-east-1").create_bucket(Bucket=bucket)  # fmt: skip
+    s3_client(endpoint).create_bucket(Bucket=bucket)
     return bucket

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from core.settings import Settings
-from core.storage import LocalCache, LocalStorage, S3Storage, Storage, check_key, file_sha256, open_storage
+from core.storage import LocalCache, LocalStorage, Storage, check_key, copy_verified, file_sha256, open_storage
 
 MANIFEST = ".manifest.json"
 FINISHED = "metrics.json"  # a run with it has finished training (worker.jobs): uploaded after the rest
@@ -211,13 +211,8 @@ class Artifacts:
             if _local_only(rel):
                 continue
             local = run_dir / rel
-            sha = self.storage.sha256(key)
-            if local.is_file() and sha is not None and file_sha256(local) == sha:
+            if not copy_verified(self.storage, key, local, self.storage.sha256(key)):
                 continue
-            got = self.storage.get_file(key, local)
-            if sha is not None and got != sha:
-                local.unlink(missing_ok=True)
-                raise OSError(f"{self.url}/{key}: sha256 {got} but {sha} was recorded")
             stat = local.stat()
             self._pushed[key] = (stat.st_mtime, stat.st_size)
             fetched.append(key)
@@ -252,4 +247,4 @@ def artifacts_for(settings: Settings) -> Artifacts:
     return _instances[ident]
 
 
-__all__ = ["Artifacts", "S3Storage", "artifacts_for", "checkpoint_key", "dataset_key", "model_key", "run_key"]
+__all__ = ["Artifacts", "artifacts_for", "checkpoint_key", "dataset_key", "model_key", "run_key"]

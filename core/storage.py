@@ -253,6 +253,19 @@ def open_storage(url: str, local_root: str | os.PathLike[str]) -> LocalStorage |
     raise StorageError(f"LDD_STORAGE_URL {url!r}: use s3://bucket/prefix, file:///path, or leave it empty")
 
 
+def copy_verified(storage: Storage, key: str, dest: Path, sha256: str | None) -> bool:
+    """Make ``dest`` a copy of the object ``key`` whose bytes hash to ``sha256``: kept when it already does, else
+    fetched and checked (``StorageError``, ``dest`` removed, when the object's bytes are not the recorded ones).
+    True when it was fetched."""
+    if dest.is_file() and sha256 is not None and file_sha256(dest) == sha256:
+        return False
+    got = storage.get_file(key, dest)
+    if sha256 is not None and got != sha256:
+        dest.unlink(missing_ok=True)
+        raise StorageError(f"{storage.url}/{key}: sha256 {got} but {sha256} was recorded: the object changed")
+    return True
+
+
 class LocalCache:
     """A worker's or a server's local copies of stored objects, verified by sha256 and evicted by size.
 
@@ -267,13 +280,9 @@ class LocalCache:
     def fetch(self, storage: Storage, key: str, sha256: str | None = None, *, evict: bool = True) -> Path:
         expected = sha256 or storage.sha256(key)
         local = self.root / check_key(key)
-        if local.is_file() and (expected is None or file_sha256(local) == expected):
+        if (expected is None and local.is_file()) or not copy_verified(storage, key, local, expected):
             os.utime(local)  # recently used
             return local
-        got = storage.get_file(key, local)
-        if expected is not None and got != expected:
-            local.unlink(missing_ok=True)
-            raise StorageError(f"{storage.url}/{key}: sha256 {got} but {expected} was recorded: the object changed")
         if evict:
             self.evict(keep=[local])
         return local

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.servers import wait_for
+from bench.servers import s3_client, wait_for
 from core.artifacts import MANIFEST
 from core.storage import S3Storage
 from tests.api_server import coco_zip, png_bytes, private_redis_url, serve_api
@@ -38,7 +38,7 @@ def test_a_job_whose_machine_vanishes_resumes_on_another_and_is_served(tmp_path:
         bucket = make_bucket(endpoint, "two-machines")
         env = {"LDD_STORE_URL": store_url, "LDD_BROKER_URL": private_redis_url(),
                "LDD_STORAGE_URL": f"s3://{bucket}/ldd", **s3_env(endpoint), **FAST_LEASES}  # fmt: skip
-        storage = S3Storage(bucket, "ldd", client=_client(endpoint))
+        storage = S3Storage(bucket, "ldd", client=s3_client(endpoint))
         api = serve_api(tmp_path / "api", **env)
         machines: dict[str, WorkerProcess] = {}
         try:
@@ -97,13 +97,6 @@ def test_a_job_whose_machine_vanishes_resumes_on_another_and_is_served(tmp_path:
             for w in machines.values():
                 w.kill_all()
             api.stop()
-
-
-def _client(endpoint: str):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                        region_name="us-east-1")  # fmt: skip
 
 
 def _worker(env: dict[str, str], machine: Path) -> WorkerProcess:

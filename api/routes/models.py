@@ -99,7 +99,7 @@ def get_model_onnx(model_id: ResourceId, store: StoreDep, services: ServicesDep,
     get_or_404(store.get_model, "model", model_id, caller.scope)
     try:
         path = services.model_dir(model_id) / "model.onnx"
-    except (FileNotFoundError, KeyError):
+    except FileNotFoundError:
         path = None
     if path is None or not path.is_file():
         raise APIError(404, "not_found", f"model {model_id!r} has no ONNX file")
